@@ -113,7 +113,12 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # Fails early, with a clear message, when a port we want is taken by a
 # process that is not ours.
 require_free_port() {
-    local port="$1" what="$2"
+    local port="$1" what="$2" i
+    # A service that was just killed may hold its socket for a moment longer.
+    for ((i = 0; i < 30; i++)); do
+        port_open "$port" || return 0
+        sleep 0.5
+    done
     if port_open "$port"; then
         die "port 127.0.0.1:$port needed for $what is already in use by another process (override it with the env var in the README)"
     fi

@@ -46,17 +46,9 @@ node_check() {
 }
 
 ensure_installed() {
-    local pkgs=()
-    [ -x "$DOCKERD" ] || pkgs+=(docker.io)
-    [ -x /bin/busybox ] || pkgs+=(busybox-static)
-    [ ${#pkgs[@]} -eq 0 ] || ensure_apt "${pkgs[@]}"
-    # busybox (dynamic) and busybox-static both provide /bin/busybox; the image
-    # needs the static one since it has no libc.
-    if ! file -L /bin/busybox 2>/dev/null | grep -q 'statically linked'; then
-        if ! ldd /bin/busybox 2>&1 | grep -q 'not a dynamic executable'; then
-            ensure_apt busybox-static
-        fi
-    fi
+    # The image has no libc, so it needs the static busybox; busybox-static
+    # replaces the dynamic busybox package if that one is installed.
+    ensure_apt docker.io busybox-static
 }
 
 node_ready() { dk "$1" version --format '{{.Server.Version}}'; }
@@ -69,8 +61,10 @@ start_node() {
         return 0
     fi
     mkdir -p "$dir/data" "$dir/exec"
-    # An empty config file keeps a host /etc/docker/daemon.json out of the test engines.
-    echo '{}' > "$dir/daemon.json"
+    # An own config file keeps a host /etc/docker/daemon.json out of the test
+    # engines. Its key path gives each engine its own identity key (and so its
+    # own engine ID in `docker info`) instead of the shared /etc/docker/key.json.
+    printf '{"deprecated-key-path": "%s"}\n' "$dir/key.json" > "$dir/daemon.json"
     # After a crash the socket and dockerd's own pid file are left behind, and
     # dockerd refuses to start while that pid exists in /proc; on machines
     # whose init does not reap orphans the dead dockerd stays there as a
@@ -95,6 +89,7 @@ start_node() {
         --bridge=none --iptables=false --ip6tables=false --ip-forward=false --ip-masq=false \
         --userland-proxy=false \
         --cgroup-parent "lain-docker$n" \
+        --label "lain.test.node=node$n" \
         --log-level warn
     wait_until "dockerd node$n" "$(node_pidfile "$n")" "$(node_expect "$n")" "$(node_log "$n")" node_ready "$n"
 }

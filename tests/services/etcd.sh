@@ -21,6 +21,13 @@ LAIN_SVC_NAME=etcd
 ETCD_BIN="${ETCD_BIN:-/usr/bin/etcd}"
 ETCDCTL_BIN="${ETCDCTL_BIN:-/usr/bin/etcdctl}"
 export ETCDCTL_API=3
+# etcd 3.4 refuses to start on architectures other than amd64 unless told
+# that the architecture is accepted.
+case "$(uname -m)" in
+    x86_64) ;;
+    aarch64) export ETCD_UNSUPPORTED_ARCH="${ETCD_UNSUPPORTED_ARCH:-arm64}" ;;
+    *) export ETCD_UNSUPPORTED_ARCH="${ETCD_UNSUPPORTED_ARCH:-$(dpkg --print-architecture 2>/dev/null || uname -m)}" ;;
+esac
 
 SINGLE_CLIENT_PORT="${LAIN_ETCD_PORT:-23100}"
 SINGLE_PEER_PORT="${LAIN_ETCD_PEER_PORT:-23101}"

@@ -70,6 +70,7 @@ start_node() {
     # whose init does not reap orphans the dead dockerd stays there as a
     # zombie. It is known to be dead (checked above), so both are removed.
     rm -f "$(node_sock "$n")" "$dir/dockerd.self.pid"
+    unmount_leftovers "$n"
     # The same holds for the containerd that dockerd manages: dockerd would
     # wait for a pid from this file that only exists as a zombie, and time out.
     if ! live_pid "$dir/exec/containerd/containerd.pid" containerd > /dev/null; then
@@ -120,11 +121,11 @@ EOF
     echo "$rootfs"
 }
 
-# Imports the image on every engine that lacks it. The tarball is built once
+# Imports the image on each given engine that lacks it. The tarball is built once
 # and reused, so both engines get an image with the same content.
 import_image() {
     local n tarball="$ROOT/busybox-rootfs.tar" rootfs
-    for ((n = 1; n <= NODES; n++)); do
+    for n in "$@"; do
         dk "$n" image inspect "$IMAGE" > /dev/null 2>&1 && continue
         if [ ! -s "$tarball" ]; then
             rootfs="$(build_rootfs)"
@@ -168,7 +169,7 @@ start() {
     ensure_installed
     local n
     for ((n = 1; n <= NODES; n++)); do start_node "$n"; done
-    import_image
+    import_image $(seq 1 "$NODES")
     smoke_test
     write_envfile
     print_env docker
@@ -183,6 +184,27 @@ stop_node() {
     # ours too (its pid file is in this node's exec root), so stop it as well.
     stop_pidfile "$(node_dir "$n")/exec/containerd/containerd.pid" "containerd" 30
     rm -f "$(node_sock "$n")"
+    unmount_leftovers "$n"
+}
+
+# dockerd turns its data root into a bind mount of itself and pins the
+# default network namespace under its exec root, and does not undo either on
+# exit. Left in place they make the directories impossible to delete, so they
+# are unmounted once the engine is down (deepest first, only under this
+# node's own directory).
+unmount_leftovers() {
+    local dir m mounts
+    dir="$(node_dir "$1")"
+    live_pid "$(node_pidfile "$1")" "$(node_expect "$1")" > /dev/null && return 0
+    # Mounts can be stacked after repeated starts, hence several passes.
+    for _ in 1 2 3 4 5 6 7 8; do
+        mounts="$(awk -v d="$dir/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r)"
+        [ -n "$mounts" ] || return 0
+        for m in $mounts; do
+            umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+        done
+    done
+    log "could not unmount everything under $dir"
 }
 
 kill_node() {
@@ -215,7 +237,7 @@ case "${1:-}" in
     status) status ;;
     env) [ -f "$LAIN_ENV_DIR/docker.env" ] && print_env docker; true ;;
     stop-node) node_check "${2:-}"; stop_node "$2" ;;
-    start-node) node_check "${2:-}"; ensure_installed; start_node "$2"; import_image ;;
+    start-node) node_check "${2:-}"; ensure_installed; start_node "$2"; import_image "$2" ;;
     kill-node) node_check "${2:-}"; kill_node "$2" ;;
     clean)
         remove_env docker

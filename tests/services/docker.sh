@@ -154,7 +154,7 @@ smoke_test() {
 write_envfile() {
     local n pids="" nodes=() body
     for ((n = 1; n <= NODES; n++)); do
-        pids+="$(node_pidfile "$n"):$(node_expect "$n") "
+        pids+="$(node_pidfile "$n") $(node_expect "$n")"$'\n'
         nodes+=("$(node_host "$n")")
     done
     body="export DOCKER_HOST=$(node_host 1)"

@@ -6,23 +6,23 @@
 # It starts nothing; use tests/services/all.sh start for that.
 
 __lain_env_load() {
-    local dir="${LAIN_SERVICES_DIR:-/var/tmp/lain-services}/env.d" f entry pidfile expect pid alive
+    local dir="${LAIN_SERVICES_DIR:-/var/tmp/lain-services}/env.d" f pidfile expect pid alive
     [ -d "$dir" ] || return 0
     for f in "$dir"/*.env; do
         [ -f "$f" ] || continue
         alive=0
-        # The first line is "# pids: <pidfile>:<word in its command line> ...".
-        for entry in $(sed -n '1s/^# pids: //p' "$f"); do
-            pidfile="${entry%%:*}"
-            expect="${entry#*:}"
+        # Lines "# pid: <pidfile> <expected command line>" name the processes.
+        while read -r pidfile expect; do
             [ -s "$pidfile" ] || continue
             pid="$(tr -dc '0-9' < "$pidfile")"
-            [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || continue
+            if [ -z "$pid" ] || [ ! -r "/proc/$pid/cmdline" ]; then continue; fi
+            # A zombie is a process that has already exited.
+            [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ] || continue
             if tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$expect"; then
                 alive=1
                 break
             fi
-        done
+        done < <(sed -n 's/^# pid: //p' "$f")
         if [ "$alive" = 1 ]; then
             # shellcheck disable=SC1090
             . "$f"

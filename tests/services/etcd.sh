@@ -63,7 +63,7 @@ single_pidfile() { echo "$ROOT/single/etcd.pid"; }
 single_log() { echo "$ROOT/single/etcd.log"; }
 
 single_env() {
-    write_env etcd "$(single_pidfile):$ETCD_BIN" "export LAIN_ETCD=$(single_url)"
+    write_env etcd "$(single_pidfile) $ETCD_BIN" "export LAIN_ETCD=$(single_url)"
 }
 
 start_single() {
@@ -130,7 +130,7 @@ cluster_env() {
     local n pids="" body
     body="export LAIN_ETCD_CLUSTER=$(cluster_urls)"
     for ((n = 1; n <= CLUSTER_SIZE; n++)); do
-        pids+="$(member_pidfile "$n"):$ETCD_BIN "
+        pids+="$(member_pidfile "$n") $ETCD_BIN"$'\n'
         body+=$'\n'"export LAIN_ETCD_CLUSTER_$n=$(member_url "$n")"
     done
     write_env etcd-cluster "$pids" "$body"

@@ -52,7 +52,7 @@ resolve_classpath() {
         ensure_java
         log "resolving Kafka jars with Maven into $lib"
         rm -rf "$lib"
-        (cd "$(dirname "$POM")" && mvn -q -B dependency:copy-dependencies \
+        (cd "$(dirname "$POM")" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies \
             -DincludeScope=runtime -DoutputDirectory="$lib") >&2 \
             || die "Maven could not resolve the Kafka dependencies from $POM"
         touch "$lib/.complete"
@@ -90,6 +90,10 @@ transaction.state.log.num.partitions=10
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# After a crash the controller holds the old broker registration until its
+# session expires; a short session lets a killed broker come back quickly.
+broker.session.timeout.ms=3000
+broker.heartbeat.interval.ms=500
 log.retention.hours=24
 log.segment.bytes=67108864
 EOF
@@ -136,7 +140,7 @@ metadata_ok() {
 ready() { port_open "$PORT" && metadata_ok; }
 
 print_exports() {
-    write_env kafka "$PIDFILE:$EXPECT" "export LAIN_KAFKA=127.0.0.1:$PORT"
+    write_env kafka "$PIDFILE $EXPECT" "export LAIN_KAFKA=127.0.0.1:$PORT"
     print_env kafka
 }
 

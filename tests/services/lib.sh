@@ -7,6 +7,7 @@
 
 LAIN_SERVICES_DIR="${LAIN_SERVICES_DIR:-/var/tmp/lain-services}"
 LAIN_SERVICES_TIMEOUT="${LAIN_SERVICES_TIMEOUT:-120}"
+# shellcheck disable=SC2034  # used by the scripts that source this file
 LAIN_SERVICES_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export LAIN_SERVICES_DIR
 
@@ -124,13 +125,16 @@ require_free_port() {
     fi
 }
 
-# Writes the env file for a service. The first line lists the pid files of the
-# processes behind it; env.sh only sources the file while one of them lives.
-#   write_env <name> "<pidfile>:<expect> ..." <export-lines>
+# Writes the env file for a service. Its comment lines name the pid file and
+# the expected command line of each process behind it; env.sh only sources
+# the file while one of them lives.
+#   write_env <name> <lines of "pidfile expected-command-line"> <export-lines>
 write_env() {
-    local name="$1" pids="$2" body="$3"
+    local name="$1" pids="$2" body="$3" line
     {
-        echo "# pids: $pids"
+        while IFS= read -r line; do
+            [ -n "$line" ] && echo "# pid: $line"
+        done <<< "$pids"
         printf '%s\n' "$body"
     } > "$LAIN_ENV_DIR/$name.env.tmp"
     mv "$LAIN_ENV_DIR/$name.env.tmp" "$LAIN_ENV_DIR/$name.env"

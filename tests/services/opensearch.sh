@@ -50,7 +50,7 @@ build() {
     if [ ! -f "$LIB/.complete" ]; then
         log "building the OpenSearch launcher with Maven into $LIB"
         rm -rf "$LIB" "$ROOT/build"
-        (cd "$SRC" && mvn -q -B -Dlain.build.dir="$ROOT/build" -Dmaven.test.skip=true \
+        (cd "$SRC" && mvn -q -B -Dstyle.color=never -Dlain.build.dir="$ROOT/build" -Dmaven.test.skip=true \
             package dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$LIB") >&2 \
             || die "Maven could not build $SRC"
         cp "$ROOT/build/lain-opensearch-1.jar" "$LIB/"
@@ -95,7 +95,7 @@ healthy() {
 }
 
 print_exports() {
-    write_env opensearch "$PIDFILE:$EXPECT" "export LAIN_ES=$URL"
+    write_env opensearch "$PIDFILE $EXPECT" "export LAIN_ES=$URL"
     print_env opensearch
 }
 

@@ -1,0 +1,3 @@
+//! `lain dns`: see ARCHITECTURE.md for its place in the system.
+
+pub mod cli;

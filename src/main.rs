@@ -1,0 +1,42 @@
+//! The `lain` binary: parses the command line and hands over to one component's library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// lain: edge proxy, cluster DNS, log shipper and control plane of a container PaaS.
+#[derive(Debug, Parser)]
+#[command(name = "lain", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the edge proxy.
+    Proxy(lain_proxy::cli::Args),
+    /// Run the cluster DNS server.
+    Dns(lain_dns::cli::Args),
+    /// Run the log shipper.
+    Logship(lain_logship::cli::Args),
+    /// Run the control plane.
+    Controlplane(lain_controlplane::cli::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Proxy(args) => lain_proxy::cli::run(args),
+        Command::Dns(args) => lain_dns::cli::run(args),
+        Command::Logship(args) => lain_logship::cli::run(args),
+        Command::Controlplane(args) => lain_controlplane::cli::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lain: {e}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}

@@ -128,10 +128,10 @@ pub fn parse_config<T: DeserializeOwned + Validate>(
             Err(e) => {
                 let mut segs: Vec<Seg> = e.path().iter().filter_map(Seg::from_segment).collect();
                 let message = e.inner().message().trim().to_string();
-                if let Some(field) = quoted_after(&message, "unknown field `") {
-                    if segs.last() != Some(&Seg::Key(field.clone())) {
-                        segs.push(Seg::Key(field));
-                    }
+                if let Some(field) = quoted_after(&message, "unknown field `")
+                    && segs.last() != Some(&Seg::Key(field.clone()))
+                {
+                    segs.push(Seg::Key(field));
                 }
                 // A required key removed for having the wrong type is then reported missing;
                 // that is the same problem, already listed.

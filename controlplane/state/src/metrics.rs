@@ -28,7 +28,8 @@ pub struct StateMetrics {
     pub(crate) invalid: IntCounterVec,
     pub(crate) records: IntGaugeVec,
     pub(crate) reconnects: IntCounter,
-    pub(crate) relists: IntCounter,
+    /// Full re-lists so far.
+    pub relists: IntCounter,
     pub(crate) connected: IntGauge,
 }
 

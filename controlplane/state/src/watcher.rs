@@ -153,6 +153,7 @@ pub struct Watcher {
     keyspace: Keyspace,
     handle: StateHandle,
     metrics: StateMetrics,
+    initial: Option<Snapshot>,
 }
 
 impl Watcher {
@@ -167,7 +168,15 @@ impl Watcher {
             keyspace,
             handle: StateHandle::default(),
             metrics,
+            initial: None,
         }
+    }
+
+    /// Starts from a snapshot saved earlier: it is published at once, and the watch resumes
+    /// from its revision, or re-lists if etcd has compacted that revision away.
+    pub fn starting_from(mut self, snapshot: Snapshot) -> Watcher {
+        self.initial = Some(snapshot);
+        self
     }
 
     /// The handle readers use.
@@ -201,9 +210,13 @@ impl Watcher {
     }
 
     async fn run_etcd(&self, cfg: &EtcdConfig) {
-        let mut current = Snapshot::default();
+        let mut current = self.initial.clone().unwrap_or_default();
         // `None` means the next connection must list everything first.
         let mut resume_from: Option<i64> = None;
+        if self.initial.is_some() && current.revision > 0 {
+            resume_from = Some(current.revision);
+            self.handle.publish(current.clone(), &self.metrics);
+        }
         let mut backoff = cfg.backoff_initial;
         loop {
             match self.session(cfg, &mut current, &mut resume_from).await {
@@ -268,10 +281,10 @@ impl Watcher {
             }
             if resp.events().is_empty() {
                 // A progress notification: everything up to its revision has been seen.
-                if !resp.created() {
-                    if let Some(h) = resp.header() {
-                        *resume_from = Some(resume_from.unwrap_or(0).max(h.revision()));
-                    }
+                if !resp.created()
+                    && let Some(h) = resp.header()
+                {
+                    *resume_from = Some(resume_from.unwrap_or(0).max(h.revision()));
                 }
                 continue;
             }

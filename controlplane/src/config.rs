@@ -110,7 +110,10 @@ fn default_memory_bytes() -> u64 {
 impl lain_common::Validate for Config {
     fn validate(&self, errors: &mut Vec<ConfigError>) {
         if self.etcd_endpoints.is_empty() {
-            errors.push(ConfigError::at("etcd_endpoints", "list at least one etcd URL"));
+            errors.push(ConfigError::at(
+                "etcd_endpoints",
+                "list at least one etcd URL",
+            ));
         }
         for (i, e) in self.etcd_endpoints.iter().enumerate() {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
@@ -121,7 +124,10 @@ impl lain_common::Validate for Config {
             }
         }
         if self.cluster_domains.is_empty() {
-            errors.push(ConfigError::at("cluster_domains", "list at least one domain"));
+            errors.push(ConfigError::at(
+                "cluster_domains",
+                "list at least one domain",
+            ));
         }
         for (i, d) in self.cluster_domains.iter().enumerate() {
             let ok = !d.is_empty()
@@ -162,7 +168,10 @@ impl lain_common::Validate for Config {
                 ));
             }
             if !names.insert(n.name.clone()) {
-                errors.push(ConfigError::at(format!("nodes[{i}].name"), "duplicate node name"));
+                errors.push(ConfigError::at(
+                    format!("nodes[{i}].name"),
+                    "duplicate node name",
+                ));
             }
             if !(n.docker_host.starts_with("unix://") || n.docker_host.starts_with("tcp://")) {
                 errors.push(ConfigError::at(

@@ -142,7 +142,11 @@ pub struct NodeClient {
 
 impl NodeClient {
     /// Connects (lazily: bollard opens connections per request) to an engine.
-    pub fn connect(name: &str, docker_host: &str, address: IpAddr) -> Result<NodeClient, DockerError> {
+    pub fn connect(
+        name: &str,
+        docker_host: &str,
+        address: IpAddr,
+    ) -> Result<NodeClient, DockerError> {
         let api = |source| DockerError::Api {
             node: name.to_string(),
             source,
@@ -172,7 +176,11 @@ impl NodeClient {
 
     /// Checks the engine answers.
     pub async fn ping(&self) -> Result<(), DockerError> {
-        self.docker.ping().await.map(|_| ()).map_err(|e| self.api(e))
+        self.docker
+            .ping()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.api(e))
     }
 
     /// Every container of `cluster` on this node, running or not.
@@ -213,7 +221,9 @@ impl NodeClient {
                 port: get(LABEL_PORT).parse().ok(),
                 running: matches!(
                     c.state,
-                    Some(ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::RESTARTING)
+                    Some(
+                        ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::RESTARTING
+                    )
                 ),
             });
         }
@@ -243,8 +253,14 @@ impl NodeClient {
             }),
             ..Default::default()
         };
-        let opts = CreateContainerOptionsBuilder::new().name(&spec.name).build();
-        let created = match self.docker.create_container(Some(opts.clone()), body.clone()).await {
+        let opts = CreateContainerOptionsBuilder::new()
+            .name(&spec.name)
+            .build();
+        let created = match self
+            .docker
+            .create_container(Some(opts.clone()), body.clone())
+            .await
+        {
             Ok(c) => c,
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 409, ..

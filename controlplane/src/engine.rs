@@ -180,12 +180,29 @@ pub struct InstanceStatus {
 
 /// The commands the handle sends to the loop.
 enum Command {
-    Register(String, String, oneshot::Sender<Result<LainConf, EngineError>>),
-    Deploy(String, String, String, oneshot::Sender<Result<u64, EngineError>>),
-    Scale(String, String, u32, oneshot::Sender<Result<(), EngineError>>),
+    Register(
+        String,
+        String,
+        oneshot::Sender<Result<LainConf, EngineError>>,
+    ),
+    Deploy(
+        String,
+        String,
+        String,
+        oneshot::Sender<Result<u64, EngineError>>,
+    ),
+    Scale(
+        String,
+        String,
+        u32,
+        oneshot::Sender<Result<(), EngineError>>,
+    ),
     Rollback(String, oneshot::Sender<Result<String, EngineError>>),
     Remove(String, oneshot::Sender<Result<(), EngineError>>),
-    Instances(String, oneshot::Sender<Result<Vec<InstanceStatus>, EngineError>>),
+    Instances(
+        String,
+        oneshot::Sender<Result<Vec<InstanceStatus>, EngineError>>,
+    ),
     AddNode(NodeSpec, oneshot::Sender<Result<(), EngineError>>),
     DrainNode(String, oneshot::Sender<Result<(), EngineError>>),
     RemoveNode(String, oneshot::Sender<Result<(), EngineError>>),
@@ -320,7 +337,8 @@ impl Engine {
 
     /// Removes a node: it is forgotten, and its instances are rescheduled.
     pub async fn remove_node(&self, name: &str) -> Result<(), EngineError> {
-        self.call(|r| Command::RemoveNode(name.to_string(), r)).await
+        self.call(|r| Command::RemoveNode(name.to_string(), r))
+            .await
     }
 
     /// The app's event history, oldest first.
@@ -333,7 +351,10 @@ impl Engine {
         self.read_json(&self.ks.deploys_of_app(app)).await
     }
 
-    async fn read_json<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<T>, EngineError> {
+    async fn read_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<T>, EngineError> {
         let resp = self
             .client
             .kv_client()
@@ -416,12 +437,16 @@ impl State {
             .await
             .map_err(crate::publish::PublishError)?;
         for kv in resp.kvs() {
-            let Ok(rec) = decode::<AppRecord>(kv.value()) else { continue };
+            let Ok(rec) = decode::<AppRecord>(kv.value()) else {
+                continue;
+            };
             match serde_json::from_value::<AppSpec>(rec.spec) {
                 Ok(spec) => {
                     self.apps.insert(rec.name, spec);
                 }
-                Err(e) => tracing::warn!(app = %rec.name, error = %e, "ignoring unreadable app spec"),
+                Err(e) => {
+                    tracing::warn!(app = %rec.name, error = %e, "ignoring unreadable app spec")
+                }
             }
         }
         // The previous versions come from the deploy history.
@@ -434,7 +459,11 @@ impl State {
     }
 
     async fn previous_deploy(&self, app: &str) -> Result<Option<(String, String)>, EngineError> {
-        let current = self.apps.get(app).map(|s| s.version.clone()).unwrap_or_default();
+        let current = self
+            .apps
+            .get(app)
+            .map(|s| s.version.clone())
+            .unwrap_or_default();
         let resp = self
             .client
             .kv_client()
@@ -450,10 +479,11 @@ impl State {
             .await
             .map_err(crate::publish::PublishError)?;
         for kv in resp.kvs() {
-            if let Ok(d) = serde_json::from_slice::<DeployEntry>(kv.value()) {
-                if d.version != current && d.outcome != "failed" {
-                    return Ok(Some((d.version, d.image)));
-                }
+            if let Ok(d) = serde_json::from_slice::<DeployEntry>(kv.value())
+                && d.version != current
+                && d.outcome != "failed"
+            {
+                return Ok(Some((d.version, d.image)));
             }
         }
         Ok(None)
@@ -466,7 +496,10 @@ impl State {
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let Ok(mut stream) = client
-                .watch(prefix.as_str(), Some(etcd_client::WatchOptions::new().with_prefix()))
+                .watch(
+                    prefix.as_str(),
+                    Some(etcd_client::WatchOptions::new().with_prefix()),
+                )
                 .await
             else {
                 return;
@@ -566,7 +599,9 @@ impl State {
             } else {
                 self.metrics.passes.with_label_values(&["ok"]).inc();
             }
-            self.metrics.pass_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .pass_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
         for (_, n) in std::mem::take(&mut self.nodes) {
             n.abort();
@@ -631,7 +666,8 @@ impl State {
             }
             Command::Remove(app, reply) => {
                 let r = if self.apps.remove(&app).is_some() {
-                    self.event(&app, "removed", None, None, "app removed".into()).await;
+                    self.event(&app, "removed", None, None, "app removed".into())
+                        .await;
                     Ok(())
                 } else {
                     Err(EngineError::NoApp(app))
@@ -652,12 +688,16 @@ impl State {
                         n.state = NodeState::Draining;
                         let spec = n.spec.clone();
                         let record = self.node_record(&spec, NodeState::Draining);
-                        match self.publisher.register_node(&record, self.settings.node_lease_ttl).await {
+                        match self
+                            .publisher
+                            .register_node(&record, self.settings.node_lease_ttl)
+                            .await
+                        {
                             Ok(lease) => {
-                                if let Some(n) = self.nodes.get_mut(&name) {
-                                    if let Some(old) = n.lease.replace(lease) {
-                                        old.abort();
-                                    }
+                                if let Some(n) = self.nodes.get_mut(&name)
+                                    && let Some(old) = n.lease.replace(lease)
+                                {
+                                    old.abort();
                                 }
                                 Ok(())
                             }
@@ -699,11 +739,24 @@ impl State {
             },
         };
         self.apps.insert(app.clone(), spec);
-        self.event(&app, "registered", None, None, format!("lain.yaml {file} registered")).await;
+        self.event(
+            &app,
+            "registered",
+            None,
+            None,
+            format!("lain.yaml {file} registered"),
+        )
+        .await;
         Ok(conf)
     }
 
-    async fn deploy(&mut self, app: &str, version: &str, image: &str, kind: &str) -> Result<u64, EngineError> {
+    async fn deploy(
+        &mut self,
+        app: &str,
+        version: &str,
+        image: &str,
+        kind: &str,
+    ) -> Result<u64, EngineError> {
         if version.is_empty()
             || !version
                 .chars()
@@ -745,7 +798,14 @@ impl State {
                 s.next_attempt = None;
             }
         }
-        self.event(app, kind, None, None, format!("version {version} ({image})")).await;
+        self.event(
+            app,
+            kind,
+            None,
+            None,
+            format!("version {version} ({image})"),
+        )
+        .await;
         Ok(seq)
     }
 
@@ -761,8 +821,12 @@ impl State {
     }
 
     async fn finish_rollout(&mut self, app: &str, outcome: &str) {
-        let Some(r) = self.rollouts.remove(app) else { return };
-        let Some(spec) = self.apps.get(app) else { return };
+        let Some(r) = self.rollouts.remove(app) else {
+            return;
+        };
+        let Some(spec) = self.apps.get(app) else {
+            return;
+        };
         let entry = DeployEntry {
             seq: r.seq,
             at: now_rfc3339(),
@@ -776,14 +840,21 @@ impl State {
     /// Undoes a failed rollout: the previous version becomes desired again.
     async fn fail_rollout(&mut self, app: &str, reason: String) {
         self.finish_rollout(app, "failed").await;
-        self.event(app, "deploy-failed", None, None, reason.clone()).await;
+        self.event(app, "deploy-failed", None, None, reason.clone())
+            .await;
         if let Some((version, image)) = self.previous.get(app).cloned() {
             if let Some(spec) = self.apps.get_mut(app) {
                 spec.version = version.clone();
                 spec.image = image;
             }
-            self.event(app, "rolled-back", None, None, format!("back to version {version}: {reason}"))
-                .await;
+            self.event(
+                app,
+                "rolled-back",
+                None,
+                None,
+                format!("back to version {version}: {reason}"),
+            )
+            .await;
         }
     }
 
@@ -802,12 +873,29 @@ impl State {
         }
         let from = p.num_instances;
         p.num_instances = n;
-        self.event(app, "scaled", Some(proc_name), None, format!("{from} → {n} instances")).await;
+        self.event(
+            app,
+            "scaled",
+            Some(proc_name),
+            None,
+            format!("{from} → {n} instances"),
+        )
+        .await;
         Ok(())
     }
 
-    async fn event(&self, app: &str, kind: &str, proc_name: Option<&str>, instance: Option<u32>, message: String) {
-        self.metrics.events.with_label_values(&[crate::metrics::event_label(kind)]).inc();
+    async fn event(
+        &self,
+        app: &str,
+        kind: &str,
+        proc_name: Option<&str>,
+        instance: Option<u32>,
+        message: String,
+    ) {
+        self.metrics
+            .events
+            .with_label_values(&[crate::metrics::event_label(kind)])
+            .inc();
         tracing::info!(%app, kind, proc = proc_name.unwrap_or(""), instance = instance.unwrap_or(0), %message, "app event");
         let seq = match self.publisher.next_seq(&format!("events.{app}")).await {
             Ok(s) => s,
@@ -843,7 +931,10 @@ impl State {
                 tokio::time::timeout(Duration::from_secs(3), c.list(&cluster))
                     .await
                     .unwrap_or_else(|_| {
-                        Err(docker::DockerError::Address(format!("{} timed out", c.docker_host)))
+                        Err(docker::DockerError::Address(format!(
+                            "{} timed out",
+                            c.docker_host
+                        )))
                     })
             }
         }))
@@ -851,7 +942,9 @@ impl State {
         let mut out = Vec::new();
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for (name, list) in names.into_iter().zip(lists) {
-            let Some(n) = self.nodes.get_mut(&name) else { continue };
+            let Some(n) = self.nodes.get_mut(&name) else {
+                continue;
+            };
             match list {
                 Ok(l) => {
                     if n.down_since.take().is_some() {
@@ -913,7 +1006,7 @@ impl State {
             }
         }
         // Scale-down removes the highest instance numbers first.
-        to_remove.sort_by(|a, b| b.0.instance.cmp(&a.0.instance));
+        to_remove.sort_by_key(|a| std::cmp::Reverse(a.0.instance));
         for (a, why) in to_remove {
             self.retire(&a, why, Duration::from_secs(0)).await;
         }
@@ -934,7 +1027,11 @@ impl State {
         self.probe(&by_slot).await;
 
         let mut views: BTreeMap<String, Vec<InstanceView>> = BTreeMap::new();
-        let apps: Vec<(String, AppSpec)> = self.apps.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let apps: Vec<(String, AppSpec)> = self
+            .apps
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (app, spec) in &apps {
             if spec.version.is_empty() {
                 continue;
@@ -945,7 +1042,14 @@ impl State {
                     let key = (app.clone(), p.name.clone(), n);
                     let list = by_slot.remove(&key).unwrap_or_default();
                     let done = self
-                        .reconcile_slot(spec, p, n, list, &mut used_ports, views.entry(app.clone()).or_default())
+                        .reconcile_slot(
+                            spec,
+                            p,
+                            n,
+                            list,
+                            &mut used_ports,
+                            views.entry(app.clone()).or_default(),
+                        )
                         .await;
                     rollout_done &= done;
                 }
@@ -953,8 +1057,14 @@ impl State {
             if let Some(r) = self.rollouts.get(app) {
                 if rollout_done {
                     self.finish_rollout(app, "succeeded").await;
-                    self.event(app, "deploy-succeeded", None, None, format!("version {} is healthy", spec.version))
-                        .await;
+                    self.event(
+                        app,
+                        "deploy-succeeded",
+                        None,
+                        None,
+                        format!("version {} is healthy", spec.version),
+                    )
+                    .await;
                 } else if r.started.elapsed() > self.settings.health_deadline {
                     self.fail_rollout(
                         app,
@@ -996,8 +1106,14 @@ impl State {
             self.retire(a, "node lost", Duration::from_secs(0)).await;
             let slot = self.slots.entry(key.clone()).or_default();
             slot.drift += 1;
-            self.event(app, "rescheduled", Some(&p.name), Some(n), format!("node {} lost", a.node))
-                .await;
+            self.event(
+                app,
+                "rescheduled",
+                Some(&p.name),
+                Some(n),
+                format!("node {} lost", a.node),
+            )
+            .await;
         }
         let healthy = |s: &State, a: &Actual| s.health.get(&a.id).is_some_and(|h| h.healthy);
         let desired: Vec<&Actual> = list.iter().filter(|a| a.version == spec.version).collect();
@@ -1005,7 +1121,8 @@ impl State {
         // Duplicates of the desired version (e.g. after a crash mid-create) are retired.
         for extra in desired.iter().skip(1) {
             let extra = (*extra).clone();
-            self.retire(&extra, "duplicate", Duration::from_secs(0)).await;
+            self.retire(&extra, "duplicate", Duration::from_secs(0))
+                .await;
         }
         let mut serving: Option<Actual> = None;
         let mut done = false;
@@ -1066,7 +1183,9 @@ impl State {
     }
 
     async fn crashed(&mut self, a: &Actual) {
-        let Some(node) = self.nodes.get(&a.node) else { return };
+        let Some(node) = self.nodes.get(&a.node) else {
+            return;
+        };
         let client = node.client.clone();
         let info = client.exit_info(&a.id).await.ok();
         let (kind, reason) = match &info {
@@ -1088,8 +1207,14 @@ impl State {
         };
         slot.next_attempt = Some(Instant::now() + delay);
         self.metrics.restarts.inc();
-        self.event(&a.app, kind, Some(&a.proc_name), Some(a.instance), format!("{} {reason}", a.name))
-            .await;
+        self.event(
+            &a.app,
+            kind,
+            Some(&a.proc_name),
+            Some(a.instance),
+            format!("{} {reason}", a.name),
+        )
+        .await;
         let _ = client.remove(&a.id).await;
         self.health.remove(&a.id);
     }
@@ -1104,8 +1229,14 @@ impl State {
             self.retiring.remove(&a.id);
             return;
         };
-        self.event(&a.app, "removed", Some(&a.proc_name), Some(a.instance), format!("{} {why}", a.name))
-            .await;
+        self.event(
+            &a.app,
+            "removed",
+            Some(&a.proc_name),
+            Some(a.instance),
+            format!("{} {why}", a.name),
+        )
+        .await;
         let client = node.client.clone();
         let tx = self.tx.clone();
         let id = a.id.clone();
@@ -1118,13 +1249,21 @@ impl State {
         tokio::spawn(async move {
             // Wait for the proxies to see the endpoint withdrawn before stopping it.
             tokio::time::sleep(grace.min(Duration::from_secs(2))).await;
-            let _ = client.stop(&id, if grace.is_zero() { 1 } else { kill_timeout }).await;
+            let _ = client
+                .stop(&id, if grace.is_zero() { 1 } else { kill_timeout })
+                .await;
             let _ = client.remove(&id).await;
             let _ = tx.send(Event::Retired(id)).await;
         });
     }
 
-    fn place(&self, spec: &AppSpec, p: &Proc, n: u32, prefer_not: Option<&str>) -> Result<String, String> {
+    fn place(
+        &self,
+        spec: &AppSpec,
+        p: &Proc,
+        n: u32,
+        prefer_not: Option<&str>,
+    ) -> Result<String, String> {
         let mut best: Option<((usize, usize, bool), String)> = None;
         let mut reasons = Vec::new();
         let podgroup = p.podgroup(&spec.conf.appname);
@@ -1142,7 +1281,8 @@ impl State {
                 ));
                 continue;
             }
-            let (mem, cpu, same, total) = self.usage(name, &podgroup, (&spec.conf.appname, &p.name, n));
+            let (mem, cpu, same, total) =
+                self.usage(name, &podgroup, (&spec.conf.appname, &p.name, n));
             if mem + p.memory_bytes > node.spec.memory_bytes {
                 reasons.push(format!("{name}: not enough memory"));
                 continue;
@@ -1167,10 +1307,17 @@ impl State {
 
     /// Memory, CPU levels, instances of `podgroup` and all instances on `node`, from the
     /// views of the last pass plus the slots being started in this one.
-    fn usage(&self, node: &str, podgroup: &str, skip: (&str, &str, u32)) -> (u64, u32, usize, usize) {
+    fn usage(
+        &self,
+        node: &str,
+        podgroup: &str,
+        skip: (&str, &str, u32),
+    ) -> (u64, u32, usize, usize) {
         let (mut mem, mut cpu, mut same, mut total) = (0, 0, 0, 0);
         for ((app, proc_name, n), slot) in &self.slots {
-            if slot.last_node.as_deref() != Some(node) || (app.as_str(), proc_name.as_str(), *n) == skip {
+            if slot.last_node.as_deref() != Some(node)
+                || (app.as_str(), proc_name.as_str(), *n) == skip
+            {
                 continue;
             }
             let Some(p) = self.apps.get(app).and_then(|s| s.conf.procs.get(proc_name)) else {
@@ -1208,7 +1355,13 @@ impl State {
         None
     }
 
-    async fn start_instance(&mut self, spec: &AppSpec, p: &Proc, n: u32, used_ports: &mut HashSet<u16>) {
+    async fn start_instance(
+        &mut self,
+        spec: &AppSpec,
+        p: &Proc,
+        n: u32,
+        used_ports: &mut HashSet<u16>,
+    ) {
         let app = &spec.conf.appname;
         let key = (app.clone(), p.name.clone(), n);
         let slot = self.slots.get(&key).cloned().unwrap_or_default();
@@ -1220,7 +1373,8 @@ impl State {
             Err(reason) => {
                 let reason = format!("no node fits: {reason}");
                 if slot.pending.as_deref() != Some(reason.as_str()) {
-                    self.event(app, "pending", Some(&p.name), Some(n), reason.clone()).await;
+                    self.event(app, "pending", Some(&p.name), Some(n), reason.clone())
+                        .await;
                 }
                 let s = self.slots.entry(key).or_default();
                 s.pending = Some(reason);
@@ -1240,7 +1394,9 @@ impl State {
         let podgroup = p.podgroup(app);
         let name = docker::container_name(&podgroup, &spec.version, n, drift);
         let cs = self.container_spec(spec, p, n, drift, port, &name);
-        let Some(node) = self.nodes.get(&node_name) else { return };
+        let Some(node) = self.nodes.get(&node_name) else {
+            return;
+        };
         let client = node.client.clone();
         let result = client.run(&cs).await;
         let s = self.slots.entry(key.clone()).or_default();
@@ -1258,35 +1414,70 @@ impl State {
                         announced: false,
                     },
                 );
-                let kind = if slot.restarts > 0 && slot.last_exit.is_some() { "restarted" } else { "started" };
-                self.event(app, kind, Some(&p.name), Some(n), format!("{name} on {node_name}, PORT {port}"))
-                    .await;
+                let kind = if slot.restarts > 0 && slot.last_exit.is_some() {
+                    "restarted"
+                } else {
+                    "started"
+                };
+                self.event(
+                    app,
+                    kind,
+                    Some(&p.name),
+                    Some(n),
+                    format!("{name} on {node_name}, PORT {port}"),
+                )
+                .await;
             }
             Err(e) => {
                 s.failures += 1;
-                let delay = Duration::from_millis(500u64 << s.failures.min(6)).min(Duration::from_secs(30));
+                let delay =
+                    Duration::from_millis(500u64 << s.failures.min(6)).min(Duration::from_secs(30));
                 s.next_attempt = Some(Instant::now() + delay);
                 let reason = e.to_string();
                 s.pending = Some(reason.clone());
                 let missing_image = matches!(
                     &e,
                     docker::DockerError::Api {
-                        source: bollard::errors::Error::DockerResponseServerError { status_code: 404, .. },
+                        source: bollard::errors::Error::DockerResponseServerError {
+                            status_code: 404,
+                            ..
+                        },
                         ..
                     }
                 );
-                self.event(app, "start-failed", Some(&p.name), Some(n), format!("{name}: {reason}")).await;
+                self.event(
+                    app,
+                    "start-failed",
+                    Some(&p.name),
+                    Some(n),
+                    format!("{name}: {reason}"),
+                )
+                .await;
                 if missing_image && self.rollouts.contains_key(app) {
-                    self.fail_rollout(app, format!("image {} cannot be run: {reason}", spec.image)).await;
+                    self.fail_rollout(app, format!("image {} cannot be run: {reason}", spec.image))
+                        .await;
                 }
             }
         }
     }
 
-    fn container_spec(&self, spec: &AppSpec, p: &Proc, n: u32, drift: u32, port: u16, name: &str) -> ContainerSpec {
+    fn container_spec(
+        &self,
+        spec: &AppSpec,
+        p: &Proc,
+        n: u32,
+        drift: u32,
+        port: u16,
+        name: &str,
+    ) -> ContainerSpec {
         let app = &spec.conf.appname;
         let podgroup = p.podgroup(app);
-        let domain = self.settings.cluster_domains.first().cloned().unwrap_or_else(|| "lain".into());
+        let domain = self
+            .settings
+            .cluster_domains
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "lain".into());
         let mut env = vec![
             format!("LAIN_APPNAME={app}"),
             format!("LAIN_PROCNAME={}", p.name),
@@ -1301,13 +1492,19 @@ impl State {
         let labels = HashMap::from([
             (docker::LABEL_APP.to_string(), app.clone()),
             (docker::LABEL_PROC.to_string(), p.name.clone()),
-            (docker::LABEL_PROC_TYPE.to_string(), p.proc_type.as_str().to_string()),
+            (
+                docker::LABEL_PROC_TYPE.to_string(),
+                p.proc_type.as_str().to_string(),
+            ),
             (docker::LABEL_PODGROUP.to_string(), podgroup.clone()),
             (docker::LABEL_INSTANCE.to_string(), n.to_string()),
             (docker::LABEL_VERSION.to_string(), spec.version.clone()),
             (docker::LABEL_DRIFT.to_string(), drift.to_string()),
             (docker::LABEL_PORT.to_string(), port.to_string()),
-            (docker::LABEL_CLUSTER.to_string(), self.settings.keyspace.prefix().to_string()),
+            (
+                docker::LABEL_CLUSTER.to_string(),
+                self.settings.keyspace.prefix().to_string(),
+            ),
         ])
         .into_iter()
         .chain(p.labels.clone())
@@ -1328,7 +1525,10 @@ impl State {
         }
         // Host networking: the instance listens on its own PORT, which `$PORT` in the
         // command stands for (Docker does not expand variables in exec-form commands).
-        let expand = |s: &String| s.replace("${PORT}", &port.to_string()).replace("$PORT", &port.to_string());
+        let expand = |s: &String| {
+            s.replace("${PORT}", &port.to_string())
+                .replace("$PORT", &port.to_string())
+        };
         ContainerSpec {
             name: name.to_string(),
             image: p.image.clone().unwrap_or_else(|| spec.image.clone()),
@@ -1366,9 +1566,15 @@ impl State {
                     .map(|n| n.spec.address)
                     .unwrap_or(IpAddr::from([127, 0, 0, 1]));
                 let check = match (&p.healthcheck, a.port, p.proc_type) {
-                    (Some(path), Some(port), _) => Probe::Http(SocketAddr::new(address, port), path.clone()),
-                    (None, Some(port), ProcType::Web | ProcType::Portal) => Probe::Tcp(SocketAddr::new(address, port)),
-                    (None, Some(port), _) if p.port.is_some() => Probe::Tcp(SocketAddr::new(address, port)),
+                    (Some(path), Some(port), _) => {
+                        Probe::Http(SocketAddr::new(address, port), path.clone())
+                    }
+                    (None, Some(port), ProcType::Web | ProcType::Portal) => {
+                        Probe::Tcp(SocketAddr::new(address, port))
+                    }
+                    (None, Some(port), _) if p.port.is_some() => {
+                        Probe::Tcp(SocketAddr::new(address, port))
+                    }
                     _ => Probe::Setup(Duration::from_secs(u64::from(p.setup_time_secs))),
                 };
                 let started = h.started;
@@ -1381,7 +1587,9 @@ impl State {
         }
         let results = futures::future::join_all(jobs).await;
         for (a, ok) in results {
-            let Some(h) = self.health.get_mut(&a.id) else { continue };
+            let Some(h) = self.health.get_mut(&a.id) else {
+                continue;
+            };
             if ok {
                 h.fails = 0;
                 h.healthy = true;
@@ -1402,14 +1610,25 @@ impl State {
                 if slot.last_node.is_none() {
                     slot.last_node = Some(a.node.clone());
                 }
-                self.event(&a.app, "healthy", Some(&a.proc_name), Some(a.instance), a.name.clone()).await;
+                self.event(
+                    &a.app,
+                    "healthy",
+                    Some(&a.proc_name),
+                    Some(a.instance),
+                    a.name.clone(),
+                )
+                .await;
             }
         }
         let live: HashSet<&String> = by_slot.values().flatten().map(|a| &a.id).collect();
-        self.health.retain(|id, _| live.contains(id) || self.retiring.contains(id));
+        self.health
+            .retain(|id, _| live.contains(id) || self.retiring.contains(id));
     }
 
-    async fn publish(&mut self, views: &BTreeMap<String, Vec<InstanceView>>) -> Result<(), EngineError> {
+    async fn publish(
+        &mut self,
+        views: &BTreeMap<String, Vec<InstanceView>>,
+    ) -> Result<(), EngineError> {
         let ks = &self.settings.keyspace;
         let mut desired = BTreeMap::new();
         for (app, spec) in &self.apps {
@@ -1420,13 +1639,26 @@ impl State {
                 .map(|r| (r.clone(), crate::resources::instance_name(r, app)))
                 .collect();
             let empty = Vec::new();
-            desired.extend(app_records(ks, spec, &resources, views.get(app).unwrap_or(&empty)));
+            desired.extend(app_records(
+                ks,
+                spec,
+                &resources,
+                views.get(app).unwrap_or(&empty),
+            ));
         }
         let stats = self.publisher.sync(&desired).await?;
-        self.metrics.published.with_label_values(&["put"]).inc_by(stats.put as u64);
-        self.metrics.published.with_label_values(&["delete"]).inc_by(stats.deleted as u64);
+        self.metrics
+            .published
+            .with_label_values(&["put"])
+            .inc_by(stats.put as u64);
+        self.metrics
+            .published
+            .with_label_values(&["delete"])
+            .inc_by(stats.deleted as u64);
         let serving = views.values().flatten().filter(|v| v.serving).count();
-        self.metrics.serving.set(i64::try_from(serving).unwrap_or(0));
+        self.metrics
+            .serving
+            .set(i64::try_from(serving).unwrap_or(0));
         Ok(())
     }
 
@@ -1455,7 +1687,11 @@ impl State {
         let mut out = Vec::new();
         for p in spec.conf.scheduled_procs() {
             for n in 1..=p.num_instances {
-                let slot = self.slots.get(&(app.to_string(), p.name.clone(), n)).cloned().unwrap_or_default();
+                let slot = self
+                    .slots
+                    .get(&(app.to_string(), p.name.clone(), n))
+                    .cloned()
+                    .unwrap_or_default();
                 let c = actual
                     .iter()
                     .filter(|a| a.app == app && a.proc_name == p.name && a.instance == n)
@@ -1519,7 +1755,8 @@ async fn http_get_ok(addr: SocketAddr, path: &str) -> bool {
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return false;
     };
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: lain-controlplane\r\n\r\n");
+    let req =
+        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: lain-controlplane\r\n\r\n");
     if s.write_all(req.as_bytes()).await.is_err() {
         return false;
     }
@@ -1532,6 +1769,9 @@ async fn http_get_ok(addr: SocketAddr, path: &str) -> bool {
         }
     }
     let line = String::from_utf8_lossy(&buf[..got]);
-    let status = line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok());
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok());
     status.is_some_and(|c| (200..400).contains(&c))
 }

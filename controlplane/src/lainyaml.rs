@@ -317,8 +317,7 @@ pub struct LainConf {
 /// Parses `memory` strings (`32m`, `1g`) into bytes.
 pub fn parse_memory(s: &str) -> Option<u64> {
     let (digits, unit) = s.split_at(s.len().checked_sub(1)?);
-    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit())
-    {
+    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let n: u64 = digits.parse().ok()?;
@@ -470,11 +469,7 @@ impl Reader<'_> {
                 self.err(
                     node.pos,
                     key,
-                    format!(
-                        "{n} is out of range {}..={}",
-                        range.start(),
-                        range.end()
-                    ),
+                    format!("{n} is out of range {}..={}", range.start(), range.end()),
                 );
                 None
             }
@@ -663,10 +658,10 @@ impl LainConf {
             }
         };
         let conf = read_conf(&mut r, &root, cluster_domains, instance_name);
-        if r.errors.is_empty() {
-            if let Some(conf) = conf {
-                return Ok(conf);
-            }
+        if r.errors.is_empty()
+            && let Some(conf) = conf
+        {
+            return Ok(conf);
         }
         r.errors.sort_by_key(|e| (e.line, e.column));
         Err(r.errors)
@@ -732,7 +727,10 @@ fn read_conf(
                         r.err(
                             value.pos,
                             "appname",
-                            format!("a resource instance must be named {:?}", instance_name.unwrap_or_default()),
+                            format!(
+                                "a resource instance must be named {:?}",
+                                instance_name.unwrap_or_default()
+                            ),
                         );
                     } else if RESERVED_APPNAMES.contains(&n.as_str()) {
                         r.err(value.pos, "appname", format!("{n:?} is reserved"));
@@ -740,9 +738,7 @@ fn read_conf(
                         r.err(
                             value.pos,
                             "appname",
-                            format!(
-                                "{n:?} does not match ^[a-zA-Z][a-zA-Z0-9]*(-[a-zA-Z0-9]+)*$"
-                            ),
+                            format!("{n:?} does not match ^[a-zA-Z][a-zA-Z0-9]*(-[a-zA-Z0-9]+)*$"),
                         );
                     }
                 }
@@ -828,7 +824,12 @@ fn section_of(key: &str) -> Option<(SectionKind, String)> {
     Some((kind, name.to_string()))
 }
 
-fn read_section(r: &mut Reader<'_>, s: &Section<'_>, hosts: &[String], domains: &[String]) -> Vec<Proc> {
+fn read_section(
+    r: &mut Reader<'_>,
+    s: &Section<'_>,
+    hosts: &[String],
+    domains: &[String],
+) -> Vec<Proc> {
     let body_empty = s.body.is_null();
     let entries = if body_empty {
         Vec::new()
@@ -841,28 +842,26 @@ fn read_section(r: &mut Reader<'_>, s: &Section<'_>, hosts: &[String], domains: 
     let proc_type = match s.kind {
         SectionKind::Typed(t) => Some(t),
         SectionKind::Service => Some(ProcType::Worker),
-        SectionKind::Proc => {
-            match entries.iter().find(|(k, _, _)| k == "type") {
-                None => {
-                    r.err(s.key_pos, &join(&s.key, "type"), "missing required key");
-                    None
-                }
-                Some((_, v, _)) => match r.string(v, &join(&s.key, "type")) {
-                    Some(t) => match ProcType::from_name(&t) {
-                        Some(t) => Some(t),
-                        None => {
-                            r.err(
-                                v.pos,
-                                &join(&s.key, "type"),
-                                format!("{t:?} is not one of web, worker, oneshot, portal"),
-                            );
-                            None
-                        }
-                    },
-                    None => None,
-                },
+        SectionKind::Proc => match entries.iter().find(|(k, _, _)| k == "type") {
+            None => {
+                r.err(s.key_pos, &join(&s.key, "type"), "missing required key");
+                None
             }
-        }
+            Some((_, v, _)) => match r.string(v, &join(&s.key, "type")) {
+                Some(t) => match ProcType::from_name(&t) {
+                    Some(t) => Some(t),
+                    None => {
+                        r.err(
+                            v.pos,
+                            &join(&s.key, "type"),
+                            format!("{t:?} is not one of web, worker, oneshot, portal"),
+                        );
+                        None
+                    }
+                },
+                None => None,
+            },
+        },
     };
     let Some(proc_type) = proc_type else {
         return Vec::new();
@@ -894,7 +893,15 @@ fn read_section(r: &mut Reader<'_>, s: &Section<'_>, hosts: &[String], domains: 
             if !body.is_null() {
                 for (k, v, kpos) in r.map(body, &key).unwrap_or_default() {
                     let kk = join(&key, &k);
-                    read_proc_key(r, &mut portal, &k, v, kpos, &kk, SectionKind::Typed(ProcType::Portal));
+                    read_proc_key(
+                        r,
+                        &mut portal,
+                        &k,
+                        v,
+                        kpos,
+                        &kk,
+                        SectionKind::Typed(ProcType::Portal),
+                    );
                 }
             }
         }
@@ -1101,7 +1108,8 @@ fn parse_filter(s: &str) -> Option<Filter> {
 
 fn valid_env_name(s: &str) -> bool {
     let mut c = s.chars();
-    c.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    c.next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -1132,13 +1140,18 @@ fn read_env(r: &mut Reader<'_>, v: &Node, key: &str) -> Vec<(String, String)> {
         r.err(
             v.pos,
             key,
-            format!("expected a list of NAME=VALUE or a mapping, found {}", v.type_name()),
+            format!(
+                "expected a list of NAME=VALUE or a mapping, found {}",
+                v.type_name()
+            ),
         );
         return out;
     };
     for (i, item) in items.iter().enumerate() {
         let path = format!("{key}[{i}]");
-        let Some(s) = r.string(item, &path) else { continue };
+        let Some(s) = r.string(item, &path) else {
+            continue;
+        };
         match s.split_once('=') {
             Some((k, val)) if valid_env_name(k) => out.push((k.to_string(), val.to_string())),
             _ => r.err(item.pos, &path, format!("{s:?} is not NAME=VALUE")),
@@ -1178,11 +1191,18 @@ fn read_ports(r: &mut Reader<'_>, v: &Node, key: &str) -> Vec<u16> {
                     out.push(n);
                 }
             }
-            Some(n) => r.err(item.pos, &path, format!("stream port {n} is out of range 9500..=10000")),
+            Some(n) => r.err(
+                item.pos,
+                &path,
+                format!("stream port {n} is out of range 9500..=10000"),
+            ),
             None => r.err(
                 item.pos,
                 &path,
-                format!("expected a port number or PORT:tcp, found {}", item.type_name()),
+                format!(
+                    "expected a port number or PORT:tcp, found {}",
+                    item.type_name()
+                ),
             ),
         }
     }
@@ -1207,7 +1227,11 @@ fn read_volumes(r: &mut Reader<'_>, v: &Node, key: &str) -> Vec<String> {
         // A volume is a path, or a one-key mapping `PATH: {backup options}` as LAIN allowed.
         let path = if let Some(entries) = item.as_map() {
             if entries.len() != 1 {
-                r.err(item.pos, &path_key, "a volume mapping has exactly one path key");
+                r.err(
+                    item.pos,
+                    &path_key,
+                    "a volume mapping has exactly one path key",
+                );
                 continue;
             }
             let (k, _) = &entries[0];
@@ -1217,7 +1241,11 @@ fn read_volumes(r: &mut Reader<'_>, v: &Node, key: &str) -> Vec<String> {
         };
         let Some(path) = path else { continue };
         if !path.starts_with('/') || path.split('/').any(|s| s == "..") {
-            r.err(item.pos, &path_key, format!("{path:?} is not an absolute path"));
+            r.err(
+                item.pos,
+                &path_key,
+                format!("{path:?} is not an absolute path"),
+            );
             continue;
         }
         let path = if path.len() > 1 {
@@ -1248,16 +1276,29 @@ fn finish_proc(
     }
     if p.proc_type != ProcType::Web {
         if !p.mountpoint.is_empty() {
-            r.err(mountpoint_pos, &join(key, "mountpoint"), "only web procs have mountpoints");
+            r.err(
+                mountpoint_pos,
+                &join(key, "mountpoint"),
+                "only web procs have mountpoints",
+            );
         }
         if p.https_only {
-            r.err(key_pos, &join(key, "https_only"), "only web procs serve HTTPS");
+            r.err(
+                key_pos,
+                &join(key, "https_only"),
+                "only web procs serve HTTPS",
+            );
         }
     }
     if p.proc_type == ProcType::Portal && p.service_name.is_none() {
-        r.err(key_pos, &join(key, "service_name"), "a portal must name its service");
+        r.err(
+            key_pos,
+            &join(key, "service_name"),
+            "a portal must name its service",
+        );
     }
-    if p.proc_type != ProcType::Portal && (p.service_name.is_some() || !p.allow_clients.is_empty()) {
+    if p.proc_type != ProcType::Portal && (p.service_name.is_some() || !p.allow_clients.is_empty())
+    {
         r.err(
             key_pos,
             key,
@@ -1289,7 +1330,11 @@ fn finish_proc(
         let mkey = format!("{}[{i}]", join(key, "mountpoint"));
         let m = m.trim();
         if m.contains("://") || m.contains(char::is_whitespace) || m.is_empty() {
-            r.err(mountpoint_pos, &mkey, format!("{m:?} is not HOST[/PATH] or /PATH"));
+            r.err(
+                mountpoint_pos,
+                &mkey,
+                format!("{m:?} is not HOST[/PATH] or /PATH"),
+            );
             continue;
         }
         if let Some(path) = m.strip_prefix('/').map(|_| m) {
@@ -1310,10 +1355,18 @@ fn finish_proc(
             .split('.')
             .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
         if !host_ok {
-            r.err(mountpoint_pos, &mkey, format!("{host:?} is not a host name"));
+            r.err(
+                mountpoint_pos,
+                &mkey,
+                format!("{host:?} is not a host name"),
+            );
             continue;
         }
-        if domains.iter().any(|d| d.trim_matches('.').eq_ignore_ascii_case(&host)) || host == "lain" {
+        if domains
+            .iter()
+            .any(|d| d.trim_matches('.').eq_ignore_ascii_case(&host))
+            || host == "lain"
+        {
             r.err(
                 mountpoint_pos,
                 &mkey,
@@ -1346,7 +1399,10 @@ fn check_cross_proc(r: &mut Reader<'_>, conf: &LainConf, pos: Pos) {
                 r.err(
                     pos,
                     "mountpoint",
-                    format!("mountpoint {m} is claimed by both {other:?} and {:?}", p.name),
+                    format!(
+                        "mountpoint {m} is claimed by both {other:?} and {:?}",
+                        p.name
+                    ),
                 );
             }
         }
@@ -1358,7 +1414,10 @@ fn check_cross_proc(r: &mut Reader<'_>, conf: &LainConf, pos: Pos) {
                 r.err(
                     pos,
                     "ports",
-                    format!("stream port {port} is used by both {other:?} and {:?}", p.name),
+                    format!(
+                        "stream port {port} is used by both {other:?} and {:?}",
+                        p.name
+                    ),
                 );
             }
         }
@@ -1382,7 +1441,11 @@ fn read_build(r: &mut Reader<'_>, v: &Node) -> Option<Build> {
                 b.build_arg = r.strings(val, &key);
                 for (i, a) in b.build_arg.iter().enumerate() {
                     if !a.split_once('=').is_some_and(|(k, _)| valid_env_name(k)) {
-                        r.err(item_pos(val, i), &format!("{key}[{i}]"), format!("{a:?} is not NAME=VALUE"));
+                        r.err(
+                            item_pos(val, i),
+                            &format!("{key}[{i}]"),
+                            format!("{a:?} is not NAME=VALUE"),
+                        );
                     }
                 }
             }
@@ -1402,7 +1465,11 @@ fn read_build(r: &mut Reader<'_>, v: &Node) -> Option<Build> {
                 }
                 b.prepare = Some(p);
             }
-            _ => r.unknown(kpos, &key, &["base", "script", "prepare", "build_arg", "volumes"]),
+            _ => r.unknown(
+                kpos,
+                &key,
+                &["base", "script", "prepare", "build_arg", "volumes"],
+            ),
         }
     }
     if !base {
@@ -1419,7 +1486,11 @@ fn read_release(r: &mut Reader<'_>, v: &Node) -> Option<Release> {
             "dest_base" => rel.dest_base = r.string(val, &key),
             "copy" => {
                 let Some(items) = val.as_seq() else {
-                    r.err(val.pos, &key, format!("expected a list, found {}", val.type_name()));
+                    r.err(
+                        val.pos,
+                        &key,
+                        format!("expected a list, found {}", val.type_name()),
+                    );
                     continue;
                 };
                 for (i, item) in items.iter().enumerate() {
@@ -1431,7 +1502,9 @@ fn read_release(r: &mut Reader<'_>, v: &Node) -> Option<Release> {
                         });
                         continue;
                     }
-                    let Some(entries) = r.map(item, &ikey) else { continue };
+                    let Some(entries) = r.map(item, &ikey) else {
+                        continue;
+                    };
                     let (mut src, mut dest) = (None, None);
                     for (ck, cv, cpos) in entries {
                         let ckey = join(&ikey, &ck);
@@ -1531,10 +1604,10 @@ pub fn to_json(n: &Node) -> serde_json::Value {
                 if let Some(i) = n.as_i64() {
                     return J::from(i);
                 }
-                if let Ok(f) = text.parse::<f64>() {
-                    if let Some(num) = serde_json::Number::from_f64(f) {
-                        return J::Number(num);
-                    }
+                if let Ok(f) = text.parse::<f64>()
+                    && let Some(num) = serde_json::Number::from_f64(f)
+                {
+                    return J::Number(num);
                 }
             }
             J::String(text.clone())

@@ -13,7 +13,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp
 use lain_state::records::{self, encode};
 use lain_state::{
     AppRecord, ContainerRecord, DnsRecord, DnsType, EndpointRecord, HealthCheck, Keyspace, Kind,
-    NodeRecord, RouteRecord, ServiceRecord, StreamRecord, SCHEMA_VERSION,
+    NodeRecord, RouteRecord, SCHEMA_VERSION, ServiceRecord, StreamRecord,
 };
 use serde::{Deserialize, Serialize};
 
@@ -117,18 +117,18 @@ pub fn app_records(
             };
             out.insert(ks.stream(*port), encode(&s));
         }
-        if p.proc_type == ProcType::Portal {
-            if let Some(service) = &p.service_name {
-                let s = ServiceRecord {
-                    v: SCHEMA_VERSION,
-                    app: app.clone(),
-                    service: service.clone(),
-                    proc_name: service.clone(),
-                    portal: Some(p.name.clone()),
-                    allow_clients: p.allow_clients.clone(),
-                };
-                out.insert(ks.service(app, service), encode(&s));
-            }
+        if p.proc_type == ProcType::Portal
+            && let Some(service) = &p.service_name
+        {
+            let s = ServiceRecord {
+                v: SCHEMA_VERSION,
+                app: app.clone(),
+                service: service.clone(),
+                proc_name: service.clone(),
+                portal: Some(p.name.clone()),
+                allow_clients: p.allow_clients.clone(),
+            };
+            out.insert(ks.service(app, service), encode(&s));
         }
     }
     for i in instances {
@@ -179,7 +179,10 @@ pub fn app_records(
         let proc_name = format!("{}.{appdomain}.lain", i.proc_name);
         let instance_name = format!("{}.{proc_name}", i.instance);
         let id = format!("{DNS_ID_PREFIX}i{}", i.instance);
-        for (name, id) in [(&instance_name, &format!("{DNS_ID_PREFIX}a")), (&proc_name, &id)] {
+        for (name, id) in [
+            (&instance_name, &format!("{DNS_ID_PREFIX}a")),
+            (&proc_name, &id),
+        ] {
             let d = DnsRecord {
                 v: SCHEMA_VERSION,
                 name: name.clone(),
@@ -281,7 +284,10 @@ impl Publisher {
 
     /// Makes the owned ranges hold exactly `desired`: changed keys are written, keys no
     /// longer desired are deleted. Puts go first so a moved record never disappears briefly.
-    pub async fn sync(&self, desired: &BTreeMap<String, Vec<u8>>) -> Result<SyncStats, PublishError> {
+    pub async fn sync(
+        &self,
+        desired: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<SyncStats, PublishError> {
         let current = self.current().await?;
         let mut ops = Vec::new();
         let mut stats = SyncStats::default();
@@ -328,7 +334,11 @@ impl Publisher {
             };
             let next = cur + 1;
             let txn = Txn::new()
-                .when(vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)])
+                .when(vec![Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    rev,
+                )])
                 .and_then(vec![TxnOp::put(key.as_str(), next.to_string(), None)]);
             if kv.txn(txn).await?.succeeded() {
                 return Ok(next);
@@ -413,15 +423,27 @@ mod tests {
     #[test]
     fn records_of_an_app_decode_and_cover_every_kind() {
         let ks = Keyspace::new("/t");
-        let recs = app_records(&ks, &spec(), &BTreeMap::new(), &[inst(1, true), inst(2, false)]);
-        let route: RouteRecord = records::decode(&recs[&ks.route("hello", "web", "hello.lain.local", "/")]).unwrap();
+        let recs = app_records(
+            &ks,
+            &spec(),
+            &BTreeMap::new(),
+            &[inst(1, true), inst(2, false)],
+        );
+        let route: RouteRecord =
+            records::decode(&recs[&ks.route("hello", "web", "hello.lain.local", "/")]).unwrap();
         assert!(route.https_only);
         assert_eq!(route.healthcheck.unwrap().path, "/h");
         assert!(recs.contains_key(&ks.route("hello", "web", "hello.lain", "/")));
         let e: EndpointRecord = records::decode(&recs[&ks.endpoint("hello", "web", 1)]).unwrap();
         assert_eq!(e.port, 20001);
-        assert!(!recs.contains_key(&ks.endpoint("hello", "web", 2)), "only serving instances");
-        assert!(recs.contains_key(&ks.container("node1", "c2")), "every container for logship");
+        assert!(
+            !recs.contains_key(&ks.endpoint("hello", "web", 2)),
+            "only serving instances"
+        );
+        assert!(
+            recs.contains_key(&ks.container("node1", "c2")),
+            "every container for logship"
+        );
         let s: ServiceRecord = records::decode(&recs[&ks.service("hello", "echo")]).unwrap();
         assert_eq!(s.portal.as_deref(), Some("portal-echo"));
         let st: StreamRecord = records::decode(&recs[&ks.stream(9500)]).unwrap();

@@ -15,7 +15,11 @@ pub struct RenderError {
 
 /// Renders a resource's lain.yaml template with the client's parameters. Undefined
 /// placeholders are errors, so a client that forgets a parameter is told which one.
-pub fn render(file: &str, template: &str, params: &serde_json::Value) -> Result<String, RenderError> {
+pub fn render(
+    file: &str,
+    template: &str,
+    params: &serde_json::Value,
+) -> Result<String, RenderError> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     let fail = |e: minijinja::Error| RenderError {

@@ -85,9 +85,7 @@ impl Node {
                 text,
                 quoted: false,
             } => match text.as_str() {
-                "true" | "True" | "TRUE" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => {
-                    Some(true)
-                }
+                "true" | "True" | "TRUE" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Some(true),
                 "false" | "False" | "FALSE" | "no" | "No" | "NO" | "off" | "Off" | "OFF" => {
                     Some(false)
                 }
@@ -143,12 +141,10 @@ pub struct SyntaxError {
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    parser
-        .load(&mut builder, false)
-        .map_err(|e| SyntaxError {
-            pos: Pos::from_marker(*e.marker()),
-            message: e.info().to_string(),
-        })?;
+    parser.load(&mut builder, false).map_err(|e| SyntaxError {
+        pos: Pos::from_marker(*e.marker()),
+        message: e.info().to_string(),
+    })?;
     if let Some(message) = builder.error {
         return Err(SyntaxError {
             pos: builder.error_pos,
@@ -203,12 +199,12 @@ impl MarkedEventReceiver for Builder {
             Event::Scalar(text, style, anchor, tag) => {
                 let quoted = !matches!(style, TScalarStyle::Plain)
                     || tag.as_ref().is_some_and(|t| t.suffix == "str");
-                let value = if !quoted && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL")
-                {
-                    Value::Null
-                } else {
-                    Value::Scalar { text, quoted }
-                };
+                let value =
+                    if !quoted && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") {
+                        Value::Null
+                    } else {
+                        Value::Scalar { text, quoted }
+                    };
                 self.push(Node { pos, value }, anchor);
             }
             Event::SequenceStart(anchor, _) => self.stack.push(Open::Seq(pos, anchor, Vec::new())),
@@ -228,7 +224,11 @@ impl MarkedEventReceiver for Builder {
                         Node {
                             // A block mapping's start event is marked after its first key;
                             // the first key is where a reader looks for the mapping.
-                            pos: entries.first().map(|(k, _)| k.pos).filter(|k| *k < p).unwrap_or(p),
+                            pos: entries
+                                .first()
+                                .map(|(k, _)| k.pos)
+                                .filter(|k| *k < p)
+                                .unwrap_or(p),
                             value: Value::Map(entries),
                         },
                         a,
@@ -237,21 +237,19 @@ impl MarkedEventReceiver for Builder {
                 };
                 self.push(node, anchor);
             }
-            Event::Alias(id) => {
-                match self.anchors.iter().rev().find(|(a, _)| *a == id) {
-                    Some((_, n)) => {
-                        let mut n = n.clone();
-                        n.pos = pos;
-                        self.push(n, 0);
-                    }
-                    None => {
-                        if self.error.is_none() {
-                            self.error = Some("alias to an unknown anchor".into());
-                            self.error_pos = pos;
-                        }
+            Event::Alias(id) => match self.anchors.iter().rev().find(|(a, _)| *a == id) {
+                Some((_, n)) => {
+                    let mut n = n.clone();
+                    n.pos = pos;
+                    self.push(n, 0);
+                }
+                None => {
+                    if self.error.is_none() {
+                        self.error = Some("alias to an unknown anchor".into());
+                        self.error_pos = pos;
                     }
                 }
-            }
+            },
             Event::Nothing
             | Event::StreamStart
             | Event::StreamEnd

@@ -61,7 +61,10 @@ struct Harness {
 
 fn node_specs() -> Vec<NodeSpec> {
     let hosts = require_docker_nodes();
-    assert!(hosts.len() >= 2, "two Docker engines are needed, got {hosts:?}");
+    assert!(
+        hosts.len() >= 2,
+        "two Docker engines are needed, got {hosts:?}"
+    );
     hosts
         .iter()
         .take(2)
@@ -70,7 +73,10 @@ fn node_specs() -> Vec<NodeSpec> {
             name: format!("node{}", i + 1),
             docker_host: h.clone(),
             address: IpAddr::from([127, 0, 0, 1]),
-            labels: BTreeMap::from([("disk".to_string(), if i == 0 { "ssd" } else { "hdd" }.to_string())]),
+            labels: BTreeMap::from([(
+                "disk".to_string(),
+                if i == 0 { "ssd" } else { "hdd" }.to_string(),
+            )]),
             cpus: 4,
             memory_bytes: 4 << 30,
         })
@@ -87,12 +93,19 @@ async fn start(test: &str) -> Harness {
         nodes: nodes.iter().map(|n| n.docker_host.clone()).collect(),
     };
     let volumes = tempfile::tempdir().unwrap();
-    let mut settings = EngineSettings::new(ks.clone(), vec!["lain.local".into()], volumes.path().to_path_buf());
+    let mut settings = EngineSettings::new(
+        ks.clone(),
+        vec!["lain.local".into()],
+        volumes.path().to_path_buf(),
+    );
     settings.health_deadline = Duration::from_secs(20);
     let etcd = lain_test_support::etcd_client(&endpoints).await;
     let docker = nodes
         .iter()
-        .map(|n| bollard::Docker::connect_with_unix(&n.docker_host, 30, bollard::API_DEFAULT_VERSION).unwrap())
+        .map(|n| {
+            bollard::Docker::connect_with_unix(&n.docker_host, 30, bollard::API_DEFAULT_VERSION)
+                .unwrap()
+        })
         .collect();
     let (engine, task, shutdown) = spawn_engine(&settings, &etcd, &nodes).await;
     Harness {
@@ -116,18 +129,30 @@ async fn spawn_engine(
 ) -> (Engine, tokio::task::JoinHandle<()>, Shutdown) {
     let shutdown = Shutdown::new();
     let metrics = Metrics::new(&prometheus::Registry::new());
-    let (engine, task) = Engine::start(settings.clone(), etcd.clone(), nodes.to_vec(), metrics, shutdown.clone())
-        .await
-        .unwrap();
+    let (engine, task) = Engine::start(
+        settings.clone(),
+        etcd.clone(),
+        nodes.to_vec(),
+        metrics,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     (engine, task, shutdown)
 }
 
 impl Harness {
-    async fn range<T: lain_state::Record + lain_state::records::Validate>(&self, kind: Kind) -> BTreeMap<String, T> {
+    async fn range<T: lain_state::Record + lain_state::records::Validate>(
+        &self,
+        kind: Kind,
+    ) -> BTreeMap<String, T> {
         let resp = self
             .etcd
             .kv_client()
-            .get(self.ks.kind_prefix(kind), Some(GetOptions::new().with_prefix()))
+            .get(
+                self.ks.kind_prefix(kind),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await
             .unwrap();
         resp.kvs()
@@ -150,18 +175,24 @@ impl Harness {
 
     /// Waits until the app's endpoints are exactly instances 1..=n of `version`, all answering.
     async fn wait_serving(&self, app: &str, n: u32, version: &str) -> Vec<EndpointRecord> {
-        eventually(Duration::from_secs(60), &format!("{n} endpoints of {app} v{version}"), || async {
-            let eps = self.endpoints(app).await;
-            let instances: BTreeSet<u32> = eps.iter().map(|e| e.instance).collect();
-            let want: BTreeSet<u32> = (1..=n).collect();
-            if instances != want || eps.iter().any(|e| e.version != version) {
-                return None;
-            }
-            for e in &eps {
-                tokio::net::TcpStream::connect(SocketAddr::new(e.address, e.port)).await.ok()?;
-            }
-            Some(eps)
-        })
+        eventually(
+            Duration::from_secs(60),
+            &format!("{n} endpoints of {app} v{version}"),
+            || async {
+                let eps = self.endpoints(app).await;
+                let instances: BTreeSet<u32> = eps.iter().map(|e| e.instance).collect();
+                let want: BTreeSet<u32> = (1..=n).collect();
+                if instances != want || eps.iter().any(|e| e.version != version) {
+                    return None;
+                }
+                for e in &eps {
+                    tokio::net::TcpStream::connect(SocketAddr::new(e.address, e.port))
+                        .await
+                        .ok()?;
+                }
+                Some(eps)
+            },
+        )
         .await
     }
 
@@ -169,14 +200,23 @@ impl Harness {
     async fn containers(&self) -> Vec<(String, String, bool, BTreeMap<String, String>)> {
         let mut out = Vec::new();
         for d in &self.docker {
-            let filters = std::collections::HashMap::from([("label", vec![format!("lain.cluster={}", self.ks.prefix())])]);
+            let filters = std::collections::HashMap::from([(
+                "label",
+                vec![format!("lain.cluster={}", self.ks.prefix())],
+            )]);
             let opts = bollard::query_parameters::ListContainersOptionsBuilder::new()
                 .all(true)
                 .filters(&filters)
                 .build();
             for c in d.list_containers(Some(opts)).await.unwrap() {
                 out.push((
-                    c.names.unwrap_or_default().first().cloned().unwrap_or_default().trim_start_matches('/').to_string(),
+                    c.names
+                        .unwrap_or_default()
+                        .first()
+                        .cloned()
+                        .unwrap_or_default()
+                        .trim_start_matches('/')
+                        .to_string(),
                     c.id.unwrap_or_default(),
                     c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING),
                     c.labels.unwrap_or_default().into_iter().collect(),
@@ -187,7 +227,13 @@ impl Harness {
     }
 
     async fn event_kinds(&self, app: &str) -> Vec<String> {
-        self.engine.events(app).await.unwrap().into_iter().map(|e| e.kind).collect()
+        self.engine
+            .events(app)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
     }
 
     async fn stop(self) {
@@ -195,7 +241,10 @@ impl Harness {
         let _ = self.task.await;
         let mut kv = self.etcd.kv_client();
         let _ = kv
-            .delete(self.ks.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix()))
+            .delete(
+                self.ks.prefix(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
             .await;
     }
 }
@@ -212,7 +261,10 @@ fn web_app(name: &str, n: u32) -> String {
 async fn deploy_publishes_spreads_heals_and_scales() {
     let h = start("cp-deploy").await;
     let app = "hello";
-    h.engine.register("lain.yaml", &web_app(app, 3)).await.unwrap();
+    h.engine
+        .register("lain.yaml", &web_app(app, 3))
+        .await
+        .unwrap();
     h.engine.deploy(app, "1", IMAGE).await.unwrap();
     let eps = h.wait_serving(app, 3, "1").await;
 
@@ -225,8 +277,17 @@ async fn deploy_publishes_spreads_heals_and_scales() {
     assert_eq!(containers.len(), 3, "{containers:?}");
     for (name, _, running, labels) in &containers {
         assert!(*running);
-        assert!(name.starts_with("hello.web.web.v1-i") && name.ends_with("-d0"), "{name}");
-        for k in ["lain.app", "lain.proc", "lain.podgroup", "lain.instance", "lain.version"] {
+        assert!(
+            name.starts_with("hello.web.web.v1-i") && name.ends_with("-d0"),
+            "{name}"
+        );
+        for k in [
+            "lain.app",
+            "lain.proc",
+            "lain.podgroup",
+            "lain.instance",
+            "lain.version",
+        ] {
             assert!(labels.contains_key(k), "{name} lacks label {k}");
         }
         assert_eq!(labels["lain.podgroup"], "hello.web.web");
@@ -234,14 +295,31 @@ async fn deploy_publishes_spreads_heals_and_scales() {
 
     // Routes of every expanded mountpoint, DNS records, container records, the app, nodes.
     let routes = h.range::<RouteRecord>(Kind::Route).await;
-    let claimed: BTreeSet<String> = routes.values().map(|r| format!("{}{}", r.host, r.path)).collect();
-    for want in ["hello.lain.local/", "hello.lain/", "hello.lain.local/admin", "hello.lain/admin"] {
+    let claimed: BTreeSet<String> = routes
+        .values()
+        .map(|r| format!("{}{}", r.host, r.path))
+        .collect();
+    for want in [
+        "hello.lain.local/",
+        "hello.lain/",
+        "hello.lain.local/admin",
+        "hello.lain/admin",
+    ] {
         assert!(claimed.contains(want), "route {want} in {claimed:?}");
     }
     let dns = h.range::<DnsRecord>(Kind::Dns).await;
-    assert!(dns.values().any(|d| d.name == "web.hello.lain" && d.data == "127.0.0.1"), "{dns:?}");
-    assert!(dns.values().any(|d| d.name == "2.web.hello.lain"), "{dns:?}");
-    let crecs = h.range::<lain_state::ContainerRecord>(Kind::Container).await;
+    assert!(
+        dns.values()
+            .any(|d| d.name == "web.hello.lain" && d.data == "127.0.0.1"),
+        "{dns:?}"
+    );
+    assert!(
+        dns.values().any(|d| d.name == "2.web.hello.lain"),
+        "{dns:?}"
+    );
+    let crecs = h
+        .range::<lain_state::ContainerRecord>(Kind::Container)
+        .await;
     assert_eq!(crecs.len(), 3);
     let apps = h.range::<AppRecord>(Kind::App).await;
     assert_eq!(apps[&h.ks.app(app)].version, "1");
@@ -251,9 +329,12 @@ async fn deploy_publishes_spreads_heals_and_scales() {
     // A container killed by hand is replaced and re-published.
     let victim = eps.iter().find(|e| e.instance == 2).unwrap().clone();
     let d = h.docker[h.nodes.iter().position(|n| n.name == victim.node).unwrap()].clone();
-    d.kill_container(&victim.container_id, None::<bollard::query_parameters::KillContainerOptions>)
-        .await
-        .unwrap();
+    d.kill_container(
+        &victim.container_id,
+        None::<bollard::query_parameters::KillContainerOptions>,
+    )
+    .await
+    .unwrap();
     eventually(Duration::from_secs(30), "instance 2 replaced", || async {
         let eps = h.endpoints(app).await;
         let e = eps.iter().find(|e| e.instance == 2)?;
@@ -266,7 +347,10 @@ async fn deploy_publishes_spreads_heals_and_scales() {
     let inst = h.engine.instances(app).await.unwrap();
     let two = inst.iter().find(|i| i.instance == 2).unwrap();
     assert_eq!(two.restarts, 1);
-    assert!(two.last_exit.as_deref().unwrap_or("").contains("exit"), "{two:?}");
+    assert!(
+        two.last_exit.as_deref().unwrap_or("").contains("exit"),
+        "{two:?}"
+    );
 
     // Scale 3 → 5 → 1: the highest instance numbers go first.
     h.engine.scale(app, "web", 5).await.unwrap();
@@ -285,20 +369,30 @@ async fn deploy_publishes_spreads_heals_and_scales() {
 async fn missing_image_fails_the_deploy_and_the_old_version_keeps_serving() {
     let h = start("cp-missing").await;
     let app = "steady";
-    h.engine.register("lain.yaml", &web_app(app, 1)).await.unwrap();
+    h.engine
+        .register("lain.yaml", &web_app(app, 1))
+        .await
+        .unwrap();
     h.engine.deploy(app, "1", IMAGE).await.unwrap();
     let before = h.wait_serving(app, 1, "1").await;
-    h.engine.deploy(app, "2", "lain/does-not-exist:2").await.unwrap();
+    h.engine
+        .deploy(app, "2", "lain/does-not-exist:2")
+        .await
+        .unwrap();
     eventually(Duration::from_secs(30), "deploy-failed event", || async {
         let k = h.event_kinds(app).await;
-        (k.iter().any(|k| k == "deploy-failed") && k.iter().any(|k| k == "rolled-back")).then_some(())
+        (k.iter().any(|k| k == "deploy-failed") && k.iter().any(|k| k == "rolled-back"))
+            .then_some(())
     })
     .await;
     let events = h.engine.events(app).await.unwrap();
     let failed = events.iter().find(|e| e.kind == "deploy-failed").unwrap();
     assert!(failed.message.contains("does-not-exist"), "{failed:?}");
     let after = h.wait_serving(app, 1, "1").await;
-    assert_eq!(after[0].container_id, before[0].container_id, "the running version was never touched");
+    assert_eq!(
+        after[0].container_id, before[0].container_id,
+        "the running version was never touched"
+    );
     let deploys = h.engine.deploys(app).await.unwrap();
     assert_eq!(deploys.last().unwrap().outcome, "failed");
     let apps = h.range::<AppRecord>(Kind::App).await;
@@ -311,7 +405,10 @@ async fn invalid_lain_yaml_is_rejected_with_every_error() {
     let h = start("cp-invalid").await;
     let err = h
         .engine
-        .register("bad.yaml", "appname: bad\nweb:\n  memory: lots\n  cpu: 99\n")
+        .register(
+            "bad.yaml",
+            "appname: bad\nweb:\n  memory: lots\n  cpu: 99\n",
+        )
         .await
         .unwrap_err();
     match err {
@@ -322,7 +419,10 @@ async fn invalid_lain_yaml_is_rejected_with_every_error() {
         }
         other => panic!("expected Invalid, got {other}"),
     }
-    assert!(matches!(h.engine.deploy("bad", "1", IMAGE).await, Err(EngineError::NoApp(_))));
+    assert!(matches!(
+        h.engine.deploy("bad", "1", IMAGE).await,
+        Err(EngineError::NoApp(_))
+    ));
     assert!(h.range::<AppRecord>(Kind::App).await.is_empty());
     h.stop().await;
 }
@@ -331,7 +431,10 @@ async fn invalid_lain_yaml_is_rejected_with_every_error() {
 async fn a_restarted_engine_adopts_its_containers_and_rolls_forward() {
     let mut h = start("cp-adopt").await;
     let app = "adopted";
-    h.engine.register("lain.yaml", &web_app(app, 2)).await.unwrap();
+    h.engine
+        .register("lain.yaml", &web_app(app, 2))
+        .await
+        .unwrap();
     h.engine.deploy(app, "1", IMAGE).await.unwrap();
     let before = h.wait_serving(app, 2, "1").await;
     let ids: BTreeSet<String> = before.iter().map(|e| e.container_id.clone()).collect();
@@ -346,7 +449,10 @@ async fn a_restarted_engine_adopts_its_containers_and_rolls_forward() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = h.wait_serving(app, 2, "1").await;
     let ids_after: BTreeSet<String> = after.iter().map(|e| e.container_id.clone()).collect();
-    assert_eq!(ids, ids_after, "the new engine adopted the running containers");
+    assert_eq!(
+        ids, ids_after,
+        "the new engine adopted the running containers"
+    );
     assert_eq!(h.containers().await.len(), 2);
 
     // A surge-first rolling update to version 2 replaces both and records the deploy.
@@ -354,7 +460,10 @@ async fn a_restarted_engine_adopts_its_containers_and_rolls_forward() {
     h.wait_serving(app, 2, "2").await;
     eventually(Duration::from_secs(30), "old containers gone", || async {
         let c = h.containers().await;
-        (c.len() == 2 && c.iter().all(|c| c.3.get("lain.version").map(String::as_str) == Some("2"))).then_some(())
+        (c.len() == 2
+            && c.iter()
+                .all(|c| c.3.get("lain.version").map(String::as_str) == Some("2")))
+        .then_some(())
     })
     .await;
     let deploys = h.engine.deploys(app).await.unwrap();
@@ -378,7 +487,10 @@ async fn placement_honours_filters_and_reports_pending() {
     h.engine.deploy(app, "1", IMAGE).await.unwrap();
     let inst = eventually(Duration::from_secs(30), "ssd workers running", || async {
         let inst = h.engine.instances(app).await.ok()?;
-        let ssd: Vec<_> = inst.iter().filter(|i| i.proc_name == "ssd" && i.healthy).collect();
+        let ssd: Vec<_> = inst
+            .iter()
+            .filter(|i| i.proc_name == "ssd" && i.healthy)
+            .collect();
         (ssd.len() == 2).then_some(inst)
     })
     .await;
@@ -387,6 +499,12 @@ async fn placement_honours_filters_and_reports_pending() {
     }
     let none = inst.iter().find(|i| i.proc_name == "none").unwrap();
     assert!(none.node.is_none());
-    assert!(none.pending.as_deref().unwrap_or("").contains("no node fits"), "{none:?}");
+    assert!(
+        none.pending
+            .as_deref()
+            .unwrap_or("")
+            .contains("no node fits"),
+        "{none:?}"
+    );
     h.stop().await;
 }

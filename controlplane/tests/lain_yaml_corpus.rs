@@ -26,7 +26,10 @@ fn ok(name: &str) -> LainConf {
         Ok(c) => c,
         Err(errs) => panic!(
             "{name} should parse:\n{}",
-            errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+            errs.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
         ),
     }
 }
@@ -179,7 +182,11 @@ fn service_shorthand_adds_a_portal() {
     assert_eq!(p.allow_clients, vec!["hello", "world"]);
     assert_eq!(p.cmd, vec!["echo-portal"]);
     assert_eq!(p.memory_bytes, 16 << 20);
-    assert_eq!(p.port, Some(5000), "the portal listens on the service's port");
+    assert_eq!(
+        p.port,
+        Some(5000),
+        "the portal listens on the service's port"
+    );
     assert_eq!(p.podgroup("echo"), "echo.portal.portal-echo");
 }
 
@@ -212,7 +219,10 @@ fn resource_template_renders_then_parses() {
 }
 
 /// (file, [(line, column, key, part of the message)]): every error, in file order.
-type Expected = (&'static str, &'static [(usize, usize, &'static str, &'static str)]);
+type Expected = (
+    &'static str,
+    &'static [(usize, usize, &'static str, &'static str)],
+);
 
 const INVALID: &[Expected] = &[
     (
@@ -237,17 +247,16 @@ const INVALID: &[Expected] = &[
             (23, 7, "web.filters[0]", "LABEL==VALUE"),
             (24, 1, "web.api.mountpoint", "at least one mountpoint"),
             (26, 1, "worker.w.https_only", "only web procs"),
-            (27, 15, "worker.w.mountpoint", "only web procs have mountpoints"),
+            (
+                27,
+                15,
+                "worker.w.mountpoint",
+                "only web procs have mountpoints",
+            ),
         ],
     ),
-    (
-        "invalid_syntax.yaml",
-        &[(4, 7, "", "invalid YAML")],
-    ),
-    (
-        "invalid_name.yaml",
-        &[(1, 10, "appname", "reserved")],
-    ),
+    ("invalid_syntax.yaml", &[(4, 7, "", "invalid YAML")]),
+    ("invalid_name.yaml", &[(1, 10, "appname", "reserved")]),
     (
         "missing_appname.yaml",
         &[(1, 1, "appname", "missing required key")],

@@ -508,3 +508,46 @@ async fn placement_honours_filters_and_reports_pending() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_node_moves_its_instances() {
+    let h = start("cp-drain").await;
+    let app = "mover";
+    h.engine
+        .register("lain.yaml", &web_app(app, 2))
+        .await
+        .unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let eps = h.wait_serving(app, 2, "1").await;
+    let on2 = eps
+        .iter()
+        .find(|e| e.node == "node2")
+        .expect("spread onto node2")
+        .clone();
+    h.engine.drain_node("node2").await.unwrap();
+    let nodes = h.range::<NodeRecord>(Kind::Node).await;
+    assert_eq!(
+        nodes[&h.ks.node("node2")].state,
+        lain_state::NodeState::Draining
+    );
+    eventually(Duration::from_secs(30), "everything on node1", || async {
+        let eps = h.endpoints(app).await;
+        (eps.len() == 2 && eps.iter().all(|e| e.node == "node1")).then_some(())
+    })
+    .await;
+    h.wait_serving(app, 2, "1").await;
+    let kinds = h.event_kinds(app).await;
+    assert!(kinds.iter().any(|k| k == "rescheduled"), "{kinds:?}");
+    let moved = h
+        .containers()
+        .await
+        .into_iter()
+        .find(|c| c.3.get("lain.instance") == Some(&on2.instance.to_string()))
+        .unwrap();
+    assert!(
+        moved.0.ends_with("-d1"),
+        "a moved instance's drift grows: {}",
+        moved.0
+    );
+    h.stop().await;
+}

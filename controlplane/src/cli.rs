@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use lain_common::{RunError, Shutdown};
 
@@ -40,27 +42,64 @@ async fn serve(config: Config) -> Result<(), RunError> {
     let shutdown = Shutdown::on_signals();
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry);
-    let client = etcd_client::Client::connect(&config.etcd_endpoints, None)
-        .await
-        .map_err(|e| RunError::Failed(format!("cannot connect to etcd: {e}")))?;
-    let (engine, task) = Engine::start(
-        config.engine_settings(),
-        client,
-        config.node_specs(),
-        metrics,
-        shutdown.clone(),
-    )
-    .await
-    .map_err(|e| RunError::Failed(e.to_string()))?;
-    let admin = lain_common::admin::Admin::new(registry).health(Arc::new(|| Ok(())));
+    let leading = Arc::new(AtomicBool::new(false));
+    let page_flag = leading.clone();
+    // Standby replicas serve the admin listener too; `/leader` tells which one leads.
+    let admin = lain_common::admin::Admin::new(registry).page(
+        "/leader",
+        Arc::new(move || {
+            let body = if page_flag.load(Ordering::Relaxed) {
+                "leader\n"
+            } else {
+                "standby\n"
+            };
+            (http::StatusCode::OK, "text/plain", body.to_string())
+        }),
+    );
     let addr = admin
         .serve(config.admin_listen, shutdown.clone())
         .await
         .map_err(|e| RunError::Failed(format!("cannot bind admin listener: {e}")))?;
     lain_common::announce_listener("admin", addr);
-    tracing::info!(%addr, "lain controlplane running");
-    shutdown.wait().await;
+    let client = etcd_client::Client::connect(&config.etcd_endpoints, None)
+        .await
+        .map_err(|e| RunError::Failed(format!("cannot connect to etcd: {e}")))?;
+    let settings = config.engine_settings();
+    let id = format!("{}-{}", std::process::id(), addr);
+    tracing::info!(%id, "campaigning for leadership");
+    let leadership = match crate::leader::campaign(
+        &client,
+        &settings.keyspace,
+        &id,
+        Duration::from_secs(config.election_ttl_secs),
+        &shutdown,
+    )
+    .await
+    {
+        Ok(Some(l)) => l,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(RunError::Failed(format!("leader election failed: {e}"))),
+    };
+    leading.store(true, Ordering::Relaxed);
+    tracing::info!(%id, "leading; starting the engine");
+    let engine_stop = shutdown.child();
+    let (engine, task) = Engine::start(
+        settings,
+        client,
+        config.node_specs(),
+        metrics,
+        engine_stop.clone(),
+    )
+    .await
+    .map_err(|e| RunError::Failed(e.to_string()))?;
+    let lost = leadership.lost.clone();
+    let result = tokio::select! {
+        _ = shutdown.wait() => Ok(()),
+        _ = lost.wait() => Err(RunError::Failed("lost the leader lease; stopping".into())),
+    };
+    engine_stop.trigger();
     drop(engine);
     let _ = task.await;
-    Ok(())
+    leadership.resign().await;
+    result
 }

@@ -43,7 +43,10 @@ pub struct Config {
     /// TTL of the node leases.
     #[serde(default = "default_node_lease_ttl_secs")]
     pub node_lease_ttl_secs: u64,
-    /// The admin listener (`/metrics`, `/healthz`).
+    /// TTL of the leader-election lease: a dead leader is replaced within about this long.
+    #[serde(default = "default_election_ttl_secs")]
+    pub election_ttl_secs: u64,
+    /// The admin listener (`/metrics`, `/healthz`, `/leader`).
     #[serde(default = "default_admin")]
     pub admin_listen: SocketAddr,
     /// Docker engines registered at start.
@@ -93,6 +96,9 @@ fn default_node_down_grace_secs() -> u64 {
 }
 fn default_node_lease_ttl_secs() -> u64 {
     10
+}
+fn default_election_ttl_secs() -> u64 {
+    3
 }
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
@@ -158,6 +164,9 @@ impl lain_common::Validate for Config {
         }
         if self.node_lease_ttl_secs < 2 {
             errors.push(ConfigError::at("node_lease_ttl_secs", "must be at least 2"));
+        }
+        if self.election_ttl_secs < 2 {
+            errors.push(ConfigError::at("election_ttl_secs", "must be at least 2"));
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, n) in self.nodes.iter().enumerate() {

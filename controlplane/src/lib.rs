@@ -6,6 +6,7 @@ pub mod config;
 pub mod docker;
 pub mod engine;
 pub mod lainyaml;
+pub mod leader;
 pub mod metrics;
 pub mod publish;
 pub mod resources;

@@ -113,3 +113,64 @@ async fn runs_with_admin_listener_and_registers_nodes() {
         )
         .await;
 }
+
+async fn leader_page(admin: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+    s.write_all(b"GET /leader HTTP/1.0\r\n\r\n").await.ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    body.lines().last().map(|l| l.trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_leader_is_killed() {
+    let etcd = require_etcd();
+    let prefix = unique_prefix("cp-ha");
+    let dir = temp_dir();
+    let cfg = dir.path().join("cp.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "etcd_endpoints = [\"{}\"]\nprefix = \"{prefix}\"\ncluster_domains = [\"lain.local\"]\nvolume_root = \"{}\"\nelection_ttl_secs = 2\n",
+            etcd[0],
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let args = ["controlplane", "-c", cfg.to_str().unwrap()];
+    let mut a = LainProcess::spawn(&args, &[], &["admin"]);
+    let first = eventually(Duration::from_secs(10), "a leader", || async {
+        (leader_page(a.addr("admin")).await? == "leader").then_some(())
+    })
+    .await;
+    let _ = first;
+    let mut b = LainProcess::spawn(&args, &[], &["admin"]);
+    // The second replica stays standby while the first one lives.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        leader_page(b.addr("admin")).await.as_deref(),
+        Some("standby")
+    );
+    let started = std::time::Instant::now();
+    a.kill();
+    eventually(Duration::from_secs(10), "the standby to lead", || async {
+        (leader_page(b.addr("admin")).await? == "leader").then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took over in {:?}",
+        started.elapsed()
+    );
+    b.terminate(Duration::from_secs(10));
+    let client = lain_test_support::etcd_client(&etcd).await;
+    let ks = Keyspace::new(&prefix);
+    let _ = client
+        .kv_client()
+        .delete(
+            ks.prefix(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await;
+}

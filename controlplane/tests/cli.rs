@@ -140,11 +140,10 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     .unwrap();
     let args = ["controlplane", "-c", cfg.to_str().unwrap()];
     let mut a = LainProcess::spawn(&args, &[], &["admin"]);
-    let first = eventually(Duration::from_secs(10), "a leader", || async {
+    eventually(Duration::from_secs(10), "a leader", || async {
         (leader_page(a.addr("admin")).await? == "leader").then_some(())
     })
     .await;
-    let _ = first;
     let mut b = LainProcess::spawn(&args, &[], &["admin"]);
     // The second replica stays standby while the first one lives.
     tokio::time::sleep(Duration::from_secs(1)).await;

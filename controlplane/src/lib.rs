@@ -1,3 +1,16 @@
-//! `lain controlplane`: see ARCHITECTURE.md for its place in the system.
+//! `lain controlplane`: turns lain.yaml apps into containers on Docker engines and publishes
+//! the cluster state the data plane serves. See ARCHITECTURE.md for its place in the system.
 
 pub mod cli;
+pub mod config;
+pub mod docker;
+pub mod engine;
+pub mod lainyaml;
+pub mod leader;
+pub mod metrics;
+pub mod publish;
+pub mod resources;
+pub mod yaml;
+
+pub use engine::{Engine, EngineError, EngineSettings, NodeSpec};
+pub use lainyaml::{LainConf, LocatedError};

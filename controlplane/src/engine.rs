@@ -1,0 +1,1777 @@
+//! The engine: one reconcile loop that owns all control-plane state and consumes one closed
+//! event type, and a cloneable [`Engine`] handle whose async methods (register, deploy,
+//! scale, roll back, list instances and events, add/drain/remove nodes) an API or CLI calls.
+//!
+//! Each pass is level-triggered: it lists the containers labelled with this cluster on
+//! every node, compares them with the app specs, creates/stops/removes containers until
+//! they match, probes health, and publishes the result. Nothing depends on having seen an
+//! earlier event, so a restarted control plane adopts the containers it finds.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
+use futures::StreamExt;
+use lain_common::Shutdown;
+use lain_state::records::{self, decode};
+use lain_state::{AppRecord, Keyspace, Kind, NodeRecord, NodeState, SCHEMA_VERSION};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::docker::{self, Actual, ContainerSpec, NodeClient};
+use crate::lainyaml::{LainConf, LocatedError, Proc, ProcType};
+use crate::metrics::Metrics;
+use crate::publish::{AppSpec, InstanceView, Publisher, app_records};
+
+/// Settings of the engine, from the `lain controlplane` config.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// The cluster's key layout; its prefix also labels the containers.
+    pub keyspace: Keyspace,
+    /// Domains web mountpoints are expanded onto; the first is `LAIN_DOMAIN`.
+    pub cluster_domains: Vec<String>,
+    /// Root of the per-instance volume directories.
+    pub volume_root: PathBuf,
+    /// Host-mode ports handed out as `PORT`, inclusive.
+    pub port_range: (u16, u16),
+    /// Time between reconcile passes when nothing happens.
+    pub tick: Duration,
+    /// How long a new version may take to become healthy before the rollout is undone.
+    pub health_deadline: Duration,
+    /// Time allowed for one probe.
+    pub probe_timeout: Duration,
+    /// How long a node may fail to answer before its stateless instances move.
+    pub node_down_grace: Duration,
+    /// TTL of node leases.
+    pub node_lease_ttl: Duration,
+}
+
+impl EngineSettings {
+    /// Defaults suited to tests and small clusters.
+    pub fn new(keyspace: Keyspace, cluster_domains: Vec<String>, volume_root: PathBuf) -> Self {
+        EngineSettings {
+            keyspace,
+            cluster_domains,
+            volume_root,
+            port_range: (20000, 29999),
+            tick: Duration::from_millis(250),
+            health_deadline: Duration::from_secs(60),
+            probe_timeout: Duration::from_millis(500),
+            node_down_grace: Duration::from_secs(5),
+            node_lease_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A node as configured or added at run time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    /// The node name.
+    pub name: String,
+    /// `unix://...` or `tcp://127.0.0.1:port`.
+    pub docker_host: String,
+    /// Where its instances are reached.
+    pub address: IpAddr,
+    /// Labels matched by `filters:`.
+    pub labels: BTreeMap<String, String>,
+    /// CPU capacity in cores.
+    pub cpus: u32,
+    /// Memory capacity in bytes.
+    pub memory_bytes: u64,
+}
+
+/// Why an engine call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The lain.yaml is invalid; every error is listed.
+    #[error("invalid lain.yaml: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<LocatedError>),
+    /// No such app.
+    #[error("no app {0:?}")]
+    NoApp(String),
+    /// No such proc.
+    #[error("app {0:?} has no proc {1:?}")]
+    NoProc(String, String),
+    /// No such node.
+    #[error("no node {0:?}")]
+    NoNode(String),
+    /// Nothing to roll back to.
+    #[error("app {0:?} has no earlier version to roll back to")]
+    NoPrevious(String),
+    /// A bad argument.
+    #[error("{0}")]
+    Bad(String),
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] crate::publish::PublishError),
+    /// Docker failed.
+    #[error(transparent)]
+    Docker(#[from] docker::DockerError),
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// One entry of an app's history under `Keyspace::event`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppEvent {
+    /// Sequence number within the app.
+    pub seq: u64,
+    /// RFC 3339 time.
+    pub at: String,
+    /// `deployed`, `started`, `healthy`, `crashed`, `oom-killed`, `restarted`, `removed`,
+    /// `rescheduled`, `pending`, `deploy-failed`, `rolled-back`, `scaled`, `registered`.
+    pub kind: String,
+    /// The proc, if the event is about one.
+    #[serde(default)]
+    pub proc_name: Option<String>,
+    /// The instance, if the event is about one.
+    #[serde(default)]
+    pub instance: Option<u32>,
+    /// Details.
+    pub message: String,
+}
+
+/// One entry of an app's deploy history under `Keyspace::deploy`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployEntry {
+    /// Sequence number within the app.
+    pub seq: u64,
+    /// RFC 3339 time.
+    pub at: String,
+    /// The version deployed.
+    pub version: String,
+    /// Its image.
+    pub image: String,
+    /// `started`, `succeeded`, `failed`, `rolled-back`.
+    pub outcome: String,
+}
+
+/// An instance slot as reported by [`Engine::instances`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// The proc.
+    pub proc_name: String,
+    /// The instance number.
+    pub instance: u32,
+    /// The node of its current container, if any.
+    pub node: Option<String>,
+    /// The current container's id.
+    pub container_id: Option<String>,
+    /// The current container's name.
+    pub container_name: Option<String>,
+    /// The version it runs.
+    pub version: Option<String>,
+    /// Its `PORT`.
+    pub port: Option<u16>,
+    /// Whether its probe passes.
+    pub healthy: bool,
+    /// Whether it is published as the slot's endpoint.
+    pub serving: bool,
+    /// How often it was replaced after crashing.
+    pub restarts: u32,
+    /// How its last container ended.
+    pub last_exit: Option<String>,
+    /// Why it is not running, when it is pending.
+    pub pending: Option<String>,
+}
+
+/// The commands the handle sends to the loop.
+enum Command {
+    Register(
+        String,
+        String,
+        oneshot::Sender<Result<LainConf, EngineError>>,
+    ),
+    Deploy(
+        String,
+        String,
+        String,
+        oneshot::Sender<Result<u64, EngineError>>,
+    ),
+    Scale(
+        String,
+        String,
+        u32,
+        oneshot::Sender<Result<(), EngineError>>,
+    ),
+    Rollback(String, oneshot::Sender<Result<String, EngineError>>),
+    Remove(String, oneshot::Sender<Result<(), EngineError>>),
+    Instances(
+        String,
+        oneshot::Sender<Result<Vec<InstanceStatus>, EngineError>>,
+    ),
+    AddNode(NodeSpec, oneshot::Sender<Result<(), EngineError>>),
+    DrainNode(String, oneshot::Sender<Result<(), EngineError>>),
+    RemoveNode(String, oneshot::Sender<Result<(), EngineError>>),
+}
+
+/// Everything that wakes the loop: one closed type.
+enum Event {
+    /// A request from the handle.
+    Command(Command),
+    /// A container changed on a node.
+    Docker,
+    /// Something changed in etcd.
+    Etcd,
+    /// A node's event stream ended or failed.
+    NodeStream(String),
+    /// A retired container is gone.
+    Retired(String),
+}
+
+/// The handle to a running engine.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Event>,
+    client: Client,
+    ks: Keyspace,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("ks", &self.ks).finish()
+    }
+}
+
+impl Engine {
+    /// Starts the engine loop: loads the app specs from etcd, registers `nodes`, and runs
+    /// until `shutdown`. Containers keep running when the engine stops.
+    pub async fn start(
+        settings: EngineSettings,
+        client: Client,
+        nodes: Vec<NodeSpec>,
+        metrics: Metrics,
+        shutdown: Shutdown,
+    ) -> Result<(Engine, tokio::task::JoinHandle<()>), EngineError> {
+        let (tx, rx) = mpsc::channel(1024);
+        let publisher = Publisher::new(client.clone(), settings.keyspace.clone());
+        let mut state = State {
+            settings: settings.clone(),
+            publisher,
+            client: client.clone(),
+            nodes: BTreeMap::new(),
+            apps: BTreeMap::new(),
+            previous: HashMap::new(),
+            rollouts: HashMap::new(),
+            slots: HashMap::new(),
+            health: HashMap::new(),
+            retiring: HashSet::new(),
+            tx: tx.clone(),
+            metrics,
+            shutdown: shutdown.clone(),
+        };
+        state.load_apps().await?;
+        for n in nodes {
+            state.add_node(n).await?;
+        }
+        state.watch_etcd();
+        let handle = tokio::spawn(state.run(rx));
+        Ok((
+            Engine {
+                tx,
+                client,
+                ks: settings.keyspace,
+            },
+            handle,
+        ))
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Command,
+    ) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Event::Command(make(reply)))
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Registers or updates an app from lain.yaml text (`file` names it in errors). A new
+    /// app runs nothing until its first deploy; an updated one keeps its version.
+    pub async fn register(&self, file: &str, text: &str) -> Result<LainConf, EngineError> {
+        self.call(|r| Command::Register(file.to_string(), text.to_string(), r))
+            .await
+    }
+
+    /// Deploys `version` of `app` from `image`; returns the deploy's sequence number.
+    pub async fn deploy(&self, app: &str, version: &str, image: &str) -> Result<u64, EngineError> {
+        self.call(|r| Command::Deploy(app.to_string(), version.to_string(), image.to_string(), r))
+            .await
+    }
+
+    /// Sets the number of instances of one proc.
+    pub async fn scale(&self, app: &str, proc_name: &str, n: u32) -> Result<(), EngineError> {
+        self.call(|r| Command::Scale(app.to_string(), proc_name.to_string(), n, r))
+            .await
+    }
+
+    /// Deploys the version before the current one again; returns it.
+    pub async fn rollback(&self, app: &str) -> Result<String, EngineError> {
+        self.call(|r| Command::Rollback(app.to_string(), r)).await
+    }
+
+    /// Removes an app: its containers are stopped and its records deleted.
+    pub async fn remove_app(&self, app: &str) -> Result<(), EngineError> {
+        self.call(|r| Command::Remove(app.to_string(), r)).await
+    }
+
+    /// The instance slots of an app.
+    pub async fn instances(&self, app: &str) -> Result<Vec<InstanceStatus>, EngineError> {
+        self.call(|r| Command::Instances(app.to_string(), r)).await
+    }
+
+    /// Adds a node at run time.
+    pub async fn add_node(&self, node: NodeSpec) -> Result<(), EngineError> {
+        self.call(|r| Command::AddNode(node, r)).await
+    }
+
+    /// Drains a node: it takes no new instances and its instances move elsewhere.
+    pub async fn drain_node(&self, name: &str) -> Result<(), EngineError> {
+        self.call(|r| Command::DrainNode(name.to_string(), r)).await
+    }
+
+    /// Removes a node: it is forgotten, and its instances are rescheduled.
+    pub async fn remove_node(&self, name: &str) -> Result<(), EngineError> {
+        self.call(|r| Command::RemoveNode(name.to_string(), r))
+            .await
+    }
+
+    /// The app's event history, oldest first.
+    pub async fn events(&self, app: &str) -> Result<Vec<AppEvent>, EngineError> {
+        self.read_json(&self.ks.events_of_app(app)).await
+    }
+
+    /// The app's deploy history, oldest first.
+    pub async fn deploys(&self, app: &str) -> Result<Vec<DeployEntry>, EngineError> {
+        self.read_json(&self.ks.deploys_of_app(app)).await
+    }
+
+    async fn read_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<T>, EngineError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(crate::publish::PublishError)?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect())
+    }
+}
+
+/// Per-slot memory: restarts, backoff, the last exit, and why it is pending.
+#[derive(Debug, Default, Clone)]
+struct Slot {
+    restarts: u32,
+    failures: u32,
+    next_attempt: Option<Instant>,
+    last_exit: Option<String>,
+    pending: Option<String>,
+    drift: u32,
+    last_node: Option<String>,
+}
+
+/// Probe memory per container.
+#[derive(Debug, Clone)]
+struct Health {
+    started: Instant,
+    healthy: bool,
+    fails: u32,
+    announced: bool,
+}
+
+struct Rollout {
+    started: Instant,
+    seq: u64,
+}
+
+struct NodeEntry {
+    spec: NodeSpec,
+    client: NodeClient,
+    state: NodeState,
+    down_since: Option<Instant>,
+    lease: Option<tokio::task::JoinHandle<()>>,
+    events: Option<tokio::task::JoinHandle<()>>,
+}
+
+type SlotKey = (String, String, u32);
+
+struct State {
+    settings: EngineSettings,
+    publisher: Publisher,
+    client: Client,
+    nodes: BTreeMap<String, NodeEntry>,
+    apps: BTreeMap<String, AppSpec>,
+    /// The version each app ran before its current deploy, for rollbacks.
+    previous: HashMap<String, (String, String)>,
+    rollouts: HashMap<String, Rollout>,
+    slots: HashMap<SlotKey, Slot>,
+    health: HashMap<String, Health>,
+    retiring: HashSet<String>,
+    tx: mpsc::Sender<Event>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl State {
+    async fn load_apps(&mut self) -> Result<(), EngineError> {
+        let prefix = self.settings.keyspace.kind_prefix(Kind::App);
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(crate::publish::PublishError)?;
+        for kv in resp.kvs() {
+            let Ok(rec) = decode::<AppRecord>(kv.value()) else {
+                continue;
+            };
+            match serde_json::from_value::<AppSpec>(rec.spec) {
+                Ok(spec) => {
+                    self.apps.insert(rec.name, spec);
+                }
+                Err(e) => {
+                    tracing::warn!(app = %rec.name, error = %e, "ignoring unreadable app spec")
+                }
+            }
+        }
+        // The previous versions come from the deploy history.
+        for app in self.apps.keys().cloned().collect::<Vec<_>>() {
+            if let Some(prev) = self.previous_deploy(&app).await? {
+                self.previous.insert(app, prev);
+            }
+        }
+        Ok(())
+    }
+
+    async fn previous_deploy(&self, app: &str) -> Result<Option<(String, String)>, EngineError> {
+        let current = self
+            .apps
+            .get(app)
+            .map(|s| s.version.clone())
+            .unwrap_or_default();
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                self.settings.keyspace.deploys_of_app(app),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Key, SortOrder::Descend)
+                        .with_limit(50),
+                ),
+            )
+            .await
+            .map_err(crate::publish::PublishError)?;
+        for kv in resp.kvs() {
+            if let Ok(d) = serde_json::from_slice::<DeployEntry>(kv.value())
+                && d.version != current
+                && d.outcome != "failed"
+            {
+                return Ok(Some((d.version, d.image)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn watch_etcd(&self) {
+        let mut client = self.client.clone();
+        let prefix = self.settings.keyspace.kind_prefix(Kind::App);
+        let tx = self.tx.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let Ok(mut stream) = client
+                .watch(
+                    prefix.as_str(),
+                    Some(etcd_client::WatchOptions::new().with_prefix()),
+                )
+                .await
+            else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    m = stream.next() => match m {
+                        Some(Ok(_)) => { let _ = tx.try_send(Event::Etcd); }
+                        _ => return,
+                    },
+                }
+            }
+        });
+    }
+
+    async fn add_node(&mut self, spec: NodeSpec) -> Result<(), EngineError> {
+        let client = NodeClient::connect(&spec.name, &spec.docker_host, spec.address)?;
+        let record = self.node_record(&spec, NodeState::Active);
+        let lease = self
+            .publisher
+            .register_node(&record, self.settings.node_lease_ttl)
+            .await?;
+        let events = self.watch_node(&client);
+        if let Some(old) = self.nodes.remove(&spec.name) {
+            old.abort();
+        }
+        self.nodes.insert(
+            spec.name.clone(),
+            NodeEntry {
+                spec,
+                client,
+                state: NodeState::Active,
+                down_since: None,
+                lease: Some(lease),
+                events: Some(events),
+            },
+        );
+        Ok(())
+    }
+
+    fn node_record(&self, spec: &NodeSpec, state: NodeState) -> NodeRecord {
+        NodeRecord {
+            v: SCHEMA_VERSION,
+            name: spec.name.clone(),
+            docker_host: spec.docker_host.clone(),
+            address: spec.address,
+            labels: spec.labels.clone(),
+            cpus: spec.cpus,
+            memory_bytes: spec.memory_bytes,
+            state,
+        }
+    }
+
+    fn watch_node(&self, client: &NodeClient) -> tokio::task::JoinHandle<()> {
+        let stream = client.events(self.settings.keyspace.prefix());
+        let tx = self.tx.clone();
+        let name = client.name.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    e = stream.next() => match e {
+                        Some(Ok(_)) => { let _ = tx.try_send(Event::Docker); }
+                        _ => {
+                            let _ = tx.send(Event::NodeStream(name)).await;
+                            return;
+                        }
+                    },
+                }
+            }
+        })
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        let mut tick = tokio::time::interval(self.settings.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.wait() => break,
+                _ = tick.tick() => {}
+                ev = rx.recv() => match ev {
+                    Some(ev) => self.handle(ev).await,
+                    None => break,
+                },
+            }
+            // Coalesce whatever else is queued into this pass.
+            while let Ok(ev) = rx.try_recv() {
+                self.handle(ev).await;
+            }
+            let started = Instant::now();
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!(error = %e, "reconcile pass failed");
+                self.metrics.passes.with_label_values(&["error"]).inc();
+            } else {
+                self.metrics.passes.with_label_values(&["ok"]).inc();
+            }
+            self.metrics
+                .pass_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        for (_, n) in std::mem::take(&mut self.nodes) {
+            n.abort();
+        }
+    }
+
+    async fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Command(c) => self.command(c).await,
+            Event::Docker | Event::Etcd => {}
+            Event::Retired(id) => {
+                self.retiring.remove(&id);
+                self.health.remove(&id);
+            }
+            Event::NodeStream(name) => {
+                // Re-subscribe after a pause; the pass meanwhile marks the node down if it
+                // stopped answering.
+                let tx = self.tx.clone();
+                if let Some(n) = self.nodes.get_mut(&name) {
+                    let client = n.client.clone();
+                    let stream = client.events(self.settings.keyspace.prefix());
+                    let shutdown = self.shutdown.clone();
+                    n.events = Some(tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let mut stream = std::pin::pin!(stream);
+                        loop {
+                            tokio::select! {
+                                _ = shutdown.wait() => return,
+                                e = stream.next() => match e {
+                                    Some(Ok(_)) => { let _ = tx.try_send(Event::Docker); }
+                                    _ => { let _ = tx.send(Event::NodeStream(name)).await; return; }
+                                },
+                            }
+                        }
+                    }));
+                }
+            }
+        }
+    }
+
+    async fn command(&mut self, c: Command) {
+        match c {
+            Command::Register(file, text, reply) => {
+                let _ = reply.send(self.register(&file, &text).await);
+            }
+            Command::Deploy(app, version, image, reply) => {
+                let _ = reply.send(self.deploy(&app, &version, &image, "deployed").await);
+            }
+            Command::Scale(app, proc_name, n, reply) => {
+                let r = self.scale(&app, &proc_name, n).await;
+                let _ = reply.send(r);
+            }
+            Command::Rollback(app, reply) => {
+                let r = match self.previous.get(&app).cloned() {
+                    None => Err(EngineError::NoPrevious(app.clone())),
+                    Some((version, image)) => self
+                        .deploy(&app, &version, &image, "rolled-back")
+                        .await
+                        .map(|_| version),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Remove(app, reply) => {
+                let r = if self.apps.remove(&app).is_some() {
+                    self.event(&app, "removed", None, None, "app removed".into())
+                        .await;
+                    Ok(())
+                } else {
+                    Err(EngineError::NoApp(app))
+                };
+                let _ = reply.send(r);
+            }
+            Command::Instances(app, reply) => {
+                let r = self.instances(&app).await;
+                let _ = reply.send(r);
+            }
+            Command::AddNode(spec, reply) => {
+                let _ = reply.send(self.add_node(spec).await);
+            }
+            Command::DrainNode(name, reply) => {
+                let r = match self.nodes.get_mut(&name) {
+                    None => Err(EngineError::NoNode(name)),
+                    Some(n) => {
+                        n.state = NodeState::Draining;
+                        let spec = n.spec.clone();
+                        let record = self.node_record(&spec, NodeState::Draining);
+                        match self
+                            .publisher
+                            .register_node(&record, self.settings.node_lease_ttl)
+                            .await
+                        {
+                            Ok(lease) => {
+                                if let Some(n) = self.nodes.get_mut(&name)
+                                    && let Some(old) = n.lease.replace(lease)
+                                {
+                                    old.abort();
+                                }
+                                Ok(())
+                            }
+                            Err(e) => Err(e.into()),
+                        }
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::RemoveNode(name, reply) => {
+                let r = match self.nodes.remove(&name) {
+                    None => Err(EngineError::NoNode(name)),
+                    Some(n) => {
+                        n.abort();
+                        let key = self.settings.keyspace.node(&name);
+                        let _ = self.client.kv_client().delete(key, None).await;
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    async fn register(&mut self, file: &str, text: &str) -> Result<LainConf, EngineError> {
+        let conf = LainConf::parse(file, text, &self.settings.cluster_domains)
+            .map_err(EngineError::Invalid)?;
+        let app = conf.appname.clone();
+        let spec = match self.apps.get(&app) {
+            Some(old) => AppSpec {
+                conf: conf.clone(),
+                version: old.version.clone(),
+                image: old.image.clone(),
+            },
+            None => AppSpec {
+                conf: conf.clone(),
+                version: String::new(),
+                image: String::new(),
+            },
+        };
+        self.apps.insert(app.clone(), spec);
+        self.event(
+            &app,
+            "registered",
+            None,
+            None,
+            format!("lain.yaml {file} registered"),
+        )
+        .await;
+        Ok(conf)
+    }
+
+    async fn deploy(
+        &mut self,
+        app: &str,
+        version: &str,
+        image: &str,
+        kind: &str,
+    ) -> Result<u64, EngineError> {
+        if version.is_empty()
+            || !version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(EngineError::Bad(format!(
+                "version {version:?} must be non-empty letters, digits, '-', '_' or '.'"
+            )));
+        }
+        let Some(spec) = self.apps.get_mut(app) else {
+            return Err(EngineError::NoApp(app.to_string()));
+        };
+        if !spec.version.is_empty() && spec.version != version {
+            self.previous
+                .insert(app.to_string(), (spec.version.clone(), spec.image.clone()));
+        }
+        spec.version = version.to_string();
+        spec.image = image.to_string();
+        let seq = self.publisher.next_seq(&format!("deploys.{app}")).await?;
+        let entry = DeployEntry {
+            seq,
+            at: now_rfc3339(),
+            version: version.to_string(),
+            image: image.to_string(),
+            outcome: "started".into(),
+        };
+        self.put_deploy(app, &entry).await;
+        self.rollouts.insert(
+            app.to_string(),
+            Rollout {
+                started: Instant::now(),
+                seq,
+            },
+        );
+        // A deploy resets the crash backoff: the new version deserves a fresh start.
+        for (k, s) in self.slots.iter_mut() {
+            if k.0 == app {
+                s.failures = 0;
+                s.next_attempt = None;
+            }
+        }
+        self.event(
+            app,
+            kind,
+            None,
+            None,
+            format!("version {version} ({image})"),
+        )
+        .await;
+        Ok(seq)
+    }
+
+    async fn put_deploy(&self, app: &str, entry: &DeployEntry) {
+        let key = self.settings.keyspace.deploy(app, entry.seq);
+        if let Err(e) = self
+            .publisher
+            .put_raw(&key, serde_json::to_vec(entry).unwrap_or_default())
+            .await
+        {
+            tracing::warn!(%app, error = %e, "cannot record deploy");
+        }
+    }
+
+    async fn finish_rollout(&mut self, app: &str, outcome: &str) {
+        let Some(r) = self.rollouts.remove(app) else {
+            return;
+        };
+        let Some(spec) = self.apps.get(app) else {
+            return;
+        };
+        let entry = DeployEntry {
+            seq: r.seq,
+            at: now_rfc3339(),
+            version: spec.version.clone(),
+            image: spec.image.clone(),
+            outcome: outcome.into(),
+        };
+        self.put_deploy(app, &entry).await;
+    }
+
+    /// Undoes a failed rollout: the previous version becomes desired again.
+    async fn fail_rollout(&mut self, app: &str, reason: String) {
+        self.finish_rollout(app, "failed").await;
+        self.event(app, "deploy-failed", None, None, reason.clone())
+            .await;
+        if let Some((version, image)) = self.previous.get(app).cloned() {
+            if let Some(spec) = self.apps.get_mut(app) {
+                spec.version = version.clone();
+                spec.image = image;
+            }
+            self.event(
+                app,
+                "rolled-back",
+                None,
+                None,
+                format!("back to version {version}: {reason}"),
+            )
+            .await;
+        }
+    }
+
+    async fn scale(&mut self, app: &str, proc_name: &str, n: u32) -> Result<(), EngineError> {
+        let spec = self
+            .apps
+            .get_mut(app)
+            .ok_or_else(|| EngineError::NoApp(app.to_string()))?;
+        let p = spec
+            .conf
+            .procs
+            .get_mut(proc_name)
+            .ok_or_else(|| EngineError::NoProc(app.to_string(), proc_name.to_string()))?;
+        if p.proc_type == ProcType::Oneshot {
+            return Err(EngineError::Bad("oneshot procs are not scaled".into()));
+        }
+        let from = p.num_instances;
+        p.num_instances = n;
+        self.event(
+            app,
+            "scaled",
+            Some(proc_name),
+            None,
+            format!("{from} → {n} instances"),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn event(
+        &self,
+        app: &str,
+        kind: &str,
+        proc_name: Option<&str>,
+        instance: Option<u32>,
+        message: String,
+    ) {
+        self.metrics
+            .events
+            .with_label_values(&[crate::metrics::event_label(kind)])
+            .inc();
+        tracing::info!(%app, kind, proc = proc_name.unwrap_or(""), instance = instance.unwrap_or(0), %message, "app event");
+        let seq = match self.publisher.next_seq(&format!("events.{app}")).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%app, error = %e, "cannot number event");
+                return;
+            }
+        };
+        let ev = AppEvent {
+            seq,
+            at: now_rfc3339(),
+            kind: kind.to_string(),
+            proc_name: proc_name.map(str::to_string),
+            instance,
+            message,
+        };
+        let key = self.settings.keyspace.event(app, seq);
+        if let Err(e) = self
+            .publisher
+            .put_raw(&key, serde_json::to_vec(&ev).unwrap_or_default())
+            .await
+        {
+            tracing::warn!(%app, error = %e, "cannot record event");
+        }
+    }
+
+    async fn actual(&mut self) -> Vec<Actual> {
+        let cluster = self.settings.keyspace.prefix().to_string();
+        let lists = futures::future::join_all(self.nodes.values().map(|n| {
+            let c = n.client.clone();
+            let cluster = cluster.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(3), c.list(&cluster))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(docker::DockerError::Address(format!(
+                            "{} timed out",
+                            c.docker_host
+                        )))
+                    })
+            }
+        }))
+        .await;
+        let mut out = Vec::new();
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for (name, list) in names.into_iter().zip(lists) {
+            let Some(n) = self.nodes.get_mut(&name) else {
+                continue;
+            };
+            match list {
+                Ok(l) => {
+                    if n.down_since.take().is_some() {
+                        tracing::info!(node = %name, "node answers again");
+                    }
+                    out.extend(l);
+                }
+                Err(e) => {
+                    if n.down_since.is_none() {
+                        tracing::warn!(node = %name, error = %e, "node does not answer");
+                        n.down_since = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn node_usable(&self, name: &str) -> bool {
+        self.nodes
+            .get(name)
+            .is_some_and(|n| n.state == NodeState::Active && n.down_since.is_none())
+    }
+
+    fn node_lost(&self, name: &str) -> bool {
+        match self.nodes.get(name) {
+            None => true,
+            Some(n) => {
+                n.state == NodeState::Draining
+                    || n.down_since
+                        .is_some_and(|d| d.elapsed() >= self.settings.node_down_grace)
+            }
+        }
+    }
+
+    async fn reconcile(&mut self) -> Result<(), EngineError> {
+        let actual = self.actual().await;
+        let mut used_ports: HashSet<u16> = actual.iter().filter_map(|a| a.port).collect();
+        let mut by_slot: BTreeMap<SlotKey, Vec<Actual>> = BTreeMap::new();
+        let mut to_remove: Vec<(Actual, &'static str)> = Vec::new();
+        for a in actual {
+            if self.retiring.contains(&a.id) {
+                continue;
+            }
+            let wanted = self.apps.get(&a.app).and_then(|s| {
+                s.conf
+                    .procs
+                    .get(&a.proc_name)
+                    .filter(|p| p.proc_type != ProcType::Oneshot && !s.version.is_empty())
+                    .map(|p| a.instance >= 1 && a.instance <= p.num_instances)
+            });
+            match wanted {
+                Some(true) => by_slot
+                    .entry((a.app.clone(), a.proc_name.clone(), a.instance))
+                    .or_default()
+                    .push(a),
+                Some(false) => to_remove.push((a, "scaled down")),
+                None => to_remove.push((a, "no longer desired")),
+            }
+        }
+        // Scale-down removes the highest instance numbers first.
+        to_remove.sort_by_key(|a| std::cmp::Reverse(a.0.instance));
+        for (a, why) in to_remove {
+            self.retire(&a, why, Duration::from_secs(0)).await;
+        }
+
+        // Crashed containers are recorded and removed; their slot is refilled below.
+        for list in by_slot.values_mut() {
+            let mut keep = Vec::new();
+            for a in list.drain(..) {
+                if a.running {
+                    keep.push(a);
+                    continue;
+                }
+                self.crashed(&a).await;
+            }
+            *list = keep;
+        }
+
+        self.probe(&by_slot).await;
+
+        let mut views: BTreeMap<String, Vec<InstanceView>> = BTreeMap::new();
+        let apps: Vec<(String, AppSpec)> = self
+            .apps
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (app, spec) in &apps {
+            if spec.version.is_empty() {
+                continue;
+            }
+            let mut rollout_done = true;
+            for p in spec.conf.scheduled_procs() {
+                for n in 1..=p.num_instances {
+                    let key = (app.clone(), p.name.clone(), n);
+                    let list = by_slot.remove(&key).unwrap_or_default();
+                    let done = self
+                        .reconcile_slot(
+                            spec,
+                            p,
+                            n,
+                            list,
+                            &mut used_ports,
+                            views.entry(app.clone()).or_default(),
+                        )
+                        .await;
+                    rollout_done &= done;
+                }
+            }
+            if let Some(r) = self.rollouts.get(app) {
+                if rollout_done {
+                    self.finish_rollout(app, "succeeded").await;
+                    self.event(
+                        app,
+                        "deploy-succeeded",
+                        None,
+                        None,
+                        format!("version {} is healthy", spec.version),
+                    )
+                    .await;
+                } else if r.started.elapsed() > self.settings.health_deadline {
+                    self.fail_rollout(
+                        app,
+                        format!(
+                            "version {} did not become healthy within {:?}",
+                            spec.version, self.settings.health_deadline
+                        ),
+                    )
+                    .await;
+                }
+            }
+        }
+        self.publish(&views).await
+    }
+
+    /// Brings one slot to its desired state; returns whether it serves the desired version.
+    async fn reconcile_slot(
+        &mut self,
+        spec: &AppSpec,
+        p: &Proc,
+        n: u32,
+        mut list: Vec<Actual>,
+        used_ports: &mut HashSet<u16>,
+        views: &mut Vec<InstanceView>,
+    ) -> bool {
+        let app = &spec.conf.appname;
+        let key = (app.clone(), p.name.clone(), n);
+        // Containers on lost nodes are abandoned unless stateful (those stay and are reported).
+        let mut lost = Vec::new();
+        list.retain(|a| {
+            if self.node_lost(&a.node) && !p.stateful {
+                lost.push(a.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for a in &lost {
+            self.retire(a, "node lost", Duration::from_secs(0)).await;
+            let slot = self.slots.entry(key.clone()).or_default();
+            slot.drift += 1;
+            self.event(
+                app,
+                "rescheduled",
+                Some(&p.name),
+                Some(n),
+                format!("node {} lost", a.node),
+            )
+            .await;
+        }
+        let healthy = |s: &State, a: &Actual| s.health.get(&a.id).is_some_and(|h| h.healthy);
+        let desired: Vec<&Actual> = list.iter().filter(|a| a.version == spec.version).collect();
+        let current = desired.first().map(|a| (*a).clone());
+        // Duplicates of the desired version (e.g. after a crash mid-create) are retired.
+        for extra in desired.iter().skip(1) {
+            let extra = (*extra).clone();
+            self.retire(&extra, "duplicate", Duration::from_secs(0))
+                .await;
+        }
+        let mut serving: Option<Actual> = None;
+        let mut done = false;
+        match &current {
+            Some(c) if healthy(self, c) => {
+                serving = Some(c.clone());
+                done = true;
+                // Surge-first: the old version leaves only once the new one serves.
+                for old in list.iter().filter(|a| a.version != spec.version) {
+                    let grace = Duration::from_secs(u64::from(p.kill_timeout_secs));
+                    self.retire(old, "replaced", grace).await;
+                }
+            }
+            Some(_) => {}
+            None => {
+                self.start_instance(spec, p, n, used_ports).await;
+            }
+        }
+        if serving.is_none() {
+            // Until the new version is healthy, a healthy older container keeps serving.
+            serving = list
+                .iter()
+                .filter(|a| a.version != spec.version && healthy(self, a))
+                .max_by_key(|a| a.version.clone())
+                .cloned();
+        }
+        let log_dir = |a: &Actual| {
+            self.settings
+                .volume_root
+                .join(&a.app)
+                .join(p.podgroup(&a.app))
+                .join(a.instance.to_string())
+                .join(crate::lainyaml::LOG_DIR.trim_start_matches('/'))
+                .display()
+                .to_string()
+        };
+        for a in &list {
+            let address = self
+                .nodes
+                .get(&a.node)
+                .map(|n| n.spec.address)
+                .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            let Some(port) = a.port else { continue };
+            views.push(InstanceView {
+                proc_name: p.name.clone(),
+                proc_type: p.proc_type,
+                instance: n,
+                node: a.node.clone(),
+                address,
+                port,
+                serving: serving.as_ref().is_some_and(|s| s.id == a.id),
+                version: a.version.clone(),
+                container_id: a.id.clone(),
+                log_dir: Some(log_dir(a)),
+            });
+        }
+        done
+    }
+
+    async fn crashed(&mut self, a: &Actual) {
+        let Some(node) = self.nodes.get(&a.node) else {
+            return;
+        };
+        let client = node.client.clone();
+        let info = client.exit_info(&a.id).await.ok();
+        let (kind, reason) = match &info {
+            Some(i) if i.oom_killed => ("oom-killed", format!("OOM-killed (exit {})", i.code)),
+            Some(i) if !i.error.is_empty() => ("crashed", format!("exit {}: {}", i.code, i.error)),
+            Some(i) => ("crashed", format!("exit {}", i.code)),
+            None => ("crashed", "container stopped".to_string()),
+        };
+        let key = (a.app.clone(), a.proc_name.clone(), a.instance);
+        let slot = self.slots.entry(key).or_default();
+        slot.restarts += 1;
+        slot.failures += 1;
+        slot.last_exit = Some(reason.clone());
+        // Exponential backoff: the first replacement is immediate, then 1 s, 2 s, … 30 s.
+        let delay = if slot.failures <= 1 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(500u64 << slot.failures.min(7)).min(Duration::from_secs(30))
+        };
+        slot.next_attempt = Some(Instant::now() + delay);
+        self.metrics.restarts.inc();
+        self.event(
+            &a.app,
+            kind,
+            Some(&a.proc_name),
+            Some(a.instance),
+            format!("{} {reason}", a.name),
+        )
+        .await;
+        let _ = client.remove(&a.id).await;
+        self.health.remove(&a.id);
+    }
+
+    /// Withdraws a container (it is already unpublished by the next sync) and stops it in
+    /// the background after `grace`, so in-flight requests drain.
+    async fn retire(&mut self, a: &Actual, why: &str, grace: Duration) {
+        if !self.retiring.insert(a.id.clone()) {
+            return;
+        }
+        let Some(node) = self.nodes.get(&a.node) else {
+            self.retiring.remove(&a.id);
+            return;
+        };
+        self.event(
+            &a.app,
+            "removed",
+            Some(&a.proc_name),
+            Some(a.instance),
+            format!("{} {why}", a.name),
+        )
+        .await;
+        let client = node.client.clone();
+        let tx = self.tx.clone();
+        let id = a.id.clone();
+        let kill_timeout = self
+            .apps
+            .get(&a.app)
+            .and_then(|s| s.conf.procs.get(&a.proc_name))
+            .map(|p| p.kill_timeout_secs)
+            .unwrap_or(10);
+        tokio::spawn(async move {
+            // Wait for the proxies to see the endpoint withdrawn before stopping it.
+            tokio::time::sleep(grace.min(Duration::from_secs(2))).await;
+            let _ = client
+                .stop(&id, if grace.is_zero() { 1 } else { kill_timeout })
+                .await;
+            let _ = client.remove(&id).await;
+            let _ = tx.send(Event::Retired(id)).await;
+        });
+    }
+
+    fn place(
+        &self,
+        spec: &AppSpec,
+        p: &Proc,
+        n: u32,
+        prefer_not: Option<&str>,
+    ) -> Result<String, String> {
+        let mut best: Option<((usize, usize, bool), String)> = None;
+        let mut reasons = Vec::new();
+        let podgroup = p.podgroup(&spec.conf.appname);
+        for (name, node) in &self.nodes {
+            if !self.node_usable(name) {
+                reasons.push(format!("{name}: not active"));
+                continue;
+            }
+            if let Some(f) = p.filters.iter().find(|f| !f.matches(&node.spec.labels)) {
+                reasons.push(format!(
+                    "{name}: label {}{}{}",
+                    f.label,
+                    if f.equal { "!=" } else { "==" },
+                    f.value
+                ));
+                continue;
+            }
+            let (mem, cpu, same, total) =
+                self.usage(name, &podgroup, (&spec.conf.appname, &p.name, n));
+            if mem + p.memory_bytes > node.spec.memory_bytes {
+                reasons.push(format!("{name}: not enough memory"));
+                continue;
+            }
+            if cpu + u32::from(p.cpu) > node.spec.cpus * 4 {
+                reasons.push(format!("{name}: not enough CPU"));
+                continue;
+            }
+            let score = (same, total, prefer_not == Some(name.as_str()));
+            if best.as_ref().is_none_or(|(s, _)| score < *s) {
+                best = Some((score, name.clone()));
+            }
+        }
+        best.map(|(_, n)| n).ok_or_else(|| {
+            if reasons.is_empty() {
+                "no nodes".to_string()
+            } else {
+                reasons.join("; ")
+            }
+        })
+    }
+
+    /// Memory, CPU levels, instances of `podgroup` and all instances on `node`, from the
+    /// views of the last pass plus the slots being started in this one.
+    fn usage(
+        &self,
+        node: &str,
+        podgroup: &str,
+        skip: (&str, &str, u32),
+    ) -> (u64, u32, usize, usize) {
+        let (mut mem, mut cpu, mut same, mut total) = (0, 0, 0, 0);
+        for ((app, proc_name, n), slot) in &self.slots {
+            if slot.last_node.as_deref() != Some(node)
+                || (app.as_str(), proc_name.as_str(), *n) == skip
+            {
+                continue;
+            }
+            let Some(p) = self.apps.get(app).and_then(|s| s.conf.procs.get(proc_name)) else {
+                continue;
+            };
+            if *n > p.num_instances {
+                continue;
+            }
+            mem += p.memory_bytes;
+            cpu += u32::from(p.cpu);
+            total += 1;
+            if p.podgroup(app) == podgroup {
+                same += 1;
+            }
+        }
+        (mem, cpu, same, total)
+    }
+
+    fn allocate_port(&self, used: &mut HashSet<u16>) -> Option<u16> {
+        let (lo, hi) = self.settings.port_range;
+        let span = u32::from(hi.saturating_sub(lo)) + 1;
+        let start = rand::random::<u32>() % span;
+        for i in 0..span {
+            let port = lo + u16::try_from((start + i) % span).ok()?;
+            if used.contains(&port) {
+                continue;
+            }
+            // Skip ports something else on the host already holds.
+            if std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_err() {
+                continue;
+            }
+            used.insert(port);
+            return Some(port);
+        }
+        None
+    }
+
+    async fn start_instance(
+        &mut self,
+        spec: &AppSpec,
+        p: &Proc,
+        n: u32,
+        used_ports: &mut HashSet<u16>,
+    ) {
+        let app = &spec.conf.appname;
+        let key = (app.clone(), p.name.clone(), n);
+        let slot = self.slots.get(&key).cloned().unwrap_or_default();
+        if slot.next_attempt.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let node_name = match self.place(spec, p, n, None) {
+            Ok(node) => node,
+            Err(reason) => {
+                let reason = format!("no node fits: {reason}");
+                if slot.pending.as_deref() != Some(reason.as_str()) {
+                    self.event(app, "pending", Some(&p.name), Some(n), reason.clone())
+                        .await;
+                }
+                let s = self.slots.entry(key).or_default();
+                s.pending = Some(reason);
+                s.next_attempt = Some(Instant::now() + Duration::from_secs(1));
+                return;
+            }
+        };
+        let Some(port) = self.allocate_port(used_ports) else {
+            tracing::warn!("port range exhausted");
+            return;
+        };
+        let drift = if slot.last_node.as_deref().is_some_and(|l| l != node_name) {
+            slot.drift.max(1)
+        } else {
+            slot.drift
+        };
+        let podgroup = p.podgroup(app);
+        let name = docker::container_name(&podgroup, &spec.version, n, drift);
+        let cs = self.container_spec(spec, p, n, drift, port, &name);
+        let Some(node) = self.nodes.get(&node_name) else {
+            return;
+        };
+        let client = node.client.clone();
+        let result = client.run(&cs).await;
+        let s = self.slots.entry(key.clone()).or_default();
+        match result {
+            Ok(id) => {
+                s.pending = None;
+                s.last_node = Some(node_name.clone());
+                s.drift = drift;
+                self.health.insert(
+                    id,
+                    Health {
+                        started: Instant::now(),
+                        healthy: false,
+                        fails: 0,
+                        announced: false,
+                    },
+                );
+                let kind = if slot.restarts > 0 && slot.last_exit.is_some() {
+                    "restarted"
+                } else {
+                    "started"
+                };
+                self.event(
+                    app,
+                    kind,
+                    Some(&p.name),
+                    Some(n),
+                    format!("{name} on {node_name}, PORT {port}"),
+                )
+                .await;
+            }
+            Err(e) => {
+                s.failures += 1;
+                let delay =
+                    Duration::from_millis(500u64 << s.failures.min(6)).min(Duration::from_secs(30));
+                s.next_attempt = Some(Instant::now() + delay);
+                let reason = e.to_string();
+                s.pending = Some(reason.clone());
+                let missing_image = matches!(
+                    &e,
+                    docker::DockerError::Api {
+                        source: bollard::errors::Error::DockerResponseServerError {
+                            status_code: 404,
+                            ..
+                        },
+                        ..
+                    }
+                );
+                self.event(
+                    app,
+                    "start-failed",
+                    Some(&p.name),
+                    Some(n),
+                    format!("{name}: {reason}"),
+                )
+                .await;
+                if missing_image && self.rollouts.contains_key(app) {
+                    self.fail_rollout(app, format!("image {} cannot be run: {reason}", spec.image))
+                        .await;
+                }
+            }
+        }
+    }
+
+    fn container_spec(
+        &self,
+        spec: &AppSpec,
+        p: &Proc,
+        n: u32,
+        drift: u32,
+        port: u16,
+        name: &str,
+    ) -> ContainerSpec {
+        let app = &spec.conf.appname;
+        let podgroup = p.podgroup(app);
+        let domain = self
+            .settings
+            .cluster_domains
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "lain".into());
+        let mut env = vec![
+            format!("LAIN_APPNAME={app}"),
+            format!("LAIN_PROCNAME={}", p.name),
+            format!("LAIN_DOMAIN={domain}"),
+            format!("LAIN_APP_RELEASE_VERSION={}", spec.version),
+            format!("DEPLOYD_POD_INSTANCE_NO={n}"),
+            format!("DEPLOYD_POD_NAME={podgroup}"),
+            format!("DEPLOYD_POD_NAMESPACE={app}"),
+            format!("PORT={port}"),
+        ];
+        env.extend(p.env.iter().map(|(k, v)| format!("{k}={v}")));
+        let labels = HashMap::from([
+            (docker::LABEL_APP.to_string(), app.clone()),
+            (docker::LABEL_PROC.to_string(), p.name.clone()),
+            (
+                docker::LABEL_PROC_TYPE.to_string(),
+                p.proc_type.as_str().to_string(),
+            ),
+            (docker::LABEL_PODGROUP.to_string(), podgroup.clone()),
+            (docker::LABEL_INSTANCE.to_string(), n.to_string()),
+            (docker::LABEL_VERSION.to_string(), spec.version.clone()),
+            (docker::LABEL_DRIFT.to_string(), drift.to_string()),
+            (docker::LABEL_PORT.to_string(), port.to_string()),
+            (
+                docker::LABEL_CLUSTER.to_string(),
+                self.settings.keyspace.prefix().to_string(),
+            ),
+        ])
+        .into_iter()
+        .chain(p.labels.clone())
+        .collect();
+        let mut binds = Vec::new();
+        for v in &p.volumes {
+            let host = self
+                .settings
+                .volume_root
+                .join(app)
+                .join(&podgroup)
+                .join(n.to_string())
+                .join(v.trim_start_matches('/'));
+            if let Err(e) = std::fs::create_dir_all(&host) {
+                tracing::warn!(dir = %host.display(), error = %e, "cannot create volume directory");
+            }
+            binds.push(format!("{}:{v}", host.display()));
+        }
+        // Host networking: the instance listens on its own PORT, which `$PORT` in the
+        // command stands for (Docker does not expand variables in exec-form commands).
+        let expand = |s: &String| {
+            s.replace("${PORT}", &port.to_string())
+                .replace("$PORT", &port.to_string())
+        };
+        ContainerSpec {
+            name: name.to_string(),
+            image: p.image.clone().unwrap_or_else(|| spec.image.clone()),
+            cmd: p.cmd.iter().map(expand).collect(),
+            entrypoint: p.entrypoint.iter().map(expand).collect(),
+            env,
+            labels,
+            memory_bytes: p.memory_bytes,
+            cpu: p.cpu,
+            binds,
+            network_mode: "host".into(),
+            user: p.user.clone(),
+            workdir: p.workdir.clone(),
+            kill_timeout_secs: p.kill_timeout_secs,
+        }
+    }
+
+    async fn probe(&mut self, by_slot: &BTreeMap<SlotKey, Vec<Actual>>) {
+        let mut jobs = Vec::new();
+        for ((app, proc_name, _), list) in by_slot {
+            let Some(p) = self.apps.get(app).and_then(|s| s.conf.procs.get(proc_name)) else {
+                continue;
+            };
+            for a in list {
+                let h = self.health.entry(a.id.clone()).or_insert(Health {
+                    // An adopted container was started before; it is probed right away.
+                    started: Instant::now(),
+                    healthy: false,
+                    fails: 0,
+                    announced: false,
+                });
+                let address = self
+                    .nodes
+                    .get(&a.node)
+                    .map(|n| n.spec.address)
+                    .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+                let check = match (&p.healthcheck, a.port, p.proc_type) {
+                    (Some(path), Some(port), _) => {
+                        Probe::Http(SocketAddr::new(address, port), path.clone())
+                    }
+                    (None, Some(port), ProcType::Web | ProcType::Portal) => {
+                        Probe::Tcp(SocketAddr::new(address, port))
+                    }
+                    (None, Some(port), _) if p.port.is_some() => {
+                        Probe::Tcp(SocketAddr::new(address, port))
+                    }
+                    _ => Probe::Setup(Duration::from_secs(u64::from(p.setup_time_secs))),
+                };
+                let started = h.started;
+                let timeout = self.settings.probe_timeout;
+                jobs.push(async move {
+                    let ok = check.run(started, timeout).await;
+                    (a.clone(), ok)
+                });
+            }
+        }
+        let results = futures::future::join_all(jobs).await;
+        for (a, ok) in results {
+            let Some(h) = self.health.get_mut(&a.id) else {
+                continue;
+            };
+            if ok {
+                h.fails = 0;
+                h.healthy = true;
+            } else {
+                h.fails += 1;
+                if h.fails >= 3 {
+                    h.healthy = false;
+                }
+            }
+            if h.healthy && !h.announced {
+                h.announced = true;
+                let key = (a.app.clone(), a.proc_name.clone(), a.instance);
+                if let Some(s) = self.slots.get_mut(&key) {
+                    s.failures = 0;
+                    s.next_attempt = None;
+                }
+                let slot = self.slots.entry(key).or_default();
+                if slot.last_node.is_none() {
+                    slot.last_node = Some(a.node.clone());
+                }
+                self.event(
+                    &a.app,
+                    "healthy",
+                    Some(&a.proc_name),
+                    Some(a.instance),
+                    a.name.clone(),
+                )
+                .await;
+            }
+        }
+        let live: HashSet<&String> = by_slot.values().flatten().map(|a| &a.id).collect();
+        self.health
+            .retain(|id, _| live.contains(id) || self.retiring.contains(id));
+    }
+
+    async fn publish(
+        &mut self,
+        views: &BTreeMap<String, Vec<InstanceView>>,
+    ) -> Result<(), EngineError> {
+        let ks = &self.settings.keyspace;
+        let mut desired = BTreeMap::new();
+        for (app, spec) in &self.apps {
+            let resources: BTreeMap<String, String> = spec
+                .conf
+                .use_resources
+                .keys()
+                .map(|r| (r.clone(), crate::resources::instance_name(r, app)))
+                .collect();
+            let empty = Vec::new();
+            desired.extend(app_records(
+                ks,
+                spec,
+                &resources,
+                views.get(app).unwrap_or(&empty),
+            ));
+        }
+        let stats = self.publisher.sync(&desired).await?;
+        self.metrics
+            .published
+            .with_label_values(&["put"])
+            .inc_by(stats.put as u64);
+        self.metrics
+            .published
+            .with_label_values(&["delete"])
+            .inc_by(stats.deleted as u64);
+        let serving = views.values().flatten().filter(|v| v.serving).count();
+        self.metrics
+            .serving
+            .set(i64::try_from(serving).unwrap_or(0));
+        Ok(())
+    }
+
+    async fn instances(&mut self, app: &str) -> Result<Vec<InstanceStatus>, EngineError> {
+        let spec = self
+            .apps
+            .get(app)
+            .cloned()
+            .ok_or_else(|| EngineError::NoApp(app.to_string()))?;
+        let actual = self.actual().await;
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                self.settings.keyspace.kind_prefix(Kind::Endpoint),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(crate::publish::PublishError)?;
+        let serving: HashSet<String> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| records::decode::<lain_state::EndpointRecord>(kv.value()).ok())
+            .map(|e| e.container_id)
+            .collect();
+        let mut out = Vec::new();
+        for p in spec.conf.scheduled_procs() {
+            for n in 1..=p.num_instances {
+                let slot = self
+                    .slots
+                    .get(&(app.to_string(), p.name.clone(), n))
+                    .cloned()
+                    .unwrap_or_default();
+                let c = actual
+                    .iter()
+                    .filter(|a| a.app == app && a.proc_name == p.name && a.instance == n)
+                    .filter(|a| !self.retiring.contains(&a.id))
+                    .max_by_key(|a| (a.version == spec.version, a.running));
+                out.push(InstanceStatus {
+                    proc_name: p.name.clone(),
+                    instance: n,
+                    node: c.map(|c| c.node.clone()),
+                    container_id: c.map(|c| c.id.clone()),
+                    container_name: c.map(|c| c.name.clone()),
+                    version: c.map(|c| c.version.clone()),
+                    port: c.and_then(|c| c.port),
+                    healthy: c.is_some_and(|c| self.health.get(&c.id).is_some_and(|h| h.healthy)),
+                    serving: c.is_some_and(|c| serving.contains(&c.id)),
+                    restarts: slot.restarts,
+                    last_exit: slot.last_exit.clone(),
+                    pending: slot.pending.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl NodeEntry {
+    fn abort(self) {
+        if let Some(l) = self.lease {
+            l.abort();
+        }
+        if let Some(e) = self.events {
+            e.abort();
+        }
+    }
+}
+
+enum Probe {
+    Http(SocketAddr, String),
+    Tcp(SocketAddr),
+    Setup(Duration),
+}
+
+impl Probe {
+    async fn run(&self, started: Instant, timeout: Duration) -> bool {
+        match self {
+            Probe::Setup(d) => started.elapsed() >= *d,
+            Probe::Tcp(addr) => matches!(
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            ),
+            Probe::Http(addr, path) => tokio::time::timeout(timeout, http_get_ok(*addr, path))
+                .await
+                .unwrap_or(false),
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET: healthy on a 2xx or 3xx status line.
+async fn http_get_ok(addr: SocketAddr, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let req =
+        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: lain-controlplane\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 32];
+    let mut got = 0;
+    while got < 12 {
+        match s.read(&mut buf[got..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    let line = String::from_utf8_lossy(&buf[..got]);
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok());
+    status.is_some_and(|c| (200..400).contains(&c))
+}

@@ -1,0 +1,56 @@
+//! LAIN resources: a resource app's lain.yaml is a template whose placeholders are filled from
+//! a client's `use_resources` parameters, then run as the app `resource.{res}.{client}`.
+
+use minijinja::{Environment, UndefinedBehavior};
+
+/// Why a resource template could not be rendered.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: cannot render resource template: {message}")]
+pub struct RenderError {
+    /// The template's file name.
+    pub file: String,
+    /// What went wrong, with the template line where minijinja knows it.
+    pub message: String,
+}
+
+/// Renders a resource's lain.yaml template with the client's parameters. Undefined
+/// placeholders are errors, so a client that forgets a parameter is told which one.
+pub fn render(
+    file: &str,
+    template: &str,
+    params: &serde_json::Value,
+) -> Result<String, RenderError> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    let fail = |e: minijinja::Error| RenderError {
+        file: file.to_string(),
+        message: match e.line() {
+            Some(l) => format!("line {l}: {e}"),
+            None => e.to_string(),
+        },
+    };
+    env.add_template("lain.yaml", template).map_err(fail)?;
+    let tmpl = env.get_template("lain.yaml").map_err(fail)?;
+    tmpl.render(params).map_err(fail)
+}
+
+/// The app name of resource `res` instantiated for `client`.
+pub fn instance_name(res: &str, client: &str) -> String {
+    format!("resource.{res}.{client}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_parameters_are_errors() {
+        let e = render("r.yaml", "a: {{ nope }}\n", &serde_json::json!({})).unwrap_err();
+        assert!(e.to_string().contains("r.yaml"), "{e}");
+        assert_eq!(
+            render("r.yaml", "a: {{ x }}", &serde_json::json!({"x": 1})).unwrap(),
+            "a: 1"
+        );
+        assert_eq!(instance_name("redis", "hello"), "resource.redis.hello");
+    }
+}

@@ -1,0 +1,553 @@
+//! The engine against real etcd and the two real Docker engines of the test harness:
+//! deploy, publish, self-heal, scale, failed deploys, adoption after restart and rollouts.
+//!
+//! Each test uses its own etcd prefix, which also labels its containers, and removes every
+//! container carrying that label when it ends.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use etcd_client::GetOptions;
+use lain_common::Shutdown;
+use lain_controlplane::engine::{Engine, EngineError, EngineSettings, NodeSpec};
+use lain_controlplane::metrics::Metrics;
+use lain_state::records::decode;
+use lain_state::{AppRecord, DnsRecord, EndpointRecord, Keyspace, Kind, NodeRecord, RouteRecord};
+use lain_test_support::{eventually, require_docker_nodes, require_etcd, unique_prefix};
+
+const IMAGE: &str = "lain/busybox:latest";
+
+/// Removes every container of one test's cluster from every engine, even when the test fails.
+struct Cleanup {
+    prefix: String,
+    nodes: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for host in &self.nodes {
+            let out = std::process::Command::new("docker")
+                .args(["-H", host, "ps", "-aq", "--filter"])
+                .arg(format!("label=lain.cluster={}", self.prefix))
+                .output();
+            let Ok(out) = out else { continue };
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            if !ids.is_empty() {
+                let _ = std::process::Command::new("docker")
+                    .args(["-H", host, "rm", "-f"])
+                    .args(&ids)
+                    .output();
+            }
+        }
+    }
+}
+
+struct Harness {
+    engine: Engine,
+    task: tokio::task::JoinHandle<()>,
+    shutdown: Shutdown,
+    etcd: etcd_client::Client,
+    ks: Keyspace,
+    settings: EngineSettings,
+    nodes: Vec<NodeSpec>,
+    docker: Vec<bollard::Docker>,
+    _volumes: tempfile::TempDir,
+    _cleanup: Cleanup,
+}
+
+fn node_specs() -> Vec<NodeSpec> {
+    let hosts = require_docker_nodes();
+    assert!(
+        hosts.len() >= 2,
+        "two Docker engines are needed, got {hosts:?}"
+    );
+    hosts
+        .iter()
+        .take(2)
+        .enumerate()
+        .map(|(i, h)| NodeSpec {
+            name: format!("node{}", i + 1),
+            docker_host: h.clone(),
+            address: IpAddr::from([127, 0, 0, 1]),
+            labels: BTreeMap::from([(
+                "disk".to_string(),
+                if i == 0 { "ssd" } else { "hdd" }.to_string(),
+            )]),
+            cpus: 4,
+            memory_bytes: 4 << 30,
+        })
+        .collect()
+}
+
+async fn start(test: &str) -> Harness {
+    let endpoints = require_etcd();
+    let prefix = unique_prefix(test);
+    let ks = Keyspace::new(&prefix);
+    let nodes = node_specs();
+    let cleanup = Cleanup {
+        prefix: ks.prefix().to_string(),
+        nodes: nodes.iter().map(|n| n.docker_host.clone()).collect(),
+    };
+    let volumes = tempfile::tempdir().unwrap();
+    let mut settings = EngineSettings::new(
+        ks.clone(),
+        vec!["lain.local".into()],
+        volumes.path().to_path_buf(),
+    );
+    settings.health_deadline = Duration::from_secs(20);
+    let etcd = lain_test_support::etcd_client(&endpoints).await;
+    let docker = nodes
+        .iter()
+        .map(|n| {
+            bollard::Docker::connect_with_unix(&n.docker_host, 30, bollard::API_DEFAULT_VERSION)
+                .unwrap()
+        })
+        .collect();
+    let (engine, task, shutdown) = spawn_engine(&settings, &etcd, &nodes).await;
+    Harness {
+        engine,
+        task,
+        shutdown,
+        etcd,
+        ks,
+        settings,
+        nodes,
+        docker,
+        _volumes: volumes,
+        _cleanup: cleanup,
+    }
+}
+
+async fn spawn_engine(
+    settings: &EngineSettings,
+    etcd: &etcd_client::Client,
+    nodes: &[NodeSpec],
+) -> (Engine, tokio::task::JoinHandle<()>, Shutdown) {
+    let shutdown = Shutdown::new();
+    let metrics = Metrics::new(&prometheus::Registry::new());
+    let (engine, task) = Engine::start(
+        settings.clone(),
+        etcd.clone(),
+        nodes.to_vec(),
+        metrics,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    (engine, task, shutdown)
+}
+
+impl Harness {
+    async fn range<T: lain_state::Record + lain_state::records::Validate>(
+        &self,
+        kind: Kind,
+    ) -> BTreeMap<String, T> {
+        let resp = self
+            .etcd
+            .kv_client()
+            .get(
+                self.ks.kind_prefix(kind),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let v = decode::<T>(kv.value()).unwrap_or_else(|e| panic!("{key}: {e}"));
+                (key, v)
+            })
+            .collect()
+    }
+
+    async fn endpoints(&self, app: &str) -> Vec<EndpointRecord> {
+        self.range::<EndpointRecord>(Kind::Endpoint)
+            .await
+            .into_values()
+            .filter(|e| e.app == app)
+            .collect()
+    }
+
+    /// Waits until the app's endpoints are exactly instances 1..=n of `version`, all answering.
+    async fn wait_serving(&self, app: &str, n: u32, version: &str) -> Vec<EndpointRecord> {
+        eventually(
+            Duration::from_secs(60),
+            &format!("{n} endpoints of {app} v{version}"),
+            || async {
+                let eps = self.endpoints(app).await;
+                let instances: BTreeSet<u32> = eps.iter().map(|e| e.instance).collect();
+                let want: BTreeSet<u32> = (1..=n).collect();
+                if instances != want || eps.iter().any(|e| e.version != version) {
+                    return None;
+                }
+                for e in &eps {
+                    tokio::net::TcpStream::connect(SocketAddr::new(e.address, e.port))
+                        .await
+                        .ok()?;
+                }
+                Some(eps)
+            },
+        )
+        .await
+    }
+
+    /// Every container of this test's cluster, on every engine: (name, id, running).
+    async fn containers(&self) -> Vec<(String, String, bool, BTreeMap<String, String>)> {
+        let mut out = Vec::new();
+        for d in &self.docker {
+            let filters = std::collections::HashMap::from([(
+                "label",
+                vec![format!("lain.cluster={}", self.ks.prefix())],
+            )]);
+            let opts = bollard::query_parameters::ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build();
+            for c in d.list_containers(Some(opts)).await.unwrap() {
+                out.push((
+                    c.names
+                        .unwrap_or_default()
+                        .first()
+                        .cloned()
+                        .unwrap_or_default()
+                        .trim_start_matches('/')
+                        .to_string(),
+                    c.id.unwrap_or_default(),
+                    c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING),
+                    c.labels.unwrap_or_default().into_iter().collect(),
+                ));
+            }
+        }
+        out
+    }
+
+    async fn event_kinds(&self, app: &str) -> Vec<String> {
+        self.engine
+            .events(app)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    async fn stop(self) {
+        self.shutdown.trigger();
+        let _ = self.task.await;
+        let mut kv = self.etcd.kv_client();
+        let _ = kv
+            .delete(
+                self.ks.prefix(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await;
+    }
+}
+
+fn web_app(name: &str, n: u32) -> String {
+    format!(
+        "appname: {name}\n\
+         web:\n  cmd: [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"$PORT\", \"-h\", \"/tmp\"]\n  \
+         num_instances: {n}\n  memory: 32m\n  kill_timeout: 10\n  mountpoint:\n    - /admin\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_publishes_spreads_heals_and_scales() {
+    let h = start("cp-deploy").await;
+    let app = "hello";
+    h.engine
+        .register("lain.yaml", &web_app(app, 3))
+        .await
+        .unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let eps = h.wait_serving(app, 3, "1").await;
+
+    // Spread over both engines, with LAIN's names, labels and one PORT each.
+    let nodes: BTreeSet<&str> = eps.iter().map(|e| e.node.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "instances spread over both nodes: {eps:?}");
+    let ports: BTreeSet<u16> = eps.iter().map(|e| e.port).collect();
+    assert_eq!(ports.len(), 3);
+    let containers = h.containers().await;
+    assert_eq!(containers.len(), 3, "{containers:?}");
+    for (name, _, running, labels) in &containers {
+        assert!(*running);
+        assert!(
+            name.starts_with("hello.web.web.v1-i") && name.ends_with("-d0"),
+            "{name}"
+        );
+        for k in [
+            "lain.app",
+            "lain.proc",
+            "lain.podgroup",
+            "lain.instance",
+            "lain.version",
+        ] {
+            assert!(labels.contains_key(k), "{name} lacks label {k}");
+        }
+        assert_eq!(labels["lain.podgroup"], "hello.web.web");
+    }
+
+    // Routes of every expanded mountpoint, DNS records, container records, the app, nodes.
+    let routes = h.range::<RouteRecord>(Kind::Route).await;
+    let claimed: BTreeSet<String> = routes
+        .values()
+        .map(|r| format!("{}{}", r.host, r.path))
+        .collect();
+    for want in [
+        "hello.lain.local/",
+        "hello.lain/",
+        "hello.lain.local/admin",
+        "hello.lain/admin",
+    ] {
+        assert!(claimed.contains(want), "route {want} in {claimed:?}");
+    }
+    let dns = h.range::<DnsRecord>(Kind::Dns).await;
+    assert!(
+        dns.values()
+            .any(|d| d.name == "web.hello.lain" && d.data == "127.0.0.1"),
+        "{dns:?}"
+    );
+    assert!(
+        dns.values().any(|d| d.name == "2.web.hello.lain"),
+        "{dns:?}"
+    );
+    let crecs = h
+        .range::<lain_state::ContainerRecord>(Kind::Container)
+        .await;
+    assert_eq!(crecs.len(), 3);
+    let apps = h.range::<AppRecord>(Kind::App).await;
+    assert_eq!(apps[&h.ks.app(app)].version, "1");
+    let nodes = h.range::<NodeRecord>(Kind::Node).await;
+    assert_eq!(nodes.len(), 2);
+
+    // A container killed by hand is replaced and re-published.
+    let victim = eps.iter().find(|e| e.instance == 2).unwrap().clone();
+    let d = h.docker[h.nodes.iter().position(|n| n.name == victim.node).unwrap()].clone();
+    d.kill_container(
+        &victim.container_id,
+        None::<bollard::query_parameters::KillContainerOptions>,
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(30), "instance 2 replaced", || async {
+        let eps = h.endpoints(app).await;
+        let e = eps.iter().find(|e| e.instance == 2)?;
+        (e.container_id != victim.container_id).then_some(())
+    })
+    .await;
+    h.wait_serving(app, 3, "1").await;
+    let kinds = h.event_kinds(app).await;
+    assert!(kinds.iter().any(|k| k == "crashed"), "{kinds:?}");
+    let inst = h.engine.instances(app).await.unwrap();
+    let two = inst.iter().find(|i| i.instance == 2).unwrap();
+    assert_eq!(two.restarts, 1);
+    assert!(
+        two.last_exit.as_deref().unwrap_or("").contains("exit"),
+        "{two:?}"
+    );
+
+    // Scale 3 → 5 → 1: the highest instance numbers go first.
+    h.engine.scale(app, "web", 5).await.unwrap();
+    h.wait_serving(app, 5, "1").await;
+    h.engine.scale(app, "web", 1).await.unwrap();
+    h.wait_serving(app, 1, "1").await;
+    eventually(Duration::from_secs(30), "only instance 1 left", || async {
+        let c = h.containers().await;
+        (c.len() == 1 && c[0].3.get("lain.instance").map(String::as_str) == Some("1")).then_some(())
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_image_fails_the_deploy_and_the_old_version_keeps_serving() {
+    let h = start("cp-missing").await;
+    let app = "steady";
+    h.engine
+        .register("lain.yaml", &web_app(app, 1))
+        .await
+        .unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let before = h.wait_serving(app, 1, "1").await;
+    h.engine
+        .deploy(app, "2", "lain/does-not-exist:2")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "deploy-failed event", || async {
+        let k = h.event_kinds(app).await;
+        (k.iter().any(|k| k == "deploy-failed") && k.iter().any(|k| k == "rolled-back"))
+            .then_some(())
+    })
+    .await;
+    let events = h.engine.events(app).await.unwrap();
+    let failed = events.iter().find(|e| e.kind == "deploy-failed").unwrap();
+    assert!(failed.message.contains("does-not-exist"), "{failed:?}");
+    let after = h.wait_serving(app, 1, "1").await;
+    assert_eq!(
+        after[0].container_id, before[0].container_id,
+        "the running version was never touched"
+    );
+    let deploys = h.engine.deploys(app).await.unwrap();
+    assert_eq!(deploys.last().unwrap().outcome, "failed");
+    let apps = h.range::<AppRecord>(Kind::App).await;
+    assert_eq!(apps[&h.ks.app(app)].version, "1");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_lain_yaml_is_rejected_with_every_error() {
+    let h = start("cp-invalid").await;
+    let err = h
+        .engine
+        .register(
+            "bad.yaml",
+            "appname: bad\nweb:\n  memory: lots\n  cpu: 99\n",
+        )
+        .await
+        .unwrap_err();
+    match err {
+        EngineError::Invalid(errs) => {
+            assert_eq!(errs.len(), 2, "{errs:?}");
+            assert_eq!((errs[0].line, errs[0].key.as_str()), (3, "web.memory"));
+            assert_eq!((errs[1].line, errs[1].key.as_str()), (4, "web.cpu"));
+        }
+        other => panic!("expected Invalid, got {other}"),
+    }
+    assert!(matches!(
+        h.engine.deploy("bad", "1", IMAGE).await,
+        Err(EngineError::NoApp(_))
+    ));
+    assert!(h.range::<AppRecord>(Kind::App).await.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_engine_adopts_its_containers_and_rolls_forward() {
+    let mut h = start("cp-adopt").await;
+    let app = "adopted";
+    h.engine
+        .register("lain.yaml", &web_app(app, 2))
+        .await
+        .unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let before = h.wait_serving(app, 2, "1").await;
+    let ids: BTreeSet<String> = before.iter().map(|e| e.container_id.clone()).collect();
+
+    // Stop the engine and start a new one on the same prefix: nothing is duplicated.
+    h.shutdown.trigger();
+    let _ = (&mut h.task).await;
+    let (engine, task, shutdown) = spawn_engine(&h.settings, &h.etcd, &h.nodes).await;
+    h.engine = engine;
+    h.task = task;
+    h.shutdown = shutdown;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = h.wait_serving(app, 2, "1").await;
+    let ids_after: BTreeSet<String> = after.iter().map(|e| e.container_id.clone()).collect();
+    assert_eq!(
+        ids, ids_after,
+        "the new engine adopted the running containers"
+    );
+    assert_eq!(h.containers().await.len(), 2);
+
+    // A surge-first rolling update to version 2 replaces both and records the deploy.
+    h.engine.deploy(app, "2", IMAGE).await.unwrap();
+    h.wait_serving(app, 2, "2").await;
+    eventually(Duration::from_secs(30), "old containers gone", || async {
+        let c = h.containers().await;
+        (c.len() == 2
+            && c.iter()
+                .all(|c| c.3.get("lain.version").map(String::as_str) == Some("2")))
+        .then_some(())
+    })
+    .await;
+    let deploys = h.engine.deploys(app).await.unwrap();
+    assert_eq!(deploys.len(), 2, "{deploys:?}");
+    assert_eq!(deploys[1].outcome, "succeeded");
+
+    // A rollback is a deploy of the earlier version.
+    assert_eq!(h.engine.rollback(app).await.unwrap(), "1");
+    h.wait_serving(app, 2, "1").await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_honours_filters_and_reports_pending() {
+    let h = start("cp-place").await;
+    let app = "placed";
+    let yaml = "appname: placed\n\
+                worker.ssd:\n  cmd: [\"/bin/busybox\", \"sleep\", \"600\"]\n  num_instances: 2\n  filters: [disk==ssd]\n\
+                worker.none:\n  cmd: [\"/bin/busybox\", \"sleep\", \"600\"]\n  filters: [disk==nvme]\n";
+    h.engine.register("lain.yaml", yaml).await.unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let inst = eventually(Duration::from_secs(30), "ssd workers running", || async {
+        let inst = h.engine.instances(app).await.ok()?;
+        let ssd: Vec<_> = inst
+            .iter()
+            .filter(|i| i.proc_name == "ssd" && i.healthy)
+            .collect();
+        (ssd.len() == 2).then_some(inst)
+    })
+    .await;
+    for i in inst.iter().filter(|i| i.proc_name == "ssd") {
+        assert_eq!(i.node.as_deref(), Some("node1"), "{i:?}");
+    }
+    let none = inst.iter().find(|i| i.proc_name == "none").unwrap();
+    assert!(none.node.is_none());
+    assert!(
+        none.pending
+            .as_deref()
+            .unwrap_or("")
+            .contains("no node fits"),
+        "{none:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_node_moves_its_instances() {
+    let h = start("cp-drain").await;
+    let app = "mover";
+    h.engine
+        .register("lain.yaml", &web_app(app, 2))
+        .await
+        .unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let eps = h.wait_serving(app, 2, "1").await;
+    let on2 = eps
+        .iter()
+        .find(|e| e.node == "node2")
+        .expect("spread onto node2")
+        .clone();
+    h.engine.drain_node("node2").await.unwrap();
+    let nodes = h.range::<NodeRecord>(Kind::Node).await;
+    assert_eq!(
+        nodes[&h.ks.node("node2")].state,
+        lain_state::NodeState::Draining
+    );
+    eventually(Duration::from_secs(30), "everything on node1", || async {
+        let eps = h.endpoints(app).await;
+        (eps.len() == 2 && eps.iter().all(|e| e.node == "node1")).then_some(())
+    })
+    .await;
+    h.wait_serving(app, 2, "1").await;
+    let kinds = h.event_kinds(app).await;
+    assert!(kinds.iter().any(|k| k == "rescheduled"), "{kinds:?}");
+    let moved = h
+        .containers()
+        .await
+        .into_iter()
+        .find(|c| c.3.get("lain.instance") == Some(&on2.instance.to_string()))
+        .unwrap();
+    assert!(
+        moved.0.ends_with("-d1"),
+        "a moved instance's drift grows: {}",
+        moved.0
+    );
+    h.stop().await;
+}

@@ -63,7 +63,12 @@ async fn main() {
     // Wait for the route to be served.
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if let Ok(r) = client.get(&url).header("host", "churn.bench.lain").send().await {
+        if let Ok(r) = client
+            .get(&url)
+            .header("host", "churn.bench.lain")
+            .send()
+            .await
+        {
             if r.status() == 200 {
                 break;
             }
@@ -141,15 +146,19 @@ async fn main() {
         lat.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0.0);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
     // `BENCH_KEEP` leaves the keys in place, for the set-up call that only writes the route.
     if std::env::var_os("BENCH_KEEP").is_none() {
         let _ = etcd
-        .delete(
-            ks.prefix().to_string(),
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
-        )
-        .await;
+            .delete(
+                ks.prefix().to_string(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await;
     }
     println!(
         "{}",

@@ -271,7 +271,9 @@ impl Cidr {
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -364,7 +366,8 @@ mod tests {
         assert!(paths.contains(&"trusted_proxies[1]"), "{err}");
         assert!(paths.contains(&"state.routes_file"), "{err}");
         assert!(paths.contains(&"state.etcd_endpoints[0]"), "{err}");
-        let err = lain_common::parse_config::<Config>("p.toml", "[listen]\nhttps2 = 1\n").unwrap_err();
+        let err =
+            lain_common::parse_config::<Config>("p.toml", "[listen]\nhttps2 = 1\n").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
     }
 

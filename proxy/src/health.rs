@@ -37,7 +37,9 @@ pub async fn run(table: Arc<ArcSwap<RouteTable>>, metrics: ProxyMetrics, shutdow
         let t = table.load();
         let now = now_ms();
         for group in t.groups() {
-            let Some(hc) = group.healthcheck() else { continue };
+            let Some(hc) = group.healthcheck() else {
+                continue;
+            };
             for ep in &group.endpoints {
                 let last = ep.stats.last_check_ms.load(Ordering::Relaxed);
                 if last != 0 && now.saturating_sub(last) < hc.interval_ms {
@@ -62,7 +64,13 @@ pub async fn run(table: Arc<ArcSwap<RouteTable>>, metrics: ProxyMetrics, shutdow
 }
 
 /// Records one probe result, moving the endpoint out or back in on rise/fall.
-pub fn apply(stats: &EndpointStats, hc: &HealthCheck, ok: bool, addr: SocketAddr, m: &ProxyMetrics) {
+pub fn apply(
+    stats: &EndpointStats,
+    hc: &HealthCheck,
+    ok: bool,
+    addr: SocketAddr,
+    m: &ProxyMetrics,
+) {
     let down = stats.active_down.load(Ordering::Relaxed);
     if ok == !down {
         // The result agrees with the current state: the streak towards a change restarts.
@@ -103,7 +111,10 @@ async fn probe(addr: SocketAddr, hc: &HealthCheck) -> bool {
         let code: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(code)
     };
-    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(200..=399)))
+    matches!(
+        tokio::time::timeout(timeout, fut).await,
+        Ok(Some(200..=399))
+    )
 }
 
 #[cfg(test)]
@@ -114,12 +125,20 @@ mod tests {
     fn rise_and_fall() {
         let m = ProxyMetrics::unregistered();
         let s = EndpointStats::default();
-        let hc = HealthCheck { path: "/".into(), interval_ms: 10, rise: 2, fall: 3 };
+        let hc = HealthCheck {
+            path: "/".into(),
+            interval_ms: 10,
+            rise: 2,
+            fall: 3,
+        };
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         apply(&s, &hc, false, a, &m);
         apply(&s, &hc, false, a, &m);
         apply(&s, &hc, true, a, &m);
-        assert!(!s.active_down.load(Ordering::Relaxed), "a success resets the fall streak");
+        assert!(
+            !s.active_down.load(Ordering::Relaxed),
+            "a success resets the fall streak"
+        );
         for _ in 0..3 {
             apply(&s, &hc, false, a, &m);
         }

@@ -1,9 +1,7 @@
 //! The proxy's Prometheus metrics. Labels are bounded: app and proc come from the route
 //! table (known apps only, empty for requests without a route), and status is a class.
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Requests answered, by app, proc and status class (`2xx`..`5xx`, `err` when no status).
 pub const REQUESTS: &str = "lain_proxy_requests_total";
@@ -85,7 +83,10 @@ impl ProxyMetrics {
             table_version: IntGauge::new(TABLE_VERSION, "route table version")?,
             table_routes: IntGauge::new(TABLE_ROUTES, "routes in the table")?,
             table_swaps: IntCounter::new(TABLE_SWAPS, "route tables published")?,
-            rejected_claims: IntGauge::new(REJECTED_CLAIMS, "route claims rejected as conflicting")?,
+            rejected_claims: IntGauge::new(
+                REJECTED_CLAIMS,
+                "route claims rejected as conflicting",
+            )?,
             access_log_dropped: IntCounter::new(ACCESS_LOG_DROPPED, "access-log lines dropped")?,
             health_transitions: IntCounterVec::new(
                 Opts::new(HEALTH_TRANSITIONS, "active health-check transitions"),

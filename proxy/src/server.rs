@@ -44,7 +44,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
         .thread_name("lain-proxy")
         .build()
         .map_err(|e| RunError::Failed(format!("cannot start the runtime: {e}")))?;
-    rt.block_on(serve(config))
+    let result = rt.block_on(serve(config));
+    // Tasks still parked on sockets (idle keep-alive pools, the watcher) must not hold up
+    // the exit once draining is over.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
 /// Keeps the published route table in step with the published snapshot.
@@ -89,9 +93,16 @@ impl TableCompiler {
         self.rejected = now;
         self.metrics.table_version.set(table.version as i64);
         self.metrics.table_routes.set(table.len() as i64);
-        self.metrics.rejected_claims.set(table.rejected().len() as i64);
+        self.metrics
+            .rejected_claims
+            .set(table.rejected().len() as i64);
         self.metrics.table_swaps.inc();
-        tracing::debug!(version = table.version, routes = table.len(), revision = table.revision, "route table published");
+        tracing::debug!(
+            version = table.version,
+            routes = table.len(),
+            revision = table.revision,
+            "route table published"
+        );
         self.cell.store(Arc::new(table));
         self.last = Some(snap);
     }
@@ -141,7 +152,12 @@ async fn serve(config: Config) -> Result<(), RunError> {
         config.access_log.buffer_lines,
         metrics.access_log_dropped.clone(),
     )
-    .map_err(|e| fail(&format!("opening access log {}", config.access_log.path), &e))?;
+    .map_err(|e| {
+        fail(
+            &format!("opening access log {}", config.access_log.path),
+            &e,
+        )
+    })?;
 
     let trusted = config
         .trusted_proxies
@@ -199,7 +215,12 @@ async fn serve(config: Config) -> Result<(), RunError> {
         }))
         .serve(config.listen.admin, shutdown.clone())
         .await
-        .map_err(|e| fail(&format!("binding admin listener {}", config.listen.admin), &e))?;
+        .map_err(|e| {
+            fail(
+                &format!("binding admin listener {}", config.listen.admin),
+                &e,
+            )
+        })?;
     announce_listener("admin", admin_addr);
 
     let (pingora_tx, pingora_rx) = tokio::sync::watch::channel(false);

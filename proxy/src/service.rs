@@ -83,14 +83,25 @@ fn request_host(req: &RequestHeader) -> &str {
         .unwrap_or("")
 }
 
+/// Whether raw HTTP/1 header bytes carry a `Content-Length` line. pingora drops
+/// `Content-Length` from the parsed header when `Transfer-Encoding` is present (RFC 9112
+/// 6.3), so a request that sent both can only be recognised in the raw bytes.
+fn raw_has_content_length(raw: &[u8]) -> bool {
+    raw.split(|b| *b == b'\n').skip(1).any(|line| {
+        let line = line.trim_ascii_start();
+        line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:")
+    })
+}
+
 /// Whether the request's framing headers disagree in a way a backend could read differently
 /// (request smuggling): both `Content-Length` and `Transfer-Encoding`, several different
-/// `Content-Length` values, or a `Content-Length` that is not a number.
-fn ambiguous_framing(req: &RequestHeader) -> bool {
+/// `Content-Length` values, or a `Content-Length` that is not a number. `raw_cl` tells
+/// whether the raw header had a `Content-Length` line.
+fn ambiguous_framing(req: &RequestHeader, raw_cl: bool) -> bool {
     let te = req.headers.get_all("transfer-encoding").iter().count();
     let mut lengths = req.headers.get_all("content-length").iter();
     let first = lengths.next();
-    if te > 0 && first.is_some() {
+    if te > 0 && (first.is_some() || raw_cl) {
         return true;
     }
     if let Some(first) = first {
@@ -106,9 +117,7 @@ fn ambiguous_framing(req: &RequestHeader) -> bool {
 }
 
 fn valid_request_id(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= MAX_REQUEST_ID
-        && v.bytes().all(|b| b.is_ascii_graphic())
+    !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The value a hashing policy hashes, if the request carries it.
@@ -151,7 +160,9 @@ impl LainProxy {
             resp.insert_header(*k, v.as_str())?;
         }
         ctx.status = status;
-        session.write_response_header(Box::new(resp), body.is_empty()).await?;
+        session
+            .write_response_header(Box::new(resp), body.is_empty())
+            .await?;
         if !body.is_empty() {
             session
                 .write_response_body(Some(Bytes::from_static(body)), true)
@@ -204,7 +215,10 @@ impl ProxyHttp for LainProxy {
             }
         }
 
-        if ambiguous_framing(req) {
+        let raw_cl = req.headers.contains_key("transfer-encoding")
+            && raw_has_content_length(&session.as_downstream().to_h1_raw());
+        let req = session.req_header();
+        if ambiguous_framing(req, raw_cl) {
             return self.respond(session, ctx, 400, &[], b"bad request\n").await;
         }
 
@@ -223,9 +237,7 @@ impl ProxyHttp for LainProxy {
         drop(table);
 
         if route.https_only {
-            let via_https = session
-                .digest()
-                .is_some_and(|d| d.ssl_digest.is_some())
+            let via_https = session.digest().is_some_and(|d| d.ssl_digest.is_some())
                 || (ctx.trusted_peer
                     && header_str(session.req_header(), "x-forwarded-proto")
                         .is_some_and(|p| p.eq_ignore_ascii_case("https")));
@@ -368,8 +380,8 @@ impl ProxyHttp for LainProxy {
             let proto = header_str(req, "x-forwarded-proto")
                 .unwrap_or(own_proto)
                 .to_string();
-            let fwd_host = header_str(req, "x-forwarded-host")
-                .map_or_else(|| host.clone(), str::to_string);
+            let fwd_host =
+                header_str(req, "x-forwarded-host").map_or_else(|| host.clone(), str::to_string);
             (xff, proto, fwd_host)
         } else {
             (peer.clone(), own_proto.to_string(), host.clone())
@@ -506,37 +518,58 @@ mod tests {
 
     #[test]
     fn framing_checks() {
-        assert!(!ambiguous_framing(&req(&[])));
-        assert!(!ambiguous_framing(&req(&[("content-length", "5")])));
-        assert!(!ambiguous_framing(&req(&[("transfer-encoding", "chunked")])));
-        assert!(ambiguous_framing(&req(&[
-            ("content-length", "5"),
-            ("transfer-encoding", "chunked")
-        ])));
-        assert!(ambiguous_framing(&req(&[
-            ("content-length", "5"),
-            ("content-length", "6")
-        ])));
-        assert!(!ambiguous_framing(&req(&[
-            ("content-length", "5"),
-            ("content-length", "5")
-        ])));
-        assert!(ambiguous_framing(&req(&[("content-length", "-1")])));
-        assert!(ambiguous_framing(&req(&[("content-length", "")])));
+        assert!(!ambiguous_framing(&req(&[]), false));
+        assert!(ambiguous_framing(
+            &req(&[("transfer-encoding", "chunked")]),
+            true
+        ));
+        assert!(raw_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-LENGTH: 5\r\n\r\n"
+        ));
+        assert!(!raw_has_content_length(
+            b"POST / HTTP/1.1\r\nX-Content-Length: 5\r\n\r\n"
+        ));
+        assert!(!ambiguous_framing(&req(&[("content-length", "5")]), false));
+        assert!(!ambiguous_framing(
+            &req(&[("transfer-encoding", "chunked")]),
+            false
+        ));
+        assert!(ambiguous_framing(
+            &req(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
+            false
+        ));
+        assert!(ambiguous_framing(
+            &req(&[("content-length", "5"), ("content-length", "6")]),
+            false
+        ));
+        assert!(!ambiguous_framing(
+            &req(&[("content-length", "5"), ("content-length", "5")]),
+            false
+        ));
+        assert!(ambiguous_framing(&req(&[("content-length", "-1")]), false));
+        assert!(ambiguous_framing(&req(&[("content-length", "")]), false));
     }
 
     #[test]
     fn hash_keys_from_header_and_cookie() {
         let r = req(&[("x-user", "u1"), ("cookie", "a=1; sid=abc; b=2")]);
         assert_eq!(
-            hash_key(&r, &Balance::HashHeader { name: "x-user".into() }),
+            hash_key(
+                &r,
+                &Balance::HashHeader {
+                    name: "x-user".into()
+                }
+            ),
             Some(&b"u1"[..])
         );
         assert_eq!(
             hash_key(&r, &Balance::HashCookie { name: "sid".into() }),
             Some(&b"abc"[..])
         );
-        assert_eq!(hash_key(&r, &Balance::HashCookie { name: "zz".into() }), None);
+        assert_eq!(
+            hash_key(&r, &Balance::HashCookie { name: "zz".into() }),
+            None
+        );
         assert_eq!(hash_key(&r, &Balance::RoundRobin), None);
     }
 

@@ -183,9 +183,7 @@ impl RouteTable {
 
         // Claims sorted oldest first; the first claim of a host+path wins.
         let mut claims: Vec<_> = snap.routes.values().collect();
-        claims.sort_by(|a, b| {
-            (a.create_revision, &a.key).cmp(&(b.create_revision, &b.key))
-        });
+        claims.sort_by(|a, b| (a.create_revision, &a.key).cmp(&(b.create_revision, &b.key)));
 
         let mut groups: HashMap<(Box<str>, Box<str>), Arc<UpstreamGroup>> = HashMap::new();
         let mut hosts: HashMap<Box<str>, HostRoutes> = HashMap::new();
@@ -442,7 +440,11 @@ mod tests {
             &t,
             &[
                 ("hello.lain.local", "/", Some(("root", "/"))),
-                ("hello.lain.local", "/index.html", Some(("root", "/index.html"))),
+                (
+                    "hello.lain.local",
+                    "/index.html",
+                    Some(("root", "/index.html")),
+                ),
                 ("hello.lain.local", "/api", Some(("api", "/"))),
                 ("hello.lain.local", "/api/", Some(("api", "/"))),
                 ("hello.lain.local", "/api/users", Some(("api", "/users"))),
@@ -489,7 +491,11 @@ mod tests {
         assert_eq!(t.len(), 2);
         let rejected: Vec<_> = t.rejected().iter().map(|r| r.route.as_str()).collect();
         assert_eq!(rejected, ["hello.lain.local", "hello.lain.local/api"]);
-        assert!(t.rejected()[0].key.contains("/second/"), "{:?}", t.rejected());
+        assert!(
+            t.rejected()[0].key.contains("/second/"),
+            "{:?}",
+            t.rejected()
+        );
     }
 
     #[test]
@@ -556,9 +562,17 @@ mod tests {
         let (snap, _) = Snapshot::from_document(&Keyspace::default(), &doc);
         let t1 = RouteTable::compile(&snap, &RouteTable::default(), 1);
         let m = t1.lookup("a.lain", "/").unwrap();
-        let ports: Vec<_> = m.route.upstream.endpoints.iter().map(|e| e.addr.port()).collect();
+        let ports: Vec<_> = m
+            .route
+            .upstream
+            .endpoints
+            .iter()
+            .map(|e| e.addr.port())
+            .collect();
         assert_eq!(ports, [8001, 8002]);
-        m.route.upstream.endpoints[0].stats.record_failure(1, 10_000);
+        m.route.upstream.endpoints[0]
+            .stats
+            .record_failure(1, 10_000);
         let t2 = RouteTable::compile(&snap, &t1, 2);
         let m2 = t2.lookup("a.lain", "/").unwrap();
         assert!(Arc::ptr_eq(

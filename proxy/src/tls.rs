@@ -14,7 +14,9 @@ use arc_swap::ArcSwap;
 use lain_common::Shutdown;
 use lain_state::{CertRecord, Snapshot, StateHandle};
 use pingora_rustls::sign::CertifiedKey;
-use pingora_rustls::{CertificateDer, ClientHello, CryptoProvider, PrivateKeyDer, ResolvesServerCert};
+use pingora_rustls::{
+    CertificateDer, ClientHello, CryptoProvider, PrivateKeyDer, ResolvesServerCert,
+};
 use rustls_pki_types::pem::PemObject;
 
 /// A certificate that could not be loaded.
@@ -63,7 +65,9 @@ impl CertMap {
         for n in names {
             let n = n.trim().trim_end_matches('.').to_ascii_lowercase();
             if let Some(base) = n.strip_prefix("*.") {
-                self.wildcard.entry(base.to_string()).or_insert_with(|| key.clone());
+                self.wildcard
+                    .entry(base.to_string())
+                    .or_insert_with(|| key.clone());
             } else if !n.is_empty() {
                 self.exact.entry(n).or_insert_with(|| key.clone());
             }
@@ -142,7 +146,9 @@ impl CertStore {
         for (key, rec) in records {
             match certified_key(&rec.cert_pem, &rec.key_pem) {
                 Ok(k) => map.add(&rec.names, &k),
-                Err(e) => tracing::warn!(key = %key, error = %e, "skipped certificate that does not load"),
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "skipped certificate that does not load")
+                }
             }
         }
         self.map.store(Arc::new(map));
@@ -206,7 +212,10 @@ mod tests {
         m.add(&["*.example.com".into()], &wild);
         assert!(Arc::ptr_eq(&m.find(Some("a.example.com")).unwrap(), &exact));
         assert!(Arc::ptr_eq(&m.find(Some("b.example.com")).unwrap(), &wild));
-        assert!(m.find(Some("x.b.example.com")).is_none(), "a wildcard covers one label");
+        assert!(
+            m.find(Some("x.b.example.com")).is_none(),
+            "a wildcard covers one label"
+        );
         assert!(m.find(Some("example.com")).is_none());
         assert!(m.find(None).is_none());
         m.set_default(fallback.clone());
@@ -217,6 +226,12 @@ mod tests {
     fn bad_pem_is_an_error_not_a_panic() {
         assert!(certified_key("nope", "nope").is_err());
         let c = rcgen::generate_simple_self_signed(vec!["x".to_string()]).unwrap();
-        assert!(certified_key(&c.cert.pem(), "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").is_err());
+        assert!(
+            certified_key(
+                &c.cert.pem(),
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+            )
+            .is_err()
+        );
     }
 }

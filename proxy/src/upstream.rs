@@ -231,12 +231,26 @@ mod tests {
     fn round_robin_cycles_and_skips_unhealthy() {
         let g = group(3);
         let ports: Vec<_> = (0..6)
-            .map(|_| g.select(&Balance::RoundRobin, None, &[]).unwrap().addr.port())
+            .map(|_| {
+                g.select(&Balance::RoundRobin, None, &[])
+                    .unwrap()
+                    .addr
+                    .port()
+            })
             .collect();
         assert_eq!(ports, [8001, 8002, 8003, 8001, 8002, 8003]);
-        g.endpoints[1].stats.active_down.store(true, Ordering::Relaxed);
+        g.endpoints[1]
+            .stats
+            .active_down
+            .store(true, Ordering::Relaxed);
         for _ in 0..6 {
-            assert_ne!(g.select(&Balance::RoundRobin, None, &[]).unwrap().addr.port(), 8002);
+            assert_ne!(
+                g.select(&Balance::RoundRobin, None, &[])
+                    .unwrap()
+                    .addr
+                    .port(),
+                8002
+            );
         }
         for e in &g.endpoints {
             e.stats.active_down.store(true, Ordering::Relaxed);
@@ -263,14 +277,22 @@ mod tests {
         g.endpoints[1].stats.in_flight.store(1, Ordering::Relaxed);
         g.endpoints[2].stats.in_flight.store(3, Ordering::Relaxed);
         for _ in 0..5 {
-            assert_eq!(g.select(&Balance::LeastConn, None, &[]).unwrap().addr.port(), 8002);
+            assert_eq!(
+                g.select(&Balance::LeastConn, None, &[])
+                    .unwrap()
+                    .addr
+                    .port(),
+                8002
+            );
         }
     }
 
     #[test]
     fn consistent_hash_is_sticky_and_moves_only_when_needed() {
         let g = group(4);
-        let policy = Balance::HashHeader { name: "x-user".into() };
+        let policy = Balance::HashHeader {
+            name: "x-user".into(),
+        };
         let mut spread = std::collections::HashSet::new();
         for user in 0..200 {
             let key = format!("user-{user}");
@@ -281,7 +303,10 @@ mod tests {
         }
         assert_eq!(spread.len(), 4, "keys spread over every endpoint");
         // Taking one endpoint out moves only the keys that were on it.
-        g.endpoints[0].stats.active_down.store(true, Ordering::Relaxed);
+        g.endpoints[0]
+            .stats
+            .active_down
+            .store(true, Ordering::Relaxed);
         let out = g.endpoints[0].addr;
         for user in 0..200 {
             let key = format!("user-{user}");

@@ -65,9 +65,7 @@ impl Upstream {
                             let headers: HashMap<String, String> = req
                                 .headers()
                                 .iter()
-                                .map(|(k, v)| {
-                                    (k.to_string(), v.to_str().unwrap_or("").to_string())
-                                })
+                                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
                                 .collect();
                             let body = serde_json::json!({
                                 "name": name,
@@ -190,13 +188,18 @@ struct Proxy {
 }
 
 impl Proxy {
+    /// Starts a proxy; `extra` is top-level TOML (by default trusting 10.0.0.0/8).
     fn start(cluster: &Cluster, extra: &str) -> Proxy {
+        let extra = if extra.is_empty() {
+            r#"trusted_proxies = ["10.0.0.0/8"]"#
+        } else {
+            extra
+        };
         let dir = lain_test_support::temp_dir();
         let access = dir.path().join("access.log");
         let config = format!(
             r#"threads = 2
 drain_secs = 2
-trusted_proxies = ["10.0.0.0/8"]
 {extra}
 [listen]
 http = "127.0.0.1:0"
@@ -262,10 +265,14 @@ fn json(body: &str) -> serde_json::Value {
 }
 
 async fn wait_status(c: &reqwest::Client, p: &Proxy, host: &str, path: &str, want: u16) -> String {
-    eventually(Duration::from_secs(10), &format!("{host}{path} -> {want}"), || async {
-        let (s, b) = get(c, p, host, path).await;
-        (s == want).then_some(b)
-    })
+    eventually(
+        Duration::from_secs(10),
+        &format!("{host}{path} -> {want}"),
+        || async {
+            let (s, b) = get(c, p, host, path).await;
+            (s == want).then_some(b)
+        },
+    )
     .await
 }
 
@@ -398,7 +405,10 @@ async fn forwarding_headers_and_request_id() {
         .unwrap();
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(id.len(), 36, "{id}");
-    assert_eq!(json(&r.text().await.unwrap())["headers"]["x-request-id"], id);
+    assert_eq!(
+        json(&r.text().await.unwrap())["headers"]["x-request-id"],
+        id
+    );
 
     // With 127.0.0.1 trusted, the chain is appended and the real client taken from it.
     let trusting = Proxy::start(&cluster, r#"trusted_proxies = ["127.0.0.0/8"]"#.trim());
@@ -425,7 +435,9 @@ async fn access_log_line_and_metrics() {
     let mut cluster = Cluster::new("proxy-log").await;
     let up = Upstream::start("log").await;
     cluster.put_endpoint("logapp", 1, up.addr).await;
-    cluster.put_route(&route("log.lain.local", "/v1", "logapp")).await;
+    cluster
+        .put_route(&route("log.lain.local", "/v1", "logapp"))
+        .await;
     let proxy = Proxy::start(&cluster, "");
     let c = client();
     wait_status(&c, &proxy, "log.lain.local", "/v1/x", 200).await;
@@ -448,8 +460,21 @@ async fn access_log_line_and_metrics() {
     .await;
     let v = json(&line);
     for field in [
-        "time", "client_ip", "method", "host", "path", "status", "bytes_in", "bytes_out",
-        "duration_ms", "upstream", "upstream_ms", "app", "proc", "route", "request_id",
+        "time",
+        "client_ip",
+        "method",
+        "host",
+        "path",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+        "upstream",
+        "upstream_ms",
+        "app",
+        "proc",
+        "route",
+        "request_id",
         "user_agent",
     ] {
         assert!(v.get(field).is_some(), "missing {field} in {line}");
@@ -467,13 +492,25 @@ async fn access_log_line_and_metrics() {
 
     let m = metrics(&proxy).await;
     assert!(
-        metric_value(&m, r#"lain_proxy_requests_total{app="logapp",class="2xx",proc="web"}"#) >= 2.0,
+        metric_value(
+            &m,
+            r#"lain_proxy_requests_total{app="logapp",class="2xx",proc="web"}"#
+        ) >= 2.0,
         "{m}"
     );
-    assert!(metric_value(&m, r#"lain_proxy_requests_total{app="",class="4xx",proc=""}"#) >= 1.0);
+    assert!(
+        metric_value(
+            &m,
+            r#"lain_proxy_requests_total{app="",class="4xx",proc=""}"#
+        ) >= 1.0
+    );
     assert!(metric_value(&m, "lain_proxy_request_duration_seconds_count") >= 3.0);
     assert!(metric_value(&m, "lain_proxy_upstream_duration_seconds_count") >= 2.0);
-    assert_eq!(metric_value(&m, "lain_proxy_route_table_routes "), 1.0, "{m}");
+    assert_eq!(
+        metric_value(&m, "lain_proxy_route_table_routes "),
+        1.0,
+        "{m}"
+    );
     assert!(metric_value(&m, "lain_proxy_route_table_version ") >= 1.0);
     assert!(metric_value(&m, "lain_proxy_active_connections ") >= 0.0);
     cluster.cleanup().await;
@@ -484,11 +521,17 @@ async fn errors_404_503_400_and_conflicting_claims() {
     let mut cluster = Cluster::new("proxy-errors").await;
     let up = Upstream::start("first").await;
     cluster.put_endpoint("first", 1, up.addr).await;
-    cluster.put_route(&route("e.lain.local", "/", "first")).await;
+    cluster
+        .put_route(&route("e.lain.local", "/", "first"))
+        .await;
     // A second proc claims the same host and path later: rejected, counted.
-    cluster.put_route(&route("e.lain.local", "/", "second")).await;
+    cluster
+        .put_route(&route("e.lain.local", "/", "second"))
+        .await;
     // A route whose proc has no endpoints.
-    cluster.put_route(&route("empty.lain.local", "/", "empty")).await;
+    cluster
+        .put_route(&route("empty.lain.local", "/", "empty"))
+        .await;
     let proxy = Proxy::start(&cluster, "");
     let c = client();
     let body = wait_status(&c, &proxy, "e.lain.local", "/", 200).await;
@@ -496,14 +539,23 @@ async fn errors_404_503_400_and_conflicting_claims() {
     let (s, body) = get(&c, &proxy, "empty.lain.local", "/").await;
     assert_eq!((s, body.as_str()), (503, "no healthy endpoint\n"));
     let m = metrics(&proxy).await;
-    assert_eq!(metric_value(&m, "lain_proxy_route_rejected_claims "), 1.0, "{m}");
+    assert_eq!(
+        metric_value(&m, "lain_proxy_route_rejected_claims "),
+        1.0,
+        "{m}"
+    );
     let routes: serde_json::Value = reqwest::get(format!("http://{}/routes", proxy.admin))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert!(routes["rejected"][0]["key"].as_str().unwrap().contains("/second/"));
+    assert!(
+        routes["rejected"][0]["key"]
+            .as_str()
+            .unwrap()
+            .contains("/second/")
+    );
 
     // Conflicting framing is refused, never forwarded.
     let hits = up.hits.load(Ordering::Relaxed);
@@ -554,11 +606,15 @@ async fn malformed_etcd_value_is_skipped_and_counted() {
     // A later bad write to a good key keeps the last good value serving.
     let good_key = cluster.ks.route("m", "web", "m.lain.local", "/");
     cluster.client.put(good_key, "garbage", None).await.unwrap();
-    let m2 = eventually(Duration::from_secs(5), "second invalid record counted", || async {
-        let m = metrics(&proxy).await;
-        (metric_value(&m, r#"lain_state_invalid_records_total{kind="routes"}"#) >= 2.0)
-            .then_some(m)
-    })
+    let m2 = eventually(
+        Duration::from_secs(5),
+        "second invalid record counted",
+        || async {
+            let m = metrics(&proxy).await;
+            (metric_value(&m, r#"lain_state_invalid_records_total{kind="routes"}"#) >= 2.0)
+                .then_some(m)
+        },
+    )
     .await;
     assert!(m2.contains("lain_state_invalid_records_total"));
     assert_eq!(get(&c, &proxy, "m.lain.local", "/").await.0, 200);
@@ -599,7 +655,9 @@ async fn thousand_route_updates_under_load_fail_no_request() {
     let mut cluster = Cluster::new("proxy-churn").await;
     let up = Upstream::start("churn").await;
     cluster.put_endpoint("churn", 1, up.addr).await;
-    cluster.put_route(&route("churn.lain.local", "/", "churn")).await;
+    cluster
+        .put_route(&route("churn.lain.local", "/", "churn"))
+        .await;
     let proxy = Proxy::start(&cluster, "");
     let c = client();
     wait_status(&c, &proxy, "churn.lain.local", "/", 200).await;
@@ -624,7 +682,9 @@ async fn thousand_route_updates_under_load_fail_no_request() {
             cluster.put_route(&r).await;
         }
         if i % 100 == 0 {
-            cluster.put_route(&route("churn.lain.local", "/", "churn")).await;
+            cluster
+                .put_route(&route("churn.lain.local", "/", "churn"))
+                .await;
         }
     }
     let table_version = eventually(Duration::from_secs(10), "table caught up", || async {
@@ -652,7 +712,9 @@ async fn upstream_killed_under_load_causes_no_client_error() {
     let b = Upstream::start("b").await;
     cluster.put_endpoint("kill", 1, a.addr).await;
     cluster.put_endpoint("kill", 2, b.addr).await;
-    cluster.put_route(&route("kill.lain.local", "/", "kill")).await;
+    cluster
+        .put_route(&route("kill.lain.local", "/", "kill"))
+        .await;
     let proxy = Proxy::start(&cluster, "");
     let c = client();
     wait_status(&c, &proxy, "kill.lain.local", "/", 200).await;
@@ -671,9 +733,11 @@ async fn upstream_killed_under_load_causes_no_client_error() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     a.kill();
     let before = b.hits.load(Ordering::Relaxed);
-    eventually(Duration::from_secs(10), "traffic continues on b", || async {
-        (b.hits.load(Ordering::Relaxed) > before + 200).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "traffic continues on b",
+        || async { (b.hits.load(Ordering::Relaxed) > before + 200).then_some(()) },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     for l in loads {
@@ -681,7 +745,10 @@ async fn upstream_killed_under_load_causes_no_client_error() {
         assert_eq!(failed, 0, "{failed} of {n} failed, first: {first:?}");
     }
     let m = metrics(&proxy).await;
-    assert!(metric_value(&m, "lain_proxy_upstream_connect_errors_total") >= 1.0, "{m}");
+    assert!(
+        metric_value(&m, "lain_proxy_upstream_connect_errors_total") >= 1.0,
+        "{m}"
+    );
     cluster.cleanup().await;
 }
 
@@ -721,7 +788,12 @@ async fn health_checks_take_an_endpoint_out_and_back() {
     })
     .await;
     let m = metrics(&proxy).await;
-    assert!(metric_value(&m, r#"lain_proxy_health_transitions_total{direction="down"}"#) >= 1.0);
+    assert!(
+        metric_value(
+            &m,
+            r#"lain_proxy_health_transitions_total{direction="down"}"#
+        ) >= 1.0
+    );
     assert!(metric_value(&m, r#"lain_proxy_health_transitions_total{direction="up"}"#) >= 1.0);
     // An endpoint removed from etcd stops receiving traffic.
     cluster.delete_endpoint("hc", 1).await;
@@ -784,8 +856,15 @@ async fn standalone_routes_file_is_served_and_reread() {
 fn check_config_exit_codes() {
     let dir = lain_test_support::temp_dir();
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, "[state]\netcd_endpoints = [\"http://127.0.0.1:1\"]\n").unwrap();
-    let (code, _, err) = run_lain(&["proxy", "--check-config", "-c", good.to_str().unwrap()], None);
+    std::fs::write(
+        &good,
+        "[state]\netcd_endpoints = [\"http://127.0.0.1:1\"]\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_lain(
+        &["proxy", "--check-config", "-c", good.to_str().unwrap()],
+        None,
+    );
     assert_eq!(code, 0, "{err}");
     let bad = dir.path().join("bad.toml");
     std::fs::write(
@@ -793,7 +872,10 @@ fn check_config_exit_codes() {
         "trusted_proxies = [\"nope\"]\nbogus = 1\n[state]\netcd_endpoints = [\"127.0.0.1:1\"]\n",
     )
     .unwrap();
-    let (code, _, err) = run_lain(&["proxy", "--check-config", "-c", bad.to_str().unwrap()], None);
+    let (code, _, err) = run_lain(
+        &["proxy", "--check-config", "-c", bad.to_str().unwrap()],
+        None,
+    );
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("bogus"), "{err}");
     let (code, _, err) = run_lain(&["proxy", "--check-config"], None);
@@ -816,10 +898,9 @@ async fn sigterm_drains_and_exits_cleanly() {
 }
 
 fn self_signed(names: &[&str]) -> (String, String) {
-    let c = rcgen::generate_simple_self_signed(
-        names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-    )
-    .unwrap();
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
     (c.cert.pem(), c.signing_key.serialize_pem())
 }
 
@@ -884,7 +965,11 @@ async fn tls_sni_certificates_rotation_http2_and_https_only() {
 
     // Each name gets its own certificate by SNI, and HTTP/2 is negotiated by ALPN.
     let r = eventually(Duration::from_secs(10), "https a", || async {
-        let r = c.get(format!("https://a.tls.lain:{}/x", https.port())).send().await.ok()?;
+        let r = c
+            .get(format!("https://a.tls.lain:{}/x", https.port()))
+            .send()
+            .await
+            .ok()?;
         (r.status() == 200).then_some(r)
     })
     .await;
@@ -922,14 +1007,18 @@ async fn tls_sni_certificates_rotation_http2_and_https_only() {
     let a2 = self_signed(&["a.tls.lain"]);
     put_cert(&mut cluster, "a", &["a.tls.lain"], &a2).await;
     let only_a2 = tls_client(&[&a2.0], &names, https);
-    eventually(Duration::from_secs(10), "rotated certificate served", || async {
-        let r = only_a2
-            .get(format!("https://a.tls.lain:{}/", https.port()))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "rotated certificate served",
+        || async {
+            let r = only_a2
+                .get(format!("https://a.tls.lain:{}/", https.port()))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(())
+        },
+    )
     .await;
     drop(process);
     cluster.cleanup().await;

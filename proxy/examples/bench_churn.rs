@@ -68,10 +68,9 @@ async fn main() {
             .header("host", "churn.bench.lain")
             .send()
             .await
+            && r.status() == 200
         {
-            if r.status() == 200 {
-                break;
-            }
+            break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -110,7 +109,7 @@ async fn main() {
     while start.elapsed() < Duration::from_secs(churn_secs) {
         let r = route(&format!("c{}.bench.lain", updates % 100), "churnother");
         let key = ks.route("churnother", "web", &r.host, &r.path);
-        if updates % 2 == 0 {
+        if updates.is_multiple_of(2) {
             let _ = etcd.put(key, encode(&r), None).await;
         } else {
             let _ = etcd.delete(key, None).await;
@@ -134,10 +133,10 @@ async fn main() {
             .await
             .expect("put");
         loop {
-            if let Ok(resp) = client.get(&url).header("host", host.as_str()).send().await {
-                if resp.status() == 200 {
-                    break;
-                }
+            if let Ok(resp) = client.get(&url).header("host", host.as_str()).send().await
+                && resp.status() == 200
+            {
+                break;
             }
             if t0.elapsed() > Duration::from_secs(5) {
                 break;

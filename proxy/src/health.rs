@@ -72,7 +72,7 @@ pub fn apply(
     m: &ProxyMetrics,
 ) {
     let down = stats.active_down.load(Ordering::Relaxed);
-    if ok == !down {
+    if ok != down {
         // The result agrees with the current state: the streak towards a change restarts.
         stats.check_streak.store(0, Ordering::Relaxed);
         return;

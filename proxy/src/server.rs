@@ -73,12 +73,11 @@ impl TableCompiler {
     /// Compiles and publishes a table for `snap`, unless its routes and endpoints are the
     /// very tables the last compile used.
     pub fn update(&mut self, snap: Arc<Snapshot>) {
-        if let Some(last) = &self.last {
-            if Arc::ptr_eq(&last.routes, &snap.routes)
-                && Arc::ptr_eq(&last.endpoints, &snap.endpoints)
-            {
-                return;
-            }
+        if let Some(last) = &self.last
+            && Arc::ptr_eq(&last.routes, &snap.routes)
+            && Arc::ptr_eq(&last.endpoints, &snap.endpoints)
+        {
+            return;
         }
         let previous = self.cell.load();
         let table = RouteTable::compile(&snap, &previous, previous.version + 1);
@@ -164,9 +163,11 @@ async fn serve(config: Config) -> Result<(), RunError> {
         .iter()
         .filter_map(|c| Cidr::parse(c).ok())
         .collect();
-    let mut conf = ServerConf::default();
-    conf.upstream_keepalive_pool_size = config.upstream.keepalive_pool_size;
-    conf.max_retries = config.upstream.max_retries + 1;
+    let conf = ServerConf {
+        upstream_keepalive_pool_size: config.upstream.keepalive_pool_size,
+        max_retries: config.upstream.max_retries + 1,
+        ..ServerConf::default()
+    };
     let conf = Arc::new(conf);
     let proxy = Arc::new(pingora_proxy::http_proxy(
         &conf,

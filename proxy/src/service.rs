@@ -287,14 +287,14 @@ impl ProxyHttp for LainProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         // A chunked body has no Content-Length to check up front; count as it arrives.
-        if let Some(max) = ctx.route.as_ref().and_then(|r| r.max_body_bytes) {
-            if session.body_bytes_read() as u64 > max {
-                ctx.status = 413;
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(413),
-                    "request body too large",
-                ));
-            }
+        if let Some(max) = ctx.route.as_ref().and_then(|r| r.max_body_bytes)
+            && session.body_bytes_read() as u64 > max
+        {
+            ctx.status = 413;
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(413),
+                "request body too large",
+            ));
         }
         Ok(())
     }
@@ -334,11 +334,11 @@ impl ProxyHttp for LainProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         self.metrics.connect_errors.inc();
-        if let Some(stats) = &ctx.in_flight {
-            if stats.record_failure(self.eject_after_failures, self.eject_ms) {
-                self.metrics.ejections.inc();
-                tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
-            }
+        if let Some(stats) = &ctx.in_flight
+            && stats.record_failure(self.eject_after_failures, self.eject_ms)
+        {
+            self.metrics.ejections.inc();
+            tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
         }
         ctx.release();
         // Nothing was sent, so another endpoint may take the request.
@@ -355,10 +355,10 @@ impl ProxyHttp for LainProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let req = session.req_header();
-        if let Some(p) = &ctx.upstream_path {
-            if let Ok(uri) = p.parse::<http::Uri>() {
-                upstream.set_uri(uri);
-            }
+        if let Some(p) = &ctx.upstream_path
+            && let Ok(uri) = p.parse::<http::Uri>()
+        {
+            upstream.set_uri(uri);
         }
         let peer = session
             .client_addr()
@@ -439,10 +439,8 @@ impl ProxyHttp for LainProxy {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
-        if end_of_stream {
-            if let Some(s) = ctx.upstream_start {
-                ctx.upstream_elapsed = Some(s.elapsed());
-            }
+        if end_of_stream && let Some(s) = ctx.upstream_start {
+            ctx.upstream_elapsed = Some(s.elapsed());
         }
         Ok(None)
     }

@@ -241,7 +241,7 @@ impl RouteTable {
             count += 1;
         }
         for h in hosts.values_mut() {
-            h.routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+            h.routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
         }
         RouteTable {
             version,
@@ -367,8 +367,10 @@ mod tests {
         format!(r#"{{"routes":[{}]}}"#, rs.join(","))
     }
 
-    /// (host, path) → Some((app, upstream path)) or None.
-    fn check(t: &RouteTable, cases: &[(&str, &str, Option<(&str, &str)>)]) {
+    /// One lookup case: (host, path) → Some((app, upstream path)) or None.
+    type Case<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>);
+
+    fn check(t: &RouteTable, cases: &[Case<'_>]) {
         for (host, path, want) in cases {
             let got = t
                 .lookup(host, path)

@@ -86,10 +86,10 @@ impl CertMap {
             if let Some(k) = self.exact.get(&name) {
                 return Some(k.clone());
             }
-            if let Some((_, parent)) = name.split_once('.') {
-                if let Some(k) = self.wildcard.get(parent) {
-                    return Some(k.clone());
-                }
+            if let Some((_, parent)) = name.split_once('.')
+                && let Some(k) = self.wildcard.get(parent)
+            {
+                return Some(k.clone());
             }
         }
         self.default.clone()

@@ -32,9 +32,17 @@ pub struct Config {
     /// Worker threads of the proxy runtime; the number of CPUs when 0.
     #[serde(default)]
     pub threads: usize,
+    /// Largest request header block (request line and headers) accepted; larger ones get
+    /// 431. pingora itself refuses header blocks over 1 MiB.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
     /// How long a shutdown waits for requests in flight.
     #[serde(default = "default_drain_secs")]
     pub drain_secs: u64,
+}
+
+fn default_max_header_bytes() -> usize {
+    64 * 1024
 }
 
 fn default_drain_secs() -> u64 {
@@ -51,6 +59,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             tls: TlsConfig::default(),
             threads: 0,
+            max_header_bytes: default_max_header_bytes(),
             drain_secs: default_drain_secs(),
         }
     }

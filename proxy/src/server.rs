@@ -180,6 +180,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
             keepalive_idle: Duration::from_secs(config.upstream.keepalive_idle_secs),
             eject_after_failures: config.upstream.eject_after_failures,
             eject_ms: config.upstream.eject_ms,
+            max_header_bytes: config.max_header_bytes,
         },
     ));
 

@@ -45,6 +45,8 @@ pub struct LainProxy {
     pub eject_after_failures: u32,
     /// How long an ejection lasts.
     pub eject_ms: u64,
+    /// Largest request header block accepted.
+    pub max_header_bytes: usize,
 }
 
 /// Per-request state.
@@ -81,6 +83,14 @@ fn request_host(req: &RequestHeader) -> &str {
     header_str(req, "host")
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
         .unwrap_or("")
+}
+
+/// The size of a request's header block as it would be sent over HTTP/1.
+fn header_bytes(req: &RequestHeader) -> usize {
+    let uri = req.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    req.headers
+        .iter()
+        .fold(uri + 16, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
 /// Whether raw HTTP/1 header bytes carry a `Content-Length` line. pingora drops
@@ -215,6 +225,11 @@ impl ProxyHttp for LainProxy {
             }
         }
 
+        if header_bytes(req) > self.max_header_bytes {
+            return self
+                .respond(session, ctx, 431, &[], b"request header fields too large\n")
+                .await;
+        }
         let raw_cl = req.headers.contains_key("transfer-encoding")
             && raw_has_content_length(&session.as_downstream().to_h1_raw());
         let req = session.req_header();

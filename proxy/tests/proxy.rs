@@ -565,6 +565,16 @@ async fn errors_404_503_400_and_conflicting_claims() {
     )
     .await;
     assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: e.lain.local\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let raw = raw_request(proxy.http, &big).await;
+    assert!(
+        raw.starts_with("HTTP/1.1 431"),
+        "{}",
+        &raw[..raw.len().min(200)]
+    );
     let raw = raw_request(proxy.http, "GARBAGE\r\n\r\n").await;
     assert!(raw.is_empty() || raw.starts_with("HTTP/1.1 400"), "{raw}");
     assert_eq!(up.hits.load(Ordering::Relaxed), hits);
@@ -1021,5 +1031,91 @@ async fn tls_sni_certificates_rotation_http2_and_https_only() {
     )
     .await;
     drop(process);
+    cluster.cleanup().await;
+}
+
+/// An upstream that answers any request with `101 Switching Protocols` and then echoes bytes.
+async fn upgrade_echo_upstream() -> (SocketAddr, JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                let mut buf = [0u8; 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_stays_open_across_table_swaps() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cluster = Cluster::new("proxy-ws").await;
+    let (up, task) = upgrade_echo_upstream().await;
+    cluster.put_endpoint("ws", 1, up).await;
+    cluster.put_route(&route("ws.lain.local", "/", "ws")).await;
+    let proxy = Proxy::start(&cluster, "");
+    let mut s = eventually(Duration::from_secs(10), "upgrade accepted", || async {
+        let mut s = tokio::net::TcpStream::connect(proxy.http).await.ok()?;
+        s.write_all(b"GET /chat HTTP/1.1\r\nHost: ws.lain.local\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).await.ok()? == 0 {
+                return None;
+            }
+            head.push(b[0]);
+        }
+        head.starts_with(b"HTTP/1.1 101").then_some(s)
+    })
+    .await;
+    let mut echo = async |s: &mut tokio::net::TcpStream, msg: &[u8]| {
+        s.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(got, msg);
+    };
+    echo(&mut s, b"before").await;
+    let v0 = metric_value(&metrics(&proxy).await, "lain_proxy_route_table_version ");
+    for i in 0..50 {
+        cluster
+            .put_route(&route(&format!("x{i}.lain.local"), "/", "other"))
+            .await;
+    }
+    eventually(Duration::from_secs(10), "tables swapped", || async {
+        let v = metric_value(&metrics(&proxy).await, "lain_proxy_route_table_version ");
+        (v > v0).then_some(())
+    })
+    .await;
+    echo(&mut s, b"after the swaps").await;
+    task.abort();
     cluster.cleanup().await;
 }

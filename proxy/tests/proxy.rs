@@ -154,14 +154,39 @@ impl Cluster {
             .unwrap();
     }
 
-    async fn cleanup(mut self) {
-        let _ = self
-            .client
-            .delete(
-                self.prefix.clone(),
-                Some(etcd_client::DeleteOptions::new().with_prefix()),
-            )
-            .await;
+    /// Removes the test's keys; dropping does the same, also when the test fails.
+    async fn cleanup(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Drop cannot await, and may run inside the test's runtime: delete from a thread
+        // with its own runtime.
+        let (endpoints, prefix) = (self.endpoints.clone(), format!("{}/", self.prefix));
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(Ok(mut c)) =
+                    tokio::time::timeout(Duration::from_secs(5), Client::connect(&endpoints, None))
+                        .await
+                {
+                    let _ = c
+                        .delete(
+                            prefix,
+                            Some(etcd_client::DeleteOptions::new().with_prefix()),
+                        )
+                        .await;
+                }
+            });
+        })
+        .join();
     }
 }
 
@@ -1094,7 +1119,7 @@ async fn websocket_stays_open_across_table_swaps() {
         head.starts_with(b"HTTP/1.1 101").then_some(s)
     })
     .await;
-    let mut echo = async |s: &mut tokio::net::TcpStream, msg: &[u8]| {
+    let echo = async |s: &mut tokio::net::TcpStream, msg: &[u8]| {
         s.write_all(msg).await.unwrap();
         let mut got = vec![0u8; msg.len()];
         tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))

@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of `lain proxy` against nginx and HAProxy on loopback: one cheap
+# upstream (an nginx `return 200`), wrk with keep-alive, the same worker threads for every
+# proxy (1, then 2), alternating targets. Also route churn and propagation latency against
+# real etcd, and criterion's route lookup times. Prints a markdown table and writes
+# target/bench/proxy.json.
+#
+# Knobs: BENCH_DURATION (s per wrk run, default 10), BENCH_CONNECTIONS (default 64),
+# BENCH_CHURN_SECS (default 10), BENCH_UPDATES_PER_SEC (default 200).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+out="$root/target/bench"
+mkdir -p "$out"
+duration=${BENCH_DURATION:-10}
+conns=${BENCH_CONNECTIONS:-64}
+work=$(mktemp -d /tmp/lain-bench-proxy.XXXXXX)
+pids=()
+
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+log() { echo "bench: $*" >&2; }
+
+# Peers come from Debian.
+missing=()
+command -v nginx >/dev/null || missing+=(nginx)
+command -v haproxy >/dev/null || missing+=(haproxy)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v jq >/dev/null || missing+=(jq)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+# etcd for churn and propagation.
+if [ -f tests/services/env.sh ]; then . tests/services/env.sh >/dev/null 2>&1 || true; fi
+if [ -z "${LAIN_ETCD:-}" ]; then
+  eval "$(tests/services/etcd.sh start)"
+fi
+
+log "building (release)"
+cargo build --release --bin lain >&2
+cargo build --release -p lain-proxy --example bench_churn >&2
+target_dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+lain="$target_dir/release/lain"
+churn="$target_dir/release/examples/bench_churn"
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# The upstream: nginx answering a small body from memory, one worker, keep-alive.
+up_port=$(free_port)
+mkdir -p "$work/up"
+cat >"$work/up/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$up_port;
+    location / { return 200 "hello from upstream\n"; }
+  }
+}
+EOF
+nginx -p "$work/up" -c "$work/up/nginx.conf" &
+pids+=($!)
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    if (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  log "port $1 did not open"; return 1
+}
+wait_port "$up_port"
+
+prefix="/lain-bench/proxy-$$"
+host="bench.lain.local"
+
+# CPU ticks (utime+stime) and RSS (KiB) summed over a process and its children.
+proc_tree() { echo "$1"; pgrep -P "$1" || true; }
+cpu_ticks() {
+  local t=0
+  for p in $(proc_tree "$1"); do
+    [ -r "/proc/$p/stat" ] || continue
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
+rss_kib() {
+  local r=0
+  for p in $(proc_tree "$1"); do
+    [ -r "/proc/$p/status" ] || continue
+    r=$((r + $(awk '/VmRSS/ {print $2}' "/proc/$p/status")))
+  done
+  echo "$r"
+}
+hz=$(getconf CLK_TCK)
+
+to_ms() { # wrk latency like 1.23ms, 456.00us, 1.02s
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); print v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); print v + 0 }
+    else if (v ~ /s$/) { sub(/s$/, "", v); print v * 1000 }
+    else print 0 }'
+}
+
+# run_wrk NAME ADDR PID THREADS -> sets globals rps p50 p99 cpu rss
+run_wrk() {
+  local name=$1 addr=$2 pid=$3 threads=$4
+  # Warm keep-alive pools before measuring.
+  wrk -t "$threads" -c "$conns" -d 2 -H "Host: $host" "http://$addr/" >/dev/null 2>&1 || true
+  local c0=0
+  [ "$pid" != 0 ] && c0=$(cpu_ticks "$pid")
+  local txt
+  txt=$(wrk -t "$threads" -c "$conns" -d "$duration" --latency -H "Host: $host" "http://$addr/")
+  local c1=0
+  [ "$pid" != 0 ] && c1=$(cpu_ticks "$pid")
+  local reqs
+  reqs=$(echo "$txt" | awk '/requests in/ {print $1}')
+  rps=$(echo "$txt" | awk '/Requests\/sec/ {print $2}')
+  p50=$(to_ms "$(echo "$txt" | awk '$1 == "50%" {print $2}')")
+  p99=$(to_ms "$(echo "$txt" | awk '$1 == "99%" {print $2}')")
+  if [ "$pid" != 0 ] && [ "${reqs:-0}" -gt 0 ]; then
+    cpu=$(awk -v d=$((c1 - c0)) -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.2f", d * 1e6 / hz / n }')
+    rss=$(awk -v k="$(rss_kib "$pid")" 'BEGIN { printf "%.1f", k / 1024 }')
+  else
+    cpu=0; rss=0
+  fi
+  local errors
+  errors=$(echo "$txt" | awk '/Non-2xx|Socket errors/' | tr '\n' ' ')
+  log "$name threads=$threads rps=$rps p50=${p50}ms p99=${p99}ms cpu=${cpu}us/req rss=${rss}MiB $errors"
+}
+
+start_lain() {
+  local threads=$1
+  cat >"$work/lain.toml" <<EOF
+threads = $threads
+[listen]
+http = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[state]
+etcd_endpoints = ["${LAIN_ETCD%%,*}"]
+prefix = "$prefix"
+[access_log]
+path = ""
+EOF
+  LAIN_LOG=warn "$lain" proxy --config "$work/lain.toml" >"$work/lain.out" 2>"$work/lain.err" &
+  lain_pid=$!
+  pids+=($lain_pid)
+  for _ in $(seq 1 100); do
+    lain_addr=$(jq -r 'select(.listening.name == "http") | .listening.addr' "$work/lain.out" 2>/dev/null | head -1)
+    [ -n "$lain_addr" ] && break
+    sleep 0.1
+  done
+  [ -n "$lain_addr" ] || { log "lain proxy did not start"; cat "$work/lain.err" >&2; exit 1; }
+}
+
+start_nginx() {
+  local threads=$1
+  ng_port=$(free_port)
+  mkdir -p "$work/ng"
+  cat >"$work/ng/nginx.conf" <<EOF
+worker_processes $threads;
+daemon off;
+pid $work/ng/nginx.pid;
+error_log $work/ng/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$up_port; keepalive 256; }
+  server {
+    listen 127.0.0.1:$ng_port;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+EOF
+  nginx -p "$work/ng" -c "$work/ng/nginx.conf" &
+  ng_pid=$!
+  pids+=($ng_pid)
+  wait_port "$ng_port"
+}
+
+start_haproxy() {
+  local threads=$1
+  hp_port=$(free_port)
+  cat >"$work/haproxy.cfg" <<EOF
+global
+  nbthread $threads
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$hp_port
+  default_backend be
+backend be
+  server up 127.0.0.1:$up_port
+EOF
+  haproxy -db -f "$work/haproxy.cfg" &
+  hp_pid=$!
+  pids+=($hp_pid)
+  wait_port "$hp_port"
+}
+
+stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+declare -A R
+for threads in 1 2; do
+  start_lain "$threads"
+  # The route lain serves: written by bench_churn's set-up and kept for the whole run.
+  BENCH_PROXY="$lain_addr" BENCH_UPSTREAM="127.0.0.1:$up_port" BENCH_PREFIX="$prefix" \
+    BENCH_CHURN_SECS=0 BENCH_PROPAGATIONS=0 BENCH_KEEP=1 "$churn" >/dev/null
+  start_nginx "$threads"
+  start_haproxy "$threads"
+  for target in direct lain nginx haproxy; do
+    case $target in
+      direct) run_wrk direct "127.0.0.1:$up_port" 0 "$threads" ;;
+      lain) run_wrk lain "$lain_addr" "$lain_pid" "$threads" ;;
+      nginx) run_wrk nginx "127.0.0.1:$ng_port" "$ng_pid" "$threads" ;;
+      haproxy) run_wrk haproxy "127.0.0.1:$hp_port" "$hp_pid" "$threads" ;;
+    esac
+    R[$threads,$target,rps]=$rps R[$threads,$target,p50]=$p50 R[$threads,$target,p99]=$p99
+    R[$threads,$target,cpu]=$cpu R[$threads,$target,rss]=$rss
+  done
+  if [ "$threads" = 1 ]; then
+    log "route churn and propagation"
+    churn_json=$(BENCH_PROXY="$lain_addr" BENCH_UPSTREAM="127.0.0.1:$up_port" BENCH_PREFIX="$prefix" "$churn")
+  fi
+  stop_pid "$lain_pid"; stop_pid "$ng_pid"; stop_pid "$hp_pid"
+done
+
+log "route lookup (criterion)"
+cargo bench -p lain-proxy --bench lookup -- --warm-up-time 1 --measurement-time 3 >&2
+crit="$target_dir/criterion"
+lookup_ns() { jq -r '.mean.point_estimate' "$crit/lookup/$1/new/estimates.json" 2>/dev/null || echo 0; }
+
+obj() { # obj THREADS KEY -> {"direct":..,"lain":..,"nginx":..,"haproxy":..}
+  printf '{"direct":%s,"lain":%s,"nginx":%s,"haproxy":%s}' \
+    "${R[$1,direct,$2]:-0}" "${R[$1,lain,$2]:-0}" "${R[$1,nginx,$2]:-0}" "${R[$1,haproxy,$2]:-0}"
+}
+group() {
+  printf '"rps":%s,"p50_ms":%s,"p99_ms":%s,"cpu_us_per_req":%s,"rss_mib":%s' \
+    "$(obj "$1" rps)" "$(obj "$1" p50)" "$(obj "$1" p99)" "$(obj "$1" cpu)" "$(obj "$1" rss)"
+}
+json="{$(group 1),\"threads2\":{$(group 2)},\"churn\":$(echo "$churn_json" | jq -c .churn),\"propagation_ms\":$(echo "$churn_json" | jq -c .propagation_ms),\"lookup_ns\":{\"10\":$(lookup_ns 10),\"1000\":$(lookup_ns 1000),\"100000\":$(lookup_ns 100000)}}"
+echo "$json" | jq . >"$out/proxy.json"
+
+{
+  echo "| threads | target | req/s | p50 ms | p99 ms | CPU µs/req | RSS MiB |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+  for threads in 1 2; do
+    for target in direct lain nginx haproxy; do
+      echo "| $threads | $target | ${R[$threads,$target,rps]} | ${R[$threads,$target,p50]} | ${R[$threads,$target,p99]} | ${R[$threads,$target,cpu]} | ${R[$threads,$target,rss]} |"
+    done
+  done
+  echo
+  echo "Route churn: $(echo "$churn_json" | jq -r '.churn | "\(.updates) updates, \(.requests) requests, \(.failed) failed"')"
+  echo "Propagation: $(echo "$churn_json" | jq -r '.propagation_ms | "p50 \(.p50) ms, p99 \(.p99) ms"')"
+  echo "Lookup: 10 routes $(lookup_ns 10) ns, 1,000 routes $(lookup_ns 1000) ns, 100,000 routes $(lookup_ns 100000) ns"
+  echo
+  echo "Machine: $(nproc) CPUs, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'), $(uname -r)"
+}
+log "wrote $out/proxy.json"

@@ -1,0 +1,127 @@
+//! The proxy's Prometheus metrics. Labels are bounded: app and proc come from the route
+//! table (known apps only, empty for requests without a route), and status is a class.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Requests answered, by app, proc and status class (`2xx`..`5xx`, `err` when no status).
+pub const REQUESTS: &str = "lain_proxy_requests_total";
+/// Time from the request's arrival to the end of the response.
+pub const REQUEST_SECONDS: &str = "lain_proxy_request_duration_seconds";
+/// Time from sending the request upstream to the end of the upstream response.
+pub const UPSTREAM_SECONDS: &str = "lain_proxy_upstream_duration_seconds";
+/// Failed connection attempts to upstream endpoints.
+pub const CONNECT_ERRORS: &str = "lain_proxy_upstream_connect_errors_total";
+/// Endpoints passively ejected after consecutive failures.
+pub const EJECTIONS: &str = "lain_proxy_upstream_ejections_total";
+/// Client connections open now.
+pub const ACTIVE_CONNECTIONS: &str = "lain_proxy_active_connections";
+/// The version of the route table serving requests.
+pub const TABLE_VERSION: &str = "lain_proxy_route_table_version";
+/// Routes in the table serving requests.
+pub const TABLE_ROUTES: &str = "lain_proxy_route_table_routes";
+/// Route tables compiled and published.
+pub const TABLE_SWAPS: &str = "lain_proxy_route_table_swaps_total";
+/// Route claims rejected because an older claim holds the same host and path, in the current
+/// table.
+pub const REJECTED_CLAIMS: &str = "lain_proxy_route_rejected_claims";
+/// Access-log lines dropped because the writer fell behind.
+pub const ACCESS_LOG_DROPPED: &str = "lain_proxy_access_log_dropped_total";
+/// Active health-check transitions, by direction (`down`, `up`).
+pub const HEALTH_TRANSITIONS: &str = "lain_proxy_health_transitions_total";
+
+/// The proxy's metrics.
+#[derive(Debug, Clone)]
+pub struct ProxyMetrics {
+    /// See [`REQUESTS`].
+    pub requests: IntCounterVec,
+    /// See [`REQUEST_SECONDS`].
+    pub request_seconds: Histogram,
+    /// See [`UPSTREAM_SECONDS`].
+    pub upstream_seconds: Histogram,
+    /// See [`CONNECT_ERRORS`].
+    pub connect_errors: IntCounter,
+    /// See [`EJECTIONS`].
+    pub ejections: IntCounter,
+    /// See [`ACTIVE_CONNECTIONS`].
+    pub active_connections: IntGauge,
+    /// See [`TABLE_VERSION`].
+    pub table_version: IntGauge,
+    /// See [`TABLE_ROUTES`].
+    pub table_routes: IntGauge,
+    /// See [`TABLE_SWAPS`].
+    pub table_swaps: IntCounter,
+    /// See [`REJECTED_CLAIMS`].
+    pub rejected_claims: IntGauge,
+    /// See [`ACCESS_LOG_DROPPED`].
+    pub access_log_dropped: IntCounter,
+    /// See [`HEALTH_TRANSITIONS`].
+    pub health_transitions: IntCounterVec,
+}
+
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl ProxyMetrics {
+    /// Creates the metrics and registers them.
+    pub fn register(r: &Registry) -> Result<ProxyMetrics, prometheus::Error> {
+        let m = ProxyMetrics {
+            requests: IntCounterVec::new(
+                Opts::new(REQUESTS, "requests answered"),
+                &["app", "proc", "class"],
+            )?,
+            request_seconds: Histogram::with_opts(
+                HistogramOpts::new(REQUEST_SECONDS, "request duration").buckets(BUCKETS.to_vec()),
+            )?,
+            upstream_seconds: Histogram::with_opts(
+                HistogramOpts::new(UPSTREAM_SECONDS, "upstream response duration")
+                    .buckets(BUCKETS.to_vec()),
+            )?,
+            connect_errors: IntCounter::new(CONNECT_ERRORS, "failed upstream connects")?,
+            ejections: IntCounter::new(EJECTIONS, "endpoints passively ejected")?,
+            active_connections: IntGauge::new(ACTIVE_CONNECTIONS, "client connections open")?,
+            table_version: IntGauge::new(TABLE_VERSION, "route table version")?,
+            table_routes: IntGauge::new(TABLE_ROUTES, "routes in the table")?,
+            table_swaps: IntCounter::new(TABLE_SWAPS, "route tables published")?,
+            rejected_claims: IntGauge::new(
+                REJECTED_CLAIMS,
+                "route claims rejected as conflicting",
+            )?,
+            access_log_dropped: IntCounter::new(ACCESS_LOG_DROPPED, "access-log lines dropped")?,
+            health_transitions: IntCounterVec::new(
+                Opts::new(HEALTH_TRANSITIONS, "active health-check transitions"),
+                &["direction"],
+            )?,
+        };
+        r.register(Box::new(m.requests.clone()))?;
+        r.register(Box::new(m.request_seconds.clone()))?;
+        r.register(Box::new(m.upstream_seconds.clone()))?;
+        r.register(Box::new(m.connect_errors.clone()))?;
+        r.register(Box::new(m.ejections.clone()))?;
+        r.register(Box::new(m.active_connections.clone()))?;
+        r.register(Box::new(m.table_version.clone()))?;
+        r.register(Box::new(m.table_routes.clone()))?;
+        r.register(Box::new(m.table_swaps.clone()))?;
+        r.register(Box::new(m.rejected_claims.clone()))?;
+        r.register(Box::new(m.access_log_dropped.clone()))?;
+        r.register(Box::new(m.health_transitions.clone()))?;
+        Ok(m)
+    }
+
+    /// Metrics registered nowhere, for tests and benchmarks.
+    pub fn unregistered() -> ProxyMetrics {
+        ProxyMetrics::register(&Registry::new()).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+}
+
+/// The status class label of a status code; `err` when no response was sent.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "err",
+    }
+}

@@ -1,0 +1,380 @@
+//! Building and running the proxy: the state watcher, the table compiler, the admin listener
+//! and the accept loop that hands client connections to pingora's HTTP proxy.
+//!
+//! Listeners are bound here (so port 0 works and the real address is announced) and each
+//! accepted connection is given to pingora's `HttpProxy` as a pingora stream. Everything runs
+//! on one multi-threaded tokio runtime that this module owns.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use lain_common::admin::Admin;
+use lain_common::{RunError, Shutdown, announce_listener};
+use lain_state::{EtcdConfig, Snapshot, Source, StateHandle, StateMetrics, Watcher};
+use pingora_core::apps::ServerApp;
+use pingora_core::listeners::tls::Acceptor;
+use pingora_core::protocols::Stream;
+use pingora_core::protocols::l4::listener::Listener;
+use pingora_core::server::configuration::ServerConf;
+use pingora_rustls::ServerConfig;
+use prometheus::Registry;
+use std::net::SocketAddr;
+
+use crate::access_log::AccessLog;
+use crate::config::{Cidr, Config};
+use crate::health;
+use crate::metrics::ProxyMetrics;
+use crate::service::LainProxy;
+use crate::table::RouteTable;
+use crate::tls::CertStore;
+
+/// How long start-up waits for the first snapshot before serving with an empty table.
+const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs the proxy until SIGTERM/SIGINT, then drains.
+pub fn run(config: Config) -> Result<(), RunError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.threads > 0 {
+        builder.worker_threads(config.threads);
+    }
+    let rt = builder
+        .enable_all()
+        .thread_name("lain-proxy")
+        .build()
+        .map_err(|e| RunError::Failed(format!("cannot start the runtime: {e}")))?;
+    let result = rt.block_on(serve(config));
+    // Tasks still parked on sockets (idle keep-alive pools, the watcher) must not hold up
+    // the exit once draining is over.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
+}
+
+/// Keeps the published route table in step with the published snapshot.
+pub struct TableCompiler {
+    cell: Arc<ArcSwap<RouteTable>>,
+    metrics: ProxyMetrics,
+    last: Option<Arc<Snapshot>>,
+    rejected: HashSet<String>,
+}
+
+impl TableCompiler {
+    /// A compiler publishing into `cell`.
+    pub fn new(cell: Arc<ArcSwap<RouteTable>>, metrics: ProxyMetrics) -> TableCompiler {
+        TableCompiler {
+            cell,
+            metrics,
+            last: None,
+            rejected: HashSet::new(),
+        }
+    }
+
+    /// Compiles and publishes a table for `snap`, unless its routes and endpoints are the
+    /// very tables the last compile used.
+    pub fn update(&mut self, snap: Arc<Snapshot>) {
+        if let Some(last) = &self.last
+            && Arc::ptr_eq(&last.routes, &snap.routes)
+            && Arc::ptr_eq(&last.endpoints, &snap.endpoints)
+        {
+            return;
+        }
+        let previous = self.cell.load();
+        let table = RouteTable::compile(&snap, &previous, previous.version + 1);
+        let mut now = HashSet::new();
+        for r in table.rejected() {
+            if !self.rejected.contains(&r.key) {
+                tracing::warn!(key = %r.key, route = %r.route, kept = %r.kept,
+                    "route claim rejected: an older claim holds this host and path");
+            }
+            now.insert(r.key.clone());
+        }
+        self.rejected = now;
+        self.metrics.table_version.set(table.version as i64);
+        self.metrics.table_routes.set(table.len() as i64);
+        self.metrics
+            .rejected_claims
+            .set(table.rejected().len() as i64);
+        self.metrics.table_swaps.inc();
+        tracing::debug!(
+            version = table.version,
+            routes = table.len(),
+            revision = table.revision,
+            "route table published"
+        );
+        self.cell.store(Arc::new(table));
+        self.last = Some(snap);
+    }
+
+    /// Follows `handle` until shutdown; compiles off the request path.
+    pub async fn follow(mut self, handle: StateHandle, shutdown: Shutdown) {
+        let mut rx = handle.subscribe();
+        loop {
+            if *rx.borrow_and_update() > 0 {
+                self.update(handle.load());
+            }
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), RunError> {
+    let shutdown = Shutdown::on_signals();
+    let registry = Registry::new();
+    let fail = |what: &str, e: &dyn std::fmt::Display| RunError::Failed(format!("{what}: {e}"));
+    let state_metrics =
+        StateMetrics::register(&registry).map_err(|e| fail("registering metrics", &e))?;
+    let metrics = ProxyMetrics::register(&registry).map_err(|e| fail("registering metrics", &e))?;
+
+    let source = match &config.state.routes_file {
+        Some(path) => Source::File(path.clone()),
+        None => Source::Etcd(EtcdConfig::new(
+            config.state.etcd_endpoints.clone(),
+            &config.state.prefix,
+        )),
+    };
+    let watcher = Watcher::new(source, state_metrics);
+    let handle = watcher.handle();
+    tokio::spawn(watcher.run(shutdown.wait_owned()));
+
+    let cell: Arc<ArcSwap<RouteTable>> = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    tokio::spawn(
+        TableCompiler::new(cell.clone(), metrics.clone()).follow(handle.clone(), shutdown.clone()),
+    );
+    tokio::spawn(health::run(cell.clone(), metrics.clone(), shutdown.clone()));
+
+    let access_log = AccessLog::open(
+        &config.access_log.path,
+        config.access_log.buffer_lines,
+        metrics.access_log_dropped.clone(),
+    )
+    .map_err(|e| {
+        fail(
+            &format!("opening access log {}", config.access_log.path),
+            &e,
+        )
+    })?;
+
+    let trusted = config
+        .trusted_proxies
+        .iter()
+        .filter_map(|c| Cidr::parse(c).ok())
+        .collect();
+    let conf = ServerConf {
+        upstream_keepalive_pool_size: config.upstream.keepalive_pool_size,
+        max_retries: config.upstream.max_retries + 1,
+        ..ServerConf::default()
+    };
+    let conf = Arc::new(conf);
+    let proxy = Arc::new(pingora_proxy::http_proxy(
+        &conf,
+        LainProxy {
+            table: cell.clone(),
+            metrics: metrics.clone(),
+            access_log,
+            trusted,
+            max_retries: config.upstream.max_retries,
+            keepalive_idle: Duration::from_secs(config.upstream.keepalive_idle_secs),
+            eject_after_failures: config.upstream.eject_after_failures,
+            eject_ms: config.upstream.eject_ms,
+            max_header_bytes: config.max_header_bytes,
+        },
+    ));
+
+    if !handle.wait_ready(FIRST_SNAPSHOT_WAIT).await {
+        tracing::warn!("no cluster state yet; serving with an empty route table until it arrives");
+    }
+    // Give the compiler a moment to publish the first table before traffic arrives.
+    for _ in 0..50 {
+        if handle.generation() == 0 || cell.load().version > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let admin_table = cell.clone();
+    let ready = handle.clone();
+    let admin_addr = Admin::new(registry)
+        .page(
+            "/routes",
+            Arc::new(move || {
+                (
+                    http::StatusCode::OK,
+                    "application/json",
+                    admin_table.load().to_json().to_string(),
+                )
+            }),
+        )
+        .health(Arc::new(move || {
+            if ready.generation() > 0 {
+                Ok(())
+            } else {
+                Err("no cluster state received yet".into())
+            }
+        }))
+        .serve(config.listen.admin, shutdown.clone())
+        .await
+        .map_err(|e| {
+            fail(
+                &format!("binding admin listener {}", config.listen.admin),
+                &e,
+            )
+        })?;
+    announce_listener("admin", admin_addr);
+
+    let (pingora_tx, pingora_rx) = tokio::sync::watch::channel(false);
+    let tracker = Arc::new(());
+    let conns = Conns {
+        proxy: proxy.clone(),
+        shutdown_rx: pingora_rx,
+        metrics: metrics.clone(),
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let mut loops = Vec::new();
+    let tcp = bind(config.listen.http, "http").await?;
+    loops.push(tokio::spawn(conns.clone().accept_loop(tcp, None)));
+    if let Some(addr) = config.listen.https {
+        let files = config
+            .tls
+            .certs
+            .iter()
+            .map(|f| {
+                let read = |p: &std::path::Path| {
+                    std::fs::read_to_string(p)
+                        .map_err(|e| fail(&format!("reading {}", p.display()), &e))
+                };
+                let key = crate::tls::certified_key(&read(&f.cert_path)?, &read(&f.key_path)?)
+                    .map_err(|e| fail(&format!("loading {}", f.cert_path.display()), &e))?;
+                Ok(crate::tls::FileCert {
+                    names: f.names.clone(),
+                    key,
+                })
+            })
+            .collect::<Result<Vec<_>, RunError>>()?;
+        let store = Arc::new(CertStore::new(files));
+        store.update(&handle.load());
+        tokio::spawn(store.clone().follow(handle.clone(), shutdown.clone()));
+        pingora_rustls::install_default_crypto_provider();
+        let mut tls = ServerConfig::builder_with_protocol_versions(&[
+            &pingora_rustls::version::TLS12,
+            &pingora_rustls::version::TLS13,
+        ])
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+        tls.alpn_protocols = if config.tls.h2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
+        let acceptor = Arc::new(TlsAcceptor {
+            acceptor: Acceptor::from_server_config(Arc::new(tls)),
+            timeout: Duration::from_secs(config.tls.handshake_timeout_secs),
+        });
+        let tcp = bind(addr, "https").await?;
+        loops.push(tokio::spawn(conns.clone().accept_loop(tcp, Some(acceptor))));
+    }
+    tracing::info!(admin = %admin_addr, "lain proxy serving");
+    for l in loops {
+        let _ = l.await;
+    }
+    drop(conns);
+
+    // Drain: stop taking connections, tell keep-alive connections to close after their
+    // current request, and wait for requests in flight up to the grace period.
+    tracing::info!("draining connections");
+    let _ = pingora_tx.send(true);
+    proxy.cleanup().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.drain_secs);
+    while Arc::strong_count(&tracker) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(
+        remaining = Arc::strong_count(&tracker) - 1,
+        "lain proxy stopped"
+    );
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, name: &str) -> Result<tokio::net::TcpListener, RunError> {
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| RunError::Failed(format!("binding {name} listener {addr}: {e}")))?;
+    let local = tcp
+        .local_addr()
+        .map_err(|e| RunError::Failed(format!("reading the {name} listener address: {e}")))?;
+    announce_listener(name, local);
+    Ok(tcp)
+}
+
+struct TlsAcceptor {
+    acceptor: Acceptor,
+    timeout: Duration,
+}
+
+/// What every client connection needs, shared by the accept loops.
+#[derive(Clone)]
+struct Conns {
+    proxy: Arc<pingora_proxy::HttpProxy<LainProxy>>,
+    shutdown_rx: tokio::sync::watch::Receiver<bool>,
+    metrics: ProxyMetrics,
+    /// Each connection task holds a clone, so the strong count tells how many are open.
+    tracker: Arc<()>,
+    shutdown: Shutdown,
+}
+
+impl Conns {
+    async fn accept_loop(self, tcp: tokio::net::TcpListener, tls: Option<Arc<TlsAcceptor>>) {
+        let listener = Listener::from(tcp);
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.wait() => return,
+                a = listener.accept() => a,
+            };
+            let mut stream = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    if e.raw_os_error() == Some(24) {
+                        // Out of file descriptors: accept would fail again at once.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay();
+            let conns = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let _guard = conns.tracker.clone();
+                conns.metrics.active_connections.inc();
+                let first: Option<Stream> = match tls {
+                    None => Some(Box::new(stream)),
+                    Some(tls) => {
+                        match tokio::time::timeout(tls.timeout, tls.acceptor.tls_handshake(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => Some(Box::new(s)),
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake timed out");
+                                None
+                            }
+                        }
+                    }
+                };
+                let mut next = first;
+                while let Some(s) = next {
+                    next = conns.proxy.process_new(s, &conns.shutdown_rx).await;
+                }
+                conns.metrics.active_connections.dec();
+            });
+        }
+    }
+}

@@ -1,0 +1,596 @@
+//! The request path: pingora's `ProxyHttp` phases for lain's edge proxy.
+//!
+//! Everything a request needs is read from the route table loaded once, with `arc-swap`, at
+//! the start of the request; no phase takes a lock or does IO of its own. The request keeps
+//! the `Arc` of its route, so a table swap in the middle of it changes nothing for it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use lain_state::Balance;
+use pingora_core::prelude::HttpPeer;
+use pingora_core::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{ProxyHttp, Session};
+
+use crate::access_log::{AccessLine, AccessLog};
+use crate::config::Cidr;
+use crate::metrics::{ProxyMetrics, status_class};
+use crate::table::{Route, RouteTable};
+use crate::upstream::Endpoint;
+
+/// Longest `X-Request-Id` accepted from a client; longer ones are replaced.
+const MAX_REQUEST_ID: usize = 200;
+
+/// The proxy's shared, immutable settings and handles.
+pub struct LainProxy {
+    /// The published route table.
+    pub table: Arc<ArcSwap<RouteTable>>,
+    /// Metrics.
+    pub metrics: ProxyMetrics,
+    /// The access log.
+    pub access_log: AccessLog,
+    /// Peers whose forwarding headers are believed.
+    pub trusted: Vec<Cidr>,
+    /// Attempts after the first when connecting fails.
+    pub max_retries: usize,
+    /// How long an idle upstream connection is kept.
+    pub keepalive_idle: Duration,
+    /// Consecutive failures that eject an endpoint; 0 disables.
+    pub eject_after_failures: u32,
+    /// How long an ejection lasts.
+    pub eject_ms: u64,
+    /// Largest request header block accepted.
+    pub max_header_bytes: usize,
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct Ctx {
+    start: Option<Instant>,
+    route: Option<Arc<Route>>,
+    upstream_path: Option<String>,
+    client_ip: Option<IpAddr>,
+    trusted_peer: bool,
+    request_id: String,
+    tried: Vec<SocketAddr>,
+    endpoint: Option<SocketAddr>,
+    in_flight: Option<Arc<crate::upstream::EndpointStats>>,
+    upstream_start: Option<Instant>,
+    upstream_elapsed: Option<Duration>,
+    status: u16,
+}
+
+impl Ctx {
+    fn release(&mut self) {
+        if let Some(s) = self.in_flight.take() {
+            s.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The Host of a request: the Host header, or the authority of an HTTP/2 request.
+fn request_host(req: &RequestHeader) -> &str {
+    header_str(req, "host")
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+}
+
+/// The size of a request's header block as it would be sent over HTTP/1.
+fn header_bytes(req: &RequestHeader) -> usize {
+    let uri = req.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    req.headers
+        .iter()
+        .fold(uri + 16, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+/// Whether raw HTTP/1 header bytes carry a `Content-Length` line. pingora drops
+/// `Content-Length` from the parsed header when `Transfer-Encoding` is present (RFC 9112
+/// 6.3), so a request that sent both can only be recognised in the raw bytes.
+fn raw_has_content_length(raw: &[u8]) -> bool {
+    raw.split(|b| *b == b'\n').skip(1).any(|line| {
+        let line = line.trim_ascii_start();
+        line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:")
+    })
+}
+
+/// Whether the request's framing headers disagree in a way a backend could read differently
+/// (request smuggling): both `Content-Length` and `Transfer-Encoding`, several different
+/// `Content-Length` values, or a `Content-Length` that is not a number. `raw_cl` tells
+/// whether the raw header had a `Content-Length` line.
+fn ambiguous_framing(req: &RequestHeader, raw_cl: bool) -> bool {
+    let te = req.headers.get_all("transfer-encoding").iter().count();
+    let mut lengths = req.headers.get_all("content-length").iter();
+    let first = lengths.next();
+    if te > 0 && (first.is_some() || raw_cl) {
+        return true;
+    }
+    if let Some(first) = first {
+        let valid = |v: &http::HeaderValue| {
+            v.to_str()
+                .is_ok_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        };
+        if !valid(first) || lengths.any(|v| v != first) {
+            return true;
+        }
+    }
+    false
+}
+
+fn valid_request_id(v: &str) -> bool {
+    !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// The value a hashing policy hashes, if the request carries it.
+fn hash_key<'a>(req: &'a RequestHeader, balance: &Balance) -> Option<&'a [u8]> {
+    match balance {
+        Balance::HashHeader { name } => req.headers.get(name.as_str()).map(|v| v.as_bytes()),
+        Balance::HashCookie { name } => req
+            .headers
+            .get_all("cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_bytes()),
+        _ => None,
+    }
+}
+
+impl LainProxy {
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|c| c.contains(ip))
+    }
+
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        extra: &[(&'static str, String)],
+        body: &'static [u8],
+    ) -> Result<bool> {
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        if !ctx.request_id.is_empty() {
+            resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
+        for (k, v) in extra {
+            resp.insert_header(*k, v.as_str())?;
+        }
+        ctx.status = status;
+        session
+            .write_response_header(Box::new(resp), body.is_empty())
+            .await?;
+        if !body.is_empty() {
+            session
+                .write_response_body(Some(Bytes::from_static(body)), true)
+                .await?;
+        }
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for LainProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Some(Instant::now()),
+            ..Ctx::default()
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.trusted_peer = peer_ip.is_some_and(|ip| self.is_trusted(ip));
+        let req = session.req_header();
+        ctx.request_id = match header_str(req, "x-request-id") {
+            Some(id) if valid_request_id(id) => id.to_string(),
+            _ => uuid::Uuid::new_v4().to_string(),
+        };
+        ctx.client_ip = peer_ip;
+        if ctx.trusted_peer {
+            // The real client is the right-most address that is not a trusted proxy.
+            if let Some(xff) = header_str(req, "x-forwarded-for") {
+                let mut real = None;
+                for part in xff.rsplit(',') {
+                    match part.trim().parse::<IpAddr>() {
+                        Ok(ip) if self.is_trusted(ip) => real = Some(ip),
+                        Ok(ip) => {
+                            real = Some(ip);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if real.is_some() {
+                    ctx.client_ip = real;
+                }
+            }
+        }
+
+        if header_bytes(req) > self.max_header_bytes {
+            return self
+                .respond(session, ctx, 431, &[], b"request header fields too large\n")
+                .await;
+        }
+        let raw_cl = req.headers.contains_key("transfer-encoding")
+            && raw_has_content_length(&session.as_downstream().to_h1_raw());
+        let req = session.req_header();
+        if ambiguous_framing(req, raw_cl) {
+            return self.respond(session, ctx, 400, &[], b"bad request\n").await;
+        }
+
+        let table = self.table.load();
+        let host = request_host(req);
+        let path = req.uri.path();
+        let Some(m) = table.lookup(host, path) else {
+            return self.respond(session, ctx, 404, &[], b"no route\n").await;
+        };
+        let route = m.route.clone();
+        let mut upstream_path = m.upstream_path.to_string();
+        if let Some(q) = req.uri.query() {
+            upstream_path.push('?');
+            upstream_path.push_str(q);
+        }
+        drop(table);
+
+        if route.https_only {
+            let via_https = session.digest().is_some_and(|d| d.ssl_digest.is_some())
+                || (ctx.trusted_peer
+                    && header_str(session.req_header(), "x-forwarded-proto")
+                        .is_some_and(|p| p.eq_ignore_ascii_case("https")));
+            if !via_https {
+                let req = session.req_header();
+                let host = request_host(req).to_string();
+                let uri = req
+                    .uri
+                    .path_and_query()
+                    .map_or("/".to_string(), |p| p.as_str().to_string());
+                let location = format!("https://{}{}", crate::table::normalise_host(&host), uri);
+                ctx.route = Some(route);
+                return self
+                    .respond(session, ctx, 301, &[("location", location)], b"")
+                    .await;
+            }
+        }
+
+        if let Some(max) = route.max_body_bytes {
+            let too_big = header_str(session.req_header(), "content-length")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n > max);
+            if too_big {
+                ctx.route = Some(route);
+                return self
+                    .respond(session, ctx, 413, &[], b"request body too large\n")
+                    .await;
+            }
+        }
+
+        if !route.upstream.any_healthy() {
+            ctx.route = Some(route);
+            return self
+                .respond(session, ctx, 503, &[], b"no healthy endpoint\n")
+                .await;
+        }
+        ctx.upstream_path = Some(upstream_path);
+        ctx.route = Some(route);
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // A chunked body has no Content-Length to check up front; count as it arrives.
+        if let Some(max) = ctx.route.as_ref().and_then(|r| r.max_body_bytes)
+            && session.body_bytes_read() as u64 > max
+        {
+            ctx.status = 413;
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(413),
+                "request body too large",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.release();
+        let Some(route) = ctx.route.clone() else {
+            return Err(Error::explain(ErrorType::HTTPStatus(404), "no route"));
+        };
+        let key = hash_key(session.req_header(), &route.balance);
+        let Some(ep): Option<&Endpoint> = route.upstream.select(&route.balance, key, &ctx.tried)
+        else {
+            ctx.status = 503;
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "no healthy endpoint",
+            ));
+        };
+        ep.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        ctx.in_flight = Some(ep.stats.clone());
+        ctx.tried.push(ep.addr);
+        ctx.endpoint = Some(ep.addr);
+        let mut peer = HttpPeer::new(ep.addr, false, String::new());
+        let t = route.timeouts;
+        peer.options.connection_timeout = Some(Duration::from_millis(t.connect_ms));
+        peer.options.read_timeout = Some(Duration::from_millis(t.read_ms));
+        peer.options.write_timeout = Some(Duration::from_millis(t.write_ms));
+        peer.options.idle_timeout = Some(self.keepalive_idle);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        self.metrics.connect_errors.inc();
+        if let Some(stats) = &ctx.in_flight
+            && stats.record_failure(self.eject_after_failures, self.eject_ms)
+        {
+            self.metrics.ejections.inc();
+            tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
+        }
+        ctx.release();
+        // Nothing was sent, so another endpoint may take the request.
+        if ctx.tried.len() <= self.max_retries {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let req = session.req_header();
+        if let Some(p) = &ctx.upstream_path
+            && let Ok(uri) = p.parse::<http::Uri>()
+        {
+            upstream.set_uri(uri);
+        }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let own_proto = if https { "https" } else { "http" };
+        let host = request_host(req).to_string();
+        let original_uri = req
+            .uri
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.as_str().to_string());
+        let (xff, proto, fwd_host) = if ctx.trusted_peer {
+            let xff = match header_str(req, "x-forwarded-for") {
+                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer}"),
+                _ => peer.clone(),
+            };
+            let proto = header_str(req, "x-forwarded-proto")
+                .unwrap_or(own_proto)
+                .to_string();
+            let fwd_host =
+                header_str(req, "x-forwarded-host").map_or_else(|| host.clone(), str::to_string);
+            (xff, proto, fwd_host)
+        } else {
+            (peer.clone(), own_proto.to_string(), host.clone())
+        };
+        let real_ip = ctx.client_ip.map(|ip| ip.to_string()).unwrap_or(peer);
+        upstream.insert_header("x-forwarded-for", xff)?;
+        upstream.insert_header("x-forwarded-proto", proto)?;
+        upstream.insert_header("x-forwarded-host", fwd_host)?;
+        upstream.insert_header("x-real-ip", real_ip)?;
+        upstream.insert_header("x-original-uri", original_uri)?;
+        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if upstream.headers.get("host").is_none() && !host.is_empty() {
+            upstream.insert_header("host", host)?;
+        }
+        ctx.upstream_start = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(stats) = &ctx.in_flight {
+            if resp.status.is_server_error() {
+                if stats.record_failure(self.eject_after_failures, self.eject_ms) {
+                    self.metrics.ejections.inc();
+                    tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
+                }
+            } else {
+                stats.record_success();
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.status = resp.status.as_u16();
+        if resp.headers.get("x-request-id").is_none() {
+            resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if end_of_stream && let Some(s) = ctx.upstream_start {
+            ctx.upstream_elapsed = Some(s.elapsed());
+        }
+        Ok(None)
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        ctx.release();
+        let elapsed = ctx.start.map(|s| s.elapsed()).unwrap_or_default();
+        let upstream_elapsed = ctx
+            .upstream_elapsed
+            .or_else(|| ctx.upstream_start.map(|s| s.elapsed()));
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(ctx.status);
+        let (app, proc_name, route) = match &ctx.route {
+            Some(r) => (
+                Some(r.app.to_string()),
+                Some(r.proc_name.to_string()),
+                Some(r.name.to_string()),
+            ),
+            None => (None, None, None),
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[
+                app.as_deref().unwrap_or(""),
+                proc_name.as_deref().unwrap_or(""),
+                status_class(status),
+            ])
+            .inc();
+        self.metrics.request_seconds.observe(elapsed.as_secs_f64());
+        if let Some(u) = upstream_elapsed {
+            self.metrics.upstream_seconds.observe(u.as_secs_f64());
+        }
+        let req = session.req_header();
+        let line = AccessLine {
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            client_ip: ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            method: req.method.as_str().to_string(),
+            host: request_host(req).to_string(),
+            path: req
+                .uri
+                .path_and_query()
+                .map_or_else(String::new, |p| p.as_str().to_string()),
+            status,
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            upstream: ctx.endpoint.map(|a| a.to_string()),
+            upstream_ms: upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
+            app,
+            proc: proc_name,
+            route,
+            request_id: ctx.request_id.clone(),
+            user_agent: header_str(req, "user-agent").unwrap_or("").to_string(),
+            error: e.map(|e| e.to_string()),
+        };
+        self.access_log.log(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("POST", b"/", None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn framing_checks() {
+        assert!(!ambiguous_framing(&req(&[]), false));
+        assert!(ambiguous_framing(
+            &req(&[("transfer-encoding", "chunked")]),
+            true
+        ));
+        assert!(raw_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-LENGTH: 5\r\n\r\n"
+        ));
+        assert!(!raw_has_content_length(
+            b"POST / HTTP/1.1\r\nX-Content-Length: 5\r\n\r\n"
+        ));
+        assert!(!ambiguous_framing(&req(&[("content-length", "5")]), false));
+        assert!(!ambiguous_framing(
+            &req(&[("transfer-encoding", "chunked")]),
+            false
+        ));
+        assert!(ambiguous_framing(
+            &req(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
+            false
+        ));
+        assert!(ambiguous_framing(
+            &req(&[("content-length", "5"), ("content-length", "6")]),
+            false
+        ));
+        assert!(!ambiguous_framing(
+            &req(&[("content-length", "5"), ("content-length", "5")]),
+            false
+        ));
+        assert!(ambiguous_framing(&req(&[("content-length", "-1")]), false));
+        assert!(ambiguous_framing(&req(&[("content-length", "")]), false));
+    }
+
+    #[test]
+    fn hash_keys_from_header_and_cookie() {
+        let r = req(&[("x-user", "u1"), ("cookie", "a=1; sid=abc; b=2")]);
+        assert_eq!(
+            hash_key(
+                &r,
+                &Balance::HashHeader {
+                    name: "x-user".into()
+                }
+            ),
+            Some(&b"u1"[..])
+        );
+        assert_eq!(
+            hash_key(&r, &Balance::HashCookie { name: "sid".into() }),
+            Some(&b"abc"[..])
+        );
+        assert_eq!(
+            hash_key(&r, &Balance::HashCookie { name: "zz".into() }),
+            None
+        );
+        assert_eq!(hash_key(&r, &Balance::RoundRobin), None);
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id("abc-123"));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id("has space"));
+        assert!(!valid_request_id(&"x".repeat(201)));
+    }
+}

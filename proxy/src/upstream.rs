@@ -1,0 +1,334 @@
+//! A proc's endpoints and how one is chosen for a request: round robin, least connections, or
+//! consistent hashing on a header or cookie, skipping endpoints that are unhealthy.
+//!
+//! An endpoint is healthy when the control plane says so, the active health check has not
+//! taken it out, and it is not passively ejected after consecutive failures. Per-endpoint
+//! state lives in [`EndpointStats`], shared by every table that contains the endpoint, so a
+//! table swap keeps in-flight counts and health.
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use lain_state::{Balance, HealthCheck};
+
+/// Points per endpoint on the consistent-hash ring; enough to spread keys evenly.
+const RING_POINTS: usize = 100;
+
+/// Milliseconds since the process started; monotonic and cheap to compare atomically.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Wall-clock milliseconds, for logs.
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Mutable per-endpoint state, shared across table versions.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    /// Requests currently sent to the endpoint (for least-connections).
+    pub in_flight: AtomicU64,
+    /// Consecutive failed requests (connect errors or 5xx answers).
+    pub consecutive_failures: AtomicU32,
+    /// Passively ejected until this `now_ms()`; 0 when not ejected.
+    pub ejected_until_ms: AtomicU64,
+    /// Taken out by the active health check.
+    pub active_down: AtomicBool,
+    /// Consecutive active check results in the current direction, for rise/fall.
+    pub check_streak: AtomicU32,
+    /// `now_ms()` of the last active check started.
+    pub last_check_ms: AtomicU64,
+    /// Set while an active check is in flight, so checks never pile up.
+    pub checking: AtomicBool,
+}
+
+impl EndpointStats {
+    /// Records a failure; ejects the endpoint for `eject_ms` when `threshold` consecutive
+    /// failures are reached. Returns `true` when this failure ejected it.
+    pub fn record_failure(&self, threshold: u32, eject_ms: u64) -> bool {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if threshold > 0 && n >= threshold {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.ejected_until_ms
+                .store(now_ms() + eject_ms, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Records a success, which resets the failure count.
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether passive ejection currently keeps the endpoint out.
+    pub fn ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+}
+
+/// One instance of a proc.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The instance number.
+    pub instance: u32,
+    /// What the control plane says about its health.
+    pub declared_healthy: bool,
+    /// Shared mutable state.
+    pub stats: Arc<EndpointStats>,
+}
+
+impl Endpoint {
+    /// Whether requests may go to this endpoint now.
+    pub fn is_healthy(&self) -> bool {
+        self.declared_healthy
+            && !self.stats.active_down.load(Ordering::Relaxed)
+            && !self.stats.ejected()
+    }
+}
+
+/// The endpoints of one proc and the balancing state over them.
+#[derive(Debug)]
+pub struct UpstreamGroup {
+    /// The app.
+    pub app: Box<str>,
+    /// The proc.
+    pub proc_name: Box<str>,
+    /// The endpoints, by instance number.
+    pub endpoints: Vec<Endpoint>,
+    rr: AtomicUsize,
+    /// Sorted (hash, endpoint index) points of the consistent-hash ring.
+    ring: Vec<(u64, usize)>,
+    healthcheck: OnceLock<HealthCheck>,
+}
+
+fn hash_of<T: Hash + ?Sized>(v: &T) -> u64 {
+    // `DefaultHasher::new()` uses fixed keys, so the ring is the same in every process.
+    let mut h = std::hash::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+impl UpstreamGroup {
+    /// A group over `endpoints`.
+    pub fn new(app: &str, proc_name: &str, mut endpoints: Vec<Endpoint>) -> UpstreamGroup {
+        endpoints.sort_by_key(|e| (e.instance, e.addr));
+        let mut ring = Vec::with_capacity(endpoints.len() * RING_POINTS);
+        for (i, e) in endpoints.iter().enumerate() {
+            for p in 0..RING_POINTS {
+                ring.push((hash_of(&(e.addr, p)), i));
+            }
+        }
+        ring.sort_unstable();
+        UpstreamGroup {
+            app: app.into(),
+            proc_name: proc_name.into(),
+            endpoints,
+            rr: AtomicUsize::new(0),
+            ring,
+            healthcheck: OnceLock::new(),
+        }
+    }
+
+    /// Sets the active health check of the proc (the first route that declares one wins).
+    pub fn set_healthcheck(&self, hc: HealthCheck) {
+        let _ = self.healthcheck.set(hc);
+    }
+
+    /// The active health check, if a route of the proc declares one.
+    pub fn healthcheck(&self) -> Option<&HealthCheck> {
+        self.healthcheck.get()
+    }
+
+    /// Whether any endpoint is healthy now.
+    pub fn any_healthy(&self) -> bool {
+        self.endpoints.iter().any(Endpoint::is_healthy)
+    }
+
+    /// Chooses an endpoint for a request, skipping unhealthy ones and those in `exclude`
+    /// (endpoints already tried by this request). `hash_key` is the value of the header or
+    /// cookie a hashing policy names. When every healthy endpoint was already tried, tried
+    /// ones are allowed again, so a retry still has somewhere to go.
+    pub fn select(
+        &self,
+        balance: &Balance,
+        hash_key: Option<&[u8]>,
+        exclude: &[SocketAddr],
+    ) -> Option<&Endpoint> {
+        self.pick(balance, hash_key, |e| {
+            e.is_healthy() && !exclude.contains(&e.addr)
+        })
+        .or_else(|| self.pick(balance, hash_key, Endpoint::is_healthy))
+    }
+
+    fn pick(
+        &self,
+        balance: &Balance,
+        hash_key: Option<&[u8]>,
+        ok: impl Fn(&Endpoint) -> bool,
+    ) -> Option<&Endpoint> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        match (balance, hash_key) {
+            (Balance::LeastConn, _) => {
+                // Ties are broken round robin so idle endpoints share the load.
+                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &self.endpoints[(start + i) % n])
+                    .filter(|e| ok(e))
+                    .min_by_key(|e| e.stats.in_flight.load(Ordering::Relaxed))
+            }
+            (Balance::HashHeader { .. } | Balance::HashCookie { .. }, Some(key)) => {
+                let h = hash_of(key);
+                let start = self.ring.partition_point(|(p, _)| *p < h);
+                let len = self.ring.len();
+                (0..len)
+                    .map(|i| &self.endpoints[self.ring[(start + i) % len].1])
+                    .find(|e| ok(e))
+            }
+            _ => {
+                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &self.endpoints[(start + i) % n])
+                    .find(|e| ok(e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(n: u16) -> UpstreamGroup {
+        let eps = (1..=n)
+            .map(|i| Endpoint {
+                addr: SocketAddr::from(([127, 0, 0, 1], 8000 + i)),
+                instance: u32::from(i),
+                declared_healthy: true,
+                stats: Arc::default(),
+            })
+            .collect();
+        UpstreamGroup::new("a", "web", eps)
+    }
+
+    #[test]
+    fn round_robin_cycles_and_skips_unhealthy() {
+        let g = group(3);
+        let ports: Vec<_> = (0..6)
+            .map(|_| {
+                g.select(&Balance::RoundRobin, None, &[])
+                    .unwrap()
+                    .addr
+                    .port()
+            })
+            .collect();
+        assert_eq!(ports, [8001, 8002, 8003, 8001, 8002, 8003]);
+        g.endpoints[1]
+            .stats
+            .active_down
+            .store(true, Ordering::Relaxed);
+        for _ in 0..6 {
+            assert_ne!(
+                g.select(&Balance::RoundRobin, None, &[])
+                    .unwrap()
+                    .addr
+                    .port(),
+                8002
+            );
+        }
+        for e in &g.endpoints {
+            e.stats.active_down.store(true, Ordering::Relaxed);
+        }
+        assert!(g.select(&Balance::RoundRobin, None, &[]).is_none());
+        assert!(!g.any_healthy());
+    }
+
+    #[test]
+    fn exclusion_prefers_untried_then_allows_tried() {
+        let g = group(2);
+        let a = g.endpoints[0].addr;
+        for _ in 0..4 {
+            assert_ne!(g.select(&Balance::RoundRobin, None, &[a]).unwrap().addr, a);
+        }
+        let both = [g.endpoints[0].addr, g.endpoints[1].addr];
+        assert!(g.select(&Balance::RoundRobin, None, &both).is_some());
+    }
+
+    #[test]
+    fn least_conn_picks_fewest_in_flight() {
+        let g = group(3);
+        g.endpoints[0].stats.in_flight.store(5, Ordering::Relaxed);
+        g.endpoints[1].stats.in_flight.store(1, Ordering::Relaxed);
+        g.endpoints[2].stats.in_flight.store(3, Ordering::Relaxed);
+        for _ in 0..5 {
+            assert_eq!(
+                g.select(&Balance::LeastConn, None, &[])
+                    .unwrap()
+                    .addr
+                    .port(),
+                8002
+            );
+        }
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_and_moves_only_when_needed() {
+        let g = group(4);
+        let policy = Balance::HashHeader {
+            name: "x-user".into(),
+        };
+        let mut spread = std::collections::HashSet::new();
+        for user in 0..200 {
+            let key = format!("user-{user}");
+            let first = g.select(&policy, Some(key.as_bytes()), &[]).unwrap().addr;
+            let again = g.select(&policy, Some(key.as_bytes()), &[]).unwrap().addr;
+            assert_eq!(first, again);
+            spread.insert(first);
+        }
+        assert_eq!(spread.len(), 4, "keys spread over every endpoint");
+        // Taking one endpoint out moves only the keys that were on it.
+        g.endpoints[0]
+            .stats
+            .active_down
+            .store(true, Ordering::Relaxed);
+        let out = g.endpoints[0].addr;
+        for user in 0..200 {
+            let key = format!("user-{user}");
+            let now = g.select(&policy, Some(key.as_bytes()), &[]).unwrap().addr;
+            assert_ne!(now, out);
+        }
+        // Without a key, hashing falls back to round robin.
+        assert!(g.select(&policy, None, &[]).is_some());
+    }
+
+    #[test]
+    fn passive_ejection_after_threshold_and_readmission() {
+        let s = EndpointStats::default();
+        assert!(!s.record_failure(3, 60_000));
+        assert!(!s.record_failure(3, 60_000));
+        s.record_success();
+        assert!(!s.record_failure(3, 60_000));
+        assert!(!s.record_failure(3, 60_000));
+        assert!(s.record_failure(3, 60_000));
+        assert!(s.ejected());
+        let quick = EndpointStats::default();
+        assert!(quick.record_failure(1, 0));
+        assert!(!quick.ejected(), "an ejection of 0 ms is over at once");
+    }
+}

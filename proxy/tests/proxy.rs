@@ -1,0 +1,1146 @@
+//! End-to-end tests of `lain proxy`: the real binary against real etcd and real upstream
+//! HTTP servers on 127.0.0.1:0.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_client::Client;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lain_state::{EndpointRecord, Keyspace, RouteRecord, encode};
+use lain_test_support::{LainProcess, eventually, require_etcd, run_lain, unique_prefix};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// An upstream HTTP server that answers with its name, the path it saw and the headers.
+struct Upstream {
+    addr: SocketAddr,
+    tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+    healthy: Arc<AtomicBool>,
+    hits: Arc<AtomicU64>,
+}
+
+impl Upstream {
+    async fn start(name: &str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let hits = Arc::new(AtomicU64::new(0));
+        let name = name.to_string();
+        let accept = tokio::spawn({
+            let tasks = tasks.clone();
+            let healthy = healthy.clone();
+            let hits = hits.clone();
+            async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let name = name.clone();
+                    let healthy = healthy.clone();
+                    let hits = hits.clone();
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let name = name.clone();
+                        let healthy = healthy.clone();
+                        let hits = hits.clone();
+                        async move {
+                            if req.uri().path() == "/healthz" {
+                                let ok = healthy.load(Ordering::Relaxed);
+                                let mut r = Response::new(Full::new(Bytes::from("hc")));
+                                *r.status_mut() = if ok { 200 } else { 503 }.try_into().unwrap();
+                                return Ok::<_, Infallible>(r);
+                            }
+                            hits.fetch_add(1, Ordering::Relaxed);
+                            let headers: HashMap<String, String> = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                                .collect();
+                            let body = serde_json::json!({
+                                "name": name,
+                                "uri": req.uri().to_string(),
+                                "headers": headers,
+                            });
+                            Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
+                        }
+                    });
+                    let h = tokio::spawn(async move {
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                    tasks.lock().unwrap().push(h);
+                }
+            }
+        });
+        Upstream {
+            addr,
+            tasks,
+            accept,
+            healthy,
+            hits,
+        }
+    }
+
+    /// Stops accepting and closes every open connection, as a crashed instance would.
+    fn kill(&self) {
+        self.accept.abort();
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The etcd side of a test: its own prefix, cleaned up on drop.
+struct Cluster {
+    client: Client,
+    ks: Keyspace,
+    prefix: String,
+    endpoints: Vec<String>,
+}
+
+impl Cluster {
+    async fn new(test: &str) -> Cluster {
+        let endpoints = require_etcd();
+        let client = lain_test_support::etcd_client(&endpoints).await;
+        let prefix = unique_prefix(test);
+        Cluster {
+            client,
+            ks: Keyspace::new(&prefix),
+            prefix,
+            endpoints,
+        }
+    }
+
+    async fn put_route(&mut self, r: &RouteRecord) {
+        let key = self.ks.route(&r.app, &r.proc_name, &r.host, &r.path);
+        self.client.put(key, encode(r), None).await.unwrap();
+    }
+
+    async fn delete_route(&mut self, r: &RouteRecord) {
+        let key = self.ks.route(&r.app, &r.proc_name, &r.host, &r.path);
+        self.client.delete(key, None).await.unwrap();
+    }
+
+    async fn put_endpoint(&mut self, app: &str, instance: u32, addr: SocketAddr) {
+        let e = endpoint(app, instance, addr);
+        self.client
+            .put(self.ks.endpoint(app, "web", instance), encode(&e), None)
+            .await
+            .unwrap();
+    }
+
+    async fn delete_endpoint(&mut self, app: &str, instance: u32) {
+        self.client
+            .delete(self.ks.endpoint(app, "web", instance), None)
+            .await
+            .unwrap();
+    }
+
+    /// Removes the test's keys; dropping does the same, also when the test fails.
+    async fn cleanup(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Drop cannot await, and may run inside the test's runtime: delete from a thread
+        // with its own runtime.
+        let (endpoints, prefix) = (self.endpoints.clone(), format!("{}/", self.prefix));
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(Ok(mut c)) =
+                    tokio::time::timeout(Duration::from_secs(5), Client::connect(&endpoints, None))
+                        .await
+                {
+                    let _ = c
+                        .delete(
+                            prefix,
+                            Some(etcd_client::DeleteOptions::new().with_prefix()),
+                        )
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn route(host: &str, path: &str, app: &str) -> RouteRecord {
+    serde_json::from_value(serde_json::json!({
+        "v": 1, "host": host, "path": path, "app": app, "proc": "web",
+    }))
+    .unwrap()
+}
+
+fn endpoint(app: &str, instance: u32, addr: SocketAddr) -> EndpointRecord {
+    serde_json::from_value(serde_json::json!({
+        "v": 1, "app": app, "proc": "web", "instance": instance,
+        "address": addr.ip().to_string(), "port": addr.port(),
+    }))
+    .unwrap()
+}
+
+struct Proxy {
+    process: LainProcess,
+    dir: tempfile::TempDir,
+    http: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Proxy {
+    /// Starts a proxy; `extra` is top-level TOML (by default trusting 10.0.0.0/8).
+    fn start(cluster: &Cluster, extra: &str) -> Proxy {
+        let extra = if extra.is_empty() {
+            r#"trusted_proxies = ["10.0.0.0/8"]"#
+        } else {
+            extra
+        };
+        let dir = lain_test_support::temp_dir();
+        let access = dir.path().join("access.log");
+        let config = format!(
+            r#"threads = 2
+drain_secs = 2
+{extra}
+[listen]
+http = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[state]
+etcd_endpoints = {endpoints:?}
+prefix = "{prefix}"
+[access_log]
+path = "{access}"
+"#,
+            endpoints = cluster.endpoints,
+            prefix = cluster.prefix,
+            access = access.display(),
+        );
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, config).unwrap();
+        Proxy::spawn(&["proxy", "--config", path.to_str().unwrap()], dir)
+    }
+
+    fn spawn(args: &[&str], dir: tempfile::TempDir) -> Proxy {
+        let process = LainProcess::spawn(args, &[("LAIN_LOG", "warn")], &["http", "admin"]);
+        let http = process.addr("http");
+        let admin = process.addr("admin");
+        Proxy {
+            process,
+            dir,
+            http,
+            admin,
+        }
+    }
+
+    fn access_log(&self) -> PathBuf {
+        self.dir.path().join("access.log")
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// GET `path` on the proxy with `host`; returns (status, body).
+async fn get(c: &reqwest::Client, p: &Proxy, host: &str, path: &str) -> (u16, String) {
+    let r = c
+        .get(p.url(path))
+        .header("host", host)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+async fn wait_status(c: &reqwest::Client, p: &Proxy, host: &str, path: &str, want: u16) -> String {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{host}{path} -> {want}"),
+        || async {
+            let (s, b) = get(c, p, host, path).await;
+            (s == want).then_some(b)
+        },
+    )
+    .await
+}
+
+async fn metrics(p: &Proxy) -> String {
+    reqwest::get(format!("http://{}/metrics", p.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric_value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_written_is_served_stripped_and_removal_gives_404() {
+    let mut cluster = Cluster::new("proxy-basic").await;
+    let up = Upstream::start("hello-1").await;
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+
+    let (s, body) = get(&c, &proxy, "hello.lain.local", "/").await;
+    assert_eq!((s, body.as_str()), (404, "no route\n"));
+
+    cluster.put_endpoint("hello", 1, up.addr).await;
+    let api = route("hello.lain.local", "/api", "hello");
+    cluster.put_route(&api).await;
+    let body = wait_status(&c, &proxy, "hello.lain.local", "/api/users?x=1", 200).await;
+    let v = json(&body);
+    assert_eq!(v["name"], "hello-1");
+    assert_eq!(v["uri"], "/users?x=1");
+    assert_eq!(v["headers"]["x-original-uri"], "/api/users?x=1");
+    // Subdomains and any case or port reach the same route.
+    let (s, body) = get(&c, &proxy, "WWW.Hello.lain.local:8080", "/api").await;
+    assert_eq!(s, 200);
+    assert_eq!(json(&body)["uri"], "/");
+    // The chosen host has no route for other paths.
+    assert_eq!(get(&c, &proxy, "hello.lain.local", "/other").await.0, 404);
+
+    let routes: serde_json::Value = reqwest::get(format!("http://{}/routes", proxy.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(routes["routes"][0]["route"], "hello.lain.local/api");
+    assert_eq!(
+        reqwest::get(format!("http://{}/healthz", proxy.admin))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    cluster.delete_route(&api).await;
+    wait_status(&c, &proxy, "hello.lain.local", "/api/users", 404).await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_over_three_upstreams() {
+    let mut cluster = Cluster::new("proxy-rr").await;
+    let ups = [
+        Upstream::start("rr-1").await,
+        Upstream::start("rr-2").await,
+        Upstream::start("rr-3").await,
+    ];
+    for (i, u) in ups.iter().enumerate() {
+        cluster.put_endpoint("rr", i as u32 + 1, u.addr).await;
+    }
+    cluster.put_route(&route("rr.lain.local", "/", "rr")).await;
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    wait_status(&c, &proxy, "rr.lain.local", "/", 200).await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for _ in 0..30 {
+        let (s, body) = get(&c, &proxy, "rr.lain.local", "/").await;
+        assert_eq!(s, 200);
+        *seen
+            .entry(json(&body)["name"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for n in seen.values() {
+        assert!((8..=12).contains(n), "uneven spread {seen:?}");
+    }
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_and_request_id() {
+    let mut cluster = Cluster::new("proxy-headers").await;
+    let up = Upstream::start("h").await;
+    cluster.put_endpoint("h", 1, up.addr).await;
+    cluster.put_route(&route("h.lain.local", "/", "h")).await;
+    // 127.0.0.1 is not trusted here, so client-sent forwarding headers are replaced.
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    wait_status(&c, &proxy, "h.lain.local", "/", 200).await;
+    let r = c
+        .get(proxy.url("/p?q=1"))
+        .header("host", "h.lain.local")
+        .header("x-forwarded-for", "1.2.3.4")
+        .header("x-forwarded-proto", "https")
+        .header("x-request-id", "req-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "req-123");
+    let v = json(&r.text().await.unwrap());
+    let h = &v["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "h.lain.local");
+    assert_eq!(h["host"], "h.lain.local");
+    assert_eq!(h["x-original-uri"], "/p?q=1");
+    assert_eq!(h["x-request-id"], "req-123");
+    // Without an id, one is generated and sent both ways.
+    let r = c
+        .get(proxy.url("/"))
+        .header("host", "h.lain.local")
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 36, "{id}");
+    assert_eq!(
+        json(&r.text().await.unwrap())["headers"]["x-request-id"],
+        id
+    );
+
+    // With 127.0.0.1 trusted, the chain is appended and the real client taken from it.
+    let trusting = Proxy::start(&cluster, r#"trusted_proxies = ["127.0.0.0/8"]"#.trim());
+    drop(proxy);
+    wait_status(&c, &trusting, "h.lain.local", "/", 200).await;
+    let r = c
+        .get(trusting.url("/"))
+        .header("host", "h.lain.local")
+        .header("x-forwarded-for", "203.0.113.9, 127.0.0.5")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    let v = json(&r.text().await.unwrap());
+    let h = &v["headers"];
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.5, 127.0.0.1");
+    assert_eq!(h["x-real-ip"], "203.0.113.9");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_line_and_metrics() {
+    let mut cluster = Cluster::new("proxy-log").await;
+    let up = Upstream::start("log").await;
+    cluster.put_endpoint("logapp", 1, up.addr).await;
+    cluster
+        .put_route(&route("log.lain.local", "/v1", "logapp"))
+        .await;
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    wait_status(&c, &proxy, "log.lain.local", "/v1/x", 200).await;
+    let r = c
+        .get(proxy.url("/v1/items?a=b"))
+        .header("host", "log.lain.local")
+        .header("user-agent", "lain-test/1")
+        .header("x-request-id", "log-req-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&c, &proxy, "nope.example", "/").await.0, 404);
+    let line = eventually(Duration::from_secs(5), "access-log line", || async {
+        let text = std::fs::read_to_string(proxy.access_log()).unwrap_or_default();
+        text.lines()
+            .find(|l| l.contains("log-req-1"))
+            .map(str::to_string)
+    })
+    .await;
+    let v = json(&line);
+    for field in [
+        "time",
+        "client_ip",
+        "method",
+        "host",
+        "path",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+        "upstream",
+        "upstream_ms",
+        "app",
+        "proc",
+        "route",
+        "request_id",
+        "user_agent",
+    ] {
+        assert!(v.get(field).is_some(), "missing {field} in {line}");
+    }
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["path"], "/v1/items?a=b");
+    assert_eq!(v["app"], "logapp");
+    assert_eq!(v["proc"], "web");
+    assert_eq!(v["route"], "log.lain.local/v1");
+    assert_eq!(v["upstream"], up.addr.to_string());
+    assert_eq!(v["user_agent"], "lain-test/1");
+    assert_eq!(v["client_ip"], "127.0.0.1");
+    assert!(v["bytes_out"].as_u64().unwrap() > 0);
+
+    let m = metrics(&proxy).await;
+    assert!(
+        metric_value(
+            &m,
+            r#"lain_proxy_requests_total{app="logapp",class="2xx",proc="web"}"#
+        ) >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric_value(
+            &m,
+            r#"lain_proxy_requests_total{app="",class="4xx",proc=""}"#
+        ) >= 1.0
+    );
+    assert!(metric_value(&m, "lain_proxy_request_duration_seconds_count") >= 3.0);
+    assert!(metric_value(&m, "lain_proxy_upstream_duration_seconds_count") >= 2.0);
+    assert_eq!(
+        metric_value(&m, "lain_proxy_route_table_routes "),
+        1.0,
+        "{m}"
+    );
+    assert!(metric_value(&m, "lain_proxy_route_table_version ") >= 1.0);
+    assert!(metric_value(&m, "lain_proxy_active_connections ") >= 0.0);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_404_503_400_and_conflicting_claims() {
+    let mut cluster = Cluster::new("proxy-errors").await;
+    let up = Upstream::start("first").await;
+    cluster.put_endpoint("first", 1, up.addr).await;
+    cluster
+        .put_route(&route("e.lain.local", "/", "first"))
+        .await;
+    // A second proc claims the same host and path later: rejected, counted.
+    cluster
+        .put_route(&route("e.lain.local", "/", "second"))
+        .await;
+    // A route whose proc has no endpoints.
+    cluster
+        .put_route(&route("empty.lain.local", "/", "empty"))
+        .await;
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    let body = wait_status(&c, &proxy, "e.lain.local", "/", 200).await;
+    assert_eq!(json(&body)["name"], "first");
+    let (s, body) = get(&c, &proxy, "empty.lain.local", "/").await;
+    assert_eq!((s, body.as_str()), (503, "no healthy endpoint\n"));
+    let m = metrics(&proxy).await;
+    assert_eq!(
+        metric_value(&m, "lain_proxy_route_rejected_claims "),
+        1.0,
+        "{m}"
+    );
+    let routes: serde_json::Value = reqwest::get(format!("http://{}/routes", proxy.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        routes["rejected"][0]["key"]
+            .as_str()
+            .unwrap()
+            .contains("/second/")
+    );
+
+    // Conflicting framing is refused, never forwarded.
+    let hits = up.hits.load(Ordering::Relaxed);
+    let raw = raw_request(
+        proxy.http,
+        "POST / HTTP/1.1\r\nHost: e.lain.local\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: e.lain.local\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let raw = raw_request(proxy.http, &big).await;
+    assert!(
+        raw.starts_with("HTTP/1.1 431"),
+        "{}",
+        &raw[..raw.len().min(200)]
+    );
+    let raw = raw_request(proxy.http, "GARBAGE\r\n\r\n").await;
+    assert!(raw.is_empty() || raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert_eq!(up.hits.load(Ordering::Relaxed), hits);
+    // The proxy is still up.
+    assert_eq!(get(&c, &proxy, "e.lain.local", "/").await.0, 200);
+    cluster.cleanup().await;
+}
+
+async fn raw_request(addr: SocketAddr, text: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(text.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_etcd_value_is_skipped_and_counted() {
+    let mut cluster = Cluster::new("proxy-malformed").await;
+    let up = Upstream::start("m").await;
+    cluster.put_endpoint("m", 1, up.addr).await;
+    cluster.put_route(&route("m.lain.local", "/", "m")).await;
+    let bad_key = cluster.ks.route("bad", "web", "bad.lain.local", "/");
+    cluster
+        .client
+        .put(bad_key.clone(), "{not json", None)
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    wait_status(&c, &proxy, "m.lain.local", "/", 200).await;
+    assert_eq!(get(&c, &proxy, "bad.lain.local", "/").await.0, 404);
+    let m = metrics(&proxy).await;
+    assert!(
+        metric_value(&m, r#"lain_state_invalid_records_total{kind="routes"}"#) >= 1.0,
+        "{m}"
+    );
+    // A later bad write to a good key keeps the last good value serving.
+    let good_key = cluster.ks.route("m", "web", "m.lain.local", "/");
+    cluster.client.put(good_key, "garbage", None).await.unwrap();
+    let m2 = eventually(
+        Duration::from_secs(5),
+        "second invalid record counted",
+        || async {
+            let m = metrics(&proxy).await;
+            (metric_value(&m, r#"lain_state_invalid_records_total{kind="routes"}"#) >= 2.0)
+                .then_some(m)
+        },
+    )
+    .await;
+    assert!(m2.contains("lain_state_invalid_records_total"));
+    assert_eq!(get(&c, &proxy, "m.lain.local", "/").await.0, 200);
+    cluster.cleanup().await;
+}
+
+/// Runs a client loop until `stop`; returns (requests, failures, first failure).
+async fn load_loop(
+    c: reqwest::Client,
+    url: String,
+    host: &'static str,
+    stop: Arc<AtomicBool>,
+    limit: u64,
+) -> (u64, u64, Option<String>) {
+    let (mut n, mut failed, mut first) = (0u64, 0u64, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stop.load(Ordering::Relaxed) && n < limit && Instant::now() < deadline {
+        n += 1;
+        match c.get(&url).header("host", host).send().await {
+            Ok(r) if r.status() == 200 => {
+                let _ = r.bytes().await;
+            }
+            Ok(r) => {
+                failed += 1;
+                first.get_or_insert(format!("status {}", r.status()));
+            }
+            Err(e) => {
+                failed += 1;
+                first.get_or_insert(e.to_string());
+            }
+        }
+    }
+    (n, failed, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_route_updates_under_load_fail_no_request() {
+    let mut cluster = Cluster::new("proxy-churn").await;
+    let up = Upstream::start("churn").await;
+    cluster.put_endpoint("churn", 1, up.addr).await;
+    cluster
+        .put_route(&route("churn.lain.local", "/", "churn"))
+        .await;
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    wait_status(&c, &proxy, "churn.lain.local", "/", 200).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(load_loop(
+                c.clone(),
+                proxy.url("/"),
+                "churn.lain.local",
+                stop.clone(),
+                200_000,
+            ))
+        })
+        .collect();
+    for i in 0..1000u32 {
+        // Other apps' routes come and go; the served route is rewritten now and then.
+        let r = route(&format!("app{}.lain.local", i % 50), "/", "other");
+        if i % 3 == 2 {
+            cluster.delete_route(&r).await;
+        } else {
+            cluster.put_route(&r).await;
+        }
+        if i % 100 == 0 {
+            cluster
+                .put_route(&route("churn.lain.local", "/", "churn"))
+                .await;
+        }
+    }
+    let table_version = eventually(Duration::from_secs(10), "table caught up", || async {
+        let m = metrics(&proxy).await;
+        let v = metric_value(&m, "lain_proxy_route_table_version ");
+        (v > 1.0).then_some(v)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for l in loads {
+        let (n, failed, first) = l.await.unwrap();
+        assert_eq!(failed, 0, "{failed} of {n} failed, first: {first:?}");
+        total += n;
+    }
+    assert!(total > 100, "only {total} requests ran");
+    assert!(table_version > 1.0);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_killed_under_load_causes_no_client_error() {
+    let mut cluster = Cluster::new("proxy-kill").await;
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    cluster.put_endpoint("kill", 1, a.addr).await;
+    cluster.put_endpoint("kill", 2, b.addr).await;
+    cluster
+        .put_route(&route("kill.lain.local", "/", "kill"))
+        .await;
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    wait_status(&c, &proxy, "kill.lain.local", "/", 200).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(load_loop(
+                c.clone(),
+                proxy.url("/"),
+                "kill.lain.local",
+                stop.clone(),
+                100_000,
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.kill();
+    let before = b.hits.load(Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(10),
+        "traffic continues on b",
+        || async { (b.hits.load(Ordering::Relaxed) > before + 200).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for l in loads {
+        let (n, failed, first) = l.await.unwrap();
+        assert_eq!(failed, 0, "{failed} of {n} failed, first: {first:?}");
+    }
+    let m = metrics(&proxy).await;
+    assert!(
+        metric_value(&m, "lain_proxy_upstream_connect_errors_total") >= 1.0,
+        "{m}"
+    );
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_take_an_endpoint_out_and_back() {
+    let mut cluster = Cluster::new("proxy-health").await;
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    cluster.put_endpoint("hc", 1, a.addr).await;
+    cluster.put_endpoint("hc", 2, b.addr).await;
+    let mut r = route("hc.lain.local", "/", "hc");
+    r.healthcheck = Some(lain_state::HealthCheck {
+        path: "/healthz".into(),
+        interval_ms: 100,
+        rise: 2,
+        fall: 2,
+    });
+    cluster.put_route(&r).await;
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    wait_status(&c, &proxy, "hc.lain.local", "/", 200).await;
+    a.healthy.store(false, Ordering::Relaxed);
+    // Once a is out, every request lands on b.
+    eventually(Duration::from_secs(10), "a taken out", || async {
+        let mut names = Vec::new();
+        for _ in 0..6 {
+            let (_, body) = get(&c, &proxy, "hc.lain.local", "/").await;
+            names.push(json(&body)["name"].as_str().unwrap().to_string());
+        }
+        names.iter().all(|n| n == "b").then_some(())
+    })
+    .await;
+    a.healthy.store(true, Ordering::Relaxed);
+    eventually(Duration::from_secs(10), "a back in", || async {
+        let (_, body) = get(&c, &proxy, "hc.lain.local", "/").await;
+        (json(&body)["name"] == "a").then_some(())
+    })
+    .await;
+    let m = metrics(&proxy).await;
+    assert!(
+        metric_value(
+            &m,
+            r#"lain_proxy_health_transitions_total{direction="down"}"#
+        ) >= 1.0
+    );
+    assert!(metric_value(&m, r#"lain_proxy_health_transitions_total{direction="up"}"#) >= 1.0);
+    // An endpoint removed from etcd stops receiving traffic.
+    cluster.delete_endpoint("hc", 1).await;
+    eventually(Duration::from_secs(10), "a removed", || async {
+        let routes: serde_json::Value = reqwest::get(format!("http://{}/routes", proxy.admin))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (routes["routes"][0]["endpoints"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    cluster.cleanup().await;
+}
+
+fn write(path: &Path, text: &str) {
+    // Write then rename, so the watcher never reads a half-written file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_routes_file_is_served_and_reread() {
+    let up = Upstream::start("file").await;
+    let dir = lain_test_support::temp_dir();
+    let routes = dir.path().join("routes.yaml");
+    let doc = |host: &str| {
+        format!(
+            "routes:\n  - {{host: {host}, path: /, app: f, proc: web}}\nendpoints:\n  - {{app: f, proc: web, instance: 1, address: 127.0.0.1, port: {}}}\n",
+            up.addr.port()
+        )
+    };
+    write(&routes, &doc("one.lain.local"));
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "[listen]\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[access_log]\npath = \"\"\n",
+    )
+    .unwrap();
+    let proxy = Proxy::spawn(
+        &[
+            "proxy",
+            "--config",
+            config.to_str().unwrap(),
+            "--routes",
+            routes.to_str().unwrap(),
+        ],
+        dir,
+    );
+    let c = client();
+    wait_status(&c, &proxy, "one.lain.local", "/", 200).await;
+    write(&routes, &doc("two.lain.local"));
+    wait_status(&c, &proxy, "two.lain.local", "/", 200).await;
+    assert_eq!(get(&c, &proxy, "one.lain.local", "/").await.0, 404);
+}
+
+#[test]
+fn check_config_exit_codes() {
+    let dir = lain_test_support::temp_dir();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[state]\netcd_endpoints = [\"http://127.0.0.1:1\"]\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_lain(
+        &["proxy", "--check-config", "-c", good.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "trusted_proxies = [\"nope\"]\nbogus = 1\n[state]\netcd_endpoints = [\"127.0.0.1:1\"]\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_lain(
+        &["proxy", "--check-config", "-c", bad.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("bogus"), "{err}");
+    let (code, _, err) = run_lain(&["proxy", "--check-config"], None);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("state"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_cleanly() {
+    let mut cluster = Cluster::new("proxy-term").await;
+    let up = Upstream::start("t").await;
+    cluster.put_endpoint("t", 1, up.addr).await;
+    cluster.put_route(&route("t.lain.local", "/", "t")).await;
+    let mut proxy = Proxy::start(&cluster, "");
+    let c = client();
+    wait_status(&c, &proxy, "t.lain.local", "/", 200).await;
+    let status = proxy.process.terminate(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    cluster.cleanup().await;
+}
+
+fn self_signed(names: &[&str]) -> (String, String) {
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    (c.cert.pem(), c.signing_key.serialize_pem())
+}
+
+async fn put_cert(cluster: &mut Cluster, id: &str, names: &[&str], pem: &(String, String)) {
+    let rec: lain_state::CertRecord = serde_json::from_value(serde_json::json!({
+        "v": 1, "names": names, "cert_pem": pem.0, "key_pem": pem.1,
+    }))
+    .unwrap();
+    cluster
+        .client
+        .put(cluster.ks.cert(id), encode(&rec), None)
+        .await
+        .unwrap();
+}
+
+fn tls_client(roots: &[&String], names: &[&str], addr: SocketAddr) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_built_in_root_certs(false);
+    for r in roots {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(r.as_bytes()).unwrap());
+    }
+    for n in names {
+        b = b.resolve(n, addr);
+    }
+    b.build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sni_certificates_rotation_http2_and_https_only() {
+    let mut cluster = Cluster::new("proxy-tls").await;
+    let up = Upstream::start("tls").await;
+    cluster.put_endpoint("tls", 1, up.addr).await;
+    cluster.put_route(&route("a.tls.lain", "/", "tls")).await;
+    let mut secure = route("b.tls.lain", "/", "tls");
+    secure.https_only = true;
+    cluster.put_route(&secure).await;
+    let a = self_signed(&["a.tls.lain"]);
+    let b = self_signed(&["*.b.tls.lain", "b.tls.lain"]);
+    put_cert(&mut cluster, "a", &["a.tls.lain"], &a).await;
+    put_cert(&mut cluster, "b", &["*.b.tls.lain", "b.tls.lain"], &b).await;
+
+    let dir = lain_test_support::temp_dir();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[state]\netcd_endpoints = {:?}\nprefix = \"{}\"\n[access_log]\npath = \"\"\n",
+            cluster.endpoints, cluster.prefix
+        ),
+    )
+    .unwrap();
+    let process = LainProcess::spawn(
+        &["proxy", "--config", config.to_str().unwrap()],
+        &[("LAIN_LOG", "warn")],
+        &["http", "https", "admin"],
+    );
+    let https = process.addr("https");
+    let names = ["a.tls.lain", "b.tls.lain", "x.b.tls.lain"];
+    let c = tls_client(&[&a.0, &b.0], &names, https);
+
+    // Each name gets its own certificate by SNI, and HTTP/2 is negotiated by ALPN.
+    let r = eventually(Duration::from_secs(10), "https a", || async {
+        let r = c
+            .get(format!("https://a.tls.lain:{}/x", https.port()))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let v = json(&r.text().await.unwrap());
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https");
+    let r = c
+        .get(format!("https://x.b.tls.lain:{}/", https.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A client trusting only a's certificate cannot reach b's name.
+    let only_a = tls_client(&[&a.0], &names, https);
+    assert!(
+        only_a
+            .get(format!("https://b.tls.lain:{}/", https.port()))
+            .send()
+            .await
+            .is_err()
+    );
+
+    // https_only answers plain HTTP with a redirect.
+    let plain = process.addr("http");
+    let r = client()
+        .get(format!("http://{plain}/p?q=1"))
+        .header("host", "b.tls.lain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 301);
+    assert_eq!(r.headers()["location"], "https://b.tls.lain/p?q=1");
+
+    // Rotation: a new certificate for a is served on the next handshake, no restart.
+    let a2 = self_signed(&["a.tls.lain"]);
+    put_cert(&mut cluster, "a", &["a.tls.lain"], &a2).await;
+    let only_a2 = tls_client(&[&a2.0], &names, https);
+    eventually(
+        Duration::from_secs(10),
+        "rotated certificate served",
+        || async {
+            let r = only_a2
+                .get(format!("https://a.tls.lain:{}/", https.port()))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(())
+        },
+    )
+    .await;
+    drop(process);
+    cluster.cleanup().await;
+}
+
+/// An upstream that answers any request with `101 Switching Protocols` and then echoes bytes.
+async fn upgrade_echo_upstream() -> (SocketAddr, JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                let mut buf = [0u8; 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_stays_open_across_table_swaps() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cluster = Cluster::new("proxy-ws").await;
+    let (up, task) = upgrade_echo_upstream().await;
+    cluster.put_endpoint("ws", 1, up).await;
+    cluster.put_route(&route("ws.lain.local", "/", "ws")).await;
+    let proxy = Proxy::start(&cluster, "");
+    let mut s = eventually(Duration::from_secs(10), "upgrade accepted", || async {
+        let mut s = tokio::net::TcpStream::connect(proxy.http).await.ok()?;
+        s.write_all(b"GET /chat HTTP/1.1\r\nHost: ws.lain.local\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).await.ok()? == 0 {
+                return None;
+            }
+            head.push(b[0]);
+        }
+        head.starts_with(b"HTTP/1.1 101").then_some(s)
+    })
+    .await;
+    let echo = async |s: &mut tokio::net::TcpStream, msg: &[u8]| {
+        s.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(got, msg);
+    };
+    echo(&mut s, b"before").await;
+    let v0 = metric_value(&metrics(&proxy).await, "lain_proxy_route_table_version ");
+    for i in 0..50 {
+        cluster
+            .put_route(&route(&format!("x{i}.lain.local"), "/", "other"))
+            .await;
+    }
+    eventually(Duration::from_secs(10), "tables swapped", || async {
+        let v = metric_value(&metrics(&proxy).await, "lain_proxy_route_table_version ");
+        (v > v0).then_some(())
+    })
+    .await;
+    echo(&mut s, b"after the swaps").await;
+    task.abort();
+    cluster.cleanup().await;
+}

@@ -14,8 +14,10 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::{DNSClass, Record, RecordType};
+use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use ipnet::IpNet;
@@ -149,6 +151,66 @@ impl DnsHandler {
     }
 }
 
+/// An upper bound of a record's wire size, without name compression.
+fn wire_bound(r: &Record) -> usize {
+    let name = |n: &hickory_proto::rr::Name| n.len() + 2;
+    let rdata = match &r.data {
+        RData::A(_) => 4,
+        RData::AAAA(_) => 16,
+        RData::CNAME(n) => name(&n.0),
+        RData::PTR(n) => name(&n.0),
+        RData::NS(n) => name(&n.0),
+        RData::SRV(s) => 6 + name(&s.target),
+        RData::MX(m) => 2 + name(&m.exchange),
+        RData::SOA(s) => name(&s.mname) + name(&s.rname) + 20,
+        RData::TXT(t) => t.txt_data.iter().map(|d| d.len() + 1).sum(),
+        // Anything else (forwarded answers): assume the worst, so the exact check runs.
+        _ => usize::from(u16::MAX),
+    };
+    name(&r.name) + 10 + rdata
+}
+
+/// Whether the reply fits `limit` octets: by a cheap bound first, exactly when that fails.
+fn fits(
+    request: &Request,
+    edns: Option<&Edns>,
+    metadata: Metadata,
+    reply: &Reply<'_>,
+    limit: u16,
+) -> bool {
+    let limit_usize = usize::from(limit);
+    let mut bound = 12 + request.queries.as_bytes().len() + if edns.is_some() { 11 } else { 0 };
+    for r in reply
+        .answers
+        .iter()
+        .chain(&reply.authorities)
+        .chain(&reply.additionals)
+    {
+        bound = bound.saturating_add(wire_bound(r));
+        if bound > limit_usize {
+            break;
+        }
+    }
+    if bound <= limit_usize {
+        return true;
+    }
+    let mut buf = Vec::with_capacity(limit_usize);
+    let mut encoder = BinEncoder::new(&mut buf);
+    encoder.set_max_size(limit);
+    let builder = MessageResponseBuilder::new(&request.queries, edns);
+    let response = builder.build(
+        metadata,
+        reply.answers.iter().map(|r| r.as_ref()),
+        reply.authorities.iter().map(|r| r.as_ref()),
+        std::iter::empty(),
+        reply.additionals.iter().map(|r| r.as_ref()),
+    );
+    match response.destructive_emit(&mut encoder) {
+        Ok(info) => !info.truncation,
+        Err(_) => false,
+    }
+}
+
 #[async_trait::async_trait]
 impl RequestHandler for DnsHandler {
     async fn handle_request<R: ResponseHandler, T: Time>(
@@ -178,10 +240,22 @@ impl RequestHandler for DnsHandler {
             .first()
             .map_or("none", |q| qtype_label(q.query_type()));
 
+        let mut reply = reply;
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.response_code = reply.rcode;
         metadata.authoritative = reply.authoritative;
         metadata.recursion_available = reply.recursion_available;
+        if request.protocol() == Protocol::Udp {
+            let limit = resp_edns.as_ref().map_or(512, Edns::max_payload);
+            if !fits(request, resp_edns.as_ref(), metadata, &reply, limit) {
+                // Partial RRsets are worse than none (RFC 2181 §9): send the header, the
+                // question and OPT with TC set, and let the client retry over TCP.
+                reply.answers.clear();
+                reply.authorities.clear();
+                reply.additionals.clear();
+                metadata.truncation = true;
+            }
+        }
         let builder = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref());
         let response = builder.build(
             metadata,

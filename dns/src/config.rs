@@ -322,10 +322,10 @@ impl Validate for Config {
                 Err(e) => errors.push(ConfigError::at(format!("zone.reverse_zones[{i}]"), e)),
             }
         }
-        if let Some(r) = &self.zone.soa.rname {
-            if let Err(e) = parse_domain(r) {
-                errors.push(ConfigError::at("zone.soa.rname", e));
-            }
+        if let Some(r) = &self.zone.soa.rname
+            && let Err(e) = parse_domain(r)
+        {
+            errors.push(ConfigError::at("zone.soa.rname", e));
         }
         if self.zone.soa.refresh_secs > i32::MAX as u32
             || self.zone.soa.retry_secs > i32::MAX as u32

@@ -165,10 +165,10 @@ impl Forwarder {
         if cache.len() >= self.max_entries && !cache.contains_key(&key) {
             cache.retain(|_, e| e.expires > now);
             // Still full of live entries: drop one; any will do for a bounded cache.
-            if cache.len() >= self.max_entries {
-                if let Some(k) = cache.keys().next().cloned() {
-                    cache.remove(&k);
-                }
+            if cache.len() >= self.max_entries
+                && let Some(k) = cache.keys().next().cloned()
+            {
+                cache.remove(&k);
             }
         }
         cache.insert(key, entry);

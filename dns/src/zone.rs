@@ -360,34 +360,34 @@ impl Zone {
             }
             return;
         }
-        if qtype != RecordType::CNAME {
-            if let Some([cname]) = node.get(RecordType::CNAME) {
-                if synthesized {
-                    let mut r = cname.clone();
-                    r.name = owner();
-                    answer.answers.push(Cow::Owned(r));
-                } else {
-                    answer.answers.push(Cow::Borrowed(cname));
-                }
-                if let RData::CNAME(CNAME(target)) = &cname.data {
-                    let target = LowerName::from(target);
-                    if depth < MAX_CNAME_CHAIN {
-                        if let Some((t_apex_name, t_apex)) = self.apex_of(&target) {
-                            self.resolve(
-                                &target,
-                                qtype,
-                                viewer,
-                                rotation,
-                                &t_apex_name,
-                                t_apex,
-                                answer,
-                                depth + 1,
-                            );
-                        }
-                    }
-                }
-                return;
+        if qtype != RecordType::CNAME
+            && let Some([cname]) = node.get(RecordType::CNAME)
+        {
+            if synthesized {
+                let mut r = cname.clone();
+                r.name = owner();
+                answer.answers.push(Cow::Owned(r));
+            } else {
+                answer.answers.push(Cow::Borrowed(cname));
             }
+            if let RData::CNAME(CNAME(target)) = &cname.data
+                && depth < MAX_CNAME_CHAIN
+            {
+                let target = LowerName::from(target);
+                if let Some((t_apex_name, t_apex)) = self.apex_of(&target) {
+                    self.resolve(
+                        &target,
+                        qtype,
+                        viewer,
+                        rotation,
+                        &t_apex_name,
+                        t_apex,
+                        answer,
+                        depth + 1,
+                    );
+                }
+            }
+            return;
         }
         // The name exists with other types: NODATA.
         answer.authorities.push(Cow::Borrowed(&apex.negative_soa));
@@ -621,15 +621,16 @@ pub fn compile(snap: &Snapshot, settings: &ZoneSettings, serial: u32) -> Zone {
                 let Some(name) = b.name(&format!("{service}.{cad}.{domain}"), &what) else {
                     continue;
                 };
-                if let Some(existing) = b.nodes.get(&LowerName::from(&name)) {
-                    if existing.view_app.is_none() && existing.has_data() {
-                        b.skip(
-                            &what,
-                            SkipReason::Conflict,
-                            format!("{name} is already a proc name"),
-                        );
-                        continue;
-                    }
+                if let Some(existing) = b.nodes.get(&LowerName::from(&name))
+                    && existing.view_app.is_none()
+                    && existing.has_data()
+                {
+                    b.skip(
+                        &what,
+                        SkipReason::Conflict,
+                        format!("{name} is already a proc name"),
+                    );
+                    continue;
                 }
                 let node = b.node(&name);
                 node.rotate = true;
@@ -885,6 +886,8 @@ mod tests {
         Some((a.rcode, show(&a.answers), show(&a.authorities)))
     }
 
+    type Expected = Option<(ResponseCode, Vec<String>, Vec<String>)>;
+
     #[test]
     fn lookups() {
         use RecordType::*;
@@ -899,12 +902,7 @@ mod tests {
                 vec![],
             ))
         };
-        let cases: Vec<(
-            &str,
-            RecordType,
-            Option<&str>,
-            Option<(ResponseCode, Vec<String>, Vec<String>)>,
-        )> = vec![
+        let cases: Vec<(&str, RecordType, Option<&str>, Expected)> = vec![
             // Per-instance names, also unhealthy ones, in every domain.
             (
                 "web-1.hello.lain.",

@@ -8,6 +8,8 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 secs=${BENCH_SECS:-10}
 port=${BENCH_PORT:-25353}
 work=$(mktemp -d /tmp/lain-bench-dns.XXXXXX)
+# Servers that drop privileges (dnsmasq) must still read their files.
+chmod 755 "$work"
 out="${CARGO_TARGET_DIR:-$root/target}"
 mkdir -p "$root/target/bench"
 trap 'stop_server; rm -rf "$work"' EXIT

@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of `lain dns` against NSD, Knot DNS, Unbound (local-data) and dnsmasq,
+# all from Debian, on loopback, one at a time, loaded by dnsperf with the same 1,000-instance
+# zone and a query file with 10% non-existent names. Prints a markdown table and writes
+# target/bench/dns.json. Bounded: BENCH_SECS (10) of load per server and thread count.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+secs=${BENCH_SECS:-10}
+port=${BENCH_PORT:-25353}
+work=$(mktemp -d /tmp/lain-bench-dns.XXXXXX)
+# Servers that drop privileges (dnsmasq) must still read their files.
+chmod 755 "$work"
+out="${CARGO_TARGET_DIR:-$root/target}"
+mkdir -p "$root/target/bench"
+trap 'stop_server; rm -rf "$work"' EXIT
+
+need=()
+for b in dnsperf:dnsperf nsd:nsd knotd:knot unbound:unbound dnsmasq:dnsmasq-base; do
+  command -v "${b%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${b%%:*}" ] || need+=("${b##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]}" >&2
+  apt-get install -y -q "${need[@]}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${need[@]}" >&2; }
+fi
+export PATH="$PATH:/usr/sbin"
+
+# LAIN_BIN skips the release build (for a quick run of the script itself).
+lain=${LAIN_BIN:-}
+if [ -z "$lain" ]; then
+  echo "building lain (release)" >&2
+  (cd "$root" && cargo build --release --bin lain >&2)
+  lain="$out/release/lain"
+fi
+
+# The records: 1,000 instances of 50 apps, addresses 10.1.x.y.
+python3 - "$work" <<'PY'
+import sys, os, random
+w = sys.argv[1]
+inst = [(f"app{i % 50}", i // 50 + 1, f"10.1.{i // 250}.{i % 250 + 1}") for i in range(1000)]
+with open(f"{w}/state.yaml", "w") as f:
+    f.write("endpoints:\n")
+    for app, n, ip in inst:
+        f.write(f"  - {{app: {app}, proc: web, instance: {n}, address: {ip}, port: 80}}\n")
+soa = "lain. 5 IN SOA ns.lain. hostmaster.lain. 1 60 10 86400 5"
+with open(f"{w}/lain.zone", "w") as f:
+    f.write(f"$ORIGIN lain.\n{soa}\nlain. 5 IN NS ns.lain.\nns.lain. 5 IN A 127.0.0.1\n")
+    for app, n, ip in inst:
+        f.write(f"web-{n}.{app}.lain. 5 IN A {ip}\n")
+with open(f"{w}/unbound-data.conf", "w") as f:
+    f.write('  local-zone: "lain." static\n')
+    f.write(f'  local-data: "{soa}"\n  local-data: "lain. 5 IN NS ns.lain."\n')
+    for app, n, ip in inst:
+        f.write(f'  local-data: "web-{n}.{app}.lain. 5 IN A {ip}"\n')
+with open(f"{w}/hosts", "w") as f:
+    for app, n, ip in inst:
+        f.write(f"{ip} web-{n}.{app}.lain\n")
+random.seed(1)
+with open(f"{w}/queries.txt", "w") as f:
+    for i in range(20000):
+        if i % 10 == 0:
+            f.write(f"nope-{i}.app{i % 50}.lain A\n")
+        else:
+            app, n, _ = random.choice(inst)
+            f.write(f"web-{n}.{app}.lain A\n")
+PY
+
+pid=""
+stop_server() {
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  pid=""
+}
+
+start_server() { # name threads
+  local name=$1 t=$2
+  case "$name" in
+    lain)
+      printf 'listen = "127.0.0.1:%s"\nadmin_listen = "127.0.0.1:0"\nudp_sockets = %s\nworker_threads = %s\n[state]\nfile = "%s/state.yaml"\n' \
+        "$port" "$t" "$t" "$work" > "$work/lain.toml"
+      LAIN_LOG=warn "$lain" dns -c "$work/lain.toml" > /dev/null 2>"$work/lain.log" & pid=$! ;;
+    nsd)
+      cat > "$work/nsd.conf" <<C
+server:
+  ip-address: 127.0.0.1@$port
+  server-count: $t
+  username: ""
+  zonesdir: "$work"
+  pidfile: "$work/nsd.pid"
+  database: ""
+  xfrdfile: "$work/xfrd.state"
+  zonelistfile: "$work/zone.list"
+  logfile: "$work/nsd.log"
+remote-control:
+  control-enable: no
+zone:
+  name: lain.
+  zonefile: lain.zone
+C
+      nsd -d -c "$work/nsd.conf" & pid=$! ;;
+    knot)
+      mkdir -p "$work/knot"
+      cat > "$work/knot.conf" <<C
+server:
+  listen: 127.0.0.1@$port
+  udp-workers: $t
+  tcp-workers: 1
+  rundir: "$work/knot"
+database:
+  storage: "$work/knot"
+template:
+  - id: default
+    storage: "$work"
+zone:
+  - domain: lain.
+    file: lain.zone
+log:
+  - target: stderr
+    any: error
+C
+      knotd -c "$work/knot.conf" & pid=$! ;;
+    unbound)
+      { printf 'server:\n  interface: 127.0.0.1\n  port: %s\n  num-threads: %s\n  do-daemonize: no\n  use-syslog: no\n  logfile: ""\n  username: ""\n  chroot: ""\n  pidfile: ""\n  directory: "%s"\n  do-ip6: no\n  module-config: "iterator"\n' "$port" "$t" "$work"
+        cat "$work/unbound-data.conf"; printf 'remote-control:\n  control-enable: no\n'; } > "$work/unbound.conf"
+      unbound -d -c "$work/unbound.conf" & pid=$! ;;
+    dnsmasq)
+      dnsmasq -k --port "$port" --listen-address 127.0.0.1 --bind-interfaces --no-resolv --no-hosts \
+        --addn-hosts "$work/hosts" --local=/lain/ --cache-size=0 --pid-file= 2>"$work/dnsmasq.log" & pid=$! ;;
+  esac
+  for _ in $(seq 100); do
+    if dig +short +time=1 +tries=1 -p "$port" @127.0.0.1 web-1.app0.lain A 2>/dev/null | grep -q 10.1.0.1; then return 0; fi
+    sleep 0.1
+  done
+  echo "$name did not start" >&2; return 1
+}
+
+# CPU of the server and its children (NSD forks its workers), in clock ticks.
+cpu_ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    [ -r "/proc/$p/stat" ] && total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$total"
+}
+rss_mib() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+
+results="$work/results.tsv"
+: > "$results"
+tck=$(getconf CLK_TCK)
+for t in 1 2; do
+  for name in lain nsd knot unbound dnsmasq; do
+    stop_server
+    if ! start_server "$name" "$t"; then stop_server; continue; fi
+    before=$(cpu_ticks "$pid")
+    dnsperf -s 127.0.0.1 -p "$port" -d "$work/queries.txt" -l "$secs" -c "$t" -T "$t" > "$work/perf.txt" 2>&1 || true
+    after=$(cpu_ticks "$pid")
+    rss=$(rss_mib "$pid")
+    stop_server
+    python3 - "$work/perf.txt" "$name" "$t" "$((after - before))" "$tck" "$rss" >> "$results" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+def num(pat):
+    m = re.search(pat, text)
+    return float(m.group(1)) if m else 0.0
+done = num(r"Queries completed:\s+(\d+)")
+lost = num(r"Queries lost:\s+(\d+)")
+qps = num(r"Queries per second:\s+([\d.]+)")
+avg = num(r"Average Latency \(s\):\s+([\d.]+)")
+sd = num(r"Latency StdDev \(s\):\s+([\d.]+)")
+ticks, tck, rss = float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+cpu = ticks * 1e6 / tck / done if done else 0.0
+# dnsperf reports mean and standard deviation; p99 is estimated as mean + 2.326 sd.
+p99 = (avg + 2.326 * sd) * 1000
+print(f"{sys.argv[3]}\t{sys.argv[2]}\t{qps:.0f}\t{avg*1000:.3f}\t{p99:.3f}\t{lost:.0f}\t{cpu:.2f}\t{rss}")
+PY
+  done
+done
+
+# Propagation: etcd put -> first correct answer, when an etcd is available.
+prop="null"
+if [ -n "${LAIN_ETCD:-}" ]; then
+  prefix="/lain-bench/dns-$$"
+  printf 'listen = "127.0.0.1:%s"\nadmin_listen = "127.0.0.1:0"\nudp_sockets = 1\nworker_threads = 1\n[state]\netcd_endpoints = ["%s"]\nprefix = "%s"\n' \
+    "$port" "${LAIN_ETCD%%,*}" "$prefix" > "$work/lain-etcd.toml"
+  LAIN_LOG=warn "$lain" dns -c "$work/lain-etcd.toml" > /dev/null 2>"$work/lain.log" & pid=$!
+  sleep 1
+  prop=$(python3 - "${LAIN_ETCD%%,*}" "$prefix" "$port" <<'PY'
+import base64, json, socket, struct, sys, time, urllib.request
+etcd, prefix, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def kv(path, body):
+    req = urllib.request.Request(f"{etcd}/v3/kv/{path}", json.dumps(body).encode(), {"content-type": "application/json"})
+    urllib.request.urlopen(req, timeout=5).read()
+b64 = lambda s: base64.b64encode(s.encode()).decode()
+def query(name, qid):
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for l in name.split("."):
+        q += bytes([len(l)]) + l.encode()
+    return q + b"\x00\x00\x01\x00\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.5)
+lat = []
+for i in range(1, 101):
+    # The key layout of lain_state::Keyspace::endpoint: {prefix}/state/endpoints/{app}/{proc}/{n}.
+    key = f"{prefix}/state/endpoints/prop/web/{i}"
+    rec = {"v": 1, "app": "prop", "proc": "web", "instance": i, "address": f"10.2.0.{i}", "port": 80}
+    t0 = time.monotonic()
+    kv("put", {"key": b64(key), "value": b64(json.dumps(rec))})
+    while time.monotonic() - t0 < 5:
+        s.sendto(query(f"web-{i}.prop.lain", i), ("127.0.0.1", port))
+        try:
+            data = s.recv(512)
+        except socket.timeout:
+            continue
+        if data[3] & 0x0f == 0 and struct.unpack(">H", data[6:8])[0] > 0:
+            lat.append((time.monotonic() - t0) * 1000)
+            break
+kv("deleterange", {"key": b64(prefix + "/"), "range_end": b64(prefix + "0")})
+lat.sort()
+print(json.dumps({"p50": round(lat[len(lat) // 2], 2), "p99": round(lat[int(len(lat) * 0.99) - 1], 2)} if lat else None))
+PY
+)
+  stop_server
+fi
+
+python3 - "$results" "$prop" "$root/target/bench/dns.json" <<'PY'
+import json, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+def section(t):
+    d = {k: {} for k in ("qps", "avg_ms", "p99_ms", "lost", "cpu_us_per_query", "rss_mib")}
+    for r in rows:
+        if r[0] != t: continue
+        n = r[1]
+        d["qps"][n] = float(r[2]); d["avg_ms"][n] = float(r[3]); d["p99_ms"][n] = float(r[4])
+        d["lost"][n] = int(r[5]); d["cpu_us_per_query"][n] = float(r[6]); d["rss_mib"][n] = float(r[7])
+    return d
+out = section("1")
+out["threads2"] = section("2")
+out["propagation_ms"] = json.loads(sys.argv[2])
+json.dump(out, open(sys.argv[3], "w"), indent=2)
+print("| threads | server | queries/s | avg ms | p99 ms (est.) | lost | CPU µs/query | RSS MiB |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for r in rows:
+    print("| " + " | ".join(r) + " |")
+print(f"\npropagation (etcd put -> answer): {sys.argv[2]}")
+PY

@@ -1,0 +1,290 @@
+//! The request handler hickory's server calls for every decoded query: it answers from the
+//! current compiled zone (loaded lock-free from an `ArcSwap`), forwards names outside the
+//! zones when the client may recurse, and turns everything else into the right error code.
+//!
+//! hickory's server has already answered FORMERR to packets that do not decode (names over
+//! 255 octets, labels over 63, truncated sections) and dropped responses sent to us; what
+//! reaches this handler is a well-formed request.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncoder;
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use ipnet::IpNet;
+
+use crate::forward::Forwarder;
+use crate::metrics::{DnsMetrics, Source, qtype_label};
+use crate::zone::Zone;
+
+/// What the handler decided, before it is encoded.
+#[derive(Debug, Default)]
+pub struct Reply<'z> {
+    /// The response code.
+    pub rcode: ResponseCode,
+    /// Whether the answer comes from our own zone data.
+    pub authoritative: bool,
+    /// Whether the client may recurse through us.
+    pub recursion_available: bool,
+    /// Answer section.
+    pub answers: Vec<Cow<'z, Record>>,
+    /// Authority section.
+    pub authorities: Vec<Cow<'z, Record>>,
+    /// Additional section.
+    pub additionals: Vec<Cow<'z, Record>>,
+}
+
+impl Reply<'_> {
+    fn error(rcode: ResponseCode) -> Reply<'static> {
+        Reply {
+            rcode,
+            ..Reply::default()
+        }
+    }
+}
+
+/// Options of the handler that do not change at run time.
+#[derive(Debug, Clone)]
+pub struct HandlerOptions {
+    /// Per-client views of service names.
+    pub views: bool,
+    /// The largest UDP answer, whatever the client advertises.
+    pub max_udp_payload: u16,
+    /// Networks allowed to recurse.
+    pub allowed_networks: Vec<IpNet>,
+}
+
+/// The `lain dns` request handler.
+pub struct DnsHandler {
+    zone: Arc<ArcSwap<Zone>>,
+    forwarder: Option<Arc<Forwarder>>,
+    options: HandlerOptions,
+    metrics: DnsMetrics,
+    rotation: AtomicUsize,
+}
+
+impl std::fmt::Debug for DnsHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsHandler")
+            .field("options", &self.options)
+            .field("forwarding", &self.forwarder.is_some())
+            .finish()
+    }
+}
+
+impl DnsHandler {
+    /// A handler answering from `zone`, forwarding through `forwarder` when there is one.
+    pub fn new(
+        zone: Arc<ArcSwap<Zone>>,
+        forwarder: Option<Arc<Forwarder>>,
+        options: HandlerOptions,
+        metrics: DnsMetrics,
+    ) -> DnsHandler {
+        DnsHandler {
+            zone,
+            forwarder,
+            options,
+            metrics,
+            rotation: AtomicUsize::new(0),
+        }
+    }
+
+    fn may_recurse(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.options
+            .allowed_networks
+            .iter()
+            .any(|n| n.contains(&ip))
+    }
+
+    /// Decides the reply to a request whose header and EDNS are acceptable.
+    async fn decide<'z>(&self, zone: &'z Zone, request: &Request) -> (Reply<'z>, Source) {
+        if request.metadata.op_code != OpCode::Query {
+            return (Reply::error(ResponseCode::NotImp), Source::Error);
+        }
+        // RFC 9619: a query has exactly one question; none or several is a format error.
+        let [query] = request.queries.queries() else {
+            return (Reply::error(ResponseCode::FormErr), Source::Error);
+        };
+        let qtype = query.query_type();
+        if query.query_class() != DNSClass::IN
+            || matches!(qtype, RecordType::AXFR | RecordType::IXFR)
+        {
+            return (Reply::error(ResponseCode::Refused), Source::Error);
+        }
+        let src = request.src().ip();
+        let may_recurse = self.forwarder.is_some() && self.may_recurse(src);
+        let viewer = if self.options.views {
+            zone.owner_of(src.to_canonical())
+        } else {
+            None
+        };
+        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+        if let Some(a) = zone.lookup(query.name(), qtype, viewer, rotation) {
+            let reply = Reply {
+                rcode: a.rcode,
+                authoritative: true,
+                recursion_available: may_recurse,
+                answers: a.answers,
+                authorities: a.authorities,
+                additionals: a.additionals,
+            };
+            return (reply, Source::Zone);
+        }
+        match &self.forwarder {
+            Some(fwd) if may_recurse && request.metadata.recursion_desired => {
+                let mut reply = fwd.forward(query.name().into(), qtype).await;
+                reply.recursion_available = true;
+                (reply, Source::Forward)
+            }
+            _ => (Reply::error(ResponseCode::Refused), Source::Error),
+        }
+    }
+}
+
+/// An upper bound of a record's wire size, without name compression.
+fn wire_bound(r: &Record) -> usize {
+    let name = |n: &hickory_proto::rr::Name| n.len() + 2;
+    let rdata = match &r.data {
+        RData::A(_) => 4,
+        RData::AAAA(_) => 16,
+        RData::CNAME(n) => name(&n.0),
+        RData::PTR(n) => name(&n.0),
+        RData::NS(n) => name(&n.0),
+        RData::SRV(s) => 6 + name(&s.target),
+        RData::MX(m) => 2 + name(&m.exchange),
+        RData::SOA(s) => name(&s.mname) + name(&s.rname) + 20,
+        RData::TXT(t) => t.txt_data.iter().map(|d| d.len() + 1).sum(),
+        // Anything else (forwarded answers): assume the worst, so the exact check runs.
+        _ => usize::from(u16::MAX),
+    };
+    name(&r.name) + 10 + rdata
+}
+
+/// Whether the reply fits `limit` octets: by a cheap bound first, exactly when that fails.
+fn fits(
+    request: &Request,
+    edns: Option<&Edns>,
+    metadata: Metadata,
+    reply: &Reply<'_>,
+    limit: u16,
+) -> bool {
+    let limit_usize = usize::from(limit);
+    let mut bound = 12 + request.queries.as_bytes().len() + if edns.is_some() { 11 } else { 0 };
+    for r in reply
+        .answers
+        .iter()
+        .chain(&reply.authorities)
+        .chain(&reply.additionals)
+    {
+        bound = bound.saturating_add(wire_bound(r));
+        if bound > limit_usize {
+            break;
+        }
+    }
+    if bound <= limit_usize {
+        return true;
+    }
+    let mut buf = Vec::with_capacity(limit_usize);
+    let mut encoder = BinEncoder::new(&mut buf);
+    encoder.set_max_size(limit);
+    let builder = MessageResponseBuilder::new(&request.queries, edns);
+    let response = builder.build(
+        metadata,
+        reply.answers.iter().map(|r| r.as_ref()),
+        reply.authorities.iter().map(|r| r.as_ref()),
+        std::iter::empty(),
+        reply.additionals.iter().map(|r| r.as_ref()),
+    );
+    match response.destructive_emit(&mut encoder) {
+        Ok(info) => !info.truncation,
+        Err(_) => false,
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for DnsHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let started = Instant::now();
+        let mut resp_edns = None;
+        let mut bad_version = false;
+        if let Some(req) = &request.edns {
+            let mut e = Edns::new();
+            e.set_max_payload(req.max_payload().clamp(512, self.options.max_udp_payload));
+            e.set_version(0);
+            bad_version = req.version() > 0;
+            resp_edns = Some(e);
+        }
+        let zone = self.zone.load_full();
+        let (reply, source) = if bad_version {
+            (Reply::error(ResponseCode::BADVERS), Source::Error)
+        } else {
+            self.decide(&zone, request).await
+        };
+        let qtype = request
+            .queries
+            .queries()
+            .first()
+            .map_or("none", |q| qtype_label(q.query_type()));
+
+        let mut reply = reply;
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.response_code = reply.rcode;
+        metadata.authoritative = reply.authoritative;
+        metadata.recursion_available = reply.recursion_available;
+        if request.protocol() == Protocol::Udp {
+            let limit = resp_edns.as_ref().map_or(512, Edns::max_payload);
+            if !fits(request, resp_edns.as_ref(), metadata, &reply, limit) {
+                // Partial RRsets are worse than none (RFC 2181 §9): send the header, the
+                // question and OPT with TC set, and let the client retry over TCP.
+                reply.answers.clear();
+                reply.authorities.clear();
+                reply.additionals.clear();
+                metadata.truncation = true;
+            }
+        }
+        let builder = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref());
+        let response = builder.build(
+            metadata,
+            reply.answers.iter().map(|r| r.as_ref()),
+            reply.authorities.iter().map(|r| r.as_ref()),
+            std::iter::empty(),
+            reply.additionals.iter().map(|r| r.as_ref()),
+        );
+        let info = match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, src = %request.src(), "could not send a response");
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(Header {
+                    metadata,
+                    counts: HeaderCounts::default(),
+                })
+            }
+        };
+        if info.truncation {
+            self.metrics.truncated.inc();
+        }
+        self.metrics.query(
+            qtype,
+            info.response_code,
+            source,
+            started.elapsed().as_secs_f64(),
+        );
+        info
+    }
+}

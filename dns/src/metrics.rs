@@ -1,0 +1,175 @@
+//! Metric names and the Prometheus collectors of `lain dns`. Every label set is bounded:
+//! query types outside a fixed list count as `other`, response codes are the few DNS defines.
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// Queries answered, by query type and response code.
+pub const QUERIES: &str = "lain_dns_queries_total";
+/// Time from a decoded request to its answer being handed to the socket, by source.
+pub const QUERY_SECONDS: &str = "lain_dns_query_duration_seconds";
+/// UDP answers that did not fit the client's size and were sent with TC set.
+pub const TRUNCATED: &str = "lain_dns_truncated_total";
+/// Forwarded queries that failed (timeout, upstream error), answered SERVFAIL.
+pub const FORWARD_ERRORS: &str = "lain_dns_forward_errors_total";
+/// Forwarded queries, by whether the cache answered them.
+pub const FORWARD_QUERIES: &str = "lain_dns_forward_queries_total";
+/// Records in the compiled zone.
+pub const ZONE_RECORDS: &str = "lain_dns_zone_records";
+/// Cluster-state records left out of the current zone, by reason.
+pub const ZONE_SKIPPED: &str = "lain_dns_zone_skipped";
+/// Zones compiled and swapped in.
+pub const ZONE_SWAPS: &str = "lain_dns_zone_swaps_total";
+/// Time to compile a zone from a snapshot.
+pub const ZONE_BUILD_SECONDS: &str = "lain_dns_zone_build_seconds";
+/// The cluster-state revision of the zone being served.
+pub const ZONE_REVISION: &str = "lain_dns_zone_revision";
+
+/// Query-type labels; everything else is `other`.
+const QTYPES: [(RecordType, &str); 12] = [
+    (RecordType::A, "A"),
+    (RecordType::AAAA, "AAAA"),
+    (RecordType::SRV, "SRV"),
+    (RecordType::PTR, "PTR"),
+    (RecordType::CNAME, "CNAME"),
+    (RecordType::TXT, "TXT"),
+    (RecordType::MX, "MX"),
+    (RecordType::SOA, "SOA"),
+    (RecordType::NS, "NS"),
+    (RecordType::ANY, "ANY"),
+    (RecordType::HTTPS, "HTTPS"),
+    (RecordType::AXFR, "AXFR"),
+];
+
+/// The bounded label of a query type.
+pub fn qtype_label(t: RecordType) -> &'static str {
+    QTYPES
+        .iter()
+        .find(|(q, _)| *q == t)
+        .map_or("other", |(_, l)| l)
+}
+
+/// The bounded label of a response code.
+pub fn rcode_label(r: ResponseCode) -> &'static str {
+    match r {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::BADVERS => "BADVERS",
+        _ => "other",
+    }
+}
+
+/// Which part of the server answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The compiled cluster zone.
+    Zone,
+    /// An upstream resolver (or its cache).
+    Forward,
+    /// An error answer without lookup (FORMERR, NOTIMP, REFUSED).
+    Error,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Source::Zone => "zone",
+            Source::Forward => "forward",
+            Source::Error => "error",
+        }
+    }
+}
+
+/// The collectors, registered once.
+#[derive(Debug, Clone)]
+pub struct DnsMetrics {
+    queries: IntCounterVec,
+    seconds: HistogramVec,
+    pub(crate) truncated: IntCounter,
+    pub(crate) forward_errors: IntCounter,
+    pub(crate) forward_queries: IntCounterVec,
+    pub(crate) zone_records: IntGauge,
+    pub(crate) zone_skipped: IntGaugeVec,
+    pub(crate) zone_swaps: IntCounter,
+    pub(crate) zone_build: Histogram,
+    pub(crate) zone_revision: IntGauge,
+}
+
+impl DnsMetrics {
+    /// Creates the collectors and registers them in `registry`.
+    pub fn register(registry: &Registry) -> Result<DnsMetrics, prometheus::Error> {
+        let m = DnsMetrics {
+            queries: IntCounterVec::new(
+                Opts::new(QUERIES, "queries answered, by type and response code"),
+                &["qtype", "rcode"],
+            )?,
+            seconds: HistogramVec::new(
+                HistogramOpts::new(QUERY_SECONDS, "time to answer a query").buckets(vec![
+                    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.025,
+                    0.1, 0.5, 2.0,
+                ]),
+                &["source"],
+            )?,
+            truncated: IntCounter::new(TRUNCATED, "UDP answers sent truncated")?,
+            forward_errors: IntCounter::new(FORWARD_ERRORS, "forwarded queries that failed")?,
+            forward_queries: IntCounterVec::new(
+                Opts::new(FORWARD_QUERIES, "forwarded queries, by cache result"),
+                &["cache"],
+            )?,
+            zone_records: IntGauge::new(ZONE_RECORDS, "records in the compiled zone")?,
+            zone_skipped: IntGaugeVec::new(
+                Opts::new(
+                    ZONE_SKIPPED,
+                    "state records left out of the zone, by reason",
+                ),
+                &["reason"],
+            )?,
+            zone_swaps: IntCounter::new(ZONE_SWAPS, "zones compiled and swapped in")?,
+            zone_build: Histogram::with_opts(
+                HistogramOpts::new(ZONE_BUILD_SECONDS, "time to compile a zone")
+                    .buckets(vec![0.000_1, 0.001, 0.005, 0.025, 0.1, 0.5, 2.0]),
+            )?,
+            zone_revision: IntGauge::new(ZONE_REVISION, "state revision of the served zone")?,
+        };
+        registry.register(Box::new(m.queries.clone()))?;
+        registry.register(Box::new(m.seconds.clone()))?;
+        registry.register(Box::new(m.truncated.clone()))?;
+        registry.register(Box::new(m.forward_errors.clone()))?;
+        registry.register(Box::new(m.forward_queries.clone()))?;
+        registry.register(Box::new(m.zone_records.clone()))?;
+        registry.register(Box::new(m.zone_skipped.clone()))?;
+        registry.register(Box::new(m.zone_swaps.clone()))?;
+        registry.register(Box::new(m.zone_build.clone()))?;
+        registry.register(Box::new(m.zone_revision.clone()))?;
+        Ok(m)
+    }
+
+    /// Collectors registered nowhere, for tests and the fuzz target.
+    pub fn unregistered() -> DnsMetrics {
+        // A fresh registry has no names to collide with, so this cannot fail.
+        DnsMetrics::register(&Registry::new()).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    /// Counts one answered query.
+    pub(crate) fn query(&self, qtype: &str, rcode: ResponseCode, source: Source, secs: f64) {
+        self.queries
+            .with_label_values(&[qtype, rcode_label(rcode)])
+            .inc();
+        self.seconds
+            .with_label_values(&[source.label()])
+            .observe(secs);
+    }
+
+    /// The number of queries counted for a type and response code label.
+    pub fn query_count(&self, qtype: &str, rcode: &str) -> u64 {
+        self.queries.with_label_values(&[qtype, rcode]).get()
+    }
+}

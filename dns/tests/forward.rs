@@ -1,0 +1,192 @@
+//! Forwarding: names outside the cluster zones go to a real upstream (Debian's Unbound
+//! serving a test zone on loopback), answers are cached, and clients outside the allowed
+//! networks are refused.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
+use lain_test_support::eventually;
+
+/// An Unbound process this test started; killed by pid when dropped.
+struct Unbound {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Unbound {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr").port()
+}
+
+fn start_unbound() -> Unbound {
+    let bin = ["/usr/sbin/unbound", "/usr/bin/unbound"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or_else(|| panic!("unbound is not installed: apt-get install unbound"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_udp_port();
+    let conf = dir.path().join("unbound.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"server:
+  interface: 127.0.0.1
+  port: {port}
+  do-daemonize: no
+  use-syslog: no
+  logfile: ""
+  username: ""
+  chroot: ""
+  pidfile: ""
+  directory: "{dir}"
+  do-ip6: no
+  access-control: 127.0.0.0/8 allow
+  module-config: "iterator"
+  local-zone: "example.test." static
+  local-data: "example.test. 60 IN SOA ns.example.test. admin.example.test. 1 60 60 600 30"
+  local-data: "www.example.test. 60 IN A 192.0.2.10"
+  local-data: "www.example.test. 60 IN TXT \"from unbound\""
+remote-control:
+  control-enable: no
+"#,
+            dir = dir.path().display()
+        ),
+    )
+    .expect("write unbound.conf");
+    let child = Command::new(bin)
+        .args(["-d", "-c", conf.to_str().expect("path")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn unbound");
+    Unbound {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_to_unbound_caches_and_refuses_other_networks() {
+    let unbound = start_unbound();
+    let upstream: std::net::SocketAddr = ([127, 0, 0, 1], unbound.port).into();
+    eventually(Duration::from_secs(10), "unbound answering", || async {
+        let raw = udp_raw(
+            upstream,
+            &query_bytes("www.example.test.", RecordType::A, Opts::default()),
+        )
+        .await?;
+        let m = Message::from_vec(&raw).ok()?;
+        (!m.answers.is_empty()).then_some(())
+    })
+    .await;
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state.yaml");
+    std::fs::write(
+        &state,
+        "endpoints:\n  - {app: hello, proc: web, instance: 1, address: 127.0.30.1, port: 80}\n",
+    )
+    .expect("write");
+    let dns = Dns::start_file(
+        &state,
+        &format!(
+            "[forward]\nupstreams = [\"{upstream}\"]\nallowed_networks = [\"127.0.0.1/32\"]\ntimeout_ms = 300\n"
+        ),
+    );
+    let m = ask(
+        dns.addr,
+        "www.example.test.",
+        RecordType::A,
+        Opts::default(),
+    )
+    .await;
+    assert!(is(&m, ResponseCode::NoError, &["192.0.2.10"]), "{m:?}");
+    assert!(m.metadata.recursion_available);
+    assert!(!m.metadata.authoritative);
+    let m = ask(
+        dns.addr,
+        "www.example.test.",
+        RecordType::A,
+        Opts::default(),
+    )
+    .await;
+    assert!(is(&m, ResponseCode::NoError, &["192.0.2.10"]), "{m:?}");
+    let m = ask(
+        dns.addr,
+        "www.example.test.",
+        RecordType::TXT,
+        Opts {
+            tcp: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert_eq!(m.answers.len(), 1, "{m:?}");
+    let nx = ask(
+        dns.addr,
+        "nope.example.test.",
+        RecordType::A,
+        Opts::default(),
+    )
+    .await;
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain, "{nx:?}");
+    assert_eq!(
+        nx.authorities.first().map(|r| r.record_type()),
+        Some(RecordType::SOA)
+    );
+    let page = dns.admin_get("/metrics").await;
+    assert!(
+        metric(&page, "lain_dns_forward_queries_total{cache=\"hit\"}") >= 1.0,
+        "{page}"
+    );
+
+    // A client outside the allowed networks may not recurse, but gets cluster answers.
+    let other = "127.0.0.2".parse().expect("ip");
+    let q = query_bytes("www.example.test.", RecordType::A, Opts::default());
+    let m = Message::from_vec(&udp_raw_from(other, dns.addr, &q).await.expect("answer"))
+        .expect("decode");
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    let q = query_bytes("web-1.hello.lain.", RecordType::A, Opts::default());
+    let m = Message::from_vec(&udp_raw_from(other, dns.addr, &q).await.expect("answer"))
+        .expect("decode");
+    assert!(is(&m, ResponseCode::NoError, &["127.0.30.1"]), "{m:?}");
+    assert!(!m.metadata.recursion_available);
+
+    // Upstream gone: SERVFAIL for uncached names, counted; cached ones still answered.
+    drop(unbound);
+    let m = ask(
+        dns.addr,
+        "other.example.test.",
+        RecordType::A,
+        Opts::default(),
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    let m = ask(
+        dns.addr,
+        "www.example.test.",
+        RecordType::A,
+        Opts::default(),
+    )
+    .await;
+    assert!(is(&m, ResponseCode::NoError, &["192.0.2.10"]), "{m:?}");
+    let page = dns.admin_get("/metrics").await;
+    assert!(
+        metric(&page, "lain_dns_forward_errors_total") >= 1.0,
+        "{page}"
+    );
+}

@@ -120,6 +120,17 @@ async fn restart_resumes_from_checkpoint_and_deleted_files_are_finished() {
     let mut f = std::fs::OpenOptions::new().append(true).open(&a).unwrap();
     f.write_all((1000..1500).map(|i| format!("a {i}\n")).collect::<String>().as_bytes()).unwrap();
     let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    // Delete the file once logship has it open (a file deleted before it was ever opened
+    // cannot be read by anyone).
+    let metrics_url = format!("http://{}/metrics", p.addr("admin"));
+    eventually(Duration::from_secs(10), "the file to be open", || {
+        let url = metrics_url.clone();
+        async move {
+            let m = reqwest::get(url).await.ok()?.text().await.ok()?;
+            m.contains("lain_logship_files_open 1").then_some(())
+        }
+    })
+    .await;
     std::fs::remove_file(&a).unwrap();
     // The writer still holds the deleted file open and keeps writing.
     f.write_all((1500..2000).map(|i| format!("a {i}\n")).collect::<String>().as_bytes()).unwrap();

@@ -326,7 +326,10 @@ impl Reader {
     }
 
     async fn run(self) {
-        if let Err(e) = self.read().await {
+        self.metrics.files_open.inc();
+        let result = self.read().await;
+        self.metrics.files_open.dec();
+        if let Err(e) = result {
             tracing::warn!(path = %self.path.display(), error = %e, "stopped reading file");
         }
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use lain_test_support::{LainProcess, require_kafka, temp_dir};
 
 /// Lines written; `LAIN_LOGSHIP_EXACT_LINES` overrides it.
-const DEFAULT_LINES: u64 = 200_000;
+const DEFAULT_LINES: u64 = 1_000_000;
 
 fn append(path: &Path, from: u64, to: u64) {
     let mut f = OpenOptions::new().create(true).append(true).open(path).unwrap();

@@ -85,7 +85,7 @@ flush_interval_ms = 200
     .await;
     assert!(dead_text.contains("mapper_parsing_exception") || dead_text.contains("document_parsing_exception"), "{dead_text}");
     assert!(dead_text.contains("conflict"), "{dead_text}");
-    let q = lain_logship::discover_query("hello", Some("web"), Duration::from_secs(900), Some("needle-9"));
+    let q = lain_logship::discover_query("hello", Some("web"), Duration::from_secs(900), Some("\"needle-9\""));
     let hits = eventually(Duration::from_secs(60), "the line after the conflict", || {
         let s = search(q.clone());
         async move { s.await.filter(|h| !h.is_empty()) }
@@ -103,7 +103,7 @@ flush_interval_ms = 200
     assert_eq!(d["host"]["name"], "node1");
     assert_eq!(d["event"]["dataset"], "app");
     assert!(d["@timestamp"].is_string());
-    let q = lain_logship::discover_query("hello", None, Duration::from_secs(900), Some("needle-3 AND log.level:error"));
+    let q = lain_logship::discover_query("hello", None, Duration::from_secs(900), Some("\"needle-3\" AND log.level:error"));
     let hits = search(q).await.unwrap();
     assert_eq!(hits.len(), 10, "{hits:#?}");
     let other = lain_logship::discover_query("other-app", None, Duration::from_secs(900), None);

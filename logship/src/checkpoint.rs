@@ -432,8 +432,16 @@ mod tests {
     fn open(c: &Checkpoints, p: &Path) -> Opened {
         let f = File::open(p).unwrap();
         let m = f.metadata().unwrap();
-        c.open("s", &p.display().to_string(), m.dev(), m.ino(), &f, m.len(), false)
-            .unwrap()
+        c.open(
+            "s",
+            &p.display().to_string(),
+            m.dev(),
+            m.ino(),
+            &f,
+            m.len(),
+            false,
+        )
+        .unwrap()
     }
 
     #[test]

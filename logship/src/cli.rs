@@ -75,8 +75,9 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     let node = config.node.clone().unwrap_or_else(host_name);
     let limits = &config.limits;
 
-    let mut sinks: Vec<Box<dyn FnOnce(crate::pipeline::BatchReceiver) -> tokio::task::JoinHandle<()>>> =
-        Vec::new();
+    let mut sinks: Vec<
+        Box<dyn FnOnce(crate::pipeline::BatchReceiver) -> tokio::task::JoinHandle<()>>,
+    > = Vec::new();
     let dead_dir = config.state_dir.join("dead-letters");
     if let Some(k) = &config.sinks.kafka {
         let settings = sink::kafka::KafkaSinkSettings {
@@ -285,9 +286,7 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     })
     .await;
     if drained.is_none() {
-        tracing::warn!(
-            "drain timed out; undelivered lines will be read again after the restart"
-        );
+        tracing::warn!("drain timed out; undelivered lines will be read again after the restart");
     }
     flusher_stop.trigger();
     let _ = flusher.await;

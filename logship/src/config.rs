@@ -313,7 +313,10 @@ impl Validate for Config {
         let mut names = std::collections::BTreeSet::new();
         for (i, f) in self.files.iter().enumerate() {
             if f.name.is_empty() {
-                errors.push(ConfigError::at(format!("files[{i}].name"), "must not be empty"));
+                errors.push(ConfigError::at(
+                    format!("files[{i}].name"),
+                    "must not be empty",
+                ));
             } else if !names.insert(f.name.clone()) {
                 errors.push(ConfigError::at(
                     format!("files[{i}].name"),

@@ -143,8 +143,10 @@ const RESERVED: &[&str] = &[
 ];
 
 static LEVEL_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)\b(trace|debug|info|notice|warn|warning|error|err|fatal|critical|crit|panic)\b")
-        .expect("valid regex")
+    Regex::new(
+        r"(?i)\b(trace|debug|info|notice|warn|warning|error|err|fatal|critical|crit|panic)\b",
+    )
+    .expect("valid regex")
 });
 
 /// Normalises a level name to ECS-style lower case (`warning` → `warn`).
@@ -504,7 +506,13 @@ mod tests {
 
     #[test]
     fn plain_line_gets_ecs_and_lain_fields() {
-        let e = render(&meta(), "fp", &line(b"2024 WARN disk low"), &opts(), Utc::now());
+        let e = render(
+            &meta(),
+            "fp",
+            &line(b"2024 WARN disk low"),
+            &opts(),
+            Utc::now(),
+        );
         let d = doc(&e);
         assert_eq!(d["message"], "2024 WARN disk low");
         assert_eq!(d["log"]["level"], "warn");
@@ -539,7 +547,13 @@ mod tests {
 
     #[test]
     fn invalid_utf8_is_lossy_and_flagged() {
-        let d = doc(&render(&meta(), "fp", &line(b"a\xff\xfeb"), &opts(), Utc::now()));
+        let d = doc(&render(
+            &meta(),
+            "fp",
+            &line(b"a\xff\xfeb"),
+            &opts(),
+            Utc::now(),
+        ));
         assert_eq!(d["message"], "a\u{fffd}\u{fffd}b");
         assert_eq!(d["tags"], serde_json::json!(["invalid_utf8"]));
     }

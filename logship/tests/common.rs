@@ -49,7 +49,8 @@ pub fn consume(
     while Instant::now() < deadline && distinct < want {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or(b"")).unwrap();
+                let v: serde_json::Value =
+                    serde_json::from_slice(m.payload().unwrap_or(b"")).unwrap();
                 let msg = v["message"].as_str().unwrap_or_default().to_string();
                 let c = seen.entry(msg.clone()).or_insert(0);
                 *c += 1;
@@ -60,7 +61,10 @@ pub fn consume(
             Some(Err(e)) => {
                 let s = e.to_string();
                 // The topic may not exist until the first message was produced.
-                assert!(s.contains("UnknownTopic") || s.contains("Unknown topic"), "consumer error: {s}");
+                assert!(
+                    s.contains("UnknownTopic") || s.contains("Unknown topic"),
+                    "consumer error: {s}"
+                );
             }
             None => {}
         }

@@ -80,18 +80,34 @@ path = "{out}"
     let result = eventually(Duration::from_secs(60), "the container's last line", || {
         let text = std::fs::read_to_string(&out_path).unwrap_or_default();
         async move {
-            let docs: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+            let docs: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
             docs.iter().any(|d| d["message"] == "done").then_some(docs)
         }
     })
     .await;
     let _ = docker
-        .remove_container(&created.id, Some(RemoveContainerOptions { force: true, ..Default::default() }))
+        .remove_container(
+            &created.id,
+            Some(RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
         .await;
-    let mine: Vec<&serde_json::Value> = result.iter().filter(|d| d["container"]["id"] == created.id.as_str()).collect();
+    let mine: Vec<&serde_json::Value> = result
+        .iter()
+        .filter(|d| d["container"]["id"] == created.id.as_str())
+        .collect();
     assert_eq!(mine.len(), 103, "{mine:#?}");
     // Docker copies stdout and stderr separately, so only each stream keeps its order.
-    let out: Vec<&serde_json::Value> = mine.iter().copied().filter(|d| d["stream"] == "stdout").collect();
+    let out: Vec<&serde_json::Value> = mine
+        .iter()
+        .copied()
+        .filter(|d| d["stream"] == "stdout")
+        .collect();
     assert_eq!(out.len(), 102);
     assert_eq!(out[101]["message"], "done");
     for (i, d) in out.iter().take(100).enumerate() {
@@ -115,5 +131,8 @@ path = "{out}"
     assert!(out[100].get("tags").is_none());
     let err = mine.iter().find(|d| d["message"] == "oops").unwrap();
     assert_eq!(err["stream"], "stderr");
-    assert!(p.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()));
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
 }

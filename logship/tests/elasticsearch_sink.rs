@@ -15,7 +15,12 @@ async fn search(
     body: serde_json::Value,
 ) -> Option<Vec<serde_json::Value>> {
     let _ = http.post(format!("{base}/_refresh")).send().await;
-    let r = http.post(format!("{base}/_search")).json(&body).send().await.ok()?;
+    let r = http
+        .post(format!("{base}/_search"))
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
     let v: serde_json::Value = r.json().await.ok()?;
     v["hits"]["hits"].as_array().cloned()
 }
@@ -83,13 +88,26 @@ flush_interval_ms = 200
         async move { (!t.is_empty()).then_some(t) }
     })
     .await;
-    assert!(dead_text.contains("mapper_parsing_exception") || dead_text.contains("document_parsing_exception"), "{dead_text}");
+    assert!(
+        dead_text.contains("mapper_parsing_exception")
+            || dead_text.contains("document_parsing_exception"),
+        "{dead_text}"
+    );
     assert!(dead_text.contains("conflict"), "{dead_text}");
-    let q = lain_logship::discover_query("hello", Some("web"), Duration::from_secs(900), Some("\"needle-9\""));
-    let hits = eventually(Duration::from_secs(60), "the line after the conflict", || {
-        let s = search(q.clone());
-        async move { s.await.filter(|h| !h.is_empty()) }
-    })
+    let q = lain_logship::discover_query(
+        "hello",
+        Some("web"),
+        Duration::from_secs(900),
+        Some("\"needle-9\""),
+    );
+    let hits = eventually(
+        Duration::from_secs(60),
+        "the line after the conflict",
+        || {
+            let s = search(q.clone());
+            async move { s.await.filter(|h| !h.is_empty()) }
+        },
+    )
     .await;
     assert_eq!(hits.len(), 1);
     let d = &hits[0]["_source"];
@@ -103,14 +121,33 @@ flush_interval_ms = 200
     assert_eq!(d["host"]["name"], "node1");
     assert_eq!(d["event"]["dataset"], "app");
     assert!(d["@timestamp"].is_string());
-    let q = lain_logship::discover_query("hello", None, Duration::from_secs(900), Some("\"needle-3\" AND log.level:error"));
+    let q = lain_logship::discover_query(
+        "hello",
+        None,
+        Duration::from_secs(900),
+        Some("\"needle-3\" AND log.level:error"),
+    );
     let hits = search(q).await.unwrap();
     assert_eq!(hits.len(), 10, "{hits:#?}");
     let other = lain_logship::discover_query("other-app", None, Duration::from_secs(900), None);
     assert!(search(other).await.unwrap().is_empty());
-    let metrics = reqwest::get(format!("http://{}/metrics", p.addr("admin"))).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("lain_logship_dead_letters_total{sink=\"elasticsearch\"} 1"), "{metrics}");
-    assert!(p.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()));
+    let metrics = reqwest::get(format!("http://{}/metrics", p.addr("admin")))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("lain_logship_dead_letters_total{sink=\"elasticsearch\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
     let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
-    let _ = http.delete(format!("{es}/_index_template/{prefix}")).send().await;
+    let _ = http
+        .delete(format!("{es}/_index_template/{prefix}"))
+        .send()
+        .await;
 }

@@ -61,7 +61,10 @@ async fn bad_input_is_shipped_flagged_and_nothing_crashes() {
     f.write_all(b"bad \xff\xfe utf8\n").unwrap();
     f.write_all(&vec![b'x'; 1024 * 1024]).unwrap();
     f.write_all(b"\n").unwrap();
-    let garbage: Vec<u8> = (0..4000u32).map(|i| (i * 7919 % 251) as u8).filter(|b| *b != b'\n').collect();
+    let garbage: Vec<u8> = (0..4000u32)
+        .map(|i| (i * 7919 % 251) as u8)
+        .filter(|b| *b != b'\n')
+        .collect();
     f.write_all(&garbage).unwrap();
     f.write_all(b"\nException: boom\n  at a.b(c.java:1)\n  at d.e(f.java:2)\n{\"msg\":\"json here\",\"level\":\"error\",\"user\":\"bob\"}\nlast\n").unwrap();
     drop(f);
@@ -78,13 +81,26 @@ async fn bad_input_is_shipped_flagged_and_nothing_crashes() {
     assert_eq!(out[0]["lain"]["instance"], "2");
     assert_eq!(out[0]["service"]["name"], "hello");
     assert_eq!(out[0]["host"]["name"], "node1");
-    assert!(out[0]["log"]["file"]["path"].as_str().unwrap().ends_with("logs/a.log"));
+    assert!(
+        out[0]["log"]["file"]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("logs/a.log")
+    );
     assert_eq!(out[1]["message"], "bad \u{fffd}\u{fffd} utf8");
     assert_eq!(out[1]["tags"], serde_json::json!(["invalid_utf8"]));
     assert_eq!(out[2]["message"].as_str().unwrap().len(), 4096);
     assert_eq!(out[2]["tags"], serde_json::json!(["truncated"]));
-    assert!(out[3]["tags"].as_array().unwrap().contains(&"invalid_utf8".into()));
-    assert_eq!(out[4]["message"], "Exception: boom\n  at a.b(c.java:1)\n  at d.e(f.java:2)");
+    assert!(
+        out[3]["tags"]
+            .as_array()
+            .unwrap()
+            .contains(&"invalid_utf8".into())
+    );
+    assert_eq!(
+        out[4]["message"],
+        "Exception: boom\n  at a.b(c.java:1)\n  at d.e(f.java:2)"
+    );
     assert_eq!(out[4]["tags"], serde_json::json!(["multiline"]));
     assert_eq!(out[5]["message"], "json here");
     assert_eq!(out[5]["user"], "bob");
@@ -96,8 +112,14 @@ async fn bad_input_is_shipped_flagged_and_nothing_crashes() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("lain_logship_lines_out_total{sink=\"file\"} 7"), "{metrics}");
-    assert!(metrics.contains("lain_logship_dropped_total 0"), "{metrics}");
+    assert!(
+        metrics.contains("lain_logship_lines_out_total{sink=\"file\"} 7"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lain_logship_dropped_total 0"),
+        "{metrics}"
+    );
     let status = p.terminate(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
@@ -108,17 +130,30 @@ async fn restart_resumes_from_checkpoint_and_deleted_files_are_finished() {
     std::fs::create_dir_all(dir.path().join("logs")).unwrap();
     let cfg = config(dir.path(), "");
     let a = dir.path().join("logs/a.log");
-    std::fs::write(&a, (0..1000).map(|i| format!("a {i}\n")).collect::<String>()).unwrap();
+    std::fs::write(
+        &a,
+        (0..1000).map(|i| format!("a {i}\n")).collect::<String>(),
+    )
+    .unwrap();
     let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
     eventually(Duration::from_secs(30), "1000 events", || {
         let n = output(dir.path()).len();
         async move { (n >= 1000).then_some(()) }
     })
     .await;
-    assert!(p.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()));
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
     // More lines while it is down, then the file is deleted while logship reads it.
     let mut f = std::fs::OpenOptions::new().append(true).open(&a).unwrap();
-    f.write_all((1000..1500).map(|i| format!("a {i}\n")).collect::<String>().as_bytes()).unwrap();
+    f.write_all(
+        (1000..1500)
+            .map(|i| format!("a {i}\n"))
+            .collect::<String>()
+            .as_bytes(),
+    )
+    .unwrap();
     let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
     // Delete the file once logship has it open (a file deleted before it was ever opened
     // cannot be read by anyone).
@@ -133,16 +168,31 @@ async fn restart_resumes_from_checkpoint_and_deleted_files_are_finished() {
     .await;
     std::fs::remove_file(&a).unwrap();
     // The writer still holds the deleted file open and keeps writing.
-    f.write_all((1500..2000).map(|i| format!("a {i}\n")).collect::<String>().as_bytes()).unwrap();
+    f.write_all(
+        (1500..2000)
+            .map(|i| format!("a {i}\n"))
+            .collect::<String>()
+            .as_bytes(),
+    )
+    .unwrap();
     let out = eventually(Duration::from_secs(30), "2000 events", || {
         let o = output(dir.path());
         async move { (o.len() >= 2000).then_some(o) }
     })
     .await;
-    let msgs: Vec<String> = out.iter().map(|v| v["message"].as_str().unwrap().to_string()).collect();
+    let msgs: Vec<String> = out
+        .iter()
+        .map(|v| v["message"].as_str().unwrap().to_string())
+        .collect();
     let want: Vec<String> = (0..2000).map(|i| format!("a {i}")).collect();
-    assert_eq!(msgs, want, "a clean restart re-reads nothing and loses nothing");
-    assert!(p.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()));
+    assert_eq!(
+        msgs, want,
+        "a clean restart re-reads nothing and loses nothing"
+    );
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
 }
 
 #[test]
@@ -157,12 +207,28 @@ fn check_config_exits_0_or_64_with_every_error() {
         "state_dir = \"/tmp/x\"\n[[files]]\nname = \"a\"\npaths = [\"relative.log\"]\nmultiline_start = \"(\"\n",
     )
     .unwrap();
-    let (code, _, err) = run_lain(&["logship", "--config", &bad.display().to_string(), "--check-config"], None);
+    let (code, _, err) = run_lain(
+        &[
+            "logship",
+            "--config",
+            &bad.display().to_string(),
+            "--check-config",
+        ],
+        None,
+    );
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("files[0].paths[0]"), "{err}");
     assert!(err.contains("files[0].multiline_start"), "{err}");
     std::fs::write(&bad, "state_dir = \"/tmp/x\"\nbogus = 1\n").unwrap();
-    let (code, _, err) = run_lain(&["logship", "--config", &bad.display().to_string(), "--check-config"], None);
+    let (code, _, err) = run_lain(
+        &[
+            "logship",
+            "--config",
+            &bad.display().to_string(),
+            "--check-config",
+        ],
+        None,
+    );
     assert_eq!(code, 64, "{err}");
     assert!(err.contains(":2:1: bogus"), "{err}");
 }

@@ -15,10 +15,16 @@ use lain_test_support::{LainProcess, require_kafka, temp_dir};
 const DEFAULT_LINES: u64 = 1_000_000;
 
 fn append(path: &Path, from: u64, to: u64) {
-    let mut f = OpenOptions::new().create(true).append(true).open(path).unwrap();
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
     let mut buf = String::new();
     for i in from..to {
-        buf.push_str(&format!("line {i:09} some realistic padding for a log line\n"));
+        buf.push_str(&format!(
+            "line {i:09} some realistic padding for a log line\n"
+        ));
         if buf.len() > 64 * 1024 {
             f.write_all(buf.as_bytes()).unwrap();
             buf.clear();
@@ -83,7 +89,12 @@ topic = "{topic}"
     // Copytruncate rotation while logship runs (the writer pauses meanwhile, as a writer
     // that copytruncate does not lose lines from must).
     std::fs::copy(&log, logs.join("app.log.2")).unwrap();
-    OpenOptions::new().write(true).open(&log).unwrap().set_len(0).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
     append(&log, 3 * q, n - q / 2);
     std::thread::sleep(Duration::from_millis(1000));
     p.kill();

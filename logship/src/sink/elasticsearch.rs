@@ -98,7 +98,12 @@ pub fn index_template(prefix: &str) -> Value {
 
 /// The search Kibana Discover sends, for `lain logs`: newest first, a time range on
 /// `@timestamp`, an optional query string and term filters on the LAIN fields.
-pub fn discover_query(app: &str, proc_name: Option<&str>, since: Duration, query: Option<&str>) -> Value {
+pub fn discover_query(
+    app: &str,
+    proc_name: Option<&str>,
+    since: Duration,
+    query: Option<&str>,
+) -> Value {
     let mut filter = vec![
         json!({"range": {"@timestamp": {
             "gte": format!("now-{}s", since.as_secs().max(1)),
@@ -160,7 +165,8 @@ pub fn classify(status: u16, error: Option<&Value>) -> ItemOutcome {
 impl EsSink {
     /// Creates the client. No request is sent yet.
     pub async fn connect(settings: EsSinkSettings, metrics: Metrics) -> Result<EsSink, String> {
-        let transport = Transport::single_node(&settings.url).map_err(|e| EsError::Url(e.to_string()).to_string())?;
+        let transport = Transport::single_node(&settings.url)
+            .map_err(|e| EsError::Url(e.to_string()).to_string())?;
         Ok(EsSink {
             client: Elasticsearch::new(transport),
             dead: DeadLetters::new(&settings.dead_letter_path),
@@ -169,18 +175,37 @@ impl EsSink {
         })
     }
 
-    async fn request(&self, method: Method, path: &str, ctype: &'static str, body: Option<Vec<u8>>) -> Result<Value, EsError> {
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        ctype: &'static str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Value, EsError> {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
         let resp = self
             .client
-            .send(method, path, headers, None::<&()>, body, Some(self.settings.timeout))
+            .send(
+                method,
+                path,
+                headers,
+                None::<&()>,
+                body,
+                Some(self.settings.timeout),
+            )
             .await
             .map_err(|e| EsError::Request(e.to_string()))?;
         let status = resp.status_code();
-        let text = resp.text().await.map_err(|e| EsError::Request(e.to_string()))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| EsError::Request(e.to_string()))?;
         if !status.is_success() {
-            return Err(EsError::Status { status: status.as_u16(), body: text });
+            return Err(EsError::Status {
+                status: status.as_u16(),
+                body: text,
+            });
         }
         serde_json::from_str(&text).map_err(|e| EsError::Request(format!("invalid response: {e}")))
     }
@@ -188,8 +213,11 @@ impl EsSink {
     /// Installs the index template.
     pub async fn install_template(&self) -> Result<(), EsError> {
         let path = format!("/_index_template/{}", self.settings.index_prefix);
-        let body = serde_json::to_vec(&index_template(&self.settings.index_prefix)).unwrap_or_default();
-        self.request(Method::Put, &path, "application/json", Some(body)).await.map(|_| ())
+        let body =
+            serde_json::to_vec(&index_template(&self.settings.index_prefix)).unwrap_or_default();
+        self.request(Method::Put, &path, "application/json", Some(body))
+            .await
+            .map(|_| ())
     }
 
     fn index_of(&self, t: &chrono::DateTime<chrono::Utc>) -> String {
@@ -201,7 +229,10 @@ impl EsSink {
         let mut attempt = 0;
         while let Err(e) = self.install_template().await {
             tracing::warn!(error = %e, "cannot install the index template; retrying");
-            self.metrics.retries.with_label_values(&["elasticsearch"]).inc();
+            self.metrics
+                .retries
+                .with_label_values(&["elasticsearch"])
+                .inc();
             super::backoff(attempt).await;
             attempt += 1;
         }
@@ -242,7 +273,8 @@ impl EsSink {
 
     /// Delivers every event of the batches; returns when each is indexed or dead-lettered.
     async fn deliver(&self, batches: &[Arc<Batch>]) {
-        let events: Vec<&crate::event::Event> = batches.iter().flat_map(|b| b.events.iter()).collect();
+        let events: Vec<&crate::event::Event> =
+            batches.iter().flat_map(|b| b.events.iter()).collect();
         let mut todo: Vec<usize> = (0..events.len()).collect();
         let mut attempt = 0u32;
         while !todo.is_empty() {
@@ -256,35 +288,67 @@ impl EsSink {
                 body.push(b'\n');
             }
             let sent = body.len() as u64;
-            let resp = self.request(Method::Post, "/_bulk", "application/x-ndjson", Some(body)).await;
+            let resp = self
+                .request(Method::Post, "/_bulk", "application/x-ndjson", Some(body))
+                .await;
             let mut retry = Vec::new();
             match resp {
                 Ok(v) => {
-                    let items = v.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+                    let items = v
+                        .get("items")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
                     if items.len() != todo.len() {
-                        tracing::warn!(sent = todo.len(), got = items.len(), "bulk response has the wrong number of items; retrying all");
+                        tracing::warn!(
+                            sent = todo.len(),
+                            got = items.len(),
+                            "bulk response has the wrong number of items; retrying all"
+                        );
                         retry = todo.clone();
                     } else {
                         let mut ok = 0u64;
                         for (item, &i) in items.iter().zip(&todo) {
                             let r = item.as_object().and_then(|o| o.values().next());
-                            let status = r.and_then(|r| r.get("status")).and_then(Value::as_u64).unwrap_or(0);
-                            let outcome = classify(u16::try_from(status).unwrap_or(0), r.and_then(|r| r.get("error")));
+                            let status = r
+                                .and_then(|r| r.get("status"))
+                                .and_then(Value::as_u64)
+                                .unwrap_or(0);
+                            let outcome = classify(
+                                u16::try_from(status).unwrap_or(0),
+                                r.and_then(|r| r.get("error")),
+                            );
                             match outcome {
                                 ItemOutcome::Done => ok += 1,
                                 ItemOutcome::Retry(_) => retry.push(i),
-                                ItemOutcome::Dead(reason) => self.dead_letter(&reason, &events[i].body).await,
+                                ItemOutcome::Dead(reason) => {
+                                    self.dead_letter(&reason, &events[i].body).await
+                                }
                             }
                         }
-                        self.metrics.lines_out.with_label_values(&["elasticsearch"]).inc_by(ok);
-                        self.metrics.bytes_out.with_label_values(&["elasticsearch"]).inc_by(sent);
+                        self.metrics
+                            .lines_out
+                            .with_label_values(&["elasticsearch"])
+                            .inc_by(ok);
+                        self.metrics
+                            .bytes_out
+                            .with_label_values(&["elasticsearch"])
+                            .inc_by(sent);
                     }
                 }
-                Err(EsError::Status { status, body }) if status != 429 && status < 500 && status != StatusCode::REQUEST_TIMEOUT.as_u16() => {
+                Err(EsError::Status { status, body })
+                    if status != 429
+                        && status < 500
+                        && status != StatusCode::REQUEST_TIMEOUT.as_u16() =>
+                {
                     // The whole request was refused (not an item): nothing was indexed. A
                     // request-level 4xx other than 408 and 429 will not change on retry.
                     for &i in &todo {
-                        self.dead_letter(&format!("bulk request refused with {status}: {body}"), &events[i].body).await;
+                        self.dead_letter(
+                            &format!("bulk request refused with {status}: {body}"),
+                            &events[i].body,
+                        )
+                        .await;
                     }
                 }
                 Err(e) => {
@@ -293,7 +357,10 @@ impl EsSink {
                 }
             }
             if !retry.is_empty() {
-                self.metrics.retries.with_label_values(&["elasticsearch"]).inc_by(retry.len() as u64);
+                self.metrics
+                    .retries
+                    .with_label_values(&["elasticsearch"])
+                    .inc_by(retry.len() as u64);
                 super::backoff(attempt).await;
                 attempt += 1;
             }
@@ -308,7 +375,10 @@ impl EsSink {
             super::backoff(attempt).await;
             attempt += 1;
         }
-        self.metrics.dead_letters.with_label_values(&["elasticsearch"]).inc();
+        self.metrics
+            .dead_letters
+            .with_label_values(&["elasticsearch"])
+            .inc();
     }
 }
 
@@ -331,12 +401,20 @@ mod tests {
 
     #[test]
     fn discover_query_has_kibanas_shape() {
-        let q = discover_query("hello", Some("web"), Duration::from_secs(900), Some("level:error"));
+        let q = discover_query(
+            "hello",
+            Some("web"),
+            Duration::from_secs(900),
+            Some("level:error"),
+        );
         let f = &q["query"]["bool"]["filter"];
         assert_eq!(f[0]["range"]["@timestamp"]["gte"], "now-900s");
         assert_eq!(f[1]["term"]["lain.app"], "hello");
         assert_eq!(f[2]["term"]["lain.proc"], "web");
-        assert_eq!(q["query"]["bool"]["must"][0]["query_string"]["query"], "level:error");
+        assert_eq!(
+            q["query"]["bool"]["must"][0]["query_string"]["query"],
+            "level:error"
+        );
         assert_eq!(q["sort"][0]["@timestamp"]["order"], "desc");
         let bare = discover_query("hello", None, Duration::from_secs(60), None);
         assert_eq!(bare["query"]["bool"]["filter"].as_array().unwrap().len(), 2);

@@ -102,7 +102,10 @@ impl Shared {
         let mut last: Option<(Arc<Meta>, String, String)> = None;
         for &i in todo {
             let e = &batch.events[i];
-            if last.as_ref().is_none_or(|(m, _, _)| !Arc::ptr_eq(m, &e.meta)) {
+            if last
+                .as_ref()
+                .is_none_or(|(m, _, _)| !Arc::ptr_eq(m, &e.meta))
+            {
                 last = Some((e.meta.clone(), self.topic(&e.meta), e.meta.key()));
             }
             let Some((_, topic, key)) = &last else {
@@ -115,7 +118,11 @@ impl Shared {
 
     /// Waits for the delivery reports of a batch, re-sending failures; acknowledges the
     /// batch when every event is delivered or dead-lettered.
-    async fn complete(&self, batch: &Batch, mut queued: Vec<(usize, Result<DeliveryFuture, String>)>) {
+    async fn complete(
+        &self,
+        batch: &Batch,
+        mut queued: Vec<(usize, Result<DeliveryFuture, String>)>,
+    ) {
         let mut attempt = 0;
         loop {
             let mut retry = Vec::new();
@@ -169,7 +176,10 @@ impl Shared {
             super::backoff(attempt).await;
             attempt += 1;
         }
-        self.metrics.dead_letters.with_label_values(&["kafka"]).inc();
+        self.metrics
+            .dead_letters
+            .with_label_values(&["kafka"])
+            .inc();
     }
 }
 

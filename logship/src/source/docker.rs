@@ -120,7 +120,17 @@ pub async fn run(
                 attempt = 0;
                 for c in list {
                     if let Some(id) = c.id {
-                        start(&docker, &id, &settings, &mut tails, &dispatcher, &checkpoints, &metrics, &shutdown).await;
+                        start(
+                            &docker,
+                            &id,
+                            &settings,
+                            &mut tails,
+                            &dispatcher,
+                            &checkpoints,
+                            &metrics,
+                            &shutdown,
+                        )
+                        .await;
                     }
                 }
             }
@@ -139,7 +149,17 @@ pub async fn run(
             match ev {
                 Some(Ok(ev)) => {
                     if let Some(id) = ev.actor.and_then(|a| a.id) {
-                        start(&docker, &id, &settings, &mut tails, &dispatcher, &checkpoints, &metrics, &shutdown).await;
+                        start(
+                            &docker,
+                            &id,
+                            &settings,
+                            &mut tails,
+                            &dispatcher,
+                            &checkpoints,
+                            &metrics,
+                            &shutdown,
+                        )
+                        .await;
                     }
                 }
                 Some(Err(e)) => {
@@ -182,7 +202,10 @@ async fn start(
         }
     };
     let Some(log_path) = info.log_path.filter(|p| !p.is_empty()) else {
-        tracing::info!(container = id, "container has no json-file log; not shipping it");
+        tracing::info!(
+            container = id,
+            "container has no json-file log; not shipping it"
+        );
         return;
     };
     let labels = info

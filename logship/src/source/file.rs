@@ -358,11 +358,9 @@ impl Reader {
             // truncate-and-rewrite that happened before the read: the chunk then belongs to
             // the new content at a wrong offset and is discarded.
             if n > 0
-                && !self.checkpoints.refresh(
-                    cur.id,
-                    &file,
-                    cur.splitter.position() + n as u64,
-                )?
+                && !self
+                    .checkpoints
+                    .refresh(cur.id, &file, cur.splitter.position() + n as u64)?
             {
                 n = 0;
             }
@@ -406,8 +404,8 @@ impl Reader {
                 break;
             }
             let size = file.metadata()?.len();
-            let intact = size >= cur.splitter.position()
-                && self.checkpoints.refresh(cur.id, &file, size)?;
+            let intact =
+                size >= cur.splitter.position() && self.checkpoints.refresh(cur.id, &file, size)?;
             if !intact {
                 tracing::info!(path = %self.path.display(), "file truncated; reading it from the start");
                 self.checkpoints.close(cur.id);
@@ -493,7 +491,9 @@ mod tests {
         let junk = d.push(rec("not json", 300)).unwrap();
         assert_eq!(junk.bytes, b"not json");
         let mut small = DockerRecords::new(4);
-        let l = small.push(rec(r#"{"log":"abcdefgh\n","stream":"stderr"}"#, 0)).unwrap();
+        let l = small
+            .push(rec(r#"{"log":"abcdefgh\n","stream":"stderr"}"#, 0))
+            .unwrap();
         assert_eq!(l.bytes, b"abcd");
         assert!(l.truncated);
     }

@@ -1,4 +1,4 @@
 //! Sources: where lines are read from.
 
-pub mod file;
 pub mod docker;
+pub mod file;

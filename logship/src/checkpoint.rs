@@ -205,12 +205,12 @@ impl Checkpoints {
         &self,
         source: &str,
         path: &str,
-        dev: u64,
-        ino: u64,
         file: &File,
-        size: u64,
+        meta: &std::fs::Metadata,
         at_end: bool,
     ) -> std::io::Result<Opened> {
+        use std::os::unix::fs::MetadataExt;
+        let (dev, ino, size) = (meta.dev(), meta.ino(), meta.len());
         let mut inner = self.lock();
         // The same file seen before: same inode and its fingerprint still matches.
         let mut resume = None;
@@ -223,21 +223,21 @@ impl Checkpoints {
                 break;
             }
         }
-        if let Some(id) = resume {
-            if let Some(e) = inner.entries.get_mut(&id) {
-                e.open = true;
-                e.source = source.to_string();
-                e.stored.path = path.to_string();
-                e.size = size;
-                if e.stored.offset > size {
-                    // Shorter than what was delivered: truncated while nobody watched.
-                    e.stored.offset = 0;
-                }
-                return Ok(Opened {
-                    id,
-                    offset: e.stored.offset,
-                });
+        if let Some(id) = resume
+            && let Some(e) = inner.entries.get_mut(&id)
+        {
+            e.open = true;
+            e.source = source.to_string();
+            e.stored.path = path.to_string();
+            e.size = size;
+            if e.stored.offset > size {
+                // Shorter than what was delivered: truncated while nobody watched.
+                e.stored.offset = 0;
             }
+            return Ok(Opened {
+                id,
+                offset: e.stored.offset,
+            });
         }
         // A copy of a known file: the full fingerprint matches.
         let full = fingerprint(file, FP_MAX)?;
@@ -411,10 +411,10 @@ impl Checkpoints {
         f.sync_all().map_err(io)?;
         drop(f);
         std::fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent() {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
+        if let Some(dir) = self.path.parent()
+            && let Ok(d) = File::open(dir)
+        {
+            let _ = d.sync_all();
         }
         Ok(true)
     }
@@ -423,7 +423,6 @@ impl Checkpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
     fn gauge() -> IntGauge {
         IntGauge::new("g", "g").unwrap()
@@ -432,16 +431,8 @@ mod tests {
     fn open(c: &Checkpoints, p: &Path) -> Opened {
         let f = File::open(p).unwrap();
         let m = f.metadata().unwrap();
-        c.open(
-            "s",
-            &p.display().to_string(),
-            m.dev(),
-            m.ino(),
-            &f,
-            m.len(),
-            false,
-        )
-        .unwrap()
+        c.open("s", &p.display().to_string(), &f, &m, false)
+            .unwrap()
     }
 
     #[test]

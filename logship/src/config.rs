@@ -346,22 +346,22 @@ impl Validate for Config {
                     ));
                 }
             }
-            if let Some(re) = &f.multiline_start {
-                if let Err(e) = regex::bytes::Regex::new(re) {
-                    errors.push(ConfigError::at(
-                        format!("files[{i}].multiline_start"),
-                        format!("invalid regular expression: {e}"),
-                    ));
-                }
-            }
-        }
-        if let Some(d) = &self.docker {
-            if !d.host.starts_with("unix://") {
+            if let Some(re) = &f.multiline_start
+                && let Err(e) = regex::bytes::Regex::new(re)
+            {
                 errors.push(ConfigError::at(
-                    "docker.host",
-                    "must be a unix:// socket address",
+                    format!("files[{i}].multiline_start"),
+                    format!("invalid regular expression: {e}"),
                 ));
             }
+        }
+        if let Some(d) = &self.docker
+            && !d.host.starts_with("unix://")
+        {
+            errors.push(ConfigError::at(
+                "docker.host",
+                "must be a unix:// socket address",
+            ));
         }
         if let Some(k) = &self.sinks.kafka {
             if k.brokers.trim().is_empty() {

@@ -223,39 +223,42 @@ pub fn render(
     let mut message = None;
     let mut level = None;
     let mut time = line.time;
-    if opts.parse_json && !line.truncated && text.trim_start().starts_with('{') {
-        if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&text) {
-            for (k, v) in fields {
-                if message.is_none() && MESSAGE_KEYS.contains(&k.as_str()) {
-                    if let Value::String(s) = &v {
-                        message = Some(s.clone());
-                        continue;
-                    }
-                }
-                if level.is_none() && LEVEL_KEYS.contains(&k.as_str()) {
-                    if let Some(l) = v.as_str().and_then(normalize_level) {
-                        level = Some(l);
-                        continue;
-                    }
-                }
-                if TIME_KEYS.contains(&k.as_str()) {
-                    if let Some(t) = v
-                        .as_str()
-                        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-                    {
-                        time = Some(t.with_timezone(&Utc));
-                        continue;
-                    }
-                }
-                if RESERVED.contains(&k.as_str()) {
-                    set_path(&mut doc, &["json", &k], v);
-                } else {
-                    doc.insert(k, v);
-                }
+    if opts.parse_json
+        && !line.truncated
+        && text.trim_start().starts_with('{')
+        && let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&text)
+    {
+        for (k, v) in fields {
+            if message.is_none()
+                && MESSAGE_KEYS.contains(&k.as_str())
+                && let Value::String(s) = &v
+            {
+                message = Some(s.clone());
+                continue;
             }
-            if message.is_none() {
-                message = Some(text.clone());
+            if level.is_none()
+                && LEVEL_KEYS.contains(&k.as_str())
+                && let Some(l) = v.as_str().and_then(normalize_level)
+            {
+                level = Some(l);
+                continue;
             }
+            if TIME_KEYS.contains(&k.as_str())
+                && let Some(t) = v
+                    .as_str()
+                    .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            {
+                time = Some(t.with_timezone(&Utc));
+                continue;
+            }
+            if RESERVED.contains(&k.as_str()) {
+                set_path(&mut doc, &["json", &k], v);
+            } else {
+                doc.insert(k, v);
+            }
+        }
+        if message.is_none() {
+            message = Some(text.clone());
         }
     }
     let message = message.unwrap_or(text);
@@ -450,12 +453,11 @@ impl Joiner {
 
     /// Emits the pending event if it waited longer than the timeout (or `force`).
     pub fn flush(&mut self, force: bool, out: &mut Vec<RawLine>) {
-        if let Some((_, since)) = &self.pending {
-            if force || since.elapsed() >= self.timeout {
-                if let Some((p, _)) = self.pending.take() {
-                    out.push(p);
-                }
-            }
+        if let Some((_, since)) = &self.pending
+            && (force || since.elapsed() >= self.timeout)
+            && let Some((p, _)) = self.pending.take()
+        {
+            out.push(p);
         }
     }
 

@@ -293,15 +293,9 @@ impl Reader {
         let path = self.path.display().to_string();
         let s = &self.settings;
         let docker_max = s.max_line_bytes;
-        let opened = self.checkpoints.open(
-            &s.meta.source,
-            &path,
-            m.dev(),
-            m.ino(),
-            file,
-            m.len(),
-            at_end,
-        )?;
+        let opened = self
+            .checkpoints
+            .open(&s.meta.source, &path, file, &m, at_end)?;
         file.seek(SeekFrom::Start(opened.offset))?;
         Ok(Cursor {
             id: opened.id,

@@ -24,6 +24,9 @@ pub struct Args {
     /// Check the configuration and exit: 0 when valid, 64 with every error otherwise.
     #[arg(long)]
     pub check_config: bool,
+    /// Run as the indexer: consume the Kafka topics of `[indexer]` into Elasticsearch.
+    #[arg(long)]
+    pub indexer: bool,
 }
 
 /// Runs the component until it is shut down.
@@ -39,6 +42,15 @@ pub fn run(args: Args) -> Result<(), RunError> {
         }));
     };
     let config: Config = lain_common::load_config(&path)?;
+    if args.indexer && config.indexer.is_none() {
+        return Err(RunError::Config(lain_common::ConfigErrors {
+            file: path.display().to_string(),
+            errors: vec![lain_common::ConfigError::at(
+                "indexer",
+                "--indexer needs an [indexer] section",
+            )],
+        }));
+    }
     if args.check_config {
         println!("{}: configuration is valid", path.display());
         return Ok(());
@@ -47,7 +59,7 @@ pub fn run(args: Args) -> Result<(), RunError> {
         .enable_all()
         .build()
         .map_err(|e| RunError::Failed(format!("cannot start the runtime: {e}")))?;
-    rt.block_on(run_config(config))
+    rt.block_on(run_config(config, args.indexer))
 }
 
 fn host_name() -> String {
@@ -63,7 +75,7 @@ fn failed(what: &str) -> impl Fn(String) -> RunError + '_ {
 }
 
 /// Builds every part from a validated config and runs until SIGTERM or SIGINT.
-pub async fn run_config(config: Config) -> Result<(), RunError> {
+pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
     let shutdown = Shutdown::on_signals();
     // Build: IO starts here.
     std::fs::create_dir_all(&config.state_dir)
@@ -79,7 +91,7 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
         Box<dyn FnOnce(crate::pipeline::BatchReceiver) -> tokio::task::JoinHandle<()>>,
     > = Vec::new();
     let dead_dir = config.state_dir.join("dead-letters");
-    if let Some(k) = &config.sinks.kafka {
+    if let Some(k) = config.sinks.kafka.as_ref().filter(|_| !indexer) {
         let settings = sink::kafka::KafkaSinkSettings {
             brokers: k.brokers.clone(),
             topic: k.topic.clone(),
@@ -116,7 +128,7 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
             .map_err(failed("cannot set up Elasticsearch"))?;
         sinks.push(Box::new(move |rx| tokio::spawn(es.run(rx))));
     }
-    let file_sink = match (&config.sinks.file, sinks.is_empty()) {
+    let file_sink = match (&config.sinks.file, sinks.is_empty() && !indexer) {
         (Some(f), _) => Some(f.clone()),
         (None, true) => Some(crate::config::FileSink {
             path: None,
@@ -192,7 +204,23 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     };
 
     let mut sources = Vec::new();
-    for f in &config.files {
+    let mut indexer_task = None;
+    if let Some(x) = config.indexer.as_ref().filter(|_| indexer) {
+        let settings = crate::indexer::IndexerSettings {
+            brokers: x.brokers.clone(),
+            group_id: x.group_id.clone(),
+            topics: x.topics.clone(),
+            batch_max_events: limits.batch_max_events,
+            batch_wait: Duration::from_millis(x.batch_wait_ms),
+        };
+        indexer_task = Some(tokio::spawn(crate::indexer::run(
+            settings,
+            dispatcher.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )));
+    }
+    for f in config.files.iter().filter(|_| !indexer) {
         let meta = Meta {
             source: f.name.clone(),
             dataset: f.dataset.clone().unwrap_or_else(|| f.name.clone()),
@@ -235,7 +263,7 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
             shutdown.clone(),
         )));
     }
-    if let Some(d) = &config.docker {
+    if let Some(d) = config.docker.as_ref().filter(|_| !indexer) {
         let template = FileSourceSettings {
             paths: Vec::new(),
             meta: Meta {
@@ -272,6 +300,17 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     drop(dispatcher);
     tracing::info!(node = %node, sources = sources.len(), "lain logship running");
 
+    if let Some(t) = indexer_task.as_mut() {
+        tokio::select! {
+            _ = shutdown.wait() => {}
+            r = t => {
+                if let Ok(Err(e)) = r {
+                    return Err(RunError::Failed(e));
+                }
+                shutdown.trigger();
+            }
+        }
+    }
     shutdown.wait().await;
     // Drain: sources stop reading and hand over what they have; the sink channels close
     // when the last source is gone; each sink delivers what it holds.
@@ -279,6 +318,11 @@ pub async fn run_config(config: Config) -> Result<(), RunError> {
     let drained = lain_common::shutdown::with_grace(grace, async {
         for s in sources {
             let _ = s.await;
+        }
+        if let Some(t) = indexer_task {
+            if !t.is_finished() {
+                let _ = t.await;
+            }
         }
         for s in sink_tasks {
             let _ = s.await;

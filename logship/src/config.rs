@@ -27,6 +27,9 @@ pub struct Config {
     /// The Docker source: every container's json-file log.
     #[serde(default)]
     pub docker: Option<DockerSource>,
+    /// Indexer mode (`--indexer`): Kafka topics to Elasticsearch.
+    #[serde(default)]
+    pub indexer: Option<IndexerConfig>,
     /// Sinks; the file sink is used when none is configured.
     #[serde(default)]
     pub sinks: Sinks,
@@ -139,6 +142,30 @@ pub struct FileSource {
 
 fn yes() -> bool {
     true
+}
+
+/// Indexer mode.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexerConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// The consumer group.
+    #[serde(default = "default_group")]
+    pub group_id: String,
+    /// Topics, or regular expressions starting with `^`.
+    pub topics: Vec<String>,
+    /// A batch goes to Elasticsearch after this long even when not full.
+    #[serde(default = "default_batch_wait")]
+    pub batch_wait_ms: u64,
+}
+
+fn default_group() -> String {
+    "lain-logship-indexer".into()
+}
+
+fn default_batch_wait() -> u64 {
+    500
 }
 
 /// The Docker source.
@@ -362,6 +389,23 @@ impl Validate for Config {
                 "docker.host",
                 "must be a unix:// socket address",
             ));
+        }
+        if let Some(x) = &self.indexer {
+            if x.brokers.trim().is_empty() {
+                errors.push(ConfigError::at("indexer.brokers", "must not be empty"));
+            }
+            if x.topics.is_empty() {
+                errors.push(ConfigError::at(
+                    "indexer.topics",
+                    "needs at least one topic",
+                ));
+            }
+            if self.sinks.elasticsearch.is_none() {
+                errors.push(ConfigError::at(
+                    "indexer",
+                    "needs [sinks.elasticsearch] to write to",
+                ));
+            }
         }
         if let Some(k) = &self.sinks.kafka {
             if k.brokers.trim().is_empty() {

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod indexer;
 pub mod metrics;
 pub mod pipeline;
 pub mod sink;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -73,7 +74,15 @@ impl Shared {
     async fn enqueue(&self, topic: &str, key: &str, e: &Event) -> Result<DeliveryFuture, String> {
         let mut attempt = 0;
         loop {
-            let rec = FutureRecord::to(topic).key(key).payload(&e.body);
+            // The id travels in a header so the indexer writes the same document id.
+            let headers = OwnedHeaders::new().insert(Header {
+                key: crate::indexer::ID_HEADER,
+                value: Some(e.id.as_str()),
+            });
+            let rec = FutureRecord::to(topic)
+                .key(key)
+                .payload(&e.body)
+                .headers(headers);
             match self.producer.send_result(rec) {
                 Ok(f) => return Ok(f),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

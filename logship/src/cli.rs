@@ -319,10 +319,10 @@ pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
         for s in sources {
             let _ = s.await;
         }
-        if let Some(t) = indexer_task {
-            if !t.is_finished() {
-                let _ = t.await;
-            }
+        if let Some(t) = indexer_task
+            && !t.is_finished()
+        {
+            let _ = t.await;
         }
         for s in sink_tasks {
             let _ = s.await;

@@ -19,6 +19,12 @@ use crate::pipeline::Dispatcher;
 /// The header carrying an event's deterministic id from the agent to the indexer.
 pub const ID_HEADER: &str = "lain-id";
 
+/// The next offset to commit per (topic, partition).
+type Offsets = BTreeMap<(String, i32), i64>;
+
+/// Batches sent, in order, with the offsets to commit once each is acknowledged.
+type Pending = VecDeque<(Arc<Ack>, Offsets)>;
+
 /// Settings of the indexer.
 #[derive(Debug, Clone)]
 pub struct IndexerSettings {
@@ -58,10 +64,9 @@ pub async fn run(
     });
     let lines_in = metrics.lines_in.with_label_values(&["kafka"]);
     let bytes_in = metrics.bytes_in.with_label_values(&["kafka"]);
-    // Batches sent, in order, with the offsets to commit once each is acknowledged.
-    let mut pending: VecDeque<(Arc<Ack>, BTreeMap<(String, i32), i64>)> = VecDeque::new();
+    let mut pending: Pending = VecDeque::new();
     let mut batch: Vec<Event> = Vec::new();
-    let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut offsets: Offsets = BTreeMap::new();
     let mut started = Instant::now();
     loop {
         let wait = settings.batch_wait.saturating_sub(started.elapsed());
@@ -134,11 +139,8 @@ pub async fn run(
 }
 
 /// Commits the offsets of the acknowledged prefix of `pending`.
-fn commit_done(
-    consumer: &StreamConsumer,
-    pending: &mut VecDeque<(Arc<Ack>, BTreeMap<(String, i32), i64>)>,
-) {
-    let mut merged: BTreeMap<(String, i32), i64> = BTreeMap::new();
+fn commit_done(consumer: &StreamConsumer, pending: &mut Pending) {
+    let mut merged: Offsets = BTreeMap::new();
     while pending.front().is_some_and(|(a, _)| a.is_done()) {
         if let Some((_, o)) = pending.pop_front() {
             merged.extend(o);

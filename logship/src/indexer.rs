@@ -52,6 +52,8 @@ pub async fn run(
         .set("group.id", &settings.group_id)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        // A killed member's partitions move to another member after this long.
+        .set("session.timeout.ms", "10000")
         .create()
         .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();

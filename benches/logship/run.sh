@@ -82,7 +82,8 @@ run_until() {
   local name=$1 pid=$2 count_cmd=$3 start=$4 count=0 last=-1 stable=0
   local deadline=$(( $(date +%s) + timeout_s ))
   while [ "$(date +%s)" -lt "$deadline" ]; do
-    count=$(eval "$count_cmd")
+    count=$(eval "$count_cmd" || true)
+    count=${count:-0}
     [ "$count" -ge "$lines" ] && break
     if [ "$count" = "$last" ] && [ "$count" -gt 0 ]; then stable=$((stable + 1)); else stable=0; fi
     [ "$stable" -ge 30 ] && break

@@ -1,3 +1,14 @@
-//! `lain logship`: see ARCHITECTURE.md for its place in the system.
+//! `lain logship`: ships container, file and access logs to Kafka, Elasticsearch or local
+//! files, at least once. See ARCHITECTURE.md for its place in the system.
 
+pub mod checkpoint;
 pub mod cli;
+pub mod config;
+pub mod event;
+pub mod indexer;
+pub mod metrics;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+
+pub use sink::elasticsearch::discover_query;

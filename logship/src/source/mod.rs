@@ -1,0 +1,4 @@
+//! Sources: where lines are read from.
+
+pub mod docker;
+pub mod file;

@@ -1,0 +1,153 @@
+//! `lain logship` to OpenSearch/Elasticsearch: lines arrive with ECS and LAIN fields, are
+//! found by a Discover-shaped search, and a line conflicting with the mapping goes to the
+//! dead-letter file while the rest are indexed.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use lain_test_support::{LainProcess, eventually, require_es, temp_dir};
+
+async fn search(
+    http: reqwest::Client,
+    base: String,
+    body: serde_json::Value,
+) -> Option<Vec<serde_json::Value>> {
+    let _ = http.post(format!("{base}/_refresh")).send().await;
+    let r = http
+        .post(format!("{base}/_search"))
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
+    let v: serde_json::Value = r.json().await.ok()?;
+    v["hits"]["hits"].as_array().cloned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lines_are_indexed_searchable_and_conflicts_dead_lettered() {
+    let es = require_es();
+    let dir = temp_dir();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let prefix = common::unique("es");
+    let cfg = common::write_config(
+        dir.path(),
+        &format!(
+            r#"
+node = "node1"
+state_dir = "{state}"
+[admin]
+listen = "127.0.0.1:0"
+[limits]
+poll_interval_ms = 20
+scan_interval_ms = 100
+multiline_timeout_ms = 100
+[[files]]
+name = "app"
+paths = ["{logs}/*.log"]
+app = "hello"
+proc = "web"
+podgroup = "hello.web.web"
+instance = "1"
+version = "v3"
+[sinks.elasticsearch]
+url = "{es}"
+index_prefix = "{prefix}"
+flush_interval_ms = 200
+"#,
+            state = dir.path().join("state").display(),
+            logs = logs.display(),
+        ),
+    );
+    let log = logs.join("app.log");
+    let mut f = std::fs::File::create(&log).unwrap();
+    for i in 0..50 {
+        writeln!(f, "request {i} served needle-{} ERROR maybe", i % 5).unwrap();
+    }
+    writeln!(f, r#"{{"msg":"typed","n":5}}"#).unwrap();
+    f.flush().unwrap();
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    let http = reqwest::Client::new();
+    let base = format!("{es}/{prefix}-*");
+    let search = |body: serde_json::Value| search(http.clone(), base.clone(), body);
+    let all = lain_logship::discover_query("hello", Some("web"), Duration::from_secs(900), None);
+    eventually(Duration::from_secs(60), "51 documents", || {
+        let s = search(all.clone());
+        async move { s.await.filter(|h| h.len() >= 51) }
+    })
+    .await;
+    // The conflicting line comes after the mapping of `n` exists.
+    writeln!(f, r#"{{"msg":"conflict","n":"not a number"}}"#).unwrap();
+    writeln!(f, "after the conflict needle-9").unwrap();
+    f.flush().unwrap();
+    let dead = dir.path().join("state/dead-letters/elasticsearch.ndjson");
+    let dead_text = eventually(Duration::from_secs(60), "a dead letter", || {
+        let t = std::fs::read_to_string(&dead).unwrap_or_default();
+        async move { (!t.is_empty()).then_some(t) }
+    })
+    .await;
+    assert!(
+        dead_text.contains("mapper_parsing_exception")
+            || dead_text.contains("document_parsing_exception"),
+        "{dead_text}"
+    );
+    assert!(dead_text.contains("conflict"), "{dead_text}");
+    let q = lain_logship::discover_query(
+        "hello",
+        Some("web"),
+        Duration::from_secs(900),
+        Some("\"needle-9\""),
+    );
+    let hits = eventually(
+        Duration::from_secs(60),
+        "the line after the conflict",
+        || {
+            let s = search(q.clone());
+            async move { s.await.filter(|h| !h.is_empty()) }
+        },
+    )
+    .await;
+    assert_eq!(hits.len(), 1);
+    let d = &hits[0]["_source"];
+    assert_eq!(d["message"], "after the conflict needle-9");
+    assert_eq!(d["lain"]["app"], "hello");
+    assert_eq!(d["lain"]["proc"], "web");
+    assert_eq!(d["lain"]["podgroup"], "hello.web.web");
+    assert_eq!(d["lain"]["instance"], "1");
+    assert_eq!(d["lain"]["version"], "v3");
+    assert_eq!(d["service"]["name"], "hello");
+    assert_eq!(d["host"]["name"], "node1");
+    assert_eq!(d["event"]["dataset"], "app");
+    assert!(d["@timestamp"].is_string());
+    let q = lain_logship::discover_query(
+        "hello",
+        None,
+        Duration::from_secs(900),
+        Some("\"needle-3\" AND log.level:error"),
+    );
+    let hits = search(q).await.unwrap();
+    assert_eq!(hits.len(), 10, "{hits:#?}");
+    let other = lain_logship::discover_query("other-app", None, Duration::from_secs(900), None);
+    assert!(search(other).await.unwrap().is_empty());
+    let metrics = reqwest::get(format!("http://{}/metrics", p.addr("admin")))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("lain_logship_dead_letters_total{sink=\"elasticsearch\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
+    let _ = http
+        .delete(format!("{es}/_index_template/{prefix}"))
+        .send()
+        .await;
+}

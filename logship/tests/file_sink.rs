@@ -1,0 +1,234 @@
+//! `lain logship` to the local file sink: bad input (invalid UTF-8, a 1 MiB line, binary
+//! garbage, multiline), a file deleted while being read, checkpoints across SIGTERM, and
+//! `--check-config`.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use lain_test_support::{LainProcess, eventually, run_lain, temp_dir};
+
+fn config(dir: &std::path::Path, extra: &str) -> String {
+    common::write_config(
+        dir,
+        &format!(
+            r#"
+node = "node1"
+state_dir = "{state}"
+[admin]
+listen = "127.0.0.1:0"
+[limits]
+poll_interval_ms = 20
+scan_interval_ms = 100
+rotate_wait_ms = 500
+multiline_timeout_ms = 200
+max_line_bytes = 4096
+[[files]]
+name = "app"
+paths = ["{logs}/*.log"]
+app = "hello"
+proc = "web"
+podgroup = "hello.web.web"
+instance = "2"
+version = "v7"
+{extra}
+[sinks.file]
+path = "{out}"
+"#,
+            state = dir.join("state").display(),
+            logs = dir.join("logs").display(),
+            out = dir.join("out.ndjson").display(),
+        ),
+    )
+}
+
+fn output(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("out.ndjson"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each output line is JSON"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_shipped_flagged_and_nothing_crashes() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let cfg = config(dir.path(), "");
+    let mut f = std::fs::File::create(dir.path().join("logs/a.log")).unwrap();
+    f.write_all(b"first INFO line\n").unwrap();
+    f.write_all(b"bad \xff\xfe utf8\n").unwrap();
+    f.write_all(&vec![b'x'; 1024 * 1024]).unwrap();
+    f.write_all(b"\n").unwrap();
+    let garbage: Vec<u8> = (0..4000u32)
+        .map(|i| (i * 7919 % 251) as u8)
+        .filter(|b| *b != b'\n')
+        .collect();
+    f.write_all(&garbage).unwrap();
+    f.write_all(b"\nException: boom\n  at a.b(c.java:1)\n  at d.e(f.java:2)\n{\"msg\":\"json here\",\"level\":\"error\",\"user\":\"bob\"}\nlast\n").unwrap();
+    drop(f);
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    let out = eventually(Duration::from_secs(30), "7 events in the output", || {
+        let o = output(dir.path());
+        async move { (o.len() >= 7).then_some(o) }
+    })
+    .await;
+    assert_eq!(out.len(), 7, "{out:#?}");
+    assert_eq!(out[0]["message"], "first INFO line");
+    assert_eq!(out[0]["log"]["level"], "info");
+    assert_eq!(out[0]["lain"]["podgroup"], "hello.web.web");
+    assert_eq!(out[0]["lain"]["instance"], "2");
+    assert_eq!(out[0]["service"]["name"], "hello");
+    assert_eq!(out[0]["host"]["name"], "node1");
+    assert!(
+        out[0]["log"]["file"]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("logs/a.log")
+    );
+    assert_eq!(out[1]["message"], "bad \u{fffd}\u{fffd} utf8");
+    assert_eq!(out[1]["tags"], serde_json::json!(["invalid_utf8"]));
+    assert_eq!(out[2]["message"].as_str().unwrap().len(), 4096);
+    assert_eq!(out[2]["tags"], serde_json::json!(["truncated"]));
+    assert!(
+        out[3]["tags"]
+            .as_array()
+            .unwrap()
+            .contains(&"invalid_utf8".into())
+    );
+    assert_eq!(
+        out[4]["message"],
+        "Exception: boom\n  at a.b(c.java:1)\n  at d.e(f.java:2)"
+    );
+    assert_eq!(out[4]["tags"], serde_json::json!(["multiline"]));
+    assert_eq!(out[5]["message"], "json here");
+    assert_eq!(out[5]["user"], "bob");
+    assert_eq!(out[5]["log"]["level"], "error");
+    assert_eq!(out[6]["message"], "last");
+    let metrics = reqwest::get(format!("http://{}/metrics", p.addr("admin")))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("lain_logship_lines_out_total{sink=\"file\"} 7"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lain_logship_dropped_total 0"),
+        "{metrics}"
+    );
+    let status = p.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_resumes_from_checkpoint_and_deleted_files_are_finished() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let cfg = config(dir.path(), "");
+    let a = dir.path().join("logs/a.log");
+    std::fs::write(
+        &a,
+        (0..1000).map(|i| format!("a {i}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    eventually(Duration::from_secs(30), "1000 events", || {
+        let n = output(dir.path()).len();
+        async move { (n >= 1000).then_some(()) }
+    })
+    .await;
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    // More lines while it is down, then the file is deleted while logship reads it.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&a).unwrap();
+    f.write_all(
+        (1000..1500)
+            .map(|i| format!("a {i}\n"))
+            .collect::<String>()
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    // Delete the file once logship has it open (a file deleted before it was ever opened
+    // cannot be read by anyone).
+    let metrics_url = format!("http://{}/metrics", p.addr("admin"));
+    eventually(Duration::from_secs(10), "the file to be open", || {
+        let url = metrics_url.clone();
+        async move {
+            let m = reqwest::get(url).await.ok()?.text().await.ok()?;
+            m.contains("lain_logship_files_open 1").then_some(())
+        }
+    })
+    .await;
+    std::fs::remove_file(&a).unwrap();
+    // The writer still holds the deleted file open and keeps writing.
+    f.write_all(
+        (1500..2000)
+            .map(|i| format!("a {i}\n"))
+            .collect::<String>()
+            .as_bytes(),
+    )
+    .unwrap();
+    let out = eventually(Duration::from_secs(30), "2000 events", || {
+        let o = output(dir.path());
+        async move { (o.len() >= 2000).then_some(o) }
+    })
+    .await;
+    let msgs: Vec<String> = out
+        .iter()
+        .map(|v| v["message"].as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (0..2000).map(|i| format!("a {i}")).collect();
+    assert_eq!(
+        msgs, want,
+        "a clean restart re-reads nothing and loses nothing"
+    );
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+}
+
+#[test]
+fn check_config_exits_0_or_64_with_every_error() {
+    let dir = temp_dir();
+    let good = config(dir.path(), "");
+    let (code, out, err) = run_lain(&["logship", "--config", &good, "--check-config"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "state_dir = \"/tmp/x\"\n[[files]]\nname = \"a\"\npaths = [\"relative.log\"]\nmultiline_start = \"(\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_lain(
+        &[
+            "logship",
+            "--config",
+            &bad.display().to_string(),
+            "--check-config",
+        ],
+        None,
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("files[0].paths[0]"), "{err}");
+    assert!(err.contains("files[0].multiline_start"), "{err}");
+    std::fs::write(&bad, "state_dir = \"/tmp/x\"\nbogus = 1\n").unwrap();
+    let (code, _, err) = run_lain(
+        &[
+            "logship",
+            "--config",
+            &bad.display().to_string(),
+            "--check-config",
+        ],
+        None,
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains(":2:1: bogus"), "{err}");
+}

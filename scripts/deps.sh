@@ -7,7 +7,7 @@ BUILD=(cmake g++ make pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev libz
 # Services the tests run for real (the tests/services scripts would install them too).
 SERVICES=(etcd-server etcd-client docker.io busybox-static)
 # Clients and peers the tests talk to.
-TOOLS=(dnsutils curl iproute2)
+TOOLS=(dnsutils curl iproute2 unbound)
 
 missing=()
 for p in "${BUILD[@]}" "${SERVICES[@]}" "${TOOLS[@]}" "$@"; do

@@ -3,6 +3,7 @@
 # all from Debian, on loopback, one at a time, loaded by dnsperf with the same 1,000-instance
 # zone and a query file with 10% non-existent names. Prints a markdown table and writes
 # target/bench/dns.json. Bounded: BENCH_SECS (10) of load per server and thread count.
+# BENCH_SERVERS restricts the run to some of the servers.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 secs=${BENCH_SECS:-10}
@@ -89,6 +90,10 @@ server:
   xfrdfile: "$work/xfrd.state"
   zonelistfile: "$work/zone.list"
   logfile: "$work/nsd.log"
+  # Debian builds NSD with response rate limiting on (200 answers/s per source), which would
+  # drop most of the load generator's queries; the other servers have no such limit.
+  rrl-ratelimit: 0
+  rrl-whitelist-ratelimit: 0
 remote-control:
   control-enable: no
 zone:
@@ -132,11 +137,14 @@ C
   echo "$name did not start" >&2; return 1
 }
 
-# CPU of the server and its children (NSD forks its workers), in clock ticks.
+# CPU of the server and all its descendants, in clock ticks: NSD's serving processes are
+# grandchildren of the one started here (xfrd -> main -> server N). Process names may contain
+# spaces ("nsd: server 1"), so the fields are counted after the closing parenthesis.
 cpu_ticks() {
-  local total=0 p
-  for p in "$1" $(pgrep -P "$1" || true); do
-    [ -r "/proc/$p/stat" ] && total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  local total=0 c
+  [ -r "/proc/$1/stat" ] && total=$(sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}')
+  for c in $(pgrep -P "$1" || true); do
+    total=$((total + $(cpu_ticks "$c")))
   done
   echo "$total"
 }
@@ -146,7 +154,7 @@ results="$work/results.tsv"
 : > "$results"
 tck=$(getconf CLK_TCK)
 for t in 1 2; do
-  for name in lain nsd knot unbound dnsmasq; do
+  for name in ${BENCH_SERVERS:-lain nsd knot unbound dnsmasq}; do
     stop_server
     if ! start_server "$name" "$t"; then stop_server; continue; fi
     before=$(cpu_ticks "$pid")
@@ -235,9 +243,16 @@ out = section("1")
 out["threads2"] = section("2")
 out["propagation_ms"] = json.loads(sys.argv[2])
 json.dump(out, open(sys.argv[3], "w"), indent=2)
-print("| threads | server | queries/s | avg ms | p99 ms (est.) | lost | CPU µs/query | RSS MiB |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+# The machine, so that figures are never quoted without it.
+model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+cores = sum(1 for l in open("/proc/cpuinfo") if l.startswith("processor"))
+load = open("/proc/loadavg").read().split()[:3]
+print(f"machine: {cores} x {model}, load average {' '.join(load)} at the end of the run\n")
+lain_qps = {r[0]: float(r[2]) for r in rows if r[1] == "lain"}
+print("| threads | server | queries/s | lain ÷ server (queries/s) | avg ms | p99 ms (est.) | lost | CPU µs/query | RSS MiB |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
-    print("| " + " | ".join(r) + " |")
+    ratio = f"{lain_qps[r[0]] / float(r[2]):.2f}" if r[0] in lain_qps and float(r[2]) > 0 else "-"
+    print("| " + " | ".join(r[:3] + [ratio] + r[3:]) + " |")
 print(f"\npropagation (etcd put -> answer): {sys.argv[2]}")
 PY

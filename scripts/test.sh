@@ -34,4 +34,7 @@ cargo build --workspace --bins --locked
 step "tests"
 cargo test --workspace --locked --no-fail-fast
 
+step "DNS request-handler fuzzing (${FUZZ_SECS:-60}s)"
+FUZZ_SECS="${FUZZ_SECS:-60}" bash dns/fuzz/run.sh
+
 step "done"

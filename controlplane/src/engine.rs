@@ -1831,8 +1831,11 @@ impl State {
                 };
                 let started = h.started;
                 let timeout = self.settings.probe_timeout;
+                // An instance on a node that does not answer fails its probes, even one
+                // whose only check is its setup time.
+                let node_down = self.nodes.get(&a.node).is_none_or(|n| n.down_since.is_some());
                 jobs.push(async move {
-                    let ok = check.run(started, timeout).await;
+                    let ok = !node_down && check.run(started, timeout).await;
                     (a.clone(), ok)
                 });
             }

@@ -232,6 +232,10 @@ fn shared_nodes() -> Vec<NodeSpec> {
 }
 
 async fn start(test: &str, nodes: Vec<NodeSpec>, tune: impl FnOnce(&mut EngineSettings)) -> Harness {
+    // With LAIN_LOG set, the engine's log goes to the test output.
+    if std::env::var_os("LAIN_LOG").is_some() {
+        lain_common::telemetry::init(lain_common::telemetry::LogFormat::Text);
+    }
     let endpoints = require_etcd();
     let prefix = unique_prefix(test);
     let ks = Keyspace::new(&prefix);
@@ -504,8 +508,11 @@ async fn a_stopped_engine_has_its_stateless_instances_moved_and_its_stateful_one
     );
     h.engine.register("lain.yaml", &yaml).await.unwrap();
     h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let web = |eps: Vec<EndpointRecord>| -> Vec<EndpointRecord> {
+        eps.into_iter().filter(|e| e.proc_name == "web").collect()
+    };
     let eps = eventually(Duration::from_secs(60), "spread over both engines", || async {
-        let eps = h.endpoints(app).await;
+        let eps = web(h.endpoints(app).await);
         let nodes: BTreeSet<&str> = eps.iter().map(|e| e.node.as_str()).collect();
         (eps.len() == 2 && nodes.len() == 2).then_some(eps)
     })
@@ -536,7 +543,7 @@ async fn a_stopped_engine_has_its_stateless_instances_moved_and_its_stateful_one
         Duration::from_secs(60),
         &format!("web instance {moved} rescheduled onto node1"),
         || async {
-            let eps = h.endpoints(app).await;
+            let eps = web(h.endpoints(app).await);
             (eps.len() == 2 && eps.iter().all(|e| e.node == "node1")).then_some(())
         },
     )

@@ -888,6 +888,7 @@ impl State {
         let file = format!("{res} (rendered for {client})");
         let text = crate::resources::render(&file, template, &params)
             .map_err(|e| EngineError::Bad(e.to_string()))?;
+        let text = crate::resources::rename(&text, &name);
         let conf = LainConf::parse_resource_instance(
             &file,
             &text,

@@ -49,6 +49,27 @@ pub fn top_level(text: &str, key: &str) -> Option<String> {
     })
 }
 
+/// Renames a rendered resource to its instance name, as lain-sdk did, by rewriting its
+/// top-level `appname:` line; the other lines keep their numbers for error locations.
+pub fn rename(text: &str, instance: &str) -> String {
+    let mut done = false;
+    let mut out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if !done && l.starts_with("appname:") {
+                done = true;
+                format!("appname: {instance}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    if text.ends_with('\n') {
+        out.push(String::new());
+    }
+    out.join("\n")
+}
+
 /// Checks that a template compiles, so a syntax error is reported when the resource is
 /// registered rather than when a client first uses it.
 pub fn check(file: &str, template: &str) -> Result<(), RenderError> {
@@ -87,6 +108,9 @@ mod tests {
         assert!(!is_template("appname: a\nweb:\n  apptype: resource\n"));
         assert_eq!(top_level(t, "appname").as_deref(), Some("redis"));
         assert!(check("r.yaml", t).is_ok());
+        let r = rename(t, "resource.redis.hello");
+        assert!(r.starts_with("appname: resource.redis.hello\napptype: resource"), "{r}");
+        assert!(r.ends_with('\n'));
         let e = check("r.yaml", "a: 1\nb: {{ x \n").unwrap_err();
         assert!(e.message.contains("line"), "{e}");
     }

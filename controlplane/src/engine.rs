@@ -429,6 +429,23 @@ type SlotKey = (String, String, u32);
 /// The `PORT` of a proc that declares none, in bridge mode (LAIN's web default).
 const DEFAULT_BRIDGE_PORT: u16 = 80;
 
+/// How many containers one pass creates at the same time.
+const CONCURRENT_STARTS: usize = 8;
+
+/// A container a pass decided to start.
+struct PlannedStart {
+    key: SlotKey,
+    node_name: String,
+    port: u16,
+    drift: u32,
+    /// The slot's node before this start, restored if it fails.
+    prev_node: Option<String>,
+    restarted: bool,
+    image: String,
+    client: NodeClient,
+    cs: ContainerSpec,
+}
+
 /// How long an instance must stay healthy before its crash backoff starts over.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
@@ -1250,6 +1267,7 @@ impl State {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let mut starts = Vec::new();
         for (app, spec) in &apps {
             if spec.version.is_empty() {
                 continue;
@@ -1267,6 +1285,7 @@ impl State {
                             list,
                             &mut used_ports,
                             views.entry(app.clone()).or_default(),
+                            &mut starts,
                         )
                         .await;
                     rollout_done &= done;
@@ -1295,6 +1314,7 @@ impl State {
                 }
             }
         }
+        self.run_starts(starts).await;
         self.publish(&views).await
     }
 
@@ -1307,6 +1327,7 @@ impl State {
         mut list: Vec<Actual>,
         used_ports: &mut HashSet<u16>,
         views: &mut Vec<InstanceView>,
+        starts: &mut Vec<PlannedStart>,
     ) -> bool {
         let app = &spec.conf.appname;
         let key = (app.clone(), p.name.clone(), n);
@@ -1377,7 +1398,7 @@ impl State {
             }
             Some(_) => {}
             None => {
-                self.start_instance(spec, p, n, used_ports).await;
+                self.plan_start(spec, p, n, used_ports, starts).await;
             }
         }
         if serving.is_none() {
@@ -1602,12 +1623,16 @@ impl State {
         None
     }
 
-    async fn start_instance(
+    /// Decides where and how a slot's container starts; the containers of one pass are then
+    /// created together by [`State::run_starts`]. The node is recorded at once so the next
+    /// placement in the same pass sees it taken.
+    async fn plan_start(
         &mut self,
         spec: &AppSpec,
         p: &Proc,
         n: u32,
         used_ports: &mut HashSet<u16>,
+        starts: &mut Vec<PlannedStart>,
     ) {
         let app = &spec.conf.appname;
         let key = (app.clone(), p.name.clone(), n);
@@ -1652,64 +1677,90 @@ impl State {
             return;
         };
         let client = node.client.clone();
-        let result = client.run(&cs).await;
-        let s = self.slots.entry(key.clone()).or_default();
-        match result {
-            Ok(id) => {
-                s.pending = None;
-                s.last_node = Some(node_name.clone());
-                s.drift = drift;
-                self.health.insert(
-                    id,
-                    Health {
-                        started: Instant::now(),
-                        healthy: false,
-                        fails: 0,
-                        announced: false,
-                    },
-                );
-                let kind = if slot.restarts > 0 && slot.last_exit.is_some() {
-                    "restarted"
-                } else {
-                    "started"
-                };
-                self.event(
-                    app,
-                    kind,
-                    Some(&p.name),
-                    Some(n),
-                    format!("{name} on {node_name}, PORT {port}"),
-                )
-                .await;
-            }
-            Err(e) => {
-                s.failures += 1;
-                let delay =
-                    Duration::from_millis(500u64 << s.failures.min(6)).min(Duration::from_secs(30));
-                s.next_attempt = Some(Instant::now() + delay);
-                let reason = e.to_string();
-                s.pending = Some(reason.clone());
-                let missing_image = matches!(
-                    &e,
-                    docker::DockerError::Api {
-                        source: bollard::errors::Error::DockerResponseServerError {
-                            status_code: 404,
-                            ..
+        self.slots.entry(key.clone()).or_default().last_node = Some(node_name.clone());
+        starts.push(PlannedStart {
+            key,
+            node_name,
+            port,
+            drift,
+            prev_node: slot.last_node.clone(),
+            restarted: slot.restarts > 0 && slot.last_exit.is_some(),
+            image: spec.image.clone(),
+            client,
+            cs,
+        });
+    }
+
+    /// Creates and starts the planned containers, several at a time, and records the outcome
+    /// of each in its slot and the app's history.
+    async fn run_starts(&mut self, starts: Vec<PlannedStart>) {
+        let results: Vec<_> = futures::stream::iter(starts.into_iter().map(|st| async move {
+            let result = st.client.run(&st.cs).await;
+            (st, result)
+        }))
+        .buffer_unordered(CONCURRENT_STARTS)
+        .collect()
+        .await;
+        for (st, result) in results {
+            let (app, proc_name, n) = st.key.clone();
+            let name = &st.cs.name;
+            let s = self.slots.entry(st.key.clone()).or_default();
+            match result {
+                Ok(id) => {
+                    s.pending = None;
+                    s.drift = st.drift;
+                    self.health.insert(
+                        id,
+                        Health {
+                            started: Instant::now(),
+                            healthy: false,
+                            fails: 0,
+                            announced: false,
                         },
-                        ..
-                    }
-                );
-                self.event(
-                    app,
-                    "start-failed",
-                    Some(&p.name),
-                    Some(n),
-                    format!("{name}: {reason}"),
-                )
-                .await;
-                if missing_image && self.rollouts.contains_key(app) {
-                    self.fail_rollout(app, format!("image {} cannot be run: {reason}", spec.image))
+                    );
+                    let kind = if st.restarted { "restarted" } else { "started" };
+                    self.event(
+                        &app,
+                        kind,
+                        Some(&proc_name),
+                        Some(n),
+                        format!("{name} on {}, PORT {}", st.node_name, st.port),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    s.last_node = st.prev_node.clone();
+                    s.failures += 1;
+                    let delay = Duration::from_millis(500u64 << s.failures.min(6))
+                        .min(Duration::from_secs(30));
+                    s.next_attempt = Some(Instant::now() + delay);
+                    let reason = e.to_string();
+                    s.pending = Some(reason.clone());
+                    let missing_image = matches!(
+                        &e,
+                        docker::DockerError::Api {
+                            source: bollard::errors::Error::DockerResponseServerError {
+                                status_code: 404,
+                                ..
+                            },
+                            ..
+                        }
+                    );
+                    self.event(
+                        &app,
+                        "start-failed",
+                        Some(&proc_name),
+                        Some(n),
+                        format!("{name}: {reason}"),
+                    )
+                    .await;
+                    if missing_image && self.rollouts.contains_key(&app) {
+                        self.fail_rollout(
+                            &app,
+                            format!("image {} cannot be run: {reason}", st.image),
+                        )
                         .await;
+                    }
                 }
             }
         }

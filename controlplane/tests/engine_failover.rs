@@ -1,10 +1,12 @@
 //! Two control planes, the leader killed with SIGKILL in the middle of a rollout: the
-//! standby (a real `lain controlplane` process) takes over within seconds and converges,
-//! with no duplicate and no orphaned container.
+//! standby takes over within seconds and converges, with no duplicate and no orphaned
+//! container.
 //!
-//! The first leader is this test binary run again as a child process (the ignored test
-//! `leader_child` is its entry point): it campaigns, runs the engine, and deploys on
-//! command from stdin, so the parent can kill it at a chosen step of a rollout.
+//! Both are this test binary run again as child processes. The first leader (entry point:
+//! the ignored test `leader_child`) campaigns, runs the engine, and deploys on command from
+//! stdin, so the parent can kill it at a chosen step of a rollout. The standby (entry point:
+//! `controlplane_child`) runs `lain_controlplane::cli::run`, exactly what `lain
+//! controlplane --config FILE` runs.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -20,11 +22,10 @@ use lain_controlplane::metrics::Metrics;
 use lain_state::records::decode;
 use lain_state::{AppRecord, EndpointRecord, Keyspace, Kind};
 use lain_test_support::{
-    LainProcess, eventually, require_docker_nodes, require_etcd, temp_dir, unique_prefix,
+    eventually, parse_listening, require_docker_nodes, require_etcd, temp_dir, unique_prefix,
 };
 
 const IMAGE: &str = "lain/busybox:latest";
-const APP: &str = "failover";
 const CHILD_ENV: &str = "LAIN_CP_TEST_CHILD_PREFIX";
 
 fn nodes() -> Vec<NodeSpec> {
@@ -45,9 +46,9 @@ fn nodes() -> Vec<NodeSpec> {
         .collect()
 }
 
-fn app_yaml() -> String {
+fn app_yaml(app: &str) -> String {
     format!(
-        "appname: {APP}\n\
+        "appname: {app}\n\
          web:\n  cmd: [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"$PORT\", \"-h\", \"/tmp\"]\n  \
          num_instances: 3\n  memory: 32m\n  kill_timeout: 10\n"
     )
@@ -61,6 +62,8 @@ async fn leader_child() {
     let Ok(prefix) = std::env::var(CHILD_ENV) else {
         return;
     };
+    // Docker names containers per engine, so concurrent tests use apps of their own.
+    let app = std::env::var("LAIN_CP_TEST_CHILD_APP").unwrap();
     let volumes = std::env::var("LAIN_CP_TEST_CHILD_VOLUMES").unwrap();
     let etcd = lain_test_support::etcd_client(&require_etcd()).await;
     let ks = Keyspace::new(&prefix);
@@ -92,16 +95,88 @@ async fn leader_child() {
     while let Some(line) = rx.recv().await {
         match line.split_whitespace().collect::<Vec<_>>()[..] {
             ["register"] => {
-                engine.register("lain.yaml", &app_yaml()).await.unwrap();
+                engine.register("lain.yaml", &app_yaml(&app)).await.unwrap();
             }
             ["deploy", version] => {
-                engine.deploy(APP, version, IMAGE).await.unwrap();
+                engine.deploy(&app, version, IMAGE).await.unwrap();
             }
             _ => panic!("unknown command {line:?}"),
         }
         println!("child: done {line}");
     }
     drop(leadership);
+}
+
+/// `lain controlplane --config FILE` as a child process; does nothing unless the parent
+/// set its environment.
+#[test]
+#[ignore = "the entry point of the standby of two_control_planes_converge_after_the_leader_is_killed"]
+fn controlplane_child() {
+    let Ok(config) = std::env::var("LAIN_CP_TEST_CONFIG") else {
+        return;
+    };
+    lain_controlplane::cli::run(lain_controlplane::cli::Args {
+        config: Some(config.into()),
+        check_config: false,
+    })
+    .unwrap();
+}
+
+/// The standby control plane process and its admin address.
+struct Standby {
+    child: Child,
+    admin: std::net::SocketAddr,
+}
+
+impl Standby {
+    fn spawn(config: &std::path::Path) -> Standby {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = Command::new(exe)
+            .args(["--exact", "controlplane_child", "--ignored", "--nocapture"])
+            .env("LAIN_CP_TEST_CONFIG", config)
+            .env("LAIN_LOG", std::env::var("LAIN_LOG").unwrap_or("warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some((name, addr)) = parse_listening(&line)
+                    && name == "admin"
+                {
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let admin = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the standby announces its admin listener");
+        Standby { child, admin }
+    }
+
+    /// SIGTERM, then up to `grace` for it to exit.
+    fn terminate(&mut self, grace: Duration) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The child process and the lines it prints.
@@ -112,12 +187,13 @@ struct ChildLeader {
 }
 
 impl ChildLeader {
-    fn spawn(prefix: &str, volumes: &str) -> ChildLeader {
+    fn spawn(prefix: &str, volumes: &str, app: &str) -> ChildLeader {
         let exe = std::env::current_exe().unwrap();
         let mut child = Command::new(exe)
             .args(["--exact", "leader_child", "--ignored", "--nocapture"])
             .env(CHILD_ENV, prefix)
             .env("LAIN_CP_TEST_CHILD_VOLUMES", volumes)
+            .env("LAIN_CP_TEST_CHILD_APP", app)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -241,7 +317,7 @@ enum Step {
     Surging,
 }
 
-async fn kill_the_leader_at(step: Step) {
+async fn kill_the_leader_at(step: Step, app: &str) {
     let etcd_endpoints = require_etcd();
     let hosts: Vec<String> = nodes().into_iter().map(|n| n.docker_host).collect();
     let prefix = unique_prefix("cp-failover");
@@ -257,7 +333,7 @@ async fn kill_the_leader_at(step: Step) {
     let _cleanup = Cleanup(hosts.clone(), ks.prefix().to_string());
     let etcd = lain_test_support::etcd_client(&etcd_endpoints).await;
 
-    let mut first = ChildLeader::spawn(&prefix, volumes.to_str().unwrap());
+    let mut first = ChildLeader::spawn(&prefix, volumes.to_str().unwrap(), app);
     first.command("register");
     first.command("deploy 1");
     let endpoints = |version: &'static str| {
@@ -286,7 +362,7 @@ async fn kill_the_leader_at(step: Step) {
     };
     eventually(Duration::from_secs(60), "3 endpoints of v1", || endpoints("1")).await;
 
-    // The standby: a real `lain controlplane` on the same prefix and engines.
+    // The standby: `lain controlplane` on the same prefix and engines.
     let cfg = dir.path().join("cp.toml");
     let mut text = format!(
         "etcd_endpoints = {etcd_endpoints:?}\nprefix = \"{prefix}\"\ncluster_domains = [\"lain.local\"]\n\
@@ -301,12 +377,8 @@ async fn kill_the_leader_at(step: Step) {
         ));
     }
     std::fs::write(&cfg, text).unwrap();
-    let mut standby = LainProcess::spawn(
-        &["controlplane", "-c", cfg.to_str().unwrap()],
-        &[("LAIN_LOG", "info")],
-        &["admin"],
-    );
-    let admin = standby.addr("admin");
+    let mut standby = Standby::spawn(&cfg);
+    let admin = standby.admin;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(leader_page(admin).await.as_deref(), Some("standby"));
 
@@ -347,21 +419,21 @@ async fn kill_the_leader_at(step: Step) {
     assert_eq!(names.len(), 3, "one container per instance: {settled:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(containers(&hosts, ks.prefix()).await, settled, "stable");
-    let app = etcd
+    let record = etcd
         .kv_client()
-        .get(ks.app(APP), None)
+        .get(ks.app(app), None)
         .await
         .unwrap()
         .kvs()
         .first()
         .map(|kv| decode::<AppRecord>(kv.value()).unwrap())
         .unwrap();
-    assert_eq!(app.version, "2");
+    assert_eq!(record.version, "2");
     let deploys = eventually(Duration::from_secs(30), "deploy 2 recorded", || async {
         let r = etcd
             .kv_client()
             .get(
-                ks.deploys_of_app(APP),
+                ks.deploys_of_app(app),
                 Some(GetOptions::new().with_prefix()),
             )
             .await
@@ -388,10 +460,10 @@ async fn kill_the_leader_at(step: Step) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_control_planes_converge_after_the_leader_is_killed_as_a_deploy_is_accepted() {
-    kill_the_leader_at(Step::Accepted).await;
+    kill_the_leader_at(Step::Accepted, "failover-accepted").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_control_planes_converge_after_the_leader_is_killed_mid_surge() {
-    kill_the_leader_at(Step::Surging).await;
+    kill_the_leader_at(Step::Surging, "failover-surging").await;
 }

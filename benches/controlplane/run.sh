@@ -5,7 +5,8 @@
 # target/bench/controlplane.json.
 #
 # Knobs: BENCH_REPS (default 20), BENCH_SCALE_REPS (default 3), BENCH_PROFILE (release by
-# default; `dev` reuses a debug build, whose timings are dominated by Docker all the same).
+# default; `dev` reuses a debug build, whose timings are dominated by Docker all the same),
+# LAIN_BIN (a `lain` binary to run the proxy from, skipping its build).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,13 +28,18 @@ fi
 profile=${BENCH_PROFILE:-release}
 flag=--release
 [ "$profile" = release ] || flag=
-log "building lain and the driver ($profile)"
-cargo build $flag --bin lain >&2
+log "building the driver ($profile)"
 cargo build $flag -p lain-controlplane --example bench_controlplane >&2
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 [ "$profile" = release ] || profile=debug
 bin="$target_dir/$profile"
+lain=${LAIN_BIN:-}
+if [ -z "$lain" ]; then
+  log "building lain ($profile)"
+  cargo build $flag --bin lain >&2
+  lain="$bin/lain"
+fi
 
 log "machine: $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
-CARGO_BIN_EXE_lain="$bin/lain" BENCH_OUT="$root/target/bench/controlplane.json" LAIN_LOG=warn \
+CARGO_BIN_EXE_lain="$lain" BENCH_OUT="$root/target/bench/controlplane.json" LAIN_LOG=warn \
   timeout 1800 "$bin/examples/bench_controlplane"

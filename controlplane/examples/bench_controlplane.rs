@@ -45,7 +45,8 @@ async fn get(proxy: SocketAddr, host: &str) -> Option<String> {
         if !text.starts_with("HTTP/1.1 200") {
             return None;
         }
-        text.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_string())
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.trim().to_string())
     };
     tokio::time::timeout(Duration::from_secs(2), once)
         .await
@@ -217,7 +218,8 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench/controlplane.json".into());
+    let out =
+        std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench/controlplane.json".into());
     let endpoints = require_etcd();
     let hosts: Vec<String> = require_docker_nodes().into_iter().take(2).collect();
     let ks = Keyspace::new(&unique_prefix("bench-cp"));
@@ -280,7 +282,8 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let result = async {
-        let (mut d1, mut d10, mut crash, mut scale) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut d1, mut d10, mut crash, mut scale) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for r in 0..reps {
             let app = format!("one{r}");
             d1.push(b.deploy_to_served(&app, 1).await?);
@@ -342,9 +345,21 @@ async fn main() -> anyhow::Result<()> {
     };
     println!("| measure ({reps} runs) | p50 s | p99 s | max s |");
     println!("|---|---|---|---|");
-    println!("{}", row("deploy → served, 1 instance", &json["deploy_to_served_s"]));
-    println!("{}", row("deploy → served, 10 instances", &json["deploy10_to_served_s"]));
-    println!("{}", row("container kill → served again", &json["crash_to_served_s"]));
+    println!(
+        "{}",
+        row("deploy → served, 1 instance", &json["deploy_to_served_s"])
+    );
+    println!(
+        "{}",
+        row(
+            "deploy → served, 10 instances",
+            &json["deploy10_to_served_s"]
+        )
+    );
+    println!(
+        "{}",
+        row("container kill → served again", &json["crash_to_served_s"])
+    );
     println!(
         "| scale 1 → 20 instances published (median of {scale_reps}) | {:.3} | | |",
         json["scale_1_to_20_s"].as_f64().unwrap_or(f64::NAN)

@@ -504,7 +504,10 @@ impl State {
             // with a fresh deadline, so it still ends as succeeded or rolled back.
             if let Some(last) = self.latest_deploy(&app).await?
                 && last.outcome == "started"
-                && self.apps.get(&app).is_some_and(|s| s.version == last.version)
+                && self
+                    .apps
+                    .get(&app)
+                    .is_some_and(|s| s.version == last.version)
             {
                 tracing::info!(%app, version = %last.version, "resuming an unfinished rollout");
                 self.rollouts.insert(
@@ -810,8 +813,7 @@ impl State {
         let template = crate::resources::is_template(text).then(|| text.to_string());
         let conf = match &template {
             Some(t) => {
-                crate::resources::check(file, t)
-                    .map_err(|e| EngineError::Bad(e.to_string()))?;
+                crate::resources::check(file, t).map_err(|e| EngineError::Bad(e.to_string()))?;
                 let name = crate::resources::top_level(t, "appname").unwrap_or_default();
                 LainConf::parse(
                     file,
@@ -906,13 +908,9 @@ impl State {
         let text = crate::resources::render(&file, template, &params)
             .map_err(|e| EngineError::Bad(e.to_string()))?;
         let text = crate::resources::rename(&text, &name);
-        let conf = LainConf::parse_resource_instance(
-            &file,
-            &text,
-            &self.settings.cluster_domains,
-            &name,
-        )
-        .map_err(EngineError::Invalid)?;
+        let conf =
+            LainConf::parse_resource_instance(&file, &text, &self.settings.cluster_domains, &name)
+                .map_err(EngineError::Invalid)?;
         let unchanged = self.apps.get(&name).is_some_and(|s| {
             s.conf == conf && s.version == resource.version && s.image == resource.image
         });
@@ -1485,7 +1483,10 @@ impl State {
     async fn retire(&mut self, a: &Actual, why: &str, grace: Duration) {
         // A container on a node that does not answer is forgotten at once: it is gone with
         // its node, and remembering it would retire it again on every pass.
-        if self.nodes.get(&a.node).is_none_or(|n| n.down_since.is_some())
+        if self
+            .nodes
+            .get(&a.node)
+            .is_none_or(|n| n.down_since.is_some())
             && let Some(seen) = self.last_seen.get_mut(&a.node)
         {
             seen.retain(|c| c.id != a.id);
@@ -1885,7 +1886,10 @@ impl State {
                 let timeout = self.settings.probe_timeout;
                 // An instance on a node that does not answer fails its probes, even one
                 // whose only check is its setup time.
-                let node_down = self.nodes.get(&a.node).is_none_or(|n| n.down_since.is_some());
+                let node_down = self
+                    .nodes
+                    .get(&a.node)
+                    .is_none_or(|n| n.down_since.is_some());
                 jobs.push(async move {
                     let ok = !node_down && check.run(started, timeout).await;
                     (a.clone(), ok)

@@ -103,13 +103,17 @@ mod tests {
             "a: 1"
         );
         assert_eq!(instance_name("redis", "hello"), "resource.redis.hello");
-        let t = "appname: redis\napptype: resource # a template\nservice.redis:\n  cmd: x {{ m }}\n";
+        let t =
+            "appname: redis\napptype: resource # a template\nservice.redis:\n  cmd: x {{ m }}\n";
         assert!(is_template(t));
         assert!(!is_template("appname: a\nweb:\n  apptype: resource\n"));
         assert_eq!(top_level(t, "appname").as_deref(), Some("redis"));
         assert!(check("r.yaml", t).is_ok());
         let r = rename(t, "resource.redis.hello");
-        assert!(r.starts_with("appname: resource.redis.hello\napptype: resource"), "{r}");
+        assert!(
+            r.starts_with("appname: resource.redis.hello\napptype: resource"),
+            "{r}"
+        );
         assert!(r.ends_with('\n'));
         let e = check("r.yaml", "a: 1\nb: {{ x \n").unwrap_err();
         assert!(e.message.contains("line"), "{e}");

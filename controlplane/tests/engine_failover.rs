@@ -68,16 +68,11 @@ async fn leader_child() {
     let etcd = lain_test_support::etcd_client(&require_etcd()).await;
     let ks = Keyspace::new(&prefix);
     let never = Shutdown::new();
-    let leadership = lain_controlplane::leader::campaign(
-        &etcd,
-        &ks,
-        "child",
-        Duration::from_secs(2),
-        &never,
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let leadership =
+        lain_controlplane::leader::campaign(&etcd, &ks, "child", Duration::from_secs(2), &never)
+            .await
+            .unwrap()
+            .unwrap();
     let settings = EngineSettings::new(ks, vec!["lain.local".into()], volumes.into());
     let metrics = Metrics::new(&prometheus::Registry::new());
     let (engine, _task) = Engine::start(settings, etcd, nodes(), metrics, never.clone())
@@ -134,7 +129,10 @@ impl Standby {
         let mut child = Command::new(exe)
             .args(["--exact", "controlplane_child", "--ignored", "--nocapture"])
             .env("LAIN_CP_TEST_CONFIG", config)
-            .env("LAIN_LOG", std::env::var("LAIN_LOG").unwrap_or("warn".into()))
+            .env(
+                "LAIN_LOG",
+                std::env::var("LAIN_LOG").unwrap_or("warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -360,7 +358,10 @@ async fn kill_the_leader_at(step: Step, app: &str) {
             .then_some(eps)
         }
     };
-    eventually(Duration::from_secs(60), "3 endpoints of v1", || endpoints("1")).await;
+    eventually(Duration::from_secs(60), "3 endpoints of v1", || {
+        endpoints("1")
+    })
+    .await;
 
     // The standby: `lain controlplane` on the same prefix and engines.
     let cfg = dir.path().join("cp.toml");
@@ -403,7 +404,10 @@ async fn kill_the_leader_at(step: Step, app: &str) {
 
     // The new leader finishes the rollout: exactly one running v2 container per instance,
     // no v1 left, nothing stopped lying around, and the deploy recorded as succeeded.
-    eventually(Duration::from_secs(60), "3 endpoints of v2", || endpoints("2")).await;
+    eventually(Duration::from_secs(60), "3 endpoints of v2", || {
+        endpoints("2")
+    })
+    .await;
     let settled = eventually(Duration::from_secs(30), "only 3 v2 containers", || async {
         let c = containers(&hosts, ks.prefix()).await;
         (c.len() == 3 && c.iter().all(|c| c.1 == "2" && c.2)).then_some(c)

@@ -21,7 +21,9 @@ use lain_controlplane::engine::{Engine, EngineSettings, NodeSpec};
 use lain_controlplane::metrics::Metrics;
 use lain_state::records::decode;
 use lain_state::{EndpointRecord, Keyspace, Kind};
-use lain_test_support::{LainProcess, eventually, require_docker_nodes, require_etcd, unique_prefix};
+use lain_test_support::{
+    LainProcess, eventually, require_docker_nodes, require_etcd, unique_prefix,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const IMAGE: &str = "lain/busybox:latest";
@@ -111,7 +113,10 @@ impl PrivateDocker {
                 "--userland-proxy=false",
                 "--log-level=warn",
             ])
-            .arg(format!("--cgroup-parent=lain-dockerp{}", std::process::id()))
+            .arg(format!(
+                "--cgroup-parent=lain-dockerp{}",
+                std::process::id()
+            ))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -130,7 +135,15 @@ impl PrivateDocker {
             if ok {
                 break;
             }
-            if Instant::now() > deadline || d.child.as_mut().unwrap().try_wait().ok().flatten().is_some() {
+            if Instant::now() > deadline
+                || d.child
+                    .as_mut()
+                    .unwrap()
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .is_some()
+            {
                 let log = std::fs::read_to_string(d.dir.join("dockerd.log")).unwrap_or_default();
                 panic!("private dockerd did not come up: {log}");
             }
@@ -144,7 +157,10 @@ impl PrivateDocker {
             ))
             .status()
             .unwrap();
-        assert!(status.success(), "cannot copy {IMAGE} into the private dockerd");
+        assert!(
+            status.success(),
+            "cannot copy {IMAGE} into the private dockerd"
+        );
         d
     }
 
@@ -231,7 +247,11 @@ fn shared_nodes() -> Vec<NodeSpec> {
     vec![node("node1", &hosts[0]), node("node2", &hosts[1])]
 }
 
-async fn start(test: &str, nodes: Vec<NodeSpec>, tune: impl FnOnce(&mut EngineSettings)) -> Harness {
+async fn start(
+    test: &str,
+    nodes: Vec<NodeSpec>,
+    tune: impl FnOnce(&mut EngineSettings),
+) -> Harness {
     // With LAIN_LOG set, the engine's log goes to the test output.
     if std::env::var_os("LAIN_LOG").is_some() {
         lain_common::telemetry::init(lain_common::telemetry::LogFormat::Text);
@@ -463,7 +483,10 @@ async fn a_rolling_update_through_the_proxy_fails_no_request() {
     assert_eq!(bodies, want, "every version served during the rollouts");
     let deploys = h.engine.deploys(app).await.unwrap();
     assert_eq!(
-        deploys.iter().map(|d| d.outcome.as_str()).collect::<Vec<_>>(),
+        deploys
+            .iter()
+            .map(|d| d.outcome.as_str())
+            .collect::<Vec<_>>(),
         ["succeeded", "succeeded", "succeeded"]
     );
     h.stop().await;
@@ -474,7 +497,15 @@ async fn docker_ps(h: &Harness) -> Vec<String> {
     let mut out = Vec::new();
     for host in &h._cleanup.hosts {
         let o = tokio::process::Command::new("docker")
-            .args(["-H", host, "ps", "-a", "--format", "{{.Label \"lain.version\"}}", "--filter"])
+            .args([
+                "-H",
+                host,
+                "ps",
+                "-a",
+                "--format",
+                "{{.Label \"lain.version\"}}",
+                "--filter",
+            ])
             .arg(format!("label=lain.cluster={}", h.ks.prefix()))
             .output()
             .await
@@ -511,11 +542,15 @@ async fn a_stopped_engine_has_its_stateless_instances_moved_and_its_stateful_one
     let web = |eps: Vec<EndpointRecord>| -> Vec<EndpointRecord> {
         eps.into_iter().filter(|e| e.proc_name == "web").collect()
     };
-    let eps = eventually(Duration::from_secs(60), "spread over both engines", || async {
-        let eps = web(h.endpoints(app).await);
-        let nodes: BTreeSet<&str> = eps.iter().map(|e| e.node.as_str()).collect();
-        (eps.len() == 2 && nodes.len() == 2).then_some(eps)
-    })
+    let eps = eventually(
+        Duration::from_secs(60),
+        "spread over both engines",
+        || async {
+            let eps = web(h.endpoints(app).await);
+            let nodes: BTreeSet<&str> = eps.iter().map(|e| e.node.as_str()).collect();
+            (eps.len() == 2 && nodes.len() == 2).then_some(eps)
+        },
+    )
     .await;
     wait_served(http, host, "v1").await;
     let moved = eps.iter().find(|e| e.node == "nodep").unwrap().instance;
@@ -555,9 +590,9 @@ async fn a_stopped_engine_has_its_stateless_instances_moved_and_its_stateful_one
     }
     let events = h.engine.events(app).await.unwrap();
     assert!(
-        events
-            .iter()
-            .any(|e| e.kind == "rescheduled" && e.instance == Some(moved) && e.message.contains("nodep")),
+        events.iter().any(|e| e.kind == "rescheduled"
+            && e.instance == Some(moved)
+            && e.message.contains("nodep")),
         "{events:?}"
     );
 
@@ -627,7 +662,10 @@ async fn an_oom_kill_is_recorded_and_crashes_back_off() {
     let hog = &inst[0];
     assert!(hog.restarts >= 3, "{hog:?}");
     assert!(
-        hog.last_exit.as_deref().unwrap_or("").contains("OOM-killed"),
+        hog.last_exit
+            .as_deref()
+            .unwrap_or("")
+            .contains("OOM-killed"),
         "{hog:?}"
     );
     assert!(h.event_kinds(app).await.iter().any(|k| k == "restarted"));
@@ -681,11 +719,19 @@ async fn a_service_and_a_resource_reach_their_client_through_dns() {
 
     // The resource runs as `resource.kv.hello`, rendered with hello's parameters.
     let instance = "resource.kv.hello";
-    let eps = eventually(Duration::from_secs(60), "the resource instance serves", || async {
-        let eps = h.endpoints(instance).await;
-        let kv: Vec<_> = eps.iter().filter(|e| e.proc_name == "kv").cloned().collect();
-        (kv.len() == 2 && eps.iter().any(|e| e.proc_name == "portal-kv")).then_some(kv)
-    })
+    let eps = eventually(
+        Duration::from_secs(60),
+        "the resource instance serves",
+        || async {
+            let eps = h.endpoints(instance).await;
+            let kv: Vec<_> = eps
+                .iter()
+                .filter(|e| e.proc_name == "kv")
+                .cloned()
+                .collect();
+            (kv.len() == 2 && eps.iter().any(|e| e.proc_name == "portal-kv")).then_some(kv)
+        },
+    )
     .await;
     let mut s = tokio::net::TcpStream::connect(SocketAddr::new(eps[0].address, eps[0].port))
         .await
@@ -730,7 +776,11 @@ async fn a_service_and_a_resource_reach_their_client_through_dns() {
         ("echo", Some("portal-echo"))
     );
     assert_eq!(echo.allow_clients, ["hello"]);
-    assert!(services.iter().any(|s| s.app == instance && s.service == "kv"));
+    assert!(
+        services
+            .iter()
+            .any(|s| s.app == instance && s.service == "kv")
+    );
     let apps: Vec<lain_state::AppRecord> = etcd_get(Kind::App)
         .await
         .iter()
@@ -761,10 +811,14 @@ async fn a_service_and_a_resource_reach_their_client_through_dns() {
         &[("LAIN_LOG", "warn")],
         &["dns", "admin"],
     );
-    let zone = eventually(Duration::from_secs(20), "service names in the zone", || async {
-        let z = admin_page(dns.addr("admin"), "/zone").await?;
-        (z.contains("echo.hello.lain.") && z.contains("kv.hello.lain.")).then_some(z)
-    })
+    let zone = eventually(
+        Duration::from_secs(20),
+        "service names in the zone",
+        || async {
+            let z = admin_page(dns.addr("admin"), "/zone").await?;
+            (z.contains("echo.hello.lain.") && z.contains("kv.hello.lain.")).then_some(z)
+        },
+    )
     .await;
     assert!(
         zone.lines()
@@ -859,10 +913,7 @@ async fn bridge_networking_reaches_instances_at_their_own_address() {
     let app = "bridged";
     // Every instance listens on the same declared port, 8080, on its own address.
     h.engine
-        .register(
-            "lain.yaml",
-            &versioned_app(app, 3, "  port: 8080\n"),
-        )
+        .register("lain.yaml", &versioned_app(app, 3, "  port: 8080\n"))
         .await
         .unwrap();
     h.engine.deploy(app, "1", IMAGE).await.unwrap();

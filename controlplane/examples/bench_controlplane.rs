@@ -269,7 +269,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&path, config)?;
     let proxy_process = LainProcess::spawn(
         &["proxy", "--config", path.to_str().context("path")?],
-        &[("LAIN_LOG", "error")],
+        &[("LAIN_LOG", "off")],
         &["http"],
     );
     let b = Bench {

@@ -432,6 +432,12 @@ const DEFAULT_BRIDGE_PORT: u16 = 80;
 /// How many containers one pass creates at the same time.
 const CONCURRENT_STARTS: usize = 8;
 
+/// The containers one pass decided to start, and the host ports taken so far.
+struct Starts {
+    used_ports: HashSet<u16>,
+    planned: Vec<PlannedStart>,
+}
+
 /// A container a pass decided to start.
 struct PlannedStart {
     key: SlotKey,
@@ -1215,7 +1221,10 @@ impl State {
 
     async fn reconcile(&mut self) -> Result<(), EngineError> {
         let actual = self.actual().await;
-        let mut used_ports: HashSet<u16> = actual.iter().filter_map(|a| a.port).collect();
+        let mut starts = Starts {
+            used_ports: actual.iter().filter_map(|a| a.port).collect(),
+            planned: Vec::new(),
+        };
         let mut by_slot: BTreeMap<SlotKey, Vec<Actual>> = BTreeMap::new();
         let mut to_remove: Vec<(Actual, &'static str)> = Vec::new();
         for a in actual {
@@ -1265,7 +1274,6 @@ impl State {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let mut starts = Vec::new();
         for (app, spec) in &apps {
             if spec.version.is_empty() {
                 continue;
@@ -1281,7 +1289,6 @@ impl State {
                             p,
                             n,
                             list,
-                            &mut used_ports,
                             views.entry(app.clone()).or_default(),
                             &mut starts,
                         )
@@ -1312,7 +1319,7 @@ impl State {
                 }
             }
         }
-        self.run_starts(starts).await;
+        self.run_starts(starts.planned).await;
         self.publish(&views).await
     }
 
@@ -1323,9 +1330,8 @@ impl State {
         p: &Proc,
         n: u32,
         mut list: Vec<Actual>,
-        used_ports: &mut HashSet<u16>,
         views: &mut Vec<InstanceView>,
-        starts: &mut Vec<PlannedStart>,
+        starts: &mut Starts,
     ) -> bool {
         let app = &spec.conf.appname;
         let key = (app.clone(), p.name.clone(), n);
@@ -1396,7 +1402,7 @@ impl State {
             }
             Some(_) => {}
             None => {
-                self.plan_start(spec, p, n, used_ports, starts).await;
+                self.plan_start(spec, p, n, starts).await;
             }
         }
         if serving.is_none() {
@@ -1627,14 +1633,7 @@ impl State {
     /// Decides where and how a slot's container starts; the containers of one pass are then
     /// created together by [`State::run_starts`]. The node is recorded at once so the next
     /// placement in the same pass sees it taken.
-    async fn plan_start(
-        &mut self,
-        spec: &AppSpec,
-        p: &Proc,
-        n: u32,
-        used_ports: &mut HashSet<u16>,
-        starts: &mut Vec<PlannedStart>,
-    ) {
+    async fn plan_start(&mut self, spec: &AppSpec, p: &Proc, n: u32, starts: &mut Starts) {
         let app = &spec.conf.appname;
         let key = (app.clone(), p.name.clone(), n);
         let slot = self.slots.get(&key).cloned().unwrap_or_default();
@@ -1656,7 +1655,7 @@ impl State {
             }
         };
         let port = match &self.settings.network {
-            Network::Host => match self.allocate_port(used_ports) {
+            Network::Host => match self.allocate_port(&mut starts.used_ports) {
                 Some(port) => port,
                 None => {
                     tracing::warn!("port range exhausted");
@@ -1679,7 +1678,7 @@ impl State {
         };
         let client = node.client.clone();
         self.slots.entry(key.clone()).or_default().last_node = Some(node_name.clone());
-        starts.push(PlannedStart {
+        starts.planned.push(PlannedStart {
             key,
             node_name,
             port,

@@ -275,9 +275,25 @@ impl NodeClient {
             .await
         {
             Ok(c) => c,
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            }) => {
+            Err(
+                e @ bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409, ..
+                },
+            ) => {
+                // Only a leftover of this cluster is removed: clusters sharing an engine
+                // must never remove each other's containers.
+                let cluster = spec.labels.get(LABEL_CLUSTER);
+                let ours = self
+                    .docker
+                    .inspect_container(&spec.name, None)
+                    .await
+                    .ok()
+                    .and_then(|c| c.config)
+                    .and_then(|c| c.labels)
+                    .is_some_and(|l| l.get(LABEL_CLUSTER) == cluster);
+                if !ours {
+                    return Err(self.api(e));
+                }
                 self.remove(&spec.name).await?;
                 self.docker
                     .create_container(Some(opts), body)

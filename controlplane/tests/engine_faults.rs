@@ -944,3 +944,57 @@ async fn bridge_networking_reaches_instances_at_their_own_address() {
     h.stop().await;
     drop(net);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_of_another_cluster_with_the_same_name_is_left_alone() {
+    let h = start("cp-clash", shared_nodes(), |_| {}).await;
+    let app = "clash";
+    let name = "clash.web.web.v1-i1-d0";
+    // Another cluster on the same engines already runs a container of that name.
+    let other = format!("{}-other", h.ks.prefix());
+    let _other_cleanup = Cleanup {
+        prefix: other.clone(),
+        hosts: h._cleanup.hosts.clone(),
+    };
+    for host in &h._cleanup.hosts {
+        let out = Command::new("docker")
+            .args(["-H", host, "run", "-d", "--network", "none", "--name", name])
+            .arg("--label")
+            .arg(format!("lain.cluster={other}"))
+            .args([IMAGE, "/bin/busybox", "sleep", "600"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    h.engine
+        .register("lain.yaml", &versioned_app(app, 1, ""))
+        .await
+        .unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let failed = eventually(Duration::from_secs(30), "a start-failed event", || async {
+        h.engine
+            .events(app)
+            .await
+            .ok()?
+            .into_iter()
+            .find(|e| e.kind == "start-failed")
+    })
+    .await;
+    assert!(failed.message.contains("409"), "{failed:?}");
+    // The other cluster's containers still run, untouched.
+    for host in &h._cleanup.hosts {
+        let out = Command::new("docker")
+            .args([
+                "-H",
+                host,
+                "inspect",
+                "--format",
+                "{{.State.Running}}",
+                name,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "true");
+    }
+    h.stop().await;
+}

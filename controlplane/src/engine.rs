@@ -1253,15 +1253,31 @@ impl State {
             self.retire(&a, why, Duration::from_secs(0)).await;
         }
 
-        // Crashed containers are recorded and removed; their slot is refilled below.
-        for list in by_slot.values_mut() {
+        // Crashed containers are recorded and removed; their slot is refilled below. A stopped
+        // container on a node its slot has moved away from (one that came back after it was
+        // lost) is not a crash: it is only removed.
+        for (key, list) in by_slot.iter_mut() {
             let mut keep = Vec::new();
             for a in list.drain(..) {
                 if a.running {
                     keep.push(a);
                     continue;
                 }
-                self.crashed(&a).await;
+                let moved = self
+                    .slots
+                    .get(key)
+                    .and_then(|s| s.last_node.as_deref())
+                    .is_some_and(|l| l != a.node);
+                if moved {
+                    self.retire(
+                        &a,
+                        "left behind on a node it moved away from",
+                        Duration::ZERO,
+                    )
+                    .await;
+                } else {
+                    self.crashed(&a).await;
+                }
             }
             *list = keep;
         }
@@ -1640,7 +1656,16 @@ impl State {
         if slot.next_attempt.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        let node_name = match self.place(spec, p, n, None) {
+        // A stateful instance comes back on the node that holds its data, when it can.
+        let home = slot
+            .last_node
+            .clone()
+            .filter(|l| p.stateful && self.node_usable(l));
+        let placed = match home {
+            Some(l) => Ok(l),
+            None => self.place(spec, p, n, None),
+        };
+        let node_name = match placed {
             Ok(node) => node,
             Err(reason) => {
                 let reason = format!("no node fits: {reason}");

@@ -85,6 +85,30 @@ impl PrivateDocker {
             ),
         )
         .unwrap();
+        let mut d = PrivateDocker {
+            child: None,
+            dir,
+            host,
+        };
+        d.spawn();
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "docker -H {image_from} save {IMAGE} | docker -H {} load -q",
+                d.host
+            ))
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "cannot copy {IMAGE} into the private dockerd"
+        );
+        d
+    }
+
+    /// Starts dockerd on this engine's directories and waits until it answers.
+    fn spawn(&mut self) {
+        let (dir, host) = (self.dir.clone(), self.host.clone());
         let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
         let dockerd = if Path::new("/usr/sbin/dockerd").exists() {
             "/usr/sbin/dockerd"
@@ -121,11 +145,8 @@ impl PrivateDocker {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {dockerd}: {e}"));
-        let mut d = PrivateDocker {
-            child: Some(child),
-            dir,
-            host,
-        };
+        self.child = Some(child);
+        let d = self;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ok = Command::new("docker")
@@ -149,19 +170,6 @@ impl PrivateDocker {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "docker -H {image_from} save {IMAGE} | docker -H {} load -q",
-                d.host
-            ))
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "cannot copy {IMAGE} into the private dockerd"
-        );
-        d
     }
 
     fn pid(&self) -> u32 {
@@ -620,6 +628,44 @@ async fn a_stopped_engine_has_its_stateless_instances_moved_and_its_stateful_one
     let on1 = docker_ps(&h).await;
     assert_eq!(on1.len(), 3, "2 web + 1 db on node1: {on1:?}");
     eprintln!("engine stop → rescheduled and published in {took:?}");
+
+    // The engine comes back: the stateful worker restarts there, on its data; the web
+    // instance stays where it moved, and its old container is cleared away, not counted as
+    // a crash.
+    private.spawn();
+    eventually(
+        Duration::from_secs(60),
+        "the db worker back on nodep",
+        || async {
+            let inst = h.engine.instances(app).await.ok()?;
+            inst.iter()
+                .find(|i| i.proc_name == "db" && i.instance == db_on_p.0)
+                .filter(|i| i.healthy && i.node.as_deref() == Some("nodep"))
+                .map(|_| ())
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "one container per slot",
+        || async {
+            let all = docker_ps(&h).await;
+            let on_p = Command::new("docker")
+                .args(["-H", &private.host, "ps", "-aq"])
+                .output()
+                .ok()?;
+            let on_p = String::from_utf8_lossy(&on_p.stdout).lines().count();
+            (all.len() == 4 && on_p == 1).then_some(())
+        },
+    )
+    .await;
+    let inst = h.engine.instances(app).await.unwrap();
+    let moved_web = inst
+        .iter()
+        .find(|i| i.proc_name == "web" && i.instance == moved)
+        .unwrap();
+    assert_eq!(moved_web.node.as_deref(), Some("node1"), "{moved_web:?}");
+    assert_eq!(moved_web.restarts, 0, "{moved_web:?}");
     h.stop().await;
 }
 

@@ -46,6 +46,11 @@ pub struct Config {
     /// TTL of the leader-election lease: a dead leader is replaced within about this long.
     #[serde(default = "default_election_ttl_secs")]
     pub election_ttl_secs: u64,
+    /// Bridge networking: the Docker network (present on every node) that instances join;
+    /// each listens on its proc's port and is reached at its own address. Unset: host
+    /// networking, with a `PORT` per instance from `port_min`..`port_max`.
+    #[serde(default)]
+    pub bridge_network: Option<String>,
     /// The admin listener (`/metrics`, `/healthz`, `/leader`).
     #[serde(default = "default_admin")]
     pub admin_listen: SocketAddr,
@@ -168,6 +173,18 @@ impl lain_common::Validate for Config {
         if self.election_ttl_secs < 2 {
             errors.push(ConfigError::at("election_ttl_secs", "must be at least 2"));
         }
+        if let Some(n) = &self.bridge_network
+            && (n.is_empty()
+                || n == "host"
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            errors.push(ConfigError::at(
+                "bridge_network",
+                format!("{n:?} is not a Docker network name"),
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
             if !crate::lainyaml::valid_name(&n.name) {
@@ -211,6 +228,9 @@ impl Config {
         s.health_deadline = Duration::from_secs(self.health_deadline_secs);
         s.node_down_grace = Duration::from_secs(self.node_down_grace_secs);
         s.node_lease_ttl = Duration::from_secs(self.node_lease_ttl_secs);
+        if let Some(n) = &self.bridge_network {
+            s.network = crate::engine::Network::Bridge(n.clone());
+        }
         s
     }
 

@@ -82,6 +82,8 @@ pub struct Actual {
     pub drift: u32,
     /// The instance's `PORT`.
     pub port: Option<u16>,
+    /// Its address on a Docker network (bridge mode); `None` in host mode.
+    pub ip: Option<IpAddr>,
     /// Whether it is running.
     pub running: bool,
 }
@@ -107,7 +109,7 @@ pub struct ContainerSpec {
     pub cpu: u8,
     /// `host:container` bind mounts.
     pub binds: Vec<String>,
-    /// `host` or `bridge`.
+    /// `host`, or the name of the Docker network the container joins.
     pub network_mode: String,
     /// The user.
     pub user: Option<String>,
@@ -203,6 +205,16 @@ impl NodeClient {
                 continue;
             };
             let Some(id) = c.id else { continue };
+            // In bridge mode the instance is reached at its address on its network; host
+            // networking gives it none.
+            let ip = c
+                .network_settings
+                .and_then(|n| n.networks)
+                .and_then(|nets| {
+                    nets.into_values()
+                        .filter_map(|e| e.ip_address)
+                        .find_map(|a| a.parse::<IpAddr>().ok())
+                });
             out.push(Actual {
                 node: self.name.clone(),
                 name: c
@@ -219,6 +231,7 @@ impl NodeClient {
                 version: get(LABEL_VERSION),
                 drift: get(LABEL_DRIFT).parse().unwrap_or(0),
                 port: get(LABEL_PORT).parse().ok(),
+                ip,
                 running: matches!(
                     c.state,
                     Some(
@@ -262,9 +275,25 @@ impl NodeClient {
             .await
         {
             Ok(c) => c,
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            }) => {
+            Err(
+                e @ bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409, ..
+                },
+            ) => {
+                // Only a leftover of this cluster is removed: clusters sharing an engine
+                // must never remove each other's containers.
+                let cluster = spec.labels.get(LABEL_CLUSTER);
+                let ours = self
+                    .docker
+                    .inspect_container(&spec.name, None)
+                    .await
+                    .ok()
+                    .and_then(|c| c.config)
+                    .and_then(|c| c.labels)
+                    .is_some_and(|l| l.get(LABEL_CLUSTER) == cluster);
+                if !ours {
+                    return Err(self.api(e));
+                }
                 self.remove(&spec.name).await?;
                 self.docker
                     .create_container(Some(opts), body)

@@ -46,6 +46,20 @@ pub struct EngineSettings {
     pub node_down_grace: Duration,
     /// TTL of node leases.
     pub node_lease_ttl: Duration,
+    /// How instances are networked.
+    pub network: Network,
+}
+
+/// How instances are networked, for the whole cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Network {
+    /// Host networking: each instance listens on a `PORT` of its own from `port_range` and is
+    /// reached at its node's address.
+    #[default]
+    Host,
+    /// Each instance joins this Docker network (it must exist on every node), listens on its
+    /// proc's declared port (`PORT`), and is reached at its own address on that network.
+    Bridge(String),
 }
 
 impl EngineSettings {
@@ -61,6 +75,7 @@ impl EngineSettings {
             probe_timeout: Duration::from_millis(500),
             node_down_grace: Duration::from_secs(5),
             node_lease_ttl: Duration::from_secs(10),
+            network: Network::Host,
         }
     }
 }
@@ -122,7 +137,8 @@ pub struct AppEvent {
     /// RFC 3339 time.
     pub at: String,
     /// `deployed`, `started`, `healthy`, `crashed`, `oom-killed`, `restarted`, `removed`,
-    /// `rescheduled`, `pending`, `deploy-failed`, `rolled-back`, `scaled`, `registered`.
+    /// `rescheduled`, `stranded` (a stateful instance on a lost node, which stays),
+    /// `pending`, `deploy-failed`, `rolled-back`, `scaled`, `registered`.
     pub kind: String,
     /// The proc, if the event is about one.
     #[serde(default)]
@@ -259,6 +275,7 @@ impl Engine {
             slots: HashMap::new(),
             health: HashMap::new(),
             retiring: HashSet::new(),
+            last_seen: HashMap::new(),
             tx: tx.clone(),
             metrics,
             shutdown: shutdown.clone(),
@@ -379,6 +396,9 @@ struct Slot {
     pending: Option<String>,
     drift: u32,
     last_node: Option<String>,
+    /// Set once a stateful instance's node is lost and the event reported, so it is
+    /// reported once per loss.
+    stranded: bool,
 }
 
 /// Probe memory per container.
@@ -406,6 +426,35 @@ struct NodeEntry {
 
 type SlotKey = (String, String, u32);
 
+/// The `PORT` of a proc that declares none, in bridge mode (LAIN's web default).
+const DEFAULT_BRIDGE_PORT: u16 = 80;
+
+/// How many containers one pass creates at the same time.
+const CONCURRENT_STARTS: usize = 8;
+
+/// The containers one pass decided to start, and the host ports taken so far.
+struct Starts {
+    used_ports: HashSet<u16>,
+    planned: Vec<PlannedStart>,
+}
+
+/// A container a pass decided to start.
+struct PlannedStart {
+    key: SlotKey,
+    node_name: String,
+    port: u16,
+    drift: u32,
+    /// The slot's node before this start, restored if it fails.
+    prev_node: Option<String>,
+    restarted: bool,
+    image: String,
+    client: NodeClient,
+    cs: ContainerSpec,
+}
+
+/// How long an instance must stay healthy before its crash backoff starts over.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
 struct State {
     settings: EngineSettings,
     publisher: Publisher,
@@ -418,6 +467,9 @@ struct State {
     slots: HashMap<SlotKey, Slot>,
     health: HashMap<String, Health>,
     retiring: HashSet<String>,
+    /// The containers each node listed last; a node that stops answering keeps its
+    /// instances in their slots until its grace period ends, so nothing moves on a blip.
+    last_seen: HashMap<String, Vec<Actual>>,
     tx: mpsc::Sender<Event>,
     metrics: Metrics,
     shutdown: Shutdown,
@@ -452,10 +504,49 @@ impl State {
         // The previous versions come from the deploy history.
         for app in self.apps.keys().cloned().collect::<Vec<_>>() {
             if let Some(prev) = self.previous_deploy(&app).await? {
-                self.previous.insert(app, prev);
+                self.previous.insert(app.clone(), prev);
+            }
+            // A rollout that an earlier leader started and did not finish is carried on,
+            // with a fresh deadline, so it still ends as succeeded or rolled back.
+            if let Some(last) = self.latest_deploy(&app).await?
+                && last.outcome == "started"
+                && self
+                    .apps
+                    .get(&app)
+                    .is_some_and(|s| s.version == last.version)
+            {
+                tracing::info!(%app, version = %last.version, "resuming an unfinished rollout");
+                self.rollouts.insert(
+                    app,
+                    Rollout {
+                        started: Instant::now(),
+                        seq: last.seq,
+                    },
+                );
             }
         }
         Ok(())
+    }
+
+    async fn latest_deploy(&self, app: &str) -> Result<Option<DeployEntry>, EngineError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                self.settings.keyspace.deploys_of_app(app),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Key, SortOrder::Descend)
+                        .with_limit(1),
+                ),
+            )
+            .await
+            .map_err(crate::publish::PublishError)?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
     }
 
     async fn previous_deploy(&self, app: &str) -> Result<Option<(String, String)>, EngineError> {
@@ -723,19 +814,36 @@ impl State {
     }
 
     async fn register(&mut self, file: &str, text: &str) -> Result<LainConf, EngineError> {
-        let conf = LainConf::parse(file, text, &self.settings.cluster_domains)
-            .map_err(EngineError::Invalid)?;
+        // A resource's lain.yaml is a template: only its name is read now; each client's
+        // instance is rendered, parsed and validated when that client deploys.
+        let template = crate::resources::is_template(text).then(|| text.to_string());
+        let conf = match &template {
+            Some(t) => {
+                crate::resources::check(file, t).map_err(|e| EngineError::Bad(e.to_string()))?;
+                let name = crate::resources::top_level(t, "appname").unwrap_or_default();
+                LainConf::parse(
+                    file,
+                    &format!("appname: {name}\napptype: resource\n"),
+                    &self.settings.cluster_domains,
+                )
+                .map_err(EngineError::Invalid)?
+            }
+            None => LainConf::parse(file, text, &self.settings.cluster_domains)
+                .map_err(EngineError::Invalid)?,
+        };
         let app = conf.appname.clone();
         let spec = match self.apps.get(&app) {
             Some(old) => AppSpec {
                 conf: conf.clone(),
                 version: old.version.clone(),
                 image: old.image.clone(),
+                template,
             },
             None => AppSpec {
                 conf: conf.clone(),
                 version: String::new(),
                 image: String::new(),
+                template,
             },
         };
         self.apps.insert(app.clone(), spec);
@@ -766,6 +874,91 @@ impl State {
                 "version {version:?} must be non-empty letters, digits, '-', '_' or '.'"
             )));
         }
+        let Some(spec) = self.apps.get(app) else {
+            return Err(EngineError::NoApp(app.to_string()));
+        };
+        // The resources a client uses are instantiated before the client itself is deployed.
+        let uses = spec.conf.use_resources.clone();
+        for (res, used) in &uses {
+            self.instantiate(res, app, used).await?;
+        }
+        self.start_rollout(app, version, image, kind).await
+    }
+
+    /// Renders resource `res` for `client` and deploys it as the app
+    /// `resource.{res}.{client}`, with the resource's current version and image.
+    async fn instantiate(
+        &mut self,
+        res: &str,
+        client: &str,
+        used: &crate::lainyaml::ResourceUse,
+    ) -> Result<(), EngineError> {
+        let Some(resource) = self.apps.get(res).cloned() else {
+            return Err(EngineError::Bad(format!(
+                "{client} uses resource {res:?}, which is not registered"
+            )));
+        };
+        let Some(template) = resource.template.as_deref() else {
+            return Err(EngineError::Bad(format!(
+                "{client} uses {res:?} as a resource, but it is not one (apptype: resource)"
+            )));
+        };
+        if resource.version.is_empty() {
+            return Err(EngineError::Bad(format!(
+                "{client} uses resource {res:?}, which has not been deployed"
+            )));
+        }
+        let name = crate::resources::instance_name(res, client);
+        let params = serde_json::Value::Object(used.params.clone().into_iter().collect());
+        let file = format!("{res} (rendered for {client})");
+        let text = crate::resources::render(&file, template, &params)
+            .map_err(|e| EngineError::Bad(e.to_string()))?;
+        let text = crate::resources::rename(&text, &name);
+        let conf =
+            LainConf::parse_resource_instance(&file, &text, &self.settings.cluster_domains, &name)
+                .map_err(EngineError::Invalid)?;
+        let unchanged = self.apps.get(&name).is_some_and(|s| {
+            s.conf == conf && s.version == resource.version && s.image == resource.image
+        });
+        if unchanged {
+            return Ok(());
+        }
+        // The instance keeps its running version until the rollout below replaces it.
+        let (version, image) = self
+            .apps
+            .get(&name)
+            .map(|s| (s.version.clone(), s.image.clone()))
+            .unwrap_or_default();
+        self.apps.insert(
+            name.clone(),
+            AppSpec {
+                conf,
+                version,
+                image,
+                template: None,
+            },
+        );
+        self.event(
+            &name,
+            "registered",
+            None,
+            None,
+            format!("resource {res} instantiated for {client}"),
+        )
+        .await;
+        self.start_rollout(&name, &resource.version, &resource.image, "deployed")
+            .await?;
+        Ok(())
+    }
+
+    /// Makes `version` the desired version of `app` and starts its surge-first rollout.
+    async fn start_rollout(
+        &mut self,
+        app: &str,
+        version: &str,
+        image: &str,
+        kind: &str,
+    ) -> Result<u64, EngineError> {
         let Some(spec) = self.apps.get_mut(app) else {
             return Err(EngineError::NoApp(app.to_string()));
         };
@@ -784,6 +977,9 @@ impl State {
             outcome: "started".into(),
         };
         self.put_deploy(app, &entry).await;
+        // The desired version is stored before anything is started, so a leader that takes
+        // over at any later step carries on with this deploy instead of undoing it.
+        self.persist_app(app).await?;
         self.rollouts.insert(
             app.to_string(),
             Rollout {
@@ -807,6 +1003,25 @@ impl State {
         )
         .await;
         Ok(seq)
+    }
+
+    /// Writes the app record (lain.yaml, version, image) at once, ahead of the next pass.
+    async fn persist_app(&self, app: &str) -> Result<(), EngineError> {
+        let Some(spec) = self.apps.get(app) else {
+            return Ok(());
+        };
+        let ks = &self.settings.keyspace;
+        let resources: BTreeMap<String, String> = spec
+            .conf
+            .use_resources
+            .keys()
+            .map(|r| (r.clone(), crate::resources::instance_name(r, app)))
+            .collect();
+        let key = ks.app(app);
+        if let Some(value) = app_records(ks, spec, &resources, &[]).remove(&key) {
+            self.publisher.put_raw(&key, value).await?;
+        }
+        Ok(())
     }
 
     async fn put_deploy(&self, app: &str, entry: &DeployEntry) {
@@ -846,6 +1061,9 @@ impl State {
             if let Some(spec) = self.apps.get_mut(app) {
                 spec.version = version.clone();
                 spec.image = image;
+            }
+            if let Err(e) = self.persist_app(app).await {
+                tracing::warn!(%app, error = %e, "cannot store the restored version yet");
             }
             self.event(
                 app,
@@ -949,7 +1167,13 @@ impl State {
                 Ok(l) => {
                     if n.down_since.take().is_some() {
                         tracing::info!(node = %name, "node answers again");
+                        for ((_, _, _), slot) in self.slots.iter_mut() {
+                            if slot.last_node.as_deref() == Some(name.as_str()) {
+                                slot.stranded = false;
+                            }
+                        }
                     }
+                    self.last_seen.insert(name.clone(), l.clone());
                     out.extend(l);
                 }
                 Err(e) => {
@@ -957,10 +1181,25 @@ impl State {
                         tracing::warn!(node = %name, error = %e, "node does not answer");
                         n.down_since = Some(Instant::now());
                     }
+                    // Until the grace period ends its instances are taken as they were
+                    // last seen: they keep their slots, and their probes decide whether
+                    // they are still published.
+                    out.extend(self.last_seen.get(&name).cloned().unwrap_or_default());
                 }
             }
         }
         out
+    }
+
+    /// Where an instance is reached: its own address on its network in bridge mode, else
+    /// its node's address.
+    fn address_of(&self, a: &Actual) -> IpAddr {
+        a.ip.unwrap_or_else(|| {
+            self.nodes
+                .get(&a.node)
+                .map(|n| n.spec.address)
+                .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+        })
     }
 
     fn node_usable(&self, name: &str) -> bool {
@@ -982,7 +1221,10 @@ impl State {
 
     async fn reconcile(&mut self) -> Result<(), EngineError> {
         let actual = self.actual().await;
-        let mut used_ports: HashSet<u16> = actual.iter().filter_map(|a| a.port).collect();
+        let mut starts = Starts {
+            used_ports: actual.iter().filter_map(|a| a.port).collect(),
+            planned: Vec::new(),
+        };
         let mut by_slot: BTreeMap<SlotKey, Vec<Actual>> = BTreeMap::new();
         let mut to_remove: Vec<(Actual, &'static str)> = Vec::new();
         for a in actual {
@@ -1011,15 +1253,31 @@ impl State {
             self.retire(&a, why, Duration::from_secs(0)).await;
         }
 
-        // Crashed containers are recorded and removed; their slot is refilled below.
-        for list in by_slot.values_mut() {
+        // Crashed containers are recorded and removed; their slot is refilled below. A stopped
+        // container on a node its slot has moved away from (one that came back after it was
+        // lost) is not a crash: it is only removed.
+        for (key, list) in by_slot.iter_mut() {
             let mut keep = Vec::new();
             for a in list.drain(..) {
                 if a.running {
                     keep.push(a);
                     continue;
                 }
-                self.crashed(&a).await;
+                let moved = self
+                    .slots
+                    .get(key)
+                    .and_then(|s| s.last_node.as_deref())
+                    .is_some_and(|l| l != a.node);
+                if moved {
+                    self.retire(
+                        &a,
+                        "left behind on a node it moved away from",
+                        Duration::ZERO,
+                    )
+                    .await;
+                } else {
+                    self.crashed(&a).await;
+                }
             }
             *list = keep;
         }
@@ -1047,8 +1305,8 @@ impl State {
                             p,
                             n,
                             list,
-                            &mut used_ports,
                             views.entry(app.clone()).or_default(),
+                            &mut starts,
                         )
                         .await;
                     rollout_done &= done;
@@ -1077,6 +1335,7 @@ impl State {
                 }
             }
         }
+        self.run_starts(starts.planned).await;
         self.publish(&views).await
     }
 
@@ -1087,21 +1346,42 @@ impl State {
         p: &Proc,
         n: u32,
         mut list: Vec<Actual>,
-        used_ports: &mut HashSet<u16>,
         views: &mut Vec<InstanceView>,
+        starts: &mut Starts,
     ) -> bool {
         let app = &spec.conf.appname;
         let key = (app.clone(), p.name.clone(), n);
         // Containers on lost nodes are abandoned unless stateful (those stay and are reported).
         let mut lost = Vec::new();
+        let mut stranded = Vec::new();
         list.retain(|a| {
-            if self.node_lost(&a.node) && !p.stateful {
+            if !self.node_lost(&a.node) {
+                true
+            } else if p.stateful {
+                stranded.push(a.clone());
+                true
+            } else {
                 lost.push(a.clone());
                 false
-            } else {
-                true
             }
         });
+        for a in &stranded {
+            let slot = self.slots.entry(key.clone()).or_default();
+            if !slot.stranded {
+                slot.stranded = true;
+                self.event(
+                    app,
+                    "stranded",
+                    Some(&p.name),
+                    Some(n),
+                    format!(
+                        "node {} lost; stateful instance {} stays there until it returns",
+                        a.node, a.name
+                    ),
+                )
+                .await;
+            }
+        }
         for a in &lost {
             self.retire(a, "node lost", Duration::from_secs(0)).await;
             let slot = self.slots.entry(key.clone()).or_default();
@@ -1138,7 +1418,7 @@ impl State {
             }
             Some(_) => {}
             None => {
-                self.start_instance(spec, p, n, used_ports).await;
+                self.plan_start(spec, p, n, starts).await;
             }
         }
         if serving.is_none() {
@@ -1160,11 +1440,7 @@ impl State {
                 .to_string()
         };
         for a in &list {
-            let address = self
-                .nodes
-                .get(&a.node)
-                .map(|n| n.spec.address)
-                .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            let address = self.address_of(a);
             let Some(port) = a.port else { continue };
             views.push(InstanceView {
                 proc_name: p.name.clone(),
@@ -1206,13 +1482,18 @@ impl State {
             Duration::from_millis(500u64 << slot.failures.min(7)).min(Duration::from_secs(30))
         };
         slot.next_attempt = Some(Instant::now() + delay);
+        let restarts = slot.restarts;
         self.metrics.restarts.inc();
         self.event(
             &a.app,
             kind,
             Some(&a.proc_name),
             Some(a.instance),
-            format!("{} {reason}", a.name),
+            format!(
+                "{} {reason}; restart {restarts} in {:.1} s",
+                a.name,
+                delay.as_secs_f64()
+            ),
         )
         .await;
         let _ = client.remove(&a.id).await;
@@ -1222,6 +1503,16 @@ impl State {
     /// Withdraws a container (it is already unpublished by the next sync) and stops it in
     /// the background after `grace`, so in-flight requests drain.
     async fn retire(&mut self, a: &Actual, why: &str, grace: Duration) {
+        // A container on a node that does not answer is forgotten at once: it is gone with
+        // its node, and remembering it would retire it again on every pass.
+        if self
+            .nodes
+            .get(&a.node)
+            .is_none_or(|n| n.down_since.is_some())
+            && let Some(seen) = self.last_seen.get_mut(&a.node)
+        {
+            seen.retain(|c| c.id != a.id);
+        }
         if !self.retiring.insert(a.id.clone()) {
             return;
         }
@@ -1355,20 +1646,26 @@ impl State {
         None
     }
 
-    async fn start_instance(
-        &mut self,
-        spec: &AppSpec,
-        p: &Proc,
-        n: u32,
-        used_ports: &mut HashSet<u16>,
-    ) {
+    /// Decides where and how a slot's container starts; the containers of one pass are then
+    /// created together by [`State::run_starts`]. The node is recorded at once so the next
+    /// placement in the same pass sees it taken.
+    async fn plan_start(&mut self, spec: &AppSpec, p: &Proc, n: u32, starts: &mut Starts) {
         let app = &spec.conf.appname;
         let key = (app.clone(), p.name.clone(), n);
         let slot = self.slots.get(&key).cloned().unwrap_or_default();
         if slot.next_attempt.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        let node_name = match self.place(spec, p, n, None) {
+        // A stateful instance comes back on the node that holds its data, when it can.
+        let home = slot
+            .last_node
+            .clone()
+            .filter(|l| p.stateful && self.node_usable(l));
+        let placed = match home {
+            Some(l) => Ok(l),
+            None => self.place(spec, p, n, None),
+        };
+        let node_name = match placed {
             Ok(node) => node,
             Err(reason) => {
                 let reason = format!("no node fits: {reason}");
@@ -1382,9 +1679,16 @@ impl State {
                 return;
             }
         };
-        let Some(port) = self.allocate_port(used_ports) else {
-            tracing::warn!("port range exhausted");
-            return;
+        let port = match &self.settings.network {
+            Network::Host => match self.allocate_port(&mut starts.used_ports) {
+                Some(port) => port,
+                None => {
+                    tracing::warn!("port range exhausted");
+                    return;
+                }
+            },
+            // On its own network address every instance can use the port its proc declares.
+            Network::Bridge(_) => p.port.unwrap_or(DEFAULT_BRIDGE_PORT),
         };
         let drift = if slot.last_node.as_deref().is_some_and(|l| l != node_name) {
             slot.drift.max(1)
@@ -1398,64 +1702,90 @@ impl State {
             return;
         };
         let client = node.client.clone();
-        let result = client.run(&cs).await;
-        let s = self.slots.entry(key.clone()).or_default();
-        match result {
-            Ok(id) => {
-                s.pending = None;
-                s.last_node = Some(node_name.clone());
-                s.drift = drift;
-                self.health.insert(
-                    id,
-                    Health {
-                        started: Instant::now(),
-                        healthy: false,
-                        fails: 0,
-                        announced: false,
-                    },
-                );
-                let kind = if slot.restarts > 0 && slot.last_exit.is_some() {
-                    "restarted"
-                } else {
-                    "started"
-                };
-                self.event(
-                    app,
-                    kind,
-                    Some(&p.name),
-                    Some(n),
-                    format!("{name} on {node_name}, PORT {port}"),
-                )
-                .await;
-            }
-            Err(e) => {
-                s.failures += 1;
-                let delay =
-                    Duration::from_millis(500u64 << s.failures.min(6)).min(Duration::from_secs(30));
-                s.next_attempt = Some(Instant::now() + delay);
-                let reason = e.to_string();
-                s.pending = Some(reason.clone());
-                let missing_image = matches!(
-                    &e,
-                    docker::DockerError::Api {
-                        source: bollard::errors::Error::DockerResponseServerError {
-                            status_code: 404,
-                            ..
+        self.slots.entry(key.clone()).or_default().last_node = Some(node_name.clone());
+        starts.planned.push(PlannedStart {
+            key,
+            node_name,
+            port,
+            drift,
+            prev_node: slot.last_node.clone(),
+            restarted: slot.restarts > 0 && slot.last_exit.is_some(),
+            image: spec.image.clone(),
+            client,
+            cs,
+        });
+    }
+
+    /// Creates and starts the planned containers, several at a time, and records the outcome
+    /// of each in its slot and the app's history.
+    async fn run_starts(&mut self, starts: Vec<PlannedStart>) {
+        let results: Vec<_> = futures::stream::iter(starts.into_iter().map(|st| async move {
+            let result = st.client.run(&st.cs).await;
+            (st, result)
+        }))
+        .buffer_unordered(CONCURRENT_STARTS)
+        .collect()
+        .await;
+        for (st, result) in results {
+            let (app, proc_name, n) = st.key.clone();
+            let name = &st.cs.name;
+            let s = self.slots.entry(st.key.clone()).or_default();
+            match result {
+                Ok(id) => {
+                    s.pending = None;
+                    s.drift = st.drift;
+                    self.health.insert(
+                        id,
+                        Health {
+                            started: Instant::now(),
+                            healthy: false,
+                            fails: 0,
+                            announced: false,
                         },
-                        ..
-                    }
-                );
-                self.event(
-                    app,
-                    "start-failed",
-                    Some(&p.name),
-                    Some(n),
-                    format!("{name}: {reason}"),
-                )
-                .await;
-                if missing_image && self.rollouts.contains_key(app) {
-                    self.fail_rollout(app, format!("image {} cannot be run: {reason}", spec.image))
+                    );
+                    let kind = if st.restarted { "restarted" } else { "started" };
+                    self.event(
+                        &app,
+                        kind,
+                        Some(&proc_name),
+                        Some(n),
+                        format!("{name} on {}, PORT {}", st.node_name, st.port),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    s.last_node = st.prev_node.clone();
+                    s.failures += 1;
+                    let delay = Duration::from_millis(500u64 << s.failures.min(6))
+                        .min(Duration::from_secs(30));
+                    s.next_attempt = Some(Instant::now() + delay);
+                    let reason = e.to_string();
+                    s.pending = Some(reason.clone());
+                    let missing_image = matches!(
+                        &e,
+                        docker::DockerError::Api {
+                            source: bollard::errors::Error::DockerResponseServerError {
+                                status_code: 404,
+                                ..
+                            },
+                            ..
+                        }
+                    );
+                    self.event(
+                        &app,
+                        "start-failed",
+                        Some(&proc_name),
+                        Some(n),
+                        format!("{name}: {reason}"),
+                    )
+                    .await;
+                    if missing_image && self.rollouts.contains_key(&app) {
+                        self.fail_rollout(
+                            &app,
+                            format!("image {} cannot be run: {reason}", st.image),
+                        )
                         .await;
+                    }
                 }
             }
         }
@@ -1523,8 +1853,8 @@ impl State {
             }
             binds.push(format!("{}:{v}", host.display()));
         }
-        // Host networking: the instance listens on its own PORT, which `$PORT` in the
-        // command stands for (Docker does not expand variables in exec-form commands).
+        // The instance listens on its PORT, which `$PORT` in the command stands for
+        // (Docker does not expand variables in exec-form commands).
         let expand = |s: &String| {
             s.replace("${PORT}", &port.to_string())
                 .replace("$PORT", &port.to_string())
@@ -1539,7 +1869,10 @@ impl State {
             memory_bytes: p.memory_bytes,
             cpu: p.cpu,
             binds,
-            network_mode: "host".into(),
+            network_mode: match &self.settings.network {
+                Network::Host => "host".into(),
+                Network::Bridge(name) => name.clone(),
+            },
             user: p.user.clone(),
             workdir: p.workdir.clone(),
             kill_timeout_secs: p.kill_timeout_secs,
@@ -1553,6 +1886,7 @@ impl State {
                 continue;
             };
             for a in list {
+                let address = self.address_of(a);
                 let h = self.health.entry(a.id.clone()).or_insert(Health {
                     // An adopted container was started before; it is probed right away.
                     started: Instant::now(),
@@ -1560,11 +1894,6 @@ impl State {
                     fails: 0,
                     announced: false,
                 });
-                let address = self
-                    .nodes
-                    .get(&a.node)
-                    .map(|n| n.spec.address)
-                    .unwrap_or(IpAddr::from([127, 0, 0, 1]));
                 let check = match (&p.healthcheck, a.port, p.proc_type) {
                     (Some(path), Some(port), _) => {
                         Probe::Http(SocketAddr::new(address, port), path.clone())
@@ -1579,8 +1908,14 @@ impl State {
                 };
                 let started = h.started;
                 let timeout = self.settings.probe_timeout;
+                // An instance on a node that does not answer fails its probes, even one
+                // whose only check is its setup time.
+                let node_down = self
+                    .nodes
+                    .get(&a.node)
+                    .is_none_or(|n| n.down_since.is_some());
                 jobs.push(async move {
-                    let ok = check.run(started, timeout).await;
+                    let ok = !node_down && check.run(started, timeout).await;
                     (a.clone(), ok)
                 });
             }
@@ -1599,13 +1934,19 @@ impl State {
                     h.healthy = false;
                 }
             }
+            let key = (a.app.clone(), a.proc_name.clone(), a.instance);
+            // The crash backoff is forgiven only once an instance has stayed up for a while;
+            // one that passes its first probe and then crashes keeps backing off.
+            if h.healthy
+                && h.started.elapsed() >= STABLE_AFTER
+                && let Some(s) = self.slots.get_mut(&key)
+                && s.failures > 0
+            {
+                s.failures = 0;
+                s.next_attempt = None;
+            }
             if h.healthy && !h.announced {
                 h.announced = true;
-                let key = (a.app.clone(), a.proc_name.clone(), a.instance);
-                if let Some(s) = self.slots.get_mut(&key) {
-                    s.failures = 0;
-                    s.next_attempt = None;
-                }
                 let slot = self.slots.entry(key).or_default();
                 if slot.last_node.is_none() {
                     slot.last_node = Some(a.node.clone());

@@ -16,7 +16,7 @@ pub const RESTARTS: &str = "lain_controlplane_instance_restarts_total";
 pub const SERVING: &str = "lain_controlplane_serving_instances";
 
 /// The event kinds used as label values; anything else is counted as `other`.
-pub const EVENT_KINDS: [&str; 16] = [
+pub const EVENT_KINDS: [&str; 17] = [
     "registered",
     "deployed",
     "deploy-succeeded",
@@ -30,6 +30,7 @@ pub const EVENT_KINDS: [&str; 16] = [
     "oom-killed",
     "removed",
     "rescheduled",
+    "stranded",
     "pending",
     "start-failed",
     "other",

@@ -34,6 +34,9 @@ pub struct AppSpec {
     pub version: String,
     /// The release image of that version.
     pub image: String,
+    /// For a resource (`apptype: resource`): its lain.yaml template, rendered for each client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// One container of an app, as the publisher needs to know it.
@@ -402,6 +405,7 @@ mod tests {
             conf,
             version: "1".into(),
             image: "img:1".into(),
+            template: None,
         }
     }
 

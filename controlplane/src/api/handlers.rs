@@ -1216,7 +1216,11 @@ async fn upload_cert(
         key_pem: req.key_pem,
     };
     let s = &state.inner;
-    auth::put_json(&s.client, &s.ks.cert(&req.name), &rec).await?;
+    // The state tree is written only through the publisher.
+    crate::publish::Publisher::new(s.client.clone(), s.ks.clone())
+        .put_cert(&req.name, &rec)
+        .await
+        .map_err(|e| ApiError::internal("store certificate", e))?;
     Ok((
         StatusCode::CREATED,
         AxumJson(CertInfo {

@@ -63,7 +63,7 @@ done
 status=0
 timeout "$budget_secs" "$venv/bin/schemathesis" run "http://$api/openapi.json" \
     --url "http://$api" \
-    --header "Authorization: Bearer $token" \
+    -H "Authorization: Bearer $token" \
     --checks not_a_server_error \
     --max-examples "$max_examples" \
     --exclude-operation-id add_node \

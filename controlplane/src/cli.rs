@@ -172,7 +172,6 @@ async fn serve(config: Config) -> Result<(), RunError> {
         Ok(None) => return Ok(()),
         Err(e) => return Err(RunError::Failed(format!("leader election failed: {e}"))),
     };
-    leading.store(true, Ordering::Relaxed);
     tracing::info!(%id, "leading; starting the engine");
     let engine_stop = shutdown.child();
     let (engine, task) = Engine::start(
@@ -185,6 +184,8 @@ async fn serve(config: Config) -> Result<(), RunError> {
     .await
     .map_err(|e| RunError::Failed(e.to_string()))?;
     api_state.set_engine(Some(engine.clone()));
+    // Leading is announced only once the engine can take API calls.
+    leading.store(true, Ordering::Relaxed);
     let lost = leadership.lost.clone();
     let result = tokio::select! {
         _ = shutdown.wait() => Ok(()),

@@ -113,8 +113,13 @@ impl Cluster {
             dir,
         };
         eventually(Duration::from_secs(15), "a leader", || async {
-            let (_, v) = c.call(0, "GET", "/healthz", None, None).await;
-            (v["leader"] == true).then_some(())
+            for i in 0..c.procs.len() {
+                let (_, v) = c.call(i, "GET", "/healthz", None, None).await;
+                if v["leader"] == true {
+                    return Some(());
+                }
+            }
+            None
         })
         .await;
         c

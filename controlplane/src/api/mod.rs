@@ -157,7 +157,13 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
         Err(e) => return e.into_response(),
     };
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // Inside the nested router the URI lacks the `/api/v1` prefix; the audit log records
+    // the path as the client sent it.
+    let path = req
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map(|u| u.path().to_string())
+        .unwrap_or_else(|| req.uri().path().to_string());
     req.extensions_mut().insert(caller.clone());
     let resp = next.run(req).await;
     if method != Method::GET && method != Method::HEAD && method != Method::OPTIONS {

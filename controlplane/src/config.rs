@@ -49,6 +49,10 @@ pub struct Config {
     /// The admin listener (`/metrics`, `/healthz`, `/leader`).
     #[serde(default = "default_admin")]
     pub admin_listen: SocketAddr,
+    /// The registry (`host:port`) a node pulls an image from when it lacks it; images are
+    /// pushed there by `lain build --push`.
+    #[serde(default)]
+    pub registry: Option<String>,
     /// Docker engines registered at start.
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
@@ -168,6 +172,14 @@ impl lain_common::Validate for Config {
         if self.election_ttl_secs < 2 {
             errors.push(ConfigError::at("election_ttl_secs", "must be at least 2"));
         }
+        if let Some(r) = &self.registry
+            && (r.is_empty() || r.contains("://") || r.contains(char::is_whitespace))
+        {
+            errors.push(ConfigError::at(
+                "registry",
+                format!("{r:?} is not a registry address (host:port, without a scheme)"),
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
             if !crate::lainyaml::valid_name(&n.name) {
@@ -211,6 +223,7 @@ impl Config {
         s.health_deadline = Duration::from_secs(self.health_deadline_secs);
         s.node_down_grace = Duration::from_secs(self.node_down_grace_secs);
         s.node_lease_ttl = Duration::from_secs(self.node_lease_ttl_secs);
+        s.registry = self.registry.clone();
         s
     }
 

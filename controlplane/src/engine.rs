@@ -46,6 +46,8 @@ pub struct EngineSettings {
     pub node_down_grace: Duration,
     /// TTL of node leases.
     pub node_lease_ttl: Duration,
+    /// The registry (`host:port`) nodes pull missing images from.
+    pub registry: Option<String>,
 }
 
 impl EngineSettings {
@@ -61,6 +63,7 @@ impl EngineSettings {
             probe_timeout: Duration::from_millis(500),
             node_down_grace: Duration::from_secs(5),
             node_lease_ttl: Duration::from_secs(10),
+            registry: None,
         }
     }
 }
@@ -517,7 +520,8 @@ impl State {
     }
 
     async fn add_node(&mut self, spec: NodeSpec) -> Result<(), EngineError> {
-        let client = NodeClient::connect(&spec.name, &spec.docker_host, spec.address)?;
+        let client = NodeClient::connect(&spec.name, &spec.docker_host, spec.address)?
+            .with_registry(self.settings.registry.clone());
         let record = self.node_record(&spec, NodeState::Active);
         let lease = self
             .publisher

@@ -302,7 +302,9 @@ fn rebase_tar(data: &[u8], dest: &str) -> std::io::Result<Vec<u8>> {
     for entry in archive.entries()? {
         let mut entry = entry?;
         let path = entry.path()?.into_owned();
-        let mut comps = path.components().filter(|c| !matches!(c, Component::CurDir));
+        let mut comps = path
+            .components()
+            .filter(|c| !matches!(c, Component::CurDir));
         comps.next();
         let rest: PathBuf = comps.collect();
         let name = if rest.as_os_str().is_empty() {
@@ -338,7 +340,15 @@ pub async fn build(
     // The app is copied into the base image without running anything, so every step,
     // prepare and script alike, starts from an image that holds it.
     let base_cmd = image_cmd(&docker, &b.base).await?;
-    let seed = create(&docker, &b.base, vec!["/bin/sh".into()], &env, HashMap::new()).await?;
+    let seed = create(
+        &docker,
+        &conf.appname,
+        &b.base,
+        vec!["/bin/sh".into()],
+        &env,
+        HashMap::new(),
+    )
+    .await?;
     let seeded = async {
         docker
             .upload_to_container(
@@ -372,6 +382,7 @@ pub async fn build(
         });
         image = run_step(
             &docker,
+            &conf.appname,
             &image,
             (stage, index, &command),
             &env,
@@ -400,7 +411,11 @@ pub async fn build(
         (LABEL_VERSION.to_string(), version.clone()),
         (
             LABEL_COMMIT.to_string(),
-            version.split_once('-').map(|v| v.1).unwrap_or("").to_string(),
+            version
+                .split_once('-')
+                .map(|v| v.1)
+                .unwrap_or("")
+                .to_string(),
         ),
     ]);
     let release = conf.release.clone().unwrap_or_default();
@@ -411,8 +426,25 @@ pub async fn build(
         base_cmd.clone()
     };
     let tag = format!("release-{version}");
-    let src = create(&docker, &image, vec!["/bin/sh".into()], &[], HashMap::new()).await?;
-    let dest = match create(&docker, &dest_base, dest_cmd.clone(), &[], labels.clone()).await {
+    let src = create(
+        &docker,
+        &conf.appname,
+        &image,
+        vec!["/bin/sh".into()],
+        &[],
+        HashMap::new(),
+    )
+    .await?;
+    let dest = match create(
+        &docker,
+        &conf.appname,
+        &dest_base,
+        dest_cmd.clone(),
+        &[],
+        labels.clone(),
+    )
+    .await
+    {
         Ok(d) => d,
         Err(e) => {
             remove(&docker, &src).await;
@@ -429,7 +461,11 @@ pub async fn build(
             });
             let mut stream = docker.download_from_container(
                 &src,
-                Some(DownloadFromContainerOptionsBuilder::new().path(&from).build()),
+                Some(
+                    DownloadFromContainerOptionsBuilder::new()
+                        .path(&from)
+                        .build(),
+                ),
             );
             let mut data = Vec::new();
             while let Some(chunk) = stream.next().await {
@@ -523,12 +559,14 @@ async fn image_cmd(docker: &Docker, image: &str) -> Result<Vec<String>, BuildErr
 
 async fn create(
     docker: &Docker,
+    app: &str,
     image: &str,
     cmd: Vec<String>,
     env: &[String],
     labels: HashMap<String, String>,
 ) -> Result<String, BuildError> {
-    let name = format!("lain-build-{}", uuid_like());
+    // Named after the app, so a build's leftovers are easy to find and remove.
+    let name = format!("lain-build-{app}-{}", uuid_like());
     let body = ContainerCreateBody {
         image: Some(image.to_string()),
         cmd: Some(cmd),
@@ -595,6 +633,7 @@ async fn commit(
 
 async fn run_step(
     docker: &Docker,
+    app: &str,
     image: &str,
     (stage, index, command): (&'static str, usize, &str),
     env: &[String],
@@ -602,7 +641,7 @@ async fn run_step(
     on_event: &mut impl FnMut(BuildEvent),
 ) -> Result<String, BuildError> {
     let cmd = vec!["/bin/sh".into(), "-c".into(), command.to_string()];
-    let id = create(docker, image, cmd, env, HashMap::new()).await?;
+    let id = create(docker, app, image, cmd, env, HashMap::new()).await?;
     let result = async {
         docker
             .start_container(&id, None)
@@ -641,7 +680,9 @@ async fn run_step(
         let code = match wait.next().await {
             Some(Ok(r)) => r.status_code,
             Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
-            Some(Err(e)) => return Err(docker_err(format!("waiting for build.{stage}[{index}]"))(e)),
+            Some(Err(e)) => {
+                return Err(docker_err(format!("waiting for build.{stage}[{index}]"))(e));
+            }
             None => 0,
         };
         if code != 0 {

@@ -1,6 +1,7 @@
 //! `lain controlplane`: turns lain.yaml apps into containers on Docker engines and publishes
 //! the cluster state the data plane serves. See ARCHITECTURE.md for its place in the system.
 
+pub mod api;
 pub mod build;
 pub mod cli;
 pub mod config;

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod build;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod docker;
 pub mod engine;

@@ -6,8 +6,8 @@ set -euo pipefail
 BUILD=(cmake g++ make pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev libzstd-dev)
 # Services the tests run for real (the tests/services scripts would install them too).
 SERVICES=(etcd-server etcd-client docker.io busybox-static)
-# Clients and peers the tests talk to.
-TOOLS=(dnsutils curl iproute2 unbound)
+# Clients and peers the tests talk to; python3-venv holds the API fuzzer (tests/api_fuzz.sh).
+TOOLS=(dnsutils curl iproute2 unbound python3 python3-venv)
 
 missing=()
 for p in "${BUILD[@]}" "${SERVICES[@]}" "${TOOLS[@]}" "$@"; do

@@ -14,7 +14,11 @@ use crate::metrics::Metrics;
 
 /// Arguments of `lain controlplane`.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    /// A one-off task instead of running the control plane.
+    #[command(subcommand)]
+    pub command: Option<Sub>,
     /// The configuration file (TOML).
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
@@ -23,8 +27,29 @@ pub struct Args {
     pub check_config: bool,
 }
 
+/// One-off tasks of `lain controlplane`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Sub {
+    /// Creates the first admin user and token (printed once on stdout) and the secret key
+    /// file if it is configured and missing. Refuses when an admin exists.
+    Init {
+        /// The configuration file (TOML).
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+        /// The admin user's name.
+        #[arg(long, default_value = "admin")]
+        user: String,
+    },
+}
+
 /// Runs the component until it is shut down.
 pub fn run(args: Args) -> Result<(), RunError> {
+    if let Some(Sub::Init { config, user }) = args.command {
+        let config: Config = lain_common::load_config(&config)?;
+        let rt = tokio::runtime::Runtime::new()
+            .map_err(|e| RunError::Failed(format!("cannot start the runtime: {e}")))?;
+        return rt.block_on(init(config, &user));
+    }
     let Some(path) = args.config else {
         return Err(RunError::Failed("--config FILE is required".into()));
     };
@@ -36,6 +61,44 @@ pub fn run(args: Args) -> Result<(), RunError> {
     let rt = tokio::runtime::Runtime::new()
         .map_err(|e| RunError::Failed(format!("cannot start the runtime: {e}")))?;
     rt.block_on(serve(config))
+}
+
+async fn init(config: Config, user: &str) -> Result<(), RunError> {
+    if let Some(path) = &config.secret_key_file {
+        match crate::secrets::SecretBox::create_key_file(path) {
+            Ok(true) => eprintln!("created secret key file {}", path.display()),
+            Ok(false) => {}
+            Err(e) => return Err(RunError::Failed(e.to_string())),
+        }
+    }
+    if !crate::api::auth::valid_user_name(user) {
+        return Err(RunError::Failed(format!("{user:?} is not a valid user name")));
+    }
+    let client = etcd_client::Client::connect(&config.etcd_endpoints, None)
+        .await
+        .map_err(|e| RunError::Failed(format!("cannot connect to etcd: {e}")))?;
+    let ks = lain_state::Keyspace::new(&config.prefix);
+    let failed = |e: crate::api::ApiError| RunError::Failed(e.message);
+    if crate::api::auth::admin_exists(&client, &ks)
+        .await
+        .map_err(failed)?
+    {
+        return Err(RunError::Failed(
+            "an admin user exists already; ask an admin for a token (`lain token create`)".into(),
+        ));
+    }
+    if !crate::api::auth::create_user(&client, &ks, user, true)
+        .await
+        .map_err(failed)?
+    {
+        return Err(RunError::Failed(format!("user {user:?} exists already")));
+    }
+    let (_, token) = crate::api::auth::create_token(&client, &ks, user, "created by init")
+        .await
+        .map_err(failed)?;
+    eprintln!("created admin user {user:?}; its token follows (shown only once):");
+    println!("{token}");
+    Ok(())
 }
 
 async fn serve(config: Config) -> Result<(), RunError> {
@@ -64,13 +127,40 @@ async fn serve(config: Config) -> Result<(), RunError> {
     let client = etcd_client::Client::connect(&config.etcd_endpoints, None)
         .await
         .map_err(|e| RunError::Failed(format!("cannot connect to etcd: {e}")))?;
-    let settings = config.engine_settings();
+    let mut settings = config.engine_settings();
+    if let Some(path) = &config.secret_key_file {
+        let secrets = crate::secrets::SecretBox::load(path)
+            .map_err(|e| RunError::Failed(format!("{e} (`lain controlplane init` creates it)")))?;
+        settings.secrets = Some(secrets);
+    }
+    let api_state = crate::api::ApiState::new(
+        client.clone(),
+        settings.keyspace.clone(),
+        settings.cluster_domains.clone(),
+        leading.clone(),
+        settings.secrets.clone(),
+    );
+    let api_addr = crate::api::serve(config.api_listen, api_state.clone(), shutdown.clone())
+        .await
+        .map_err(|e| RunError::Failed(format!("cannot bind API listener: {e}")))?;
+    lain_common::announce_listener("api", api_addr);
+    let reachable = if api_addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::IpAddr::from([127, 0, 0, 1]), api_addr.port())
+    } else {
+        api_addr
+    };
     let id = format!("{}-{}", std::process::id(), addr);
+    // Standbys forward API calls to the address the leader campaigned with.
+    let value = serde_json::to_string(&crate::api::ElectionValue {
+        id: id.clone(),
+        api: format!("http://{reachable}"),
+    })
+    .unwrap_or_else(|_| id.clone());
     tracing::info!(%id, "campaigning for leadership");
     let leadership = match crate::leader::campaign(
         &client,
         &settings.keyspace,
-        &id,
+        &value,
         Duration::from_secs(config.election_ttl_secs),
         &shutdown,
     )
@@ -92,11 +182,14 @@ async fn serve(config: Config) -> Result<(), RunError> {
     )
     .await
     .map_err(|e| RunError::Failed(e.to_string()))?;
+    api_state.set_engine(Some(engine.clone()));
     let lost = leadership.lost.clone();
     let result = tokio::select! {
         _ = shutdown.wait() => Ok(()),
         _ = lost.wait() => Err(RunError::Failed("lost the leader lease; stopping".into())),
     };
+    api_state.set_engine(None);
+    leading.store(false, Ordering::Relaxed);
     engine_stop.trigger();
     drop(engine);
     let _ = task.await;

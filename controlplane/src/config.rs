@@ -49,6 +49,13 @@ pub struct Config {
     /// The admin listener (`/metrics`, `/healthz`, `/leader`).
     #[serde(default = "default_admin")]
     pub admin_listen: SocketAddr,
+    /// The HTTP API listener (docs/api.md); every replica serves it.
+    #[serde(default = "default_api")]
+    pub api_listen: SocketAddr,
+    /// The file holding the 32-byte key (64 hex digits) that seals secret files; without it
+    /// secrets are disabled. `lain controlplane init` creates it (mode 0600).
+    #[serde(default)]
+    pub secret_key_file: Option<PathBuf>,
     /// The registry (`host:port`) a node pulls an image from when it lacks it; images are
     /// pushed there by `lain build --push`.
     #[serde(default)]
@@ -107,6 +114,9 @@ fn default_election_ttl_secs() -> u64 {
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
+fn default_api() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
 fn default_address() -> IpAddr {
     IpAddr::from([127, 0, 0, 1])
 }
@@ -159,6 +169,11 @@ impl lain_common::Validate for Config {
                 "port_min",
                 "port_min must be positive and not above port_max",
             ));
+        }
+        if let Some(f) = &self.secret_key_file
+            && !f.is_absolute()
+        {
+            errors.push(ConfigError::at("secret_key_file", "must be an absolute path"));
         }
         if self.tick_ms == 0 {
             errors.push(ConfigError::at("tick_ms", "must be positive"));

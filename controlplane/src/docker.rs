@@ -223,6 +223,51 @@ impl NodeClient {
         }
     }
 
+    /// Changes the memory limit and CPU level of a running container.
+    pub async fn update_limits(&self, id: &str, memory_bytes: u64, cpu: u8) -> Result<(), DockerError> {
+        let memory = i64::try_from(memory_bytes).ok();
+        let body = bollard::models::ContainerUpdateBody {
+            memory,
+            memory_swap: memory,
+            cpu_period: cpu_quota(cpu).map(|_| 100_000),
+            cpu_quota: cpu_quota(cpu),
+            ..Default::default()
+        };
+        self.docker
+            .update_container(id, body)
+            .await
+            .map_err(|e| self.api(e))
+    }
+
+    /// The tags `{app}:release-*` present on this engine with their creation time (Unix
+    /// seconds).
+    pub async fn release_images(&self, app: &str) -> Result<Vec<(String, i64)>, DockerError> {
+        let filters = HashMap::from([(
+            "reference".to_string(),
+            vec![format!("{app}:release-*")],
+        )]);
+        let opts = bollard::query_parameters::ListImagesOptions {
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let images = self
+            .docker
+            .list_images(Some(opts))
+            .await
+            .map_err(|e| self.api(e))?;
+        let prefix = format!("{app}:release-");
+        Ok(images
+            .into_iter()
+            .flat_map(|i| {
+                let created = i.created;
+                i.repo_tags
+                    .into_iter()
+                    .filter(|t| t.starts_with(&prefix))
+                    .map(move |t| (t, created))
+            })
+            .collect())
+    }
+
     /// Checks the engine answers.
     pub async fn ping(&self) -> Result<(), DockerError> {
         self.docker

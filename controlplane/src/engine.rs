@@ -46,6 +46,8 @@ pub struct EngineSettings {
     pub node_down_grace: Duration,
     /// TTL of node leases.
     pub node_lease_ttl: Duration,
+    /// The key that opens secret files; without it no secret is mounted.
+    pub secrets: Option<crate::secrets::SecretBox>,
     /// The registry (`host:port`) nodes pull missing images from.
     pub registry: Option<String>,
 }
@@ -63,6 +65,7 @@ impl EngineSettings {
             probe_timeout: Duration::from_millis(500),
             node_down_grace: Duration::from_secs(5),
             node_lease_ttl: Duration::from_secs(10),
+            secrets: None,
             registry: None,
         }
     }
@@ -181,6 +184,20 @@ pub struct InstanceStatus {
     pub pending: Option<String>,
 }
 
+/// A change to one proc's scale: only the fields given change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScaleChange {
+    /// How many instances run.
+    pub num_instances: Option<u32>,
+    /// LAIN's CPU level, 0–8.
+    pub cpu: Option<u8>,
+    /// The memory limit (`64m`, `1g`).
+    pub memory: Option<String>,
+}
+
+/// The most instances one proc may be scaled to.
+pub const MAX_INSTANCES: u32 = 100;
+
 /// The commands the handle sends to the loop.
 enum Command {
     Register(
@@ -197,8 +214,8 @@ enum Command {
     Scale(
         String,
         String,
-        u32,
-        oneshot::Sender<Result<(), EngineError>>,
+        ScaleChange,
+        oneshot::Sender<Result<Proc, EngineError>>,
     ),
     Rollback(String, oneshot::Sender<Result<String, EngineError>>),
     Remove(String, oneshot::Sender<Result<(), EngineError>>),
@@ -309,7 +326,23 @@ impl Engine {
 
     /// Sets the number of instances of one proc.
     pub async fn scale(&self, app: &str, proc_name: &str, n: u32) -> Result<(), EngineError> {
-        self.call(|r| Command::Scale(app.to_string(), proc_name.to_string(), n, r))
+        let change = ScaleChange {
+            num_instances: Some(n),
+            ..ScaleChange::default()
+        };
+        self.scale_proc(app, proc_name, change).await.map(|_| ())
+    }
+
+    /// Changes the instances, CPU level or memory limit of one proc; returns the proc as it
+    /// now is. New limits apply to running containers at once (`docker update`) and to
+    /// every container started later.
+    pub async fn scale_proc(
+        &self,
+        app: &str,
+        proc_name: &str,
+        change: ScaleChange,
+    ) -> Result<Proc, EngineError> {
+        self.call(|r| Command::Scale(app.to_string(), proc_name.to_string(), change, r))
             .await
     }
 
@@ -654,8 +687,8 @@ impl State {
             Command::Deploy(app, version, image, reply) => {
                 let _ = reply.send(self.deploy(&app, &version, &image, "deployed").await);
             }
-            Command::Scale(app, proc_name, n, reply) => {
-                let r = self.scale(&app, &proc_name, n).await;
+            Command::Scale(app, proc_name, change, reply) => {
+                let r = self.scale(&app, &proc_name, change).await;
                 let _ = reply.send(r);
             }
             Command::Rollback(app, reply) => {
@@ -862,7 +895,12 @@ impl State {
         }
     }
 
-    async fn scale(&mut self, app: &str, proc_name: &str, n: u32) -> Result<(), EngineError> {
+    async fn scale(
+        &mut self,
+        app: &str,
+        proc_name: &str,
+        change: ScaleChange,
+    ) -> Result<Proc, EngineError> {
         let spec = self
             .apps
             .get_mut(app)
@@ -872,20 +910,73 @@ impl State {
             .procs
             .get_mut(proc_name)
             .ok_or_else(|| EngineError::NoProc(app.to_string(), proc_name.to_string()))?;
-        if p.proc_type == ProcType::Oneshot {
-            return Err(EngineError::Bad("oneshot procs are not scaled".into()));
+        if let Some(n) = change.num_instances {
+            if p.proc_type == ProcType::Oneshot {
+                return Err(EngineError::Bad("oneshot procs are not scaled".into()));
+            }
+            if n > MAX_INSTANCES {
+                return Err(EngineError::Bad(format!(
+                    "num_instances {n} is above {MAX_INSTANCES}"
+                )));
+            }
         }
-        let from = p.num_instances;
-        p.num_instances = n;
-        self.event(
-            app,
-            "scaled",
-            Some(proc_name),
-            None,
-            format!("{from} → {n} instances"),
-        )
-        .await;
-        Ok(())
+        if let Some(cpu) = change.cpu
+            && cpu > 8
+        {
+            return Err(EngineError::Bad(format!("cpu {cpu} is not a level 0–8")));
+        }
+        let memory = match &change.memory {
+            None => None,
+            Some(m) => match crate::lainyaml::parse_memory(m) {
+                Some(b) if b >= 4 << 20 => Some((m.clone(), b)),
+                _ => {
+                    return Err(EngineError::Bad(format!(
+                        "memory {m:?} is not a size of at least 4m such as 64m or 1g"
+                    )));
+                }
+            },
+        };
+        let mut changes = Vec::new();
+        if let Some(n) = change.num_instances {
+            changes.push(format!("{} → {n} instances", p.num_instances));
+            p.num_instances = n;
+        }
+        if let Some(cpu) = change.cpu {
+            changes.push(format!("cpu {} → {cpu}", p.cpu));
+            p.cpu = cpu;
+        }
+        if let Some((text, bytes)) = memory {
+            changes.push(format!("memory {} → {text}", p.memory));
+            p.memory = text;
+            p.memory_bytes = bytes;
+        }
+        let proc_now = p.clone();
+        if change.cpu.is_some() || change.memory.is_some() {
+            self.update_running(app, &proc_now).await;
+        }
+        self.event(app, "scaled", Some(proc_name), None, changes.join(", "))
+            .await;
+        Ok(proc_now)
+    }
+
+    /// Applies a proc's CPU and memory limits to its running containers.
+    async fn update_running(&mut self, app: &str, p: &Proc) {
+        let actual = self.actual().await;
+        for a in actual
+            .iter()
+            .filter(|a| a.app == app && a.proc_name == p.name)
+        {
+            let Some(node) = self.nodes.get(&a.node) else {
+                continue;
+            };
+            if let Err(e) = node
+                .client
+                .update_limits(&a.id, p.memory_bytes, p.cpu)
+                .await
+            {
+                tracing::warn!(%app, container = %a.id, error = %e, "cannot update container limits");
+            }
+        }
     }
 
     async fn event(
@@ -1397,7 +1488,8 @@ impl State {
         };
         let podgroup = p.podgroup(app);
         let name = docker::container_name(&podgroup, &spec.version, n, drift);
-        let cs = self.container_spec(spec, p, n, drift, port, &name);
+        let mut cs = self.container_spec(spec, p, n, drift, port, &name);
+        self.mount_secrets(spec, p, n, &mut cs).await;
         let Some(node) = self.nodes.get(&node_name) else {
             return;
         };
@@ -1460,6 +1552,58 @@ impl State {
                 if missing_image && self.rollouts.contains_key(app) {
                     self.fail_rollout(app, format!("image {} cannot be run: {reason}", spec.image))
                         .await;
+                }
+            }
+        }
+    }
+
+    /// Writes each declared secret file of the proc, decrypted, to a per-instance host
+    /// directory (mode 0400) and bind-mounts it read-only at its path. A proc with
+    /// `secret_files_bypass` manages its secrets itself and gets none.
+    async fn mount_secrets(&self, spec: &AppSpec, p: &Proc, n: u32, cs: &mut ContainerSpec) {
+        if p.secret_files_bypass || p.secret_files.is_empty() {
+            return;
+        }
+        let app = &spec.conf.appname;
+        let Some(secrets) = &self.settings.secrets else {
+            tracing::warn!(%app, proc = %p.name, "secret files declared but no secret key configured");
+            return;
+        };
+        let dir = self
+            .settings
+            .volume_root
+            .join(".lain-secrets")
+            .join(app)
+            .join(p.podgroup(app))
+            .join(n.to_string());
+        for path in &p.secret_files {
+            let key = self.settings.keyspace.secret(app, &p.name, path);
+            let rec = match self.client.kv_client().get(key.as_str(), None).await {
+                Ok(r) => r
+                    .kvs()
+                    .first()
+                    .and_then(|kv| serde_json::from_slice::<lain_state::records::SecretRecord>(kv.value()).ok()),
+                Err(e) => {
+                    tracing::warn!(%app, error = %e, "cannot read secret");
+                    None
+                }
+            };
+            let Some(rec) = rec else {
+                tracing::warn!(%app, proc = %p.name, %path, "declared secret file is missing");
+                continue;
+            };
+            let plain = match secrets.open(app, &p.name, &rec) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(%app, proc = %p.name, %path, error = %e, "cannot open secret");
+                    continue;
+                }
+            };
+            let host = dir.join(lain_state::keys::encode_segment(path));
+            match write_secret_file(&host, &plain) {
+                Ok(()) => cs.binds.push(format!("{}:{path}:ro", host.display())),
+                Err(e) => {
+                    tracing::warn!(file = %host.display(), error = %e, "cannot write secret file")
                 }
             }
         }
@@ -1778,4 +1922,27 @@ async fn http_get_ok(addr: SocketAddr, path: &str) -> bool {
         .nth(1)
         .and_then(|c| c.parse::<u16>().ok());
     status.is_some_and(|c| (200..400).contains(&c))
+}
+
+/// Writes a secret file readable only by its owner: to a new file renamed into place, so a
+/// running container keeps the file it was started with until it is replaced.
+fn write_secret_file(path: &std::path::Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(&tmp)?;
+    f.write_all(content)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }

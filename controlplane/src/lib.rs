@@ -13,7 +13,8 @@ pub mod leader;
 pub mod metrics;
 pub mod publish;
 pub mod resources;
+pub mod secrets;
 pub mod yaml;
 
-pub use engine::{Engine, EngineError, EngineSettings, NodeSpec};
+pub use engine::{Engine, EngineError, EngineSettings, NodeSpec, ScaleChange};
 pub use lainyaml::{LainConf, LocatedError};

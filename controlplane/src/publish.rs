@@ -310,6 +310,19 @@ impl Publisher {
         Ok(stats)
     }
 
+    /// Writes an uploaded TLS certificate to the state tree, where the proxy finds it.
+    pub async fn put_cert(
+        &self,
+        name: &str,
+        cert: &lain_state::records::CertRecord,
+    ) -> Result<(), PublishError> {
+        self.client
+            .kv_client()
+            .put(self.ks.cert(name), encode(cert), None)
+            .await?;
+        Ok(())
+    }
+
     /// Writes one cp-only JSON value (deploy history, events).
     pub async fn put_raw(&self, key: &str, value: Vec<u8>) -> Result<(), PublishError> {
         self.client.kv_client().put(key, value, None).await?;

@@ -757,7 +757,7 @@ async fn rollback(a: RollbackArgs) -> Result<(), CliError> {
     let app = seg("app", &a.app)?;
     let watcher = progress::Watcher::start(&client, &app).await?;
     let entry: DeployEntry = client
-        .call(Method::POST, &format!("/apps/{app}/rollback"), &())
+        .post_empty(&format!("/apps/{app}/rollback"))
         .await?;
     finish_rollout(&a.g, &a.wait, watcher, entry, "rollback").await
 }

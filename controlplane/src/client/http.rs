@@ -98,6 +98,11 @@ impl ApiClient {
         self.json(self.request(Method::GET, path)).await
     }
 
+    /// `POST` without a body, decoding the JSON answer.
+    pub async fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        self.json(self.request(Method::POST, path)).await
+    }
+
     /// A method with a JSON body, decoding the JSON answer.
     pub async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,

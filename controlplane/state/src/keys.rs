@@ -290,6 +290,41 @@ impl Keyspace {
         format!("{}/", self.cp_key(&["secrets", app]))
     }
 
+    /// The range of every secret of one proc.
+    pub fn secrets_of_proc(&self, app: &str, proc_name: &str) -> String {
+        format!("{}/", self.cp_key(&["secrets", app, proc_name]))
+    }
+
+    /// `cp/lainyaml/{app}`: the lain.yaml text as registered, shown back by the API.
+    pub fn lain_yaml(&self, app: &str) -> String {
+        self.cp_key(&["lainyaml", app])
+    }
+
+    /// The range of every user.
+    pub fn users(&self) -> String {
+        format!("{}/", self.cp_key(&["users"]))
+    }
+
+    /// The range of every token.
+    pub fn tokens(&self) -> String {
+        format!("{}/", self.cp_key(&["tokens"]))
+    }
+
+    /// The range of every maintainer of every app.
+    pub fn maintainers(&self) -> String {
+        format!("{}/", self.cp_key(&["maintainers"]))
+    }
+
+    /// The range of the maintainers of one app.
+    pub fn maintainers_of_app(&self, app: &str) -> String {
+        format!("{}/", self.cp_key(&["maintainers", app]))
+    }
+
+    /// The range of the audit log.
+    pub fn audits(&self) -> String {
+        format!("{}/", self.cp_key(&["audit"]))
+    }
+
     /// `cp/users/{name}`.
     pub fn user(&self, name: &str) -> String {
         self.cp_key(&["users", name])

@@ -668,6 +668,9 @@ pub struct SecretRecord {
     pub nonce: String,
     /// Base64 ciphertext with its tag.
     pub ciphertext: String,
+    /// RFC 3339 time of the last change.
+    #[serde(default)]
+    pub updated_at: String,
 }
 
 fn non_empty(field: &str, value: &str) -> Result<(), String> {

@@ -72,7 +72,9 @@ async fn init(config: Config, user: &str) -> Result<(), RunError> {
         }
     }
     if !crate::api::auth::valid_user_name(user) {
-        return Err(RunError::Failed(format!("{user:?} is not a valid user name")));
+        return Err(RunError::Failed(format!(
+            "{user:?} is not a valid user name"
+        )));
     }
     let client = etcd_client::Client::connect(&config.etcd_endpoints, None)
         .await

@@ -173,7 +173,10 @@ impl lain_common::Validate for Config {
         if let Some(f) = &self.secret_key_file
             && !f.is_absolute()
         {
-            errors.push(ConfigError::at("secret_key_file", "must be an absolute path"));
+            errors.push(ConfigError::at(
+                "secret_key_file",
+                "must be an absolute path",
+            ));
         }
         if self.tick_ms == 0 {
             errors.push(ConfigError::at("tick_ms", "must be positive"));

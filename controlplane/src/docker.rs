@@ -224,7 +224,12 @@ impl NodeClient {
     }
 
     /// Changes the memory limit and CPU level of a running container.
-    pub async fn update_limits(&self, id: &str, memory_bytes: u64, cpu: u8) -> Result<(), DockerError> {
+    pub async fn update_limits(
+        &self,
+        id: &str,
+        memory_bytes: u64,
+        cpu: u8,
+    ) -> Result<(), DockerError> {
         let memory = i64::try_from(memory_bytes).ok();
         let body = bollard::models::ContainerUpdateBody {
             memory,
@@ -242,10 +247,7 @@ impl NodeClient {
     /// The tags `{app}:release-*` present on this engine with their creation time (Unix
     /// seconds).
     pub async fn release_images(&self, app: &str) -> Result<Vec<(String, i64)>, DockerError> {
-        let filters = HashMap::from([(
-            "reference".to_string(),
-            vec![format!("{app}:release-*")],
-        )]);
+        let filters = HashMap::from([("reference".to_string(), vec![format!("{app}:release-*")])]);
         let opts = bollard::query_parameters::ListImagesOptions {
             filters: Some(filters),
             ..Default::default()

@@ -1579,10 +1579,9 @@ impl State {
         for path in &p.secret_files {
             let key = self.settings.keyspace.secret(app, &p.name, path);
             let rec = match self.client.kv_client().get(key.as_str(), None).await {
-                Ok(r) => r
-                    .kvs()
-                    .first()
-                    .and_then(|kv| serde_json::from_slice::<lain_state::records::SecretRecord>(kv.value()).ok()),
+                Ok(r) => r.kvs().first().and_then(|kv| {
+                    serde_json::from_slice::<lain_state::records::SecretRecord>(kv.value()).ok()
+                }),
                 Err(e) => {
                     tracing::warn!(%app, error = %e, "cannot read secret");
                     None

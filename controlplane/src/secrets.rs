@@ -220,6 +220,9 @@ mod tests {
         let b = SecretBox::load(&path).unwrap();
         assert_eq!(b.key_id().len(), 16);
         std::fs::write(&path, "nothex").unwrap();
-        assert!(matches!(SecretBox::load(&path), Err(SecretError::BadKey(_))));
+        assert!(matches!(
+            SecretBox::load(&path),
+            Err(SecretError::BadKey(_))
+        ));
     }
 }

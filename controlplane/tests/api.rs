@@ -62,7 +62,10 @@ impl Cluster {
     async fn start(test: &str, replicas: usize) -> Cluster {
         let endpoints = require_etcd();
         let nodes = require_docker_nodes();
-        assert!(nodes.len() >= 2, "two Docker engines are needed, got {nodes:?}");
+        assert!(
+            nodes.len() >= 2,
+            "two Docker engines are needed, got {nodes:?}"
+        );
         let prefix = unique_prefix(test);
         let ks = Keyspace::new(&prefix);
         let dir = temp_dir();
@@ -80,7 +83,8 @@ impl Cluster {
             ));
         }
         std::fs::write(&cfg, text).unwrap();
-        let (code, out, err) = run_lain(&["controlplane", "init", "-c", cfg.to_str().unwrap()], None);
+        let (code, out, err) =
+            run_lain(&["controlplane", "init", "-c", cfg.to_str().unwrap()], None);
         assert_eq!(code, 0, "init failed: {err}");
         let token = out.trim().to_string();
         assert!(token.starts_with("lain_"), "{out}");
@@ -194,7 +198,10 @@ async fn auth_roles_revocation_audit_and_bad_input() {
     let c = Cluster::start("api-auth", 1).await;
 
     // A second init refuses: an admin exists.
-    let (code, _, err) = run_lain(&["controlplane", "init", "-c", c.cfg.to_str().unwrap()], None);
+    let (code, _, err) = run_lain(
+        &["controlplane", "init", "-c", c.cfg.to_str().unwrap()],
+        None,
+    );
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("admin user exists"), "{err}");
 
@@ -202,15 +209,25 @@ async fn auth_roles_revocation_audit_and_bad_input() {
     let (s, v) = c.call(0, "GET", "/api/v1/apps", None, None).await;
     assert_eq!(s, 401, "{v}");
     assert_eq!(v["code"], "unauthorized");
-    let (s, _) = c.call(0, "GET", "/api/v1/apps", Some("lain_nope"), None).await;
+    let (s, _) = c
+        .call(0, "GET", "/api/v1/apps", Some("lain_nope"), None)
+        .await;
     assert_eq!(s, 401);
 
     let (s, v) = c.admin("GET", "/api/v1/whoami", None).await;
-    assert_eq!((s, &v["user"], &v["admin"]), (200, &json!("admin"), &json!(true)), "{v}");
+    assert_eq!(
+        (s, &v["user"], &v["admin"]),
+        (200, &json!("admin"), &json!(true)),
+        "{v}"
+    );
 
     // The admin registers an app; bob, a plain user, may not see it.
     let (s, v) = c
-        .admin("POST", "/api/v1/apps", Some(json!({"lain_yaml": web_yaml("alpha", "")})))
+        .admin(
+            "POST",
+            "/api/v1/apps",
+            Some(json!({"lain_yaml": web_yaml("alpha", "")})),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["name"], "alpha");
@@ -224,19 +241,39 @@ async fn auth_roles_revocation_audit_and_bad_input() {
         .await;
     assert_eq!(s, 409, "{v}");
     let (s, v) = c
-        .admin("POST", "/api/v1/tokens", Some(json!({"user": "bob", "description": "laptop"})))
+        .admin(
+            "POST",
+            "/api/v1/tokens",
+            Some(json!({"user": "bob", "description": "laptop"})),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     let bob = v["token"].as_str().unwrap().to_string();
     let bob_id = v["id"].as_str().unwrap().to_string();
-    let (s, v) = c.call(0, "GET", "/api/v1/apps/alpha", Some(&bob), None).await;
+    let (s, v) = c
+        .call(0, "GET", "/api/v1/apps/alpha", Some(&bob), None)
+        .await;
     assert_eq!(s, 403, "{v}");
     assert_eq!(v["code"], "forbidden");
-    let (s, _) = c.call(0, "POST", "/api/v1/users", Some(&bob), Some(json!({"name": "eve"}))).await;
+    let (s, _) = c
+        .call(
+            0,
+            "POST",
+            "/api/v1/users",
+            Some(&bob),
+            Some(json!({"name": "eve"})),
+        )
+        .await;
     assert_eq!(s, 403);
     // Bob registers his own app and maintains it; the admin sees it too.
     let (s, v) = c
-        .call(0, "POST", "/api/v1/apps", Some(&bob), Some(json!({"lain_yaml": web_yaml("bobs", "")})))
+        .call(
+            0,
+            "POST",
+            "/api/v1/apps",
+            Some(&bob),
+            Some(json!({"lain_yaml": web_yaml("bobs", "")})),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     let (s, v) = c.call(0, "GET", "/api/v1/whoami", Some(&bob), None).await;
@@ -245,7 +282,13 @@ async fn auth_roles_revocation_audit_and_bad_input() {
     assert_eq!(s, 200);
     // Bob updating alpha is forbidden too.
     let (s, _) = c
-        .call(0, "POST", "/api/v1/apps", Some(&bob), Some(json!({"lain_yaml": web_yaml("alpha", "")})))
+        .call(
+            0,
+            "POST",
+            "/api/v1/apps",
+            Some(&bob),
+            Some(json!({"lain_yaml": web_yaml("alpha", "")})),
+        )
         .await;
     assert_eq!(s, 403);
 
@@ -253,31 +296,49 @@ async fn auth_roles_revocation_audit_and_bad_input() {
     let (s, v) = c.call(0, "GET", "/api/v1/tokens", Some(&bob), None).await;
     assert_eq!(s, 200);
     assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
-    let (s, _) = c.admin("DELETE", &format!("/api/v1/tokens/{bob_id}"), None).await;
+    let (s, _) = c
+        .admin("DELETE", &format!("/api/v1/tokens/{bob_id}"), None)
+        .await;
     assert_eq!(s, 204);
     let (s, _) = c.call(0, "GET", "/api/v1/whoami", Some(&bob), None).await;
     assert_eq!(s, 401);
-    let (s, _) = c.admin("DELETE", &format!("/api/v1/tokens/{bob_id}"), None).await;
+    let (s, _) = c
+        .admin("DELETE", &format!("/api/v1/tokens/{bob_id}"), None)
+        .await;
     assert_eq!(s, 404);
 
     // Bad input: wrong type and unknown field name the field; malformed JSON is 400.
     let (s, v) = c
-        .admin("PATCH", "/api/v1/apps/alpha/procs/web", Some(json!({"num_instances": "two"})))
+        .admin(
+            "PATCH",
+            "/api/v1/apps/alpha/procs/web",
+            Some(json!({"num_instances": "two"})),
+        )
         .await;
     assert_eq!(s, 400, "{v}");
     assert_eq!(v["details"][0]["key"], "num_instances", "{v}");
     let (s, v) = c
-        .admin("POST", "/api/v1/apps/alpha/deploys", Some(json!({"versoin": "1"})))
+        .admin(
+            "POST",
+            "/api/v1/apps/alpha/deploys",
+            Some(json!({"versoin": "1"})),
+        )
         .await;
     assert_eq!(s, 400, "{v}");
     assert_eq!(v["details"][0]["key"], "versoin", "{v}");
-    let (s, v) = c.raw_post("/api/v1/apps", b"{\"lain_yaml\": ".to_vec()).await;
+    let (s, v) = c
+        .raw_post("/api/v1/apps", b"{\"lain_yaml\": ".to_vec())
+        .await;
     assert_eq!((s, &v["code"]), (400, &json!("bad_request")), "{v}");
     // Unknown app and proc: 404.
     let (s, v) = c.admin("GET", "/api/v1/apps/nosuch", None).await;
     assert_eq!((s, &v["code"]), (404, &json!("not_found")), "{v}");
     let (s, _) = c
-        .admin("PATCH", "/api/v1/apps/alpha/procs/nosuch", Some(json!({"num_instances": 1})))
+        .admin(
+            "PATCH",
+            "/api/v1/apps/alpha/procs/nosuch",
+            Some(json!({"num_instances": 1})),
+        )
         .await;
     assert_eq!(s, 404);
     // An invalid lain.yaml: 422 with every error located.
@@ -300,17 +361,27 @@ async fn auth_roles_revocation_audit_and_bad_input() {
     let (s, v) = c.raw_post("/api/v1/apps", vec![b' '; 2 << 20]).await;
     assert_eq!((s, &v["code"]), (413, &json!("payload_too_large")), "{v}");
     let big = format!("appname: big\n# {}\n", "x".repeat(300 << 10));
-    let (s, _) = c.admin("POST", "/api/v1/apps", Some(json!({"lain_yaml": big}))).await;
+    let (s, _) = c
+        .admin("POST", "/api/v1/apps", Some(json!({"lain_yaml": big})))
+        .await;
     assert_eq!(s, 413);
 
     // Scaling CPU and memory changes the proc.
     let (s, v) = c
-        .admin("PATCH", "/api/v1/apps/alpha/procs/web", Some(json!({"cpu": 2, "memory": "64m"})))
+        .admin(
+            "PATCH",
+            "/api/v1/apps/alpha/procs/web",
+            Some(json!({"cpu": 2, "memory": "64m"})),
+        )
         .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!((&v["cpu"], &v["memory"]), (&json!(2), &json!("64m")), "{v}");
     let (s, v) = c
-        .admin("PATCH", "/api/v1/apps/alpha/procs/web", Some(json!({"memory": "lots"})))
+        .admin(
+            "PATCH",
+            "/api/v1/apps/alpha/procs/web",
+            Some(json!({"memory": "lots"})),
+        )
         .await;
     assert_eq!((s, &v["details"][0]["key"]), (400, &json!("memory")), "{v}");
 
@@ -327,21 +398,31 @@ async fn auth_roles_revocation_audit_and_bad_input() {
         .map(|kv| serde_json::from_slice(kv.value()).unwrap())
         .collect();
     assert!(
-        audit
-            .iter()
-            .any(|a| a["user"] == "admin" && a["method"] == "POST" && a["path"] == "/api/v1/users" && a["status"] == 201),
+        audit.iter().any(|a| a["user"] == "admin"
+            && a["method"] == "POST"
+            && a["path"] == "/api/v1/users"
+            && a["status"] == 201),
         "{audit:?}"
     );
     assert!(
-        audit.iter().any(|a| a["user"] == "bob" && a["path"] == "/api/v1/apps"),
+        audit
+            .iter()
+            .any(|a| a["user"] == "bob" && a["path"] == "/api/v1/apps"),
         "{audit:?}"
     );
-    assert!(audit.iter().all(|a| a["at"].as_str().is_some_and(|t| !t.is_empty())));
+    assert!(
+        audit
+            .iter()
+            .all(|a| a["at"].as_str().is_some_and(|t| !t.is_empty()))
+    );
 
     // The OpenAPI document is generated and lists the routes.
     let (s, v) = c.call(0, "GET", "/openapi.json", None, None).await;
     assert_eq!(s, 200);
-    assert!(v["paths"]["/api/v1/apps/{app}/deploys"]["post"].is_object(), "{v}");
+    assert!(
+        v["paths"]["/api/v1/apps/{app}/deploys"]["post"].is_object(),
+        "{v}"
+    );
     c.finish().await;
 }
 
@@ -349,15 +430,27 @@ async fn auth_roles_revocation_audit_and_bad_input() {
 async fn secrets_are_encrypted_required_and_mounted_read_only() {
     let c = Cluster::start("api-secrets", 1).await;
     let yaml = web_yaml("sec", "  secret_files: [conf/secret.txt]\n");
-    let (s, v) = c.admin("POST", "/api/v1/apps", Some(json!({"lain_yaml": yaml}))).await;
+    let (s, v) = c
+        .admin("POST", "/api/v1/apps", Some(json!({"lain_yaml": yaml})))
+        .await;
     assert_eq!(s, 201, "{v}");
 
     // Deploying before the secret is set fails and names the path.
     let (s, v) = c
-        .admin("POST", "/api/v1/apps/sec/deploys", Some(json!({"version": "v1", "image": IMAGE})))
+        .admin(
+            "POST",
+            "/api/v1/apps/sec/deploys",
+            Some(json!({"version": "v1", "image": IMAGE})),
+        )
         .await;
     assert_eq!((s, &v["code"]), (422, &json!("deploy_rejected")), "{v}");
-    assert!(v["message"].as_str().unwrap().contains("/lain/app/conf/secret.txt"), "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("/lain/app/conf/secret.txt"),
+        "{v}"
+    );
 
     // Set, list, read back; etcd holds only ciphertext.
     let plaintext = "db-password-4f9a2c";
@@ -375,34 +468,60 @@ async fn secrets_are_encrypted_required_and_mounted_read_only() {
     assert_eq!(v[0]["size"], plaintext.len());
     assert!(!v.to_string().contains(plaintext));
     let (s, v) = c
-        .admin("GET", "/api/v1/apps/sec/secrets/web?path=conf/secret.txt", None)
+        .admin(
+            "GET",
+            "/api/v1/apps/sec/secrets/web?path=conf/secret.txt",
+            None,
+        )
         .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(B64.decode(v["content_b64"].as_str().unwrap()).unwrap(), plaintext.as_bytes());
+    assert_eq!(
+        B64.decode(v["content_b64"].as_str().unwrap()).unwrap(),
+        plaintext.as_bytes()
+    );
     let raw = c
         .etcd
         .kv_client()
-        .get(c.ks.secrets_of_app("sec"), Some(GetOptions::new().with_prefix()))
+        .get(
+            c.ks.secrets_of_app("sec"),
+            Some(GetOptions::new().with_prefix()),
+        )
         .await
         .unwrap();
     assert_eq!(raw.kvs().len(), 1);
     let stored = String::from_utf8_lossy(raw.kvs()[0].value()).into_owned();
-    assert!(!stored.contains(plaintext) && !stored.contains(&B64.encode(plaintext)), "{stored}");
+    assert!(
+        !stored.contains(plaintext) && !stored.contains(&B64.encode(plaintext)),
+        "{stored}"
+    );
     assert!(stored.contains("chacha20poly1305"), "{stored}");
 
     // Deploy over HTTP; the instance becomes healthy and sees its secret, read-only, 0400.
     let (s, v) = c
-        .admin("POST", "/api/v1/apps/sec/deploys", Some(json!({"version": "v1", "image": IMAGE})))
+        .admin(
+            "POST",
+            "/api/v1/apps/sec/deploys",
+            Some(json!({"version": "v1", "image": IMAGE})),
+        )
         .await;
     assert_eq!(s, 202, "{v}");
-    assert_eq!((&v["version"], &v["outcome"]), (&json!("v1"), &json!("started")), "{v}");
+    assert_eq!(
+        (&v["version"], &v["outcome"]),
+        (&json!("v1"), &json!("started")),
+        "{v}"
+    );
     let inst = eventually(Duration::from_secs(60), "a healthy instance", || async {
         let (s, v) = c.admin("GET", "/api/v1/apps/sec/instances", None).await;
         (s == 200 && v[0]["healthy"] == true).then_some(v[0].clone())
     })
     .await;
     assert_eq!(inst["address"], "127.0.0.1", "{inst}");
-    let node_idx: usize = inst["node"].as_str().unwrap().trim_start_matches("node").parse().unwrap();
+    let node_idx: usize = inst["node"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("node")
+        .parse()
+        .unwrap();
     let docker = bollard::Docker::connect_with_unix(
         &c.nodes[node_idx - 1],
         30,
@@ -437,30 +556,59 @@ async fn secrets_are_encrypted_required_and_mounted_read_only() {
             out
         }
     };
-    let mode = exec(vec!["/bin/busybox", "stat", "-c", "%a", "/lain/app/conf/secret.txt"]).await;
+    let mode = exec(vec![
+        "/bin/busybox",
+        "stat",
+        "-c",
+        "%a",
+        "/lain/app/conf/secret.txt",
+    ])
+    .await;
     assert_eq!(mode.trim(), "400", "{mode}");
     let content = exec(vec!["/bin/busybox", "cat", "/lain/app/conf/secret.txt"]).await;
     assert_eq!(content, plaintext);
-    let write = exec(vec!["/bin/busybox", "sh", "-c", "echo x > /lain/app/conf/secret.txt && echo wrote"]).await;
+    let write = exec(vec![
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo x > /lain/app/conf/secret.txt && echo wrote",
+    ])
+    .await;
     assert!(!write.contains("wrote"), "the secret is writable: {write}");
 
     // Events and the deploy history over HTTP.
     let (s, v) = c.admin("GET", "/api/v1/apps/sec/events", None).await;
     assert_eq!(s, 200);
-    let kinds: Vec<&str> = v.as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
-    assert!(kinds.contains(&"registered") && kinds.contains(&"deployed"), "{kinds:?}");
+    let kinds: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"registered") && kinds.contains(&"deployed"),
+        "{kinds:?}"
+    );
     let (s, v) = c.admin("GET", "/api/v1/apps/sec/deploys", None).await;
     assert_eq!((s, &v[0]["version"]), (200, &json!("v1")), "{v}");
 
     // Removing the secret: listing is empty and a new deploy is refused again.
     let (s, _) = c
-        .admin("DELETE", "/api/v1/apps/sec/secrets/web?path=/lain/app/conf/secret.txt", None)
+        .admin(
+            "DELETE",
+            "/api/v1/apps/sec/secrets/web?path=/lain/app/conf/secret.txt",
+            None,
+        )
         .await;
     assert_eq!(s, 204);
     let (_, v) = c.admin("GET", "/api/v1/apps/sec/secrets", None).await;
     assert_eq!(v, json!([]));
     let (s, _) = c
-        .admin("POST", "/api/v1/apps/sec/deploys", Some(json!({"version": "v2", "image": IMAGE})))
+        .admin(
+            "POST",
+            "/api/v1/apps/sec/deploys",
+            Some(json!({"version": "v2", "image": IMAGE})),
+        )
         .await;
     assert_eq!(s, 422);
     let _ = c.dir.path();
@@ -477,21 +625,49 @@ async fn a_standby_forwards_to_the_leader() {
     assert_eq!(h["leader"], false, "{h}");
     // A mutation through the standby reaches the leader's engine.
     let (s, v) = c
-        .call(standby, "POST", "/api/v1/apps", Some(&c.token), Some(json!({"lain_yaml": web_yaml("fwd", "")})))
+        .call(
+            standby,
+            "POST",
+            "/api/v1/apps",
+            Some(&c.token),
+            Some(json!({"lain_yaml": web_yaml("fwd", "")})),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     let (s, v) = c
-        .call(standby, "GET", "/api/v1/apps/fwd/instances", Some(&c.token), None)
+        .call(
+            standby,
+            "GET",
+            "/api/v1/apps/fwd/instances",
+            Some(&c.token),
+            None,
+        )
         .await;
     assert_eq!(s, 200, "{v}");
     // Reads are answered by the standby itself, errors keep their shape through it.
-    let (s, v) = c.call(standby, "GET", "/api/v1/apps/fwd", Some(&c.token), None).await;
+    let (s, v) = c
+        .call(standby, "GET", "/api/v1/apps/fwd", Some(&c.token), None)
+        .await;
     assert_eq!((s, &v["name"]), (200, &json!("fwd")), "{v}");
     let (s, v) = c
-        .call(standby, "PATCH", "/api/v1/apps/fwd/procs/web", Some(&c.token), Some(json!({"bogus": 1})))
+        .call(
+            standby,
+            "PATCH",
+            "/api/v1/apps/fwd/procs/web",
+            Some(&c.token),
+            Some(json!({"bogus": 1})),
+        )
         .await;
     assert_eq!((s, &v["details"][0]["key"]), (400, &json!("bogus")), "{v}");
-    let (s, _) = c.call(standby, "POST", "/api/v1/users", None, Some(json!({"name": "x"}))).await;
+    let (s, _) = c
+        .call(
+            standby,
+            "POST",
+            "/api/v1/users",
+            None,
+            Some(json!({"name": "x"})),
+        )
+        .await;
     assert_eq!(s, 401);
     c.finish().await;
 }

@@ -89,7 +89,10 @@ impl Drop for Images {
             };
             let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .filter(|l| l.split(':').next().is_some_and(|r| r.ends_with(&self.app)))
+                .filter(|l| {
+                    l.rsplit_once(':')
+                        .is_some_and(|(r, _)| r.ends_with(&self.app))
+                })
                 .map(str::to_string)
                 .collect();
             if !names.is_empty() {

@@ -111,9 +111,9 @@ pub fn new_token() -> (String, String) {
 pub fn valid_user_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.')
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+        })
         && !name.starts_with(['-', '.'])
 }
 
@@ -175,11 +175,7 @@ pub async fn create_json<T: Serialize>(
     let txn = Txn::new()
         .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
         .and_then(vec![TxnOp::put(key, bytes, None)]);
-    let resp = client
-        .kv_client()
-        .txn(txn)
-        .await
-        .map_err(ApiError::etcd)?;
+    let resp = client.kv_client().txn(txn).await.map_err(ApiError::etcd)?;
     Ok(resp.succeeded())
 }
 
@@ -289,7 +285,10 @@ pub async fn create_token(
 }
 
 /// Every token with its id.
-pub async fn tokens(client: &Client, ks: &Keyspace) -> Result<Vec<(String, TokenRecord)>, ApiError> {
+pub async fn tokens(
+    client: &Client,
+    ks: &Keyspace,
+) -> Result<Vec<(String, TokenRecord)>, ApiError> {
     let prefix = ks.tokens();
     let all: Vec<(String, TokenRecord)> = list_json(client, &prefix).await?;
     Ok(all

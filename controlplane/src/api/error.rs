@@ -77,11 +77,7 @@ impl ApiError {
     pub fn deploy_rejected(message: impl Into<String>, details: Vec<ErrorDetail>) -> ApiError {
         ApiError {
             details,
-            ..ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "deploy_rejected",
-                message,
-            )
+            ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "deploy_rejected", message)
         }
     }
 
@@ -215,10 +211,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let message = inner.to_string();
         // For unknown and missing fields the path names the enclosing object; the field
         // itself is quoted in serde's message between backticks.
-        let named = message
-            .split('`')
-            .nth(1)
-            .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"));
+        let named = message.split('`').nth(1).filter(|_| {
+            message.starts_with("unknown field") || message.starts_with("missing field")
+        });
         let key = match (path.as_str(), named) {
             (".", Some(f)) => f.to_string(),
             (p, Some(f)) => format!("{p}.{f}"),

@@ -12,8 +12,7 @@ use super::{ApiState, ElectionValue, FORWARDED_HEADER, MAX_BODY_BYTES};
 
 /// Whether a standby can answer the request from etcd alone.
 fn answered_locally(method: &Method, path: &str) -> bool {
-    !path.starts_with("/api/v1/")
-        || (*method == Method::GET && !path.ends_with("/instances"))
+    !path.starts_with("/api/v1/") || (*method == Method::GET && !path.ends_with("/instances"))
 }
 
 /// Hop-by-hop headers, which a proxy must not pass on (RFC 9110 section 7.6.1).
@@ -68,13 +67,15 @@ async fn leader_api(state: &ApiState) -> Result<String, ApiError> {
 async fn to_leader(state: &ApiState, req: Request) -> Result<Response, ApiError> {
     let base = leader_api(state).await?;
     let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "the request body is larger than the API accepts",
-        )
-    })?;
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is larger than the API accepts",
+            )
+        })?;
     let path = parts
         .uri
         .path_and_query()

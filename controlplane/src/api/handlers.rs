@@ -143,7 +143,9 @@ async fn maintained_app(state: &ApiState, caller: &Caller, app: &str) -> Result<
     let view = load_app(state, app)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no app {app:?}; `lain app ls` lists them")))?;
-    if !caller.admin && !auth::is_maintainer(&state.inner.client, &state.inner.ks, app, &caller.user).await? {
+    if !caller.admin
+        && !auth::is_maintainer(&state.inner.client, &state.inner.ks, app, &caller.user).await?
+    {
         return Err(ApiError::forbidden(format!(
             "user {:?} does not maintain app {app:?}; ask one of its maintainers",
             caller.user
@@ -304,7 +306,9 @@ async fn create_token(
     Json(req): Json<CreateTokenRequest>,
 ) -> Result<(StatusCode, AxumJson<CreatedToken>)> {
     if !caller.admin && caller.user != req.user {
-        return Err(ApiError::forbidden("only admins create tokens for other users"));
+        return Err(ApiError::forbidden(
+            "only admins create tokens for other users",
+        ));
     }
     let s = &state.inner;
     let user: Option<UserRecord> = auth::get_json(&s.client, &s.ks.user(&req.user)).await?;
@@ -359,7 +363,9 @@ async fn delete_token(
 ) -> Result<StatusCode> {
     let s = &state.inner;
     let found: Vec<(String, TokenRecord)> = if id.len() == auth::TOKEN_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
     {
         auth::list_json(&s.client, &s.ks.token(&id)).await?
     } else {
@@ -369,7 +375,9 @@ async fn delete_token(
         return Err(ApiError::not_found(format!("no token {id:?}")));
     };
     if !caller.admin && rec.user != caller.user {
-        return Err(ApiError::forbidden("only admins revoke other users' tokens"));
+        return Err(ApiError::forbidden(
+            "only admins revoke other users' tokens",
+        ));
     }
     s.client
         .kv_client()
@@ -586,7 +594,10 @@ async fn deploy(
     if let Some(i) = &req.image
         && (i.is_empty() || i.len() > 512 || i.contains(char::is_whitespace))
     {
-        return Err(ApiError::bad_field("image", format!("{i:?} is not an image reference")));
+        return Err(ApiError::bad_field(
+            "image",
+            format!("{i:?} is not an image reference"),
+        ));
     }
     let (version, image) = match (req.version, req.image) {
         (Some(v), Some(i)) => (v, i),
@@ -594,7 +605,9 @@ async fn deploy(
         (None, image) => {
             let Some((v, tag)) = newest_release(&state, &app).await? else {
                 return Err(ApiError::deploy_rejected(
-                    format!("no {app}:release-* image on any node; run `lain build` first or give a version"),
+                    format!(
+                        "no {app}:release-* image on any node; run `lain build` first or give a version"
+                    ),
                     Vec::new(),
                 ));
             };
@@ -706,13 +719,19 @@ async fn scale(
             ));
         }
         if p.proc_type == crate::lainyaml::ProcType::Oneshot {
-            return Err(ApiError::bad_field("num_instances", "oneshot procs are not scaled"));
+            return Err(ApiError::bad_field(
+                "num_instances",
+                "oneshot procs are not scaled",
+            ));
         }
     }
     if let Some(c) = req.cpu
         && c > 8
     {
-        return Err(ApiError::bad_field("cpu", format!("{c} is not a level 0–8")));
+        return Err(ApiError::bad_field(
+            "cpu",
+            format!("{c} is not a level 0–8"),
+        ));
     }
     if let Some(m) = &req.memory
         && !crate::lainyaml::parse_memory(m).is_some_and(|b| b >= 4 << 20)
@@ -882,7 +901,9 @@ async fn find_secret(
     let key = s.ks.secret(app, proc_name, &path);
     let rec: Option<SecretRecord> = auth::get_json(&s.client, &key).await?;
     rec.map(|r| (key, r)).ok_or_else(|| {
-        ApiError::not_found(format!("app {app:?} proc {proc_name:?} has no secret {path:?}"))
+        ApiError::not_found(format!(
+            "app {app:?} proc {proc_name:?} has no secret {path:?}"
+        ))
     })
 }
 
@@ -1030,7 +1051,9 @@ async fn list_nodes(State(state): State<ApiState>) -> Result<AxumJson<Vec<NodeIn
     let s = &state.inner;
     let all: Vec<(String, NodeRecord)> =
         auth::list_json(&s.client, &s.ks.kind_prefix(Kind::Node)).await?;
-    Ok(AxumJson(all.into_iter().map(|(_, n)| node_info(n)).collect()))
+    Ok(AxumJson(
+        all.into_iter().map(|(_, n)| node_info(n)).collect(),
+    ))
 }
 
 /// Adds a Docker engine (admin).
@@ -1065,7 +1088,10 @@ async fn add_node(
         memory_bytes: req.memory_bytes.unwrap_or(8 << 30),
     };
     if spec.cpus == 0 || spec.memory_bytes == 0 {
-        return Err(ApiError::bad_field("cpus", "cpus and memory_bytes must be positive"));
+        return Err(ApiError::bad_field(
+            "cpus",
+            "cpus and memory_bytes must be positive",
+        ));
     }
     let engine = state.engine()?;
     engine.add_node(spec.clone()).await?;
@@ -1204,7 +1230,10 @@ async fn upload_cert(
     let (hosts, not_after) =
         cert_facts(&req.cert_pem).map_err(|m| ApiError::bad_field("cert_pem", m))?;
     if hosts.is_empty() {
-        return Err(ApiError::bad_field("cert_pem", "the certificate names no host"));
+        return Err(ApiError::bad_field(
+            "cert_pem",
+            "the certificate names no host",
+        ));
     }
     if !req.key_pem.contains("-----BEGIN") || !req.key_pem.contains("PRIVATE KEY-----") {
         return Err(ApiError::bad_field("key_pem", "not a PEM private key"));

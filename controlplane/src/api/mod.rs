@@ -121,17 +121,18 @@ impl ApiState {
 
 /// The router of the whole API.
 pub fn router(state: ApiState) -> Router {
-    let v1 = handlers::v1_routes().route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        authenticate,
-    ));
+    let v1 = handlers::v1_routes()
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", axum::routing::get(handlers::healthz))
         .route("/openapi.json", axum::routing::get(handlers::openapi_json))
         .nest("/api/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), forward::forward))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::forward,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -150,11 +151,11 @@ async fn method_not_allowed() -> ApiError {
 
 /// Authenticates every `/api/v1` request and writes the audit entry of each mutating one.
 async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
-    let caller =
-        match auth::authenticate(&state.inner.client, &state.inner.ks, req.headers()).await {
-            Ok(c) => c,
-            Err(e) => return e.into_response(),
-        };
+    let caller = match auth::authenticate(&state.inner.client, &state.inner.ks, req.headers()).await
+    {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     req.extensions_mut().insert(caller.clone());

@@ -756,9 +756,7 @@ async fn rollback(a: RollbackArgs) -> Result<(), CliError> {
     let client = a.g.client()?;
     let app = seg("app", &a.app)?;
     let watcher = progress::Watcher::start(&client, &app).await?;
-    let entry: DeployEntry = client
-        .post_empty(&format!("/apps/{app}/rollback"))
-        .await?;
+    let entry: DeployEntry = client.post_empty(&format!("/apps/{app}/rollback")).await?;
     finish_rollout(&a.g, &a.wait, watcher, entry, "rollback").await
 }
 

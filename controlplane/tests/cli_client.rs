@@ -377,7 +377,7 @@ fn the_cli_drives_a_real_control_plane_from_login_to_rollback() {
     // login checks the token and writes the file; later commands need no flags.
     let (code, out, err) = run(&["login", "--server", &server.url, "--token", &server.token]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("as admin (admin)"), "{out}");
+    assert!(out.contains("(admin)"), "{out}");
     let (code, out, err) = run(&["whoami", "-o", "json"]);
     assert_eq!(code, 0, "{err}");
     let me: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -22,11 +22,14 @@ enum Command {
     Logship(lain_logship::cli::Args),
     /// Run the control plane.
     Controlplane(lain_controlplane::cli::Args),
+    #[command(flatten)]
+    Client(lain_controlplane::client::Command),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Client(cmd) => return lain_controlplane::client::main(cmd),
         Command::Proxy(args) => lain_proxy::cli::run(args),
         Command::Dns(args) => lain_dns::cli::run(args),
         Command::Logship(args) => lain_logship::cli::run(args),

@@ -61,6 +61,10 @@ pub struct Config {
     /// secrets are disabled. `lain controlplane init` creates it (mode 0600).
     #[serde(default)]
     pub secret_key_file: Option<PathBuf>,
+    /// The registry (`host:port`) a node pulls an image from when it lacks it; images are
+    /// pushed there by `lain build --push`.
+    #[serde(default)]
+    pub registry: Option<String>,
     /// Docker engines registered at start.
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
@@ -203,6 +207,14 @@ impl lain_common::Validate for Config {
                 format!("{n:?} is not a Docker network name"),
             ));
         }
+        if let Some(r) = &self.registry
+            && (r.is_empty() || r.contains("://") || r.contains(char::is_whitespace))
+        {
+            errors.push(ConfigError::at(
+                "registry",
+                format!("{r:?} is not a registry address (host:port, without a scheme)"),
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
             if !crate::lainyaml::valid_name(&n.name) {
@@ -249,6 +261,7 @@ impl Config {
         if let Some(n) = &self.bridge_network {
             s.network = crate::engine::Network::Bridge(n.clone());
         }
+        s.registry = self.registry.clone();
         s
     }
 

@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    TagImageOptionsBuilder,
 };
 use futures::Stream;
 
@@ -40,6 +41,14 @@ pub fn container_name(podgroup: &str, version: &str, instance: u32, drift: u32) 
 /// LAIN's CPU level as a CFS quota per 100 ms period: level 0 is unlimited.
 pub fn cpu_quota(level: u8) -> Option<i64> {
     (level > 0).then(|| i64::from(level) * 100_000 / 4)
+}
+
+/// Splits `repo:tag` (the tag defaulting to `latest`); a registry port is not a tag.
+pub fn split_image(image: &str) -> (&str, &str) {
+    match image.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+        _ => (image, "latest"),
+    }
 }
 
 /// Why a Docker operation failed.
@@ -139,6 +148,8 @@ pub struct NodeClient {
     pub docker_host: String,
     /// Where its instances are reached.
     pub address: IpAddr,
+    /// The registry (`host:port`) images missing on this node are pulled from.
+    pub registry: Option<String>,
     docker: Docker,
 }
 
@@ -165,8 +176,46 @@ impl NodeClient {
             name: name.to_string(),
             docker_host: docker_host.to_string(),
             address,
+            registry: None,
             docker,
         })
+    }
+
+    /// Pulls images this node lacks from `registry` (`host:port`) before running them.
+    pub fn with_registry(mut self, registry: Option<String>) -> NodeClient {
+        self.registry = registry;
+        self
+    }
+
+    /// Pulls `{registry}/{image}` and tags it `{image}`, so containers name the image as
+    /// lain.yaml and the deploy do, whichever node built it.
+    async fn pull_from_registry(&self, registry: &str, image: &str) -> Result<(), DockerError> {
+        use futures::StreamExt;
+        let (repo, tag) = split_image(image);
+        let remote = format!("{}/{repo}", registry.trim_end_matches('/'));
+        tracing::info!(node = %self.name, image, registry, "pulling a missing image");
+        let opts = CreateImageOptionsBuilder::new()
+            .from_image(&remote)
+            .tag(tag)
+            .build();
+        let mut stream = self.docker.create_image(Some(opts), None, None);
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| self.api(e))?;
+            if let Some(detail) = info.error_detail {
+                return Err(self.api(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404,
+                    message: format!(
+                        "pulling {remote}:{tag}: {}",
+                        detail.message.unwrap_or_default()
+                    ),
+                }));
+            }
+        }
+        let opts = TagImageOptionsBuilder::new().repo(repo).tag(tag).build();
+        self.docker
+            .tag_image(&format!("{remote}:{tag}"), Some(opts))
+            .await
+            .map_err(|e| self.api(e))
     }
 
     fn api(&self, source: bollard::errors::Error) -> DockerError {
@@ -316,11 +365,25 @@ impl NodeClient {
         let opts = CreateContainerOptionsBuilder::new()
             .name(&spec.name)
             .build();
-        let created = match self
+        let mut created = self
             .docker
             .create_container(Some(opts.clone()), body.clone())
-            .await
+            .await;
+        // A node that lacks the image gets it from the registry, when there is one.
+        if let (
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }),
+            Some(registry),
+        ) = (&created, &self.registry)
         {
+            self.pull_from_registry(registry, &spec.image).await?;
+            created = self
+                .docker
+                .create_container(Some(opts.clone()), body.clone())
+                .await;
+        }
+        let created = match created {
             Ok(c) => c,
             Err(
                 e @ bollard::errors::Error::DockerResponseServerError {
@@ -430,5 +493,11 @@ mod tests {
         assert_eq!(cpu_quota(0), None);
         assert_eq!(cpu_quota(4), Some(100_000));
         assert!(NodeClient::connect("n", "ssh://x", "127.0.0.1".parse().unwrap()).is_err());
+        assert_eq!(split_image("hello:release-1-ab"), ("hello", "release-1-ab"));
+        assert_eq!(split_image("lain/busybox"), ("lain/busybox", "latest"));
+        assert_eq!(
+            split_image("127.0.0.1:23500/hello"),
+            ("127.0.0.1:23500/hello", "latest")
+        );
     }
 }

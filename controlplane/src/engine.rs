@@ -50,6 +50,8 @@ pub struct EngineSettings {
     pub network: Network,
     /// The key that opens secret files; without it no secret is mounted.
     pub secrets: Option<crate::secrets::SecretBox>,
+    /// The registry (`host:port`) nodes pull missing images from.
+    pub registry: Option<String>,
 }
 
 /// How instances are networked, for the whole cluster.
@@ -79,6 +81,7 @@ impl EngineSettings {
             node_lease_ttl: Duration::from_secs(10),
             network: Network::Host,
             secrets: None,
+            registry: None,
         }
     }
 }
@@ -641,7 +644,8 @@ impl State {
     }
 
     async fn add_node(&mut self, spec: NodeSpec) -> Result<(), EngineError> {
-        let client = NodeClient::connect(&spec.name, &spec.docker_host, spec.address)?;
+        let client = NodeClient::connect(&spec.name, &spec.docker_host, spec.address)?
+            .with_registry(self.settings.registry.clone());
         let record = self.node_record(&spec, NodeState::Active);
         let lease = self
             .publisher

@@ -2,7 +2,9 @@
 //! the cluster state the data plane serves. See ARCHITECTURE.md for its place in the system.
 
 pub mod api;
+pub mod build;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod docker;
 pub mod engine;

@@ -47,6 +47,14 @@ pub fn require_es() -> String {
     require_env("LAIN_ES", "a running OpenSearch/Elasticsearch node")
 }
 
+/// The loopback Docker registry (`LAIN_REGISTRY`), as `host:port`.
+pub fn require_registry() -> String {
+    require_env(
+        "LAIN_REGISTRY",
+        "a running Docker registry (tests/services/registry.sh start)",
+    )
+}
+
 /// The Docker engines (`LAIN_DOCKER_NODES`), as `unix://` or `tcp://` addresses.
 pub fn require_docker_nodes() -> Vec<String> {
     split_list(&require_env(

@@ -81,6 +81,10 @@ impl TableCompiler {
         }
         let previous = self.cell.load();
         let table = RouteTable::compile(&snap, &previous, previous.version + 1);
+        // Resolve the labelled counters here, off the request path.
+        for g in table.groups() {
+            g.bind_counters(&self.metrics);
+        }
         let mut now = HashSet::new();
         for r in table.rejected() {
             if !self.rejected.contains(&r.key) {

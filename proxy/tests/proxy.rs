@@ -737,17 +737,21 @@ async fn h2c_prior_knowledge_on_the_plain_listener() {
     let proxy = Proxy::start_listen(&cluster, "", "h2c = true");
     let c = client();
     wait_status(&c, &proxy, "h2c.lain.local", "/api/x", 200).await;
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    // A real HTTP/2 client names the host in `:authority`, not in a Host header.
+    let h2 = |to: SocketAddr| {
+        reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .resolve("h2c.lain.local", to)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    let url = |to: SocketAddr, path: &str| format!("http://h2c.lain.local:{}{path}", to.port());
+    let client2 = h2(proxy.http);
     // Several requests multiplexed on one HTTP/2 connection.
-    let answers = futures::future::join_all((0..5).map(|i| {
-        h2.get(proxy.url(&format!("/api/users/{i}")))
-            .header("host", "h2c.lain.local")
-            .send()
-    }))
+    let answers = futures::future::join_all(
+        (0..5).map(|i| client2.get(url(proxy.http, &format!("/api/users/{i}"))).send()),
+    )
     .await;
     for (i, r) in answers.into_iter().enumerate() {
         let r = r.unwrap();
@@ -769,8 +773,8 @@ async fn h2c_prior_knowledge_on_the_plain_listener() {
     let plain = Proxy::start(&cluster, "");
     wait_status(&c, &plain, "h2c.lain.local", "/api/x", 200).await;
     assert!(
-        h2.get(plain.url("/api/x"))
-            .header("host", "h2c.lain.local")
+        h2(plain.http)
+            .get(url(plain.http, "/api/x"))
             .send()
             .await
             .is_err()

@@ -24,12 +24,12 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora_core::protocols::Ssl;
 use pingora_core::protocols::tls::{SslDigest, TlsRef};
 use pingora_core::protocols::{
     ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Stream,
     TimingDigest, UniqueID, UniqueIDType, raw_connect::ProxyDigest,
 };
-use pingora_core::protocols::Ssl;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -119,9 +119,8 @@ impl GuardedStream {
         loop {
             match self.phase {
                 Phase::Rejecting { written } if written < RESPONSE_431.len() => {
-                    let n = ready!(
-                        Pin::new(&mut self.inner).poll_write(cx, &RESPONSE_431[written..])
-                    )?;
+                    let n =
+                        ready!(Pin::new(&mut self.inner).poll_write(cx, &RESPONSE_431[written..]))?;
                     if n == 0 {
                         return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }

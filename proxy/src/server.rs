@@ -404,8 +404,7 @@ impl Conns {
                 if let Some(stream) = first {
                     // Every request's header arrives through the guard; pingora hands the
                     // stream back after each HTTP/1 request it can reuse.
-                    let (guarded, next_request) =
-                        GuardedStream::new(stream, conns.header_limits);
+                    let (guarded, next_request) = GuardedStream::new(stream, conns.header_limits);
                     let mut next: Option<Stream> = Some(Box::new(guarded));
                     while let Some(s) = next {
                         next = conns.proxy.process_new(s, &conns.shutdown_rx).await;

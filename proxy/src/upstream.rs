@@ -160,9 +160,9 @@ impl UpstreamGroup {
     /// Resolves the proc's request counters; called when the table is compiled, so that
     /// requests never look a labelled counter up.
     pub fn bind_counters(&self, metrics: &ProxyMetrics) {
-        let _ = self.counters.get_or_init(|| {
-            ClassCounters::resolve(&metrics.requests, &self.app, &self.proc_name)
-        });
+        let _ = self
+            .counters
+            .get_or_init(|| ClassCounters::resolve(&metrics.requests, &self.app, &self.proc_name));
     }
 
     /// The proc's request counters, once bound.

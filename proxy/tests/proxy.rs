@@ -677,7 +677,11 @@ async fn oversized_headers_get_431_and_slow_headers_are_cut_off() {
         "a".repeat(3_500)
     );
     let raw = raw_request(proxy.http, &fits).await;
-    assert!(raw.starts_with("HTTP/1.1 200"), "{}", &raw[..raw.len().min(200)]);
+    assert!(
+        raw.starts_with("HTTP/1.1 200"),
+        "{}",
+        &raw[..raw.len().min(200)]
+    );
     assert_eq!(up.hits.load(Ordering::Relaxed), hits + 1);
 
     // A header dribbled one byte every 100 ms would take 4 s; it is cut off after 1 s,
@@ -733,7 +737,9 @@ async fn h2c_prior_knowledge_on_the_plain_listener() {
     let mut cluster = Cluster::new("proxy-h2c").await;
     let up = Upstream::start("h2c").await;
     cluster.put_endpoint("h2c", 1, up.addr).await;
-    cluster.put_route(&route("h2c.lain.local", "/api", "h2c")).await;
+    cluster
+        .put_route(&route("h2c.lain.local", "/api", "h2c"))
+        .await;
     let proxy = Proxy::start_listen(&cluster, "", "h2c = true");
     let c = client();
     wait_status(&c, &proxy, "h2c.lain.local", "/api/x", 200).await;
@@ -749,9 +755,11 @@ async fn h2c_prior_knowledge_on_the_plain_listener() {
     let url = |to: SocketAddr, path: &str| format!("http://h2c.lain.local:{}{path}", to.port());
     let client2 = h2(proxy.http);
     // Several requests multiplexed on one HTTP/2 connection.
-    let answers = futures::future::join_all(
-        (0..5).map(|i| client2.get(url(proxy.http, &format!("/api/users/{i}"))).send()),
-    )
+    let answers = futures::future::join_all((0..5).map(|i| {
+        client2
+            .get(url(proxy.http, &format!("/api/users/{i}")))
+            .send()
+    }))
     .await;
     for (i, r) in answers.into_iter().enumerate() {
         let r = r.unwrap();
@@ -894,7 +902,10 @@ async fn tcp_stream_route_forwards_round_robin_and_closes_on_removal() {
     let n = open.read(&mut buf).await.unwrap();
     assert!(buf[..n].ends_with(b":y"), "{:?}", &buf[..n]);
     let m = metrics(&proxy).await;
-    assert!(metric_value(&m, "lain_proxy_stream_connections_total ") >= 11.0, "{m}");
+    assert!(
+        metric_value(&m, "lain_proxy_stream_connections_total ") >= 11.0,
+        "{m}"
+    );
     assert_eq!(metric_value(&m, "lain_proxy_stream_listeners "), 0.0, "{m}");
     cluster.cleanup().await;
 }

@@ -45,6 +45,10 @@ const LINGER: Duration = Duration::from_secs(2);
 /// The most bytes thrown away while lingering.
 const LINGER_BYTES: usize = 8 << 20;
 
+/// How long a peek for the next request on a kept-alive connection may wait; pingora's own
+/// keep-alive timeout, which its peek (done when h2c is enabled) does not apply.
+const IDLE_PEEK: Duration = Duration::from_secs(60);
+
 /// The limits a guard enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct HeaderLimits {
@@ -100,6 +104,16 @@ impl GuardedStream {
             sleep: None,
         };
         (guard, next_request)
+    }
+
+    /// Starts watching a new request if the accept loop announced one.
+    fn take_next_request(&mut self) {
+        if self.next_request.load(Ordering::Relaxed) {
+            self.next_request.store(false, Ordering::Relaxed);
+            if matches!(self.phase, Phase::Passing) {
+                self.phase = Phase::Idle;
+            }
+        }
     }
 
     /// Polls a timer for `deadline`, creating or moving the one timer of the connection.
@@ -186,12 +200,7 @@ impl AsyncRead for GuardedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.next_request.load(Ordering::Relaxed) {
-            this.next_request.store(false, Ordering::Relaxed);
-            if matches!(this.phase, Phase::Passing) {
-                this.phase = Phase::Idle;
-            }
-        }
+        this.take_next_request();
         match this.phase {
             Phase::Passing => return Pin::new(&mut this.inner).poll_read(cx, buf),
             Phase::Rejecting { .. } | Phase::Lingering { .. } => return this.poll_reject(cx),
@@ -342,7 +351,21 @@ impl GetSocketDigest for GuardedStream {
 #[async_trait]
 impl Peek for GuardedStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.inner.try_peek(buf).await
+        // pingora peeks for the HTTP/2 preface (h2c) before reading a request, with no
+        // timeout of its own: bound the wait by the header deadline of a first request, or
+        // by the keep-alive timeout between requests.
+        self.take_next_request();
+        let deadline = match self.phase {
+            Phase::Header { deadline, .. } => deadline,
+            _ => Instant::now() + IDLE_PEEK,
+        };
+        match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request header not received in time",
+            )),
+        }
     }
 }
 

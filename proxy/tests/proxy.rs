@@ -740,7 +740,7 @@ async fn h2c_prior_knowledge_on_the_plain_listener() {
     cluster
         .put_route(&route("h2c.lain.local", "/api", "h2c"))
         .await;
-    let proxy = Proxy::start_listen(&cluster, "", "h2c = true");
+    let proxy = Proxy::start_listen(&cluster, "header_timeout_secs = 1", "h2c = true");
     let c = client();
     wait_status(&c, &proxy, "h2c.lain.local", "/api/x", 200).await;
     // A real HTTP/2 client names the host in `:authority`, not in a Host header.
@@ -768,6 +768,13 @@ async fn h2c_prior_knowledge_on_the_plain_listener() {
         let body = json(&r.text().await.unwrap());
         assert_eq!(body["uri"], format!("/users/{i}"));
     }
+    // The h2c preface check does not wait forever on a silent connection.
+    let (raw, took) = dribble(proxy.http, &[], Duration::ZERO).await;
+    assert!(raw.is_empty(), "{raw}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2_500),
+        "silent connection closed after {took:?}"
+    );
     // HTTP/1.1 keeps working on the same listener.
     let r = c
         .get(proxy.url("/api/y"))

@@ -27,17 +27,18 @@ trap cleanup EXIT
 
 log() { echo "bench: $*" >&2; }
 
-# Peers come from Debian.
+# Peers come from Debian, installed the way every other dependency is (without starting
+# the packages' own services).
 missing=()
-command -v nginx >/dev/null || missing+=(nginx)
-command -v haproxy >/dev/null || missing+=(haproxy)
-command -v wrk >/dev/null || missing+=(wrk)
-command -v jq >/dev/null || missing+=(jq)
+for tool in nginx haproxy wrk jq python3; do
+  command -v "$tool" >/dev/null || PATH="$PATH:/usr/sbin" command -v "$tool" >/dev/null || missing+=("$tool")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+  "$root/scripts/deps.sh" "${missing[@]}" >&2
 fi
+export PATH="$PATH:/usr/sbin"
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # etcd for churn and propagation.
 if [ -f tests/services/env.sh ]; then . tests/services/env.sh >/dev/null 2>&1 || true; fi
@@ -284,5 +285,6 @@ echo "$json" | jq . >"$out/proxy.json"
   echo "Lookup: 10 routes $(lookup_ns 10) ns, 1,000 routes $(lookup_ns 1000) ns, 100,000 routes $(lookup_ns 100000) ns"
   echo
   echo "Machine: $(nproc) CPUs, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'), $(uname -r)"
+  echo "Load average (1, 5, 15 min) at start: $load_start; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 log "wrote $out/proxy.json"

@@ -111,6 +111,7 @@ fn controlplane_child() {
         return;
     };
     lain_controlplane::cli::run(lain_controlplane::cli::Args {
+        command: None,
         config: Some(config.into()),
         check_config: false,
     })

@@ -1,8 +1,12 @@
 //! The access log: one JSON line per request, written by a dedicated thread so that a slow
 //! disk never delays a request. When the writer falls behind, lines are dropped and counted.
+//!
+//! The request side only does `try_send` on a bounded channel. The writer never blocks in
+//! `recv`: a blocked receiver would make the next `try_send` take the channel's waker lock to
+//! wake it, so the writer polls the queue and sleeps briefly when it is empty.
 
 use std::io::Write;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -93,28 +97,33 @@ impl AccessLog {
     }
 }
 
+/// How long the writer sleeps when the queue is empty; the most a line waits to be written.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
 fn write_loop(rx: Receiver<AccessLine>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     loop {
-        // Flush whenever the queue runs dry, so lines appear promptly at low rates and are
-        // batched at high rates.
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => {
-                if serde_json::to_writer(&mut out, &line).is_ok() {
-                    let _ = out.write_all(b"\n");
-                }
-                while let Ok(line) = rx.try_recv() {
+        let mut wrote = false;
+        let disconnected = loop {
+            match rx.try_recv() {
+                Ok(line) => {
                     if serde_json::to_writer(&mut out, &line).is_ok() {
                         let _ = out.write_all(b"\n");
                     }
+                    wrote = true;
                 }
-                let _ = out.flush();
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = out.flush();
-                return;
-            }
+        };
+        // Flush whenever the queue runs dry, so lines appear promptly at low rates and are
+        // batched at high rates.
+        if wrote {
+            let _ = out.flush();
         }
+        if disconnected {
+            return;
+        }
+        std::thread::sleep(IDLE_POLL);
     }
 }

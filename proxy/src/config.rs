@@ -29,13 +29,21 @@ pub struct Config {
     /// TLS on the https listener.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// TCP routes (stream ports).
+    #[serde(default)]
+    pub stream: StreamConfig,
     /// Worker threads of the proxy runtime; the number of CPUs when 0.
     #[serde(default)]
     pub threads: usize,
     /// Largest request header block (request line and headers) accepted; larger ones get
-    /// 431. pingora itself refuses header blocks over 1 MiB.
+    /// 431. At most 1 MiB - 1, pingora's own limit.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// How long a client has to send a complete request header (from the connection's
+    /// start for its first request, from the first byte for later ones) before the
+    /// connection is closed.
+    #[serde(default = "default_header_timeout_secs")]
+    pub header_timeout_secs: u64,
     /// How long a shutdown waits for requests in flight.
     #[serde(default = "default_drain_secs")]
     pub drain_secs: u64,
@@ -44,6 +52,13 @@ pub struct Config {
 fn default_max_header_bytes() -> usize {
     64 * 1024
 }
+
+fn default_header_timeout_secs() -> u64 {
+    60
+}
+
+/// pingora's own ceiling on a request header block.
+pub const MAX_HEADER_BYTES_LIMIT: usize = 1_048_575;
 
 fn default_drain_secs() -> u64 {
     30
@@ -58,8 +73,10 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             upstream: UpstreamConfig::default(),
             tls: TlsConfig::default(),
+            stream: StreamConfig::default(),
             threads: 0,
             max_header_bytes: default_max_header_bytes(),
+            header_timeout_secs: default_header_timeout_secs(),
             drain_secs: default_drain_secs(),
         }
     }
@@ -78,6 +95,9 @@ pub struct Listen {
     /// The admin listener: `/healthz`, `/metrics`, `/routes`.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// Also accept HTTP/2 with prior knowledge (h2c) on the plain listener.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 fn default_http() -> SocketAddr {
@@ -93,6 +113,7 @@ impl Default for Listen {
             http: default_http(),
             https: None,
             admin: default_admin(),
+            h2c: false,
         }
     }
 }
@@ -125,6 +146,48 @@ impl Default for TlsConfig {
             h2: true,
             handshake_timeout_secs: default_handshake_secs(),
             certs: Vec::new(),
+        }
+    }
+}
+
+/// TCP routes: the ports `state/streams/` records may open and how they are reached.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// The address stream ports listen on.
+    #[serde(default = "default_stream_ip")]
+    pub listen_ip: IpAddr,
+    /// The lowest port a stream record may claim (LAIN: 9500).
+    #[serde(default = "default_stream_port_min")]
+    pub port_min: u16,
+    /// The highest port a stream record may claim (LAIN: 10000).
+    #[serde(default = "default_stream_port_max")]
+    pub port_max: u16,
+    /// How long connecting to one endpoint may take before the next one is tried.
+    #[serde(default = "default_stream_connect_secs")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_stream_ip() -> IpAddr {
+    IpAddr::from([0, 0, 0, 0])
+}
+fn default_stream_port_min() -> u16 {
+    9500
+}
+fn default_stream_port_max() -> u16 {
+    10000
+}
+fn default_stream_connect_secs() -> u64 {
+    5
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            listen_ip: default_stream_ip(),
+            port_min: default_stream_port_min(),
+            port_max: default_stream_port_max(),
+            connect_timeout_secs: default_stream_connect_secs(),
         }
     }
 }
@@ -337,6 +400,27 @@ impl Validate for Config {
             errors.push(ConfigError::at(
                 "tls.handshake_timeout_secs",
                 "must be positive",
+            ));
+        }
+        if self.stream.port_min == 0 || self.stream.port_min > self.stream.port_max {
+            errors.push(ConfigError::at(
+                "stream.port_min",
+                "must be positive and at most stream.port_max",
+            ));
+        }
+        if self.stream.connect_timeout_secs == 0 {
+            errors.push(ConfigError::at(
+                "stream.connect_timeout_secs",
+                "must be positive",
+            ));
+        }
+        if self.header_timeout_secs == 0 {
+            errors.push(ConfigError::at("header_timeout_secs", "must be positive"));
+        }
+        if !(256..=MAX_HEADER_BYTES_LIMIT).contains(&self.max_header_bytes) {
+            errors.push(ConfigError::at(
+                "max_header_bytes",
+                format!("must be between 256 and {MAX_HEADER_BYTES_LIMIT}"),
             ));
         }
         if self.threads > 1024 {

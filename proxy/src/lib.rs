@@ -4,10 +4,12 @@
 pub mod access_log;
 pub mod cli;
 pub mod config;
+pub mod header_guard;
 pub mod health;
 pub mod metrics;
 pub mod server;
 pub mod service;
+pub mod stream;
 pub mod table;
 pub mod tls;
 pub mod upstream;

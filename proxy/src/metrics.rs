@@ -1,5 +1,9 @@
 //! The proxy's Prometheus metrics. Labels are bounded: app and proc come from the route
 //! table (known apps only, empty for requests without a route), and status is a class.
+//!
+//! Looking up a labelled counter (`with_label_values`) takes the vector's read lock, so the
+//! request path never does it: the counters of every (app, proc) are resolved into a
+//! [`ClassCounters`] when a route table is compiled, and a request only increments an atomic.
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
@@ -56,6 +60,28 @@ pub struct ProxyMetrics {
     pub access_log_dropped: IntCounter,
     /// See [`HEALTH_TRANSITIONS`].
     pub health_transitions: IntCounterVec,
+    /// [`REQUESTS`] for requests that matched no route, resolved once.
+    pub unrouted: ClassCounters,
+}
+
+/// The status classes counted, in [`status_class_index`] order.
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "err"];
+
+/// The [`REQUESTS`] counters of one (app, proc), one per status class, resolved ahead of
+/// the requests that increment them.
+#[derive(Debug, Clone)]
+pub struct ClassCounters([IntCounter; 6]);
+
+impl ClassCounters {
+    /// Resolves the counters of `app` and `proc_name` (this takes the vector's lock).
+    pub fn resolve(requests: &IntCounterVec, app: &str, proc_name: &str) -> ClassCounters {
+        ClassCounters(STATUS_CLASSES.map(|c| requests.with_label_values(&[app, proc_name, c])))
+    }
+
+    /// Counts one request answered with `status`: a single atomic increment.
+    pub fn inc(&self, status: u16) {
+        self.0[status_class_index(status)].inc();
+    }
 }
 
 const BUCKETS: &[f64] = &[
@@ -65,11 +91,13 @@ const BUCKETS: &[f64] = &[
 impl ProxyMetrics {
     /// Creates the metrics and registers them.
     pub fn register(r: &Registry) -> Result<ProxyMetrics, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(REQUESTS, "requests answered"),
+            &["app", "proc", "class"],
+        )?;
         let m = ProxyMetrics {
-            requests: IntCounterVec::new(
-                Opts::new(REQUESTS, "requests answered"),
-                &["app", "proc", "class"],
-            )?,
+            unrouted: ClassCounters::resolve(&requests, "", ""),
+            requests,
             request_seconds: Histogram::with_opts(
                 HistogramOpts::new(REQUEST_SECONDS, "request duration").buckets(BUCKETS.to_vec()),
             )?,
@@ -114,14 +142,43 @@ impl ProxyMetrics {
     }
 }
 
+/// The index in [`STATUS_CLASSES`] of a status code; `err` when no response was sent.
+pub fn status_class_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        500..=599 => 4,
+        _ => 5,
+    }
+}
+
 /// The status class label of a status code; `err` when no response was sent.
 pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "err",
+    STATUS_CLASSES[status_class_index(status)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_counters_count_by_class() {
+        let m = ProxyMetrics::unregistered();
+        let c = ClassCounters::resolve(&m.requests, "hello", "web");
+        c.inc(200);
+        c.inc(204);
+        c.inc(503);
+        c.inc(0);
+        m.unrouted.inc(404);
+        let get = |app: &str, class: &str| m.requests.with_label_values(&[app, "web", class]).get();
+        assert_eq!(get("hello", "2xx"), 2);
+        assert_eq!(get("hello", "5xx"), 1);
+        assert_eq!(get("hello", "err"), 1);
+        assert_eq!(get("hello", "4xx"), 0);
+        assert_eq!(m.requests.with_label_values(&["", "", "4xx"]).get(), 1);
+        assert_eq!(status_class(301), "3xx");
+        assert_eq!(status_class(99), "err");
     }
 }

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use lain_common::admin::Admin;
 use lain_common::{RunError, Shutdown, announce_listener};
 use lain_state::{EtcdConfig, Snapshot, Source, StateHandle, StateMetrics, Watcher};
-use pingora_core::apps::ServerApp;
+use pingora_core::apps::{HttpServerOptions, ServerApp};
 use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::Stream;
 use pingora_core::protocols::l4::listener::Listener;
@@ -24,9 +24,11 @@ use std::net::SocketAddr;
 
 use crate::access_log::AccessLog;
 use crate::config::{Cidr, Config};
+use crate::header_guard::{GuardedStream, HeaderLimits};
 use crate::health;
 use crate::metrics::ProxyMetrics;
 use crate::service::LainProxy;
+use crate::stream::{StreamMetrics, StreamSettings};
 use crate::table::RouteTable;
 use crate::tls::CertStore;
 
@@ -81,6 +83,10 @@ impl TableCompiler {
         }
         let previous = self.cell.load();
         let table = RouteTable::compile(&snap, &previous, previous.version + 1);
+        // Resolve the labelled counters here, off the request path.
+        for g in table.groups() {
+            g.bind_counters(&self.metrics);
+        }
         let mut now = HashSet::new();
         for r in table.rejected() {
             if !self.rejected.contains(&r.key) {
@@ -145,6 +151,19 @@ async fn serve(config: Config) -> Result<(), RunError> {
         TableCompiler::new(cell.clone(), metrics.clone()).follow(handle.clone(), shutdown.clone()),
     );
     tokio::spawn(health::run(cell.clone(), metrics.clone(), shutdown.clone()));
+    let stream_metrics =
+        StreamMetrics::register(&registry).map_err(|e| fail("registering metrics", &e))?;
+    tokio::spawn(crate::stream::run(
+        handle.clone(),
+        StreamSettings {
+            listen_ip: config.stream.listen_ip,
+            port_min: config.stream.port_min,
+            port_max: config.stream.port_max,
+            connect_timeout: Duration::from_secs(config.stream.connect_timeout_secs),
+        },
+        stream_metrics,
+        shutdown.clone(),
+    ));
 
     let access_log = AccessLog::open(
         &config.access_log.path,
@@ -169,7 +188,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
         ..ServerConf::default()
     };
     let conf = Arc::new(conf);
-    let proxy = Arc::new(pingora_proxy::http_proxy(
+    let mut proxy = pingora_proxy::http_proxy(
         &conf,
         LainProxy {
             table: cell.clone(),
@@ -182,7 +201,15 @@ async fn serve(config: Config) -> Result<(), RunError> {
             eject_ms: config.upstream.eject_ms,
             max_header_bytes: config.max_header_bytes,
         },
-    ));
+    );
+    if config.listen.h2c {
+        // HTTP/2 with prior knowledge on the plain listener; pingora tells it from HTTP/1
+        // by the connection preface and never applies it to TLS connections.
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        proxy.server_options = Some(options);
+    }
+    let proxy = Arc::new(proxy);
 
     if !handle.wait_ready(FIRST_SNAPSHOT_WAIT).await {
         tracing::warn!("no cluster state yet; serving with an empty route table until it arrives");
@@ -233,6 +260,10 @@ async fn serve(config: Config) -> Result<(), RunError> {
         metrics: metrics.clone(),
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
+        header_limits: HeaderLimits {
+            timeout: Duration::from_secs(config.header_timeout_secs),
+            max_bytes: config.max_header_bytes,
+        },
     };
     let mut loops = Vec::new();
     let tcp = bind(config.listen.http, "http").await?;
@@ -324,6 +355,7 @@ struct Conns {
     /// Each connection task holds a clone, so the strong count tells how many are open.
     tracker: Arc<()>,
     shutdown: Shutdown,
+    header_limits: HeaderLimits,
 }
 
 impl Conns {
@@ -369,9 +401,15 @@ impl Conns {
                         }
                     }
                 };
-                let mut next = first;
-                while let Some(s) = next {
-                    next = conns.proxy.process_new(s, &conns.shutdown_rx).await;
+                if let Some(stream) = first {
+                    // Every request's header arrives through the guard; pingora hands the
+                    // stream back after each HTTP/1 request it can reuse.
+                    let (guarded, next_request) = GuardedStream::new(stream, conns.header_limits);
+                    let mut next: Option<Stream> = Some(Box::new(guarded));
+                    while let Some(s) = next {
+                        next = conns.proxy.process_new(s, &conns.shutdown_rx).await;
+                        next_request.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
                 conns.metrics.active_connections.dec();
             });

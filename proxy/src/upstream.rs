@@ -15,6 +15,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lain_state::{Balance, HealthCheck};
 
+use crate::metrics::{ClassCounters, ProxyMetrics};
+
 /// Points per endpoint on the consistent-hash ring; enough to spread keys evenly.
 const RING_POINTS: usize = 100;
 
@@ -113,6 +115,7 @@ pub struct UpstreamGroup {
     /// Sorted (hash, endpoint index) points of the consistent-hash ring.
     ring: Vec<(u64, usize)>,
     healthcheck: OnceLock<HealthCheck>,
+    counters: OnceLock<ClassCounters>,
 }
 
 fn hash_of<T: Hash + ?Sized>(v: &T) -> u64 {
@@ -140,6 +143,7 @@ impl UpstreamGroup {
             rr: AtomicUsize::new(0),
             ring,
             healthcheck: OnceLock::new(),
+            counters: OnceLock::new(),
         }
     }
 
@@ -151,6 +155,19 @@ impl UpstreamGroup {
     /// The active health check, if a route of the proc declares one.
     pub fn healthcheck(&self) -> Option<&HealthCheck> {
         self.healthcheck.get()
+    }
+
+    /// Resolves the proc's request counters; called when the table is compiled, so that
+    /// requests never look a labelled counter up.
+    pub fn bind_counters(&self, metrics: &ProxyMetrics) {
+        let _ = self
+            .counters
+            .get_or_init(|| ClassCounters::resolve(&metrics.requests, &self.app, &self.proc_name));
+    }
+
+    /// The proc's request counters, once bound.
+    pub fn counters(&self) -> Option<&ClassCounters> {
+        self.counters.get()
     }
 
     /// Whether any endpoint is healthy now.

@@ -215,6 +215,11 @@ struct Proxy {
 impl Proxy {
     /// Starts a proxy; `extra` is top-level TOML (by default trusting 10.0.0.0/8).
     fn start(cluster: &Cluster, extra: &str) -> Proxy {
+        Proxy::start_listen(cluster, extra, "")
+    }
+
+    /// Starts a proxy with `listen` added to its `[listen]` table.
+    fn start_listen(cluster: &Cluster, extra: &str, listen: &str) -> Proxy {
         let extra = if extra.is_empty() {
             r#"trusted_proxies = ["10.0.0.0/8"]"#
         } else {
@@ -229,6 +234,7 @@ drain_secs = 2
 [listen]
 http = "127.0.0.1:0"
 admin = "127.0.0.1:0"
+{listen}
 [state]
 etcd_endpoints = {endpoints:?}
 prefix = "{prefix}"
@@ -605,6 +611,309 @@ async fn errors_404_503_400_and_conflicting_claims() {
     assert_eq!(up.hits.load(Ordering::Relaxed), hits);
     // The proxy is still up.
     assert_eq!(get(&c, &proxy, "e.lain.local", "/").await.0, 200);
+    cluster.cleanup().await;
+}
+
+/// Sends `parts` on one connection with `gap` between them, then reads the answer. Returns
+/// the answer and how long after connecting the connection was closed by the proxy (or the
+/// answer was complete).
+async fn dribble(addr: SocketAddr, parts: &[&[u8]], gap: Duration) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.split();
+    let mut out = Vec::new();
+    let write = async {
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            if w.write_all(p).await.is_err() {
+                break;
+            }
+        }
+        // Keep the connection open for reading.
+        std::future::pending::<()>().await;
+    };
+    let read = async {
+        let _ = tokio::time::timeout(Duration::from_secs(15), r.read_to_end(&mut out)).await;
+    };
+    tokio::select! {
+        _ = write => {}
+        _ = read => {}
+    }
+    (String::from_utf8_lossy(&out).into_owned(), start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431_and_slow_headers_are_cut_off() {
+    let mut cluster = Cluster::new("proxy-headers").await;
+    let up = Upstream::start("h").await;
+    cluster.put_endpoint("h", 1, up.addr).await;
+    cluster.put_route(&route("h.lain.local", "/", "h")).await;
+    let proxy = Proxy::start(&cluster, "header_timeout_secs = 1\nmax_header_bytes = 4096");
+    let c = client();
+    wait_status(&c, &proxy, "h.lain.local", "/", 200).await;
+    let hits = up.hits.load(Ordering::Relaxed);
+
+    // Over the configured limit, and far over pingora's own 1 MiB limit (where pingora alone
+    // would answer 400): 431 both times, and the connection is closed.
+    for size in [5_000, 2_000_000] {
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: h.lain.local\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(size)
+        );
+        let (raw, _) = dribble(proxy.http, &[big.as_bytes()], Duration::ZERO).await;
+        assert!(
+            raw.starts_with("HTTP/1.1 431"),
+            "{size}: {}",
+            &raw[..raw.len().min(200)]
+        );
+        assert!(raw.ends_with("request header fields too large\n"), "{raw}");
+    }
+    // Just under the limit is served.
+    let fits = format!(
+        "GET / HTTP/1.1\r\nHost: h.lain.local\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(3_500)
+    );
+    let raw = raw_request(proxy.http, &fits).await;
+    assert!(
+        raw.starts_with("HTTP/1.1 200"),
+        "{}",
+        &raw[..raw.len().min(200)]
+    );
+    assert_eq!(up.hits.load(Ordering::Relaxed), hits + 1);
+
+    // A header dribbled one byte every 100 ms would take 4 s; it is cut off after 1 s,
+    // without an answer and without reaching the upstream.
+    let slow = b"GET / HTTP/1.1\r\nHost: h.lain.local\r\nX-Slow: 1\r\n\r\n";
+    let bytes: Vec<&[u8]> = slow.chunks(1).collect();
+    let (raw, took) = dribble(proxy.http, &bytes, Duration::from_millis(100)).await;
+    assert!(raw.is_empty(), "{raw}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2_500),
+        "closed after {took:?}"
+    );
+    // A connection that sends nothing is closed after the same time.
+    let (raw, took) = dribble(proxy.http, &[], Duration::ZERO).await;
+    assert!(raw.is_empty(), "{raw}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2_500),
+        "idle first request closed after {took:?}"
+    );
+    // A header in three parts within the limit is served.
+    let (raw, _) = dribble(
+        proxy.http,
+        &[
+            b"GET / HTTP/1.1\r\nHost: h.la",
+            b"in.local\r\nConnection: close\r\n",
+            b"\r\n",
+        ],
+        Duration::from_millis(250),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert_eq!(up.hits.load(Ordering::Relaxed), hits + 2);
+
+    // On a kept-alive connection the clock starts with the next request's first byte: a
+    // pause longer than the header timeout between requests is fine.
+    let (raw, _) = dribble(
+        proxy.http,
+        &[
+            b"GET /1 HTTP/1.1\r\nHost: h.lain.local\r\n\r\n",
+            b"GET /2 HTTP/1.1\r\nHost: h.lain.local\r\nConnection: close\r\n\r\n",
+        ],
+        Duration::from_millis(1_500),
+    )
+    .await;
+    assert_eq!(raw.matches("HTTP/1.1 200").count(), 2, "{raw}");
+    assert_eq!(up.hits.load(Ordering::Relaxed), hits + 4);
+    assert_eq!(get(&c, &proxy, "h.lain.local", "/").await.0, 200);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_on_the_plain_listener() {
+    let mut cluster = Cluster::new("proxy-h2c").await;
+    let up = Upstream::start("h2c").await;
+    cluster.put_endpoint("h2c", 1, up.addr).await;
+    cluster
+        .put_route(&route("h2c.lain.local", "/api", "h2c"))
+        .await;
+    let proxy = Proxy::start_listen(&cluster, "header_timeout_secs = 1", "h2c = true");
+    let c = client();
+    wait_status(&c, &proxy, "h2c.lain.local", "/api/x", 200).await;
+    // A real HTTP/2 client names the host in `:authority`, not in a Host header.
+    let h2 = |to: SocketAddr| {
+        reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .resolve("h2c.lain.local", to)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    let url = |to: SocketAddr, path: &str| format!("http://h2c.lain.local:{}{path}", to.port());
+    let client2 = h2(proxy.http);
+    // Several requests multiplexed on one HTTP/2 connection.
+    let answers = futures::future::join_all((0..5).map(|i| {
+        client2
+            .get(url(proxy.http, &format!("/api/users/{i}")))
+            .send()
+    }))
+    .await;
+    for (i, r) in answers.into_iter().enumerate() {
+        let r = r.unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        let body = json(&r.text().await.unwrap());
+        assert_eq!(body["uri"], format!("/users/{i}"));
+    }
+    // The h2c preface check does not wait forever on a silent connection.
+    let (raw, took) = dribble(proxy.http, &[], Duration::ZERO).await;
+    assert!(raw.is_empty(), "{raw}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2_500),
+        "silent connection closed after {took:?}"
+    );
+    // HTTP/1.1 keeps working on the same listener.
+    let r = c
+        .get(proxy.url("/api/y"))
+        .header("host", "h2c.lain.local")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.status(), 200);
+    // Without the setting, prior knowledge is not spoken.
+    let plain = Proxy::start(&cluster, "");
+    wait_status(&c, &plain, "h2c.lain.local", "/api/x", 200).await;
+    assert!(
+        h2(plain.http)
+            .get(url(plain.http, "/api/x"))
+            .send()
+            .await
+            .is_err()
+    );
+    cluster.cleanup().await;
+}
+
+/// A TCP echo server that prefixes every answer with its name.
+async fn echo_upstream(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut out = format!("{name}:").into_bytes();
+                    out.extend_from_slice(&buf[..n]);
+                    if s.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Sends `text` on a TCP connection to `addr` and reads one answer.
+async fn tcp_round_trip(addr: SocketAddr, text: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(text.as_bytes()).await?;
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_stream_route_forwards_round_robin_and_closes_on_removal() {
+    let mut cluster = Cluster::new("proxy-stream").await;
+    let (a, _ta) = echo_upstream("a").await;
+    let (b, _tb) = echo_upstream("b").await;
+    for (i, addr) in [(1, a), (2, b)] {
+        let e: EndpointRecord = serde_json::from_value(serde_json::json!({
+            "app": "redis", "proc": "redis", "proc_type": "worker", "instance": i,
+            "address": addr.ip().to_string(), "port": addr.port(),
+        }))
+        .unwrap();
+        cluster
+            .client
+            .put(cluster.ks.endpoint("redis", "redis", i), encode(&e), None)
+            .await
+            .unwrap();
+    }
+    // The stream port comes from the record, so it cannot be 0: take a free one.
+    let port = free_port();
+    let record: lain_state::StreamRecord = serde_json::from_value(serde_json::json!({
+        "listen_port": port, "app": "redis", "proc": "redis",
+    }))
+    .unwrap();
+    let key = cluster.ks.stream(port);
+    cluster
+        .client
+        .put(key.clone(), encode(&record), None)
+        .await
+        .unwrap();
+    let proxy = Proxy::start(
+        &cluster,
+        "[stream]\nlisten_ip = \"127.0.0.1\"\nport_min = 1024\nport_max = 65535",
+    );
+    let stream_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    eventually(Duration::from_secs(10), "stream port answers", || async {
+        tcp_round_trip(stream_addr, "ping").await.ok()
+    })
+    .await;
+    let mut seen = HashMap::new();
+    for i in 0..10 {
+        let answer = tcp_round_trip(stream_addr, &format!("m{i}")).await.unwrap();
+        let (name, echoed) = answer.split_once(':').unwrap();
+        assert_eq!(echoed, format!("m{i}"));
+        *seen.entry(name.to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("a"), Some(&5), "{seen:?}");
+    assert_eq!(seen.get("b"), Some(&5), "{seen:?}");
+
+    // A connection opened before the record goes away keeps working; new ones are refused.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut open = tokio::net::TcpStream::connect(stream_addr).await.unwrap();
+    open.write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = open.read(&mut buf).await.unwrap();
+    assert!(buf[..n].ends_with(b":x"));
+    cluster.client.delete(key, None).await.unwrap();
+    eventually(Duration::from_secs(10), "stream port closed", || async {
+        tokio::net::TcpStream::connect(stream_addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    open.write_all(b"y").await.unwrap();
+    let n = open.read(&mut buf).await.unwrap();
+    assert!(buf[..n].ends_with(b":y"), "{:?}", &buf[..n]);
+    let m = metrics(&proxy).await;
+    assert!(
+        metric_value(&m, "lain_proxy_stream_connections_total ") >= 11.0,
+        "{m}"
+    );
+    assert_eq!(metric_value(&m, "lain_proxy_stream_listeners "), 0.0, "{m}");
     cluster.cleanup().await;
 }
 

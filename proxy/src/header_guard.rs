@@ -1,0 +1,390 @@
+//! A guard around every HTTP/1 client connection that bounds how a request header arrives:
+//! a header block larger than `max_header_bytes` is answered 431 before pingora parses it,
+//! and a client that has not sent its whole header within `header_timeout_secs` is cut off.
+//!
+//! pingora cannot do either itself. It refuses header blocks over 1 MiB (or with more than
+//! 256 headers) with a 400, and its read timeouts apply to each read, so a client that sends
+//! one byte a second keeps a connection forever. The guard watches the bytes pingora reads:
+//! while a header is arriving it counts them and looks for the blank line that ends it;
+//! once the header is complete the guard passes everything through untouched until the
+//! accept loop announces the next request on the connection. The header clock of the first
+//! request starts when the connection is accepted (or its TLS handshake completes); that of
+//! a later request on a kept-alive connection starts with its first byte, so idle keep-alive
+//! connections are governed by pingora's keep-alive timeout instead.
+//!
+//! Nothing here takes a lock or allocates on the common path: a request whose header
+//! arrives in one read never arms a timer.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::protocols::Ssl;
+use pingora_core::protocols::tls::{SslDigest, TlsRef};
+use pingora_core::protocols::{
+    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Stream,
+    TimingDigest, UniqueID, UniqueIDType, raw_connect::ProxyDigest,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The answer to an oversized header block. The connection is closed after it.
+const RESPONSE_431: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\n\
+content-type: text/plain; charset=utf-8\r\ncontent-length: 32\r\nconnection: close\r\n\r\n\
+request header fields too large\n";
+
+/// After a 431, how long the rest of the client's header is read and thrown away before the
+/// connection closes; closing with unread data would reset the connection and could destroy
+/// the 431 before the client reads it.
+const LINGER: Duration = Duration::from_secs(2);
+/// The most bytes thrown away while lingering.
+const LINGER_BYTES: usize = 8 << 20;
+
+/// How long a peek for the next request on a kept-alive connection may wait; pingora's own
+/// keep-alive timeout, which its peek (done when h2c is enabled) does not apply.
+const IDLE_PEEK: Duration = Duration::from_secs(60);
+
+/// The limits a guard enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderLimits {
+    /// How long a client has to send a complete request header.
+    pub timeout: Duration,
+    /// The largest header block (request line, headers, blank line) accepted.
+    pub max_bytes: usize,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Between requests; the header clock starts with the next byte.
+    Idle,
+    /// A header is arriving.
+    Header {
+        deadline: Instant,
+        seen: usize,
+        /// The last byte other than `\r` was a `\n`.
+        newline: bool,
+    },
+    /// The header is complete; everything passes through until the next request.
+    Passing,
+    /// Answering 431: `written` bytes of the answer are out.
+    Rejecting { written: usize },
+    /// The 431 is out and the write side shut; the rest of the header is discarded.
+    Lingering { until: Instant, discarded: usize },
+}
+
+/// A client stream with the header guard in front of pingora.
+#[derive(Debug)]
+pub struct GuardedStream {
+    inner: Stream,
+    limits: HeaderLimits,
+    phase: Phase,
+    next_request: Arc<AtomicBool>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl GuardedStream {
+    /// Guards `inner`; the first request's header clock starts now. Store `true` in the
+    /// returned flag before handing the stream to pingora for each later request.
+    pub fn new(inner: Stream, limits: HeaderLimits) -> (GuardedStream, Arc<AtomicBool>) {
+        let next_request = Arc::new(AtomicBool::new(false));
+        let guard = GuardedStream {
+            inner,
+            limits,
+            phase: Phase::Header {
+                deadline: Instant::now() + limits.timeout,
+                seen: 0,
+                newline: false,
+            },
+            next_request: next_request.clone(),
+            sleep: None,
+        };
+        (guard, next_request)
+    }
+
+    /// Starts watching a new request if the accept loop announced one.
+    fn take_next_request(&mut self) {
+        if self.next_request.load(Ordering::Relaxed) {
+            self.next_request.store(false, Ordering::Relaxed);
+            if matches!(self.phase, Phase::Passing) {
+                self.phase = Phase::Idle;
+            }
+        }
+    }
+
+    /// Polls a timer for `deadline`, creating or moving the one timer of the connection.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        sleep.as_mut().poll(cx)
+    }
+
+    /// Writes the 431, shuts the write side, then discards what the client still sends;
+    /// finally fails the read so pingora closes the connection.
+    fn poll_reject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.phase {
+                Phase::Rejecting { written } if written < RESPONSE_431.len() => {
+                    let n =
+                        ready!(Pin::new(&mut self.inner).poll_write(cx, &RESPONSE_431[written..]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.phase = Phase::Rejecting {
+                        written: written + n,
+                    };
+                }
+                Phase::Rejecting { .. } => {
+                    ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+                    ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+                    self.phase = Phase::Lingering {
+                        until: Instant::now() + LINGER,
+                        discarded: 0,
+                    };
+                }
+                Phase::Lingering { until, discarded } => {
+                    let mut scratch = [0u8; 8192];
+                    let mut buf = ReadBuf::new(&mut scratch);
+                    match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                        Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                            let discarded = discarded + buf.filled().len();
+                            if discarded >= LINGER_BYTES {
+                                return Poll::Ready(Err(too_large()));
+                            }
+                            self.phase = Phase::Lingering { until, discarded };
+                        }
+                        // End of stream or a broken connection: nothing more to wait for.
+                        Poll::Ready(_) => return Poll::Ready(Err(too_large())),
+                        Poll::Pending => {
+                            ready!(self.poll_deadline(cx, until));
+                            return Poll::Ready(Err(too_large()));
+                        }
+                    }
+                }
+                _ => return Poll::Ready(Err(too_large())),
+            }
+        }
+    }
+}
+
+fn too_large() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "request header too large")
+}
+
+/// Scans newly read header bytes for the end of the header (an empty line, `\r` ignored as
+/// httparse does). Returns how many of the bytes belong to the header if it ended in them.
+fn scan(bytes: &[u8], newline: &mut bool) -> Option<usize> {
+    for (i, b) in bytes.iter().enumerate() {
+        match b {
+            b'\n' if *newline => return Some(i + 1),
+            b'\n' => *newline = true,
+            b'\r' => {}
+            _ => *newline = false,
+        }
+    }
+    None
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.take_next_request();
+        match this.phase {
+            Phase::Passing => return Pin::new(&mut this.inner).poll_read(cx, buf),
+            Phase::Rejecting { .. } | Phase::Lingering { .. } => return this.poll_reject(cx),
+            Phase::Idle | Phase::Header { .. } => {}
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if new.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                let (deadline, seen, mut newline) = match this.phase {
+                    Phase::Header {
+                        deadline,
+                        seen,
+                        newline,
+                    } => (deadline, seen, newline),
+                    _ => (Instant::now() + this.limits.timeout, 0, false),
+                };
+                match scan(new, &mut newline) {
+                    Some(n) if seen + n <= this.limits.max_bytes => {
+                        this.phase = Phase::Passing;
+                        Poll::Ready(Ok(()))
+                    }
+                    None if seen + new.len() <= this.limits.max_bytes => {
+                        this.phase = Phase::Header {
+                            deadline,
+                            seen: seen + new.len(),
+                            newline,
+                        };
+                        Poll::Ready(Ok(()))
+                    }
+                    _ => {
+                        // The bytes already in `buf` are never parsed: the read fails.
+                        buf.set_filled(before);
+                        this.phase = Phase::Rejecting { written: 0 };
+                        this.poll_reject(cx)
+                    }
+                }
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if let Phase::Header { deadline, .. } = this.phase {
+                    ready!(this.poll_deadline(cx, deadline));
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request header not received in time",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for GuardedStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for GuardedStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        // pingora peeks for the HTTP/2 preface (h2c) before reading a request, with no
+        // timeout of its own: bound the wait by the header deadline of a first request, or
+        // by the keep-alive timeout between requests.
+        self.take_next_request();
+        let deadline = match self.phase {
+            Phase::Header { deadline, .. } => deadline,
+            _ => Instant::now() + IDLE_PEEK,
+        };
+        match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request header not received in time",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_finds_the_blank_line_across_reads() {
+        let mut nl = false;
+        assert_eq!(scan(b"GET / HTTP/1.1\r\nHost: a\r\n", &mut nl), None);
+        assert!(nl);
+        assert_eq!(scan(b"\r\nbody", &mut nl), Some(2));
+        let mut nl = false;
+        assert_eq!(scan(b"GET / HTTP/1.1\nHost: a\n\nrest", &mut nl), Some(24));
+        let mut nl = false;
+        assert_eq!(scan(b"\r\nGET / HTTP/1.1\r\nX: y\r", &mut nl), None);
+        assert!(!nl);
+        assert_eq!(scan(b"\n", &mut nl), None);
+        assert_eq!(scan(b"\r\n", &mut nl), Some(2));
+    }
+}

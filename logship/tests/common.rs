@@ -224,13 +224,15 @@ impl FlakyEs {
                     let (status, answer) = match mode {
                         EsMode::Unavailable => (503, b"{\"error\":\"unavailable\"}".to_vec()),
                         EsMode::TooMany => (429, b"{\"error\":\"too many requests\"}".to_vec()),
+                        // Only bulk answers are lost, so the sink gets past its template.
+                        EsMode::IndexedThenLost if !path.contains("_bulk") => forward().await,
                         EsMode::IndexedThenLost => {
                             forward().await;
                             (503, b"{\"error\":\"answer lost\"}".to_vec())
                         }
                         EsMode::Forward => forward().await,
                     };
-                    if status >= 429 && mode != EsMode::Forward {
+                    if status >= 429 && (mode != EsMode::Forward) {
                         f.fetch_add(1, Ordering::Relaxed);
                     }
                     let mut out = format!(

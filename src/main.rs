@@ -20,6 +20,8 @@ enum Command {
     Dns(lain_dns::cli::Args),
     /// Run the log shipper.
     Logship(lain_logship::cli::Args),
+    /// Print an app's log lines from Elasticsearch or the local log files.
+    Logs(lain_logship::logs_cli::Args),
     /// Run the control plane.
     Controlplane(lain_controlplane::cli::Args),
     #[command(flatten)]
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => lain_proxy::cli::run(args),
         Command::Dns(args) => lain_dns::cli::run(args),
         Command::Logship(args) => lain_logship::cli::run(args),
+        Command::Logs(args) => lain_logship::logs_cli::run(args),
         Command::Controlplane(args) => lain_controlplane::cli::run(args),
     };
     match result {

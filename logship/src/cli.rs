@@ -223,7 +223,10 @@ pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
     for f in config.files.iter().filter(|_| !indexer) {
         let meta = Meta {
             source: f.name.clone(),
-            dataset: f.dataset.clone().unwrap_or_else(|| f.name.clone()),
+            dataset: f.dataset.clone().unwrap_or_else(|| match f.format {
+                crate::config::LineFormat::ProxyAccess => "lain.access".into(),
+                crate::config::LineFormat::Plain => f.name.clone(),
+            }),
             host: node.clone(),
             path: None,
             app: f.app.clone(),
@@ -231,7 +234,11 @@ pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
             podgroup: f.podgroup.clone(),
             instance: f.instance.clone(),
             version: f.version.clone(),
-            topic: f.topic.clone(),
+            // LAIN named the access-log topic after the node: `{host}.access`.
+            topic: f.topic.clone().or_else(|| {
+                (f.format == crate::config::LineFormat::ProxyAccess)
+                    .then(|| "{host}.access".to_string())
+            }),
             ..Meta::default()
         };
         let settings = FileSourceSettings {
@@ -245,6 +252,7 @@ pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
             max_line_bytes: limits.max_line_bytes,
             processing: Processing {
                 parse_json: f.parse_json,
+                access_log: f.format == crate::config::LineFormat::ProxyAccess,
             },
             read_from_end: f.read_from_end,
             batch_max_events: limits.batch_max_events,
@@ -275,7 +283,10 @@ pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
             multiline_start: None,
             multiline_timeout: Duration::from_millis(limits.multiline_timeout_ms),
             max_line_bytes: limits.max_line_bytes,
-            processing: Processing { parse_json: true },
+            processing: Processing {
+                parse_json: true,
+                access_log: false,
+            },
             read_from_end: d.read_from_end,
             batch_max_events: limits.batch_max_events,
             batch_max_bytes: limits.batch_max_bytes,

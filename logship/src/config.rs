@@ -138,6 +138,21 @@ pub struct FileSource {
     /// Files never seen before start at their end.
     #[serde(default)]
     pub read_from_end: bool,
+    /// `plain` (the default), or `proxy_access`: the JSON access log of `lain proxy`, mapped
+    /// to ECS `http.*`, `url.*` and `source.*` fields with the topic `{host}.access`.
+    #[serde(default)]
+    pub format: LineFormat,
+}
+
+/// How a file source's lines are interpreted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineFormat {
+    /// Log lines: JSON objects keep their fields, other lines are messages.
+    #[default]
+    Plain,
+    /// The proxy's JSON access log.
+    ProxyAccess,
 }
 
 fn yes() -> bool {

@@ -121,6 +121,9 @@ pub struct Event {
 pub struct Processing {
     /// Decode lines that are JSON objects and keep their fields.
     pub parse_json: bool,
+    /// The lines are the proxy's JSON access log: map its fields to ECS `http.*`, `url.*`,
+    /// `source.*`.
+    pub access_log: bool,
 }
 
 /// Field names of a JSON line taken as the message, level and time.
@@ -144,7 +147,8 @@ const RESERVED: &[&str] = &[
 
 static LEVEL_RE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"(?i)\b(trace|debug|info|notice|warn|warning|error|err|fatal|critical|crit|panic)\b",
+        // ASCII-only case folding and word boundaries let the regex engine use its fast DFA.
+        r"(?i-u)\b(trace|debug|info|notice|warn|warning|error|err|fatal|critical|crit|panic)\b",
     )
     .expect("valid regex")
 });
@@ -205,6 +209,24 @@ pub fn render(
     opts: &Processing,
     now: DateTime<Utc>,
 ) -> Event {
+    let json_like = opts.parse_json && !line.truncated && {
+        let first = line.bytes.iter().find(|b| !b.is_ascii_whitespace());
+        first == Some(&b'{')
+    };
+    if !opts.access_log && !json_like {
+        return render_plain(meta, identity, line, now);
+    }
+    render_general(meta, identity, line, opts, now)
+}
+
+/// Renders any line by building its document as a map.
+fn render_general(
+    meta: &Arc<Meta>,
+    identity: &str,
+    line: &RawLine,
+    opts: &Processing,
+    now: DateTime<Utc>,
+) -> Event {
     let mut tags: Vec<Value> = Vec::new();
     let text = match std::str::from_utf8(&line.bytes) {
         Ok(s) => s.to_string(),
@@ -223,7 +245,17 @@ pub fn render(
     let mut message = None;
     let mut level = None;
     let mut time = line.time;
-    if opts.parse_json
+    let mut line_meta = None;
+    if opts.access_log
+        && !line.truncated
+        && let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&text)
+    {
+        let a = access_fields(fields, &mut doc);
+        message = Some(a.message);
+        level = Some(a.level.to_string());
+        time = a.time.or(time);
+        line_meta = Some((a.app, a.proc_name));
+    } else if opts.parse_json
         && !line.truncated
         && text.trim_start().starts_with('{')
         && let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&text)
@@ -283,15 +315,19 @@ pub fn render(
     }
     set_path(&mut doc, &["host", "name"], meta.host.clone().into());
     set_path(&mut doc, &["event", "dataset"], meta.dataset.clone().into());
-    if let Some(a) = &meta.app {
+    // An access line names the app its route belongs to; the source's own app wins.
+    let (line_app, line_proc) = line_meta.unwrap_or_default();
+    let app = meta.app.as_ref().or(line_app.as_ref());
+    let proc_name = meta.proc_name.as_ref().or(line_proc.as_ref());
+    if let Some(a) = app {
         set_path(&mut doc, &["service", "name"], a.clone().into());
     }
     let opt = [
         (&meta.container_id, &["container", "id"][..]),
         (&meta.container_name, &["container", "name"][..]),
         (&meta.image, &["container", "image", "name"][..]),
-        (&meta.app, &["lain", "app"][..]),
-        (&meta.proc_name, &["lain", "proc"][..]),
+        (&app.cloned(), &["lain", "app"][..]),
+        (&proc_name.cloned(), &["lain", "proc"][..]),
         (&meta.podgroup, &["lain", "podgroup"][..]),
         (&meta.instance, &["lain", "instance"][..]),
         (&meta.version, &["lain", "version"][..]),
@@ -311,6 +347,239 @@ pub fn render(
         time: ts,
         body,
     }
+}
+
+/// The JSON of a source's fixed fields (`host`, `event`, `service`, `container`, `lain`),
+/// starting with a comma; the same for every line of a file, so computed once per source.
+fn meta_fragment(meta: &Meta) -> Vec<u8> {
+    let mut doc = Map::new();
+    set_path(&mut doc, &["host", "name"], meta.host.clone().into());
+    set_path(&mut doc, &["event", "dataset"], meta.dataset.clone().into());
+    if let Some(a) = &meta.app {
+        set_path(&mut doc, &["service", "name"], a.clone().into());
+    }
+    let opt = [
+        (&meta.container_id, &["container", "id"][..]),
+        (&meta.container_name, &["container", "name"][..]),
+        (&meta.image, &["container", "image", "name"][..]),
+        (&meta.app, &["lain", "app"][..]),
+        (&meta.proc_name, &["lain", "proc"][..]),
+        (&meta.podgroup, &["lain", "podgroup"][..]),
+        (&meta.instance, &["lain", "instance"][..]),
+        (&meta.version, &["lain", "version"][..]),
+    ];
+    for (v, path) in opt {
+        if let Some(v) = v {
+            set_path(&mut doc, path, v.clone().into());
+        }
+    }
+    let mut out = serde_json::to_vec(&Value::Object(doc)).unwrap_or_default();
+    // `{...}` becomes `,...`: spliced after the per-line fields.
+    out.pop();
+    if let Some(first) = out.first_mut() {
+        *first = b',';
+    }
+    if out.len() == 1 {
+        out.clear();
+    }
+    out
+}
+
+/// Per-thread memo of the last source's fragment and the last formatted reading time: a
+/// reader renders thousands of lines of one source with one reading time in a row. The
+/// `Weak` keeps the `Meta` allocation from being reused while it is remembered, so a pointer
+/// match is a true match.
+struct RenderMemo {
+    meta: std::sync::Weak<Meta>,
+    fragment: Vec<u8>,
+    now: Option<DateTime<Utc>>,
+    now_text: String,
+}
+
+thread_local! {
+    static MEMO: std::cell::RefCell<RenderMemo> = const {
+        std::cell::RefCell::new(RenderMemo {
+            meta: std::sync::Weak::new(),
+            fragment: Vec::new(),
+            now: None,
+            now_text: String::new(),
+        })
+    };
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a str to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Renders a line that is not a JSON object straight into its JSON text: the same document
+/// as the general path produces, without building a map per line.
+fn render_plain(meta: &Arc<Meta>, identity: &str, line: &RawLine, now: DateTime<Utc>) -> Event {
+    let mut invalid = false;
+    let text = match std::str::from_utf8(&line.bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => {
+            invalid = true;
+            String::from_utf8_lossy(&line.bytes)
+        }
+    };
+    let level = detect_level(text.as_bytes());
+    let ts = line.time.unwrap_or(now);
+    let mut b = Vec::with_capacity(text.len() + 512);
+    b.extend_from_slice(b"{\"@timestamp\":\"");
+    MEMO.with(|m| {
+        let mut m = m.borrow_mut();
+        if !std::sync::Weak::ptr_eq(&m.meta, &Arc::downgrade(meta)) {
+            m.meta = Arc::downgrade(meta);
+            m.fragment = meta_fragment(meta);
+        }
+        if m.now != Some(ts) {
+            m.now = Some(ts);
+            m.now_text = ts.to_rfc3339_opts(SecondsFormat::Nanos, true);
+        }
+        b.extend_from_slice(m.now_text.as_bytes());
+        b.extend_from_slice(b"\",\"message\":");
+        write_str(&mut b, &text);
+        b.extend_from_slice(b",\"log\":{");
+        if let Some(l) = &level {
+            b.extend_from_slice(b"\"level\":");
+            write_str(&mut b, l);
+            b.push(b',');
+        }
+        if let Some(p) = &meta.path {
+            b.extend_from_slice(b"\"file\":{\"path\":");
+            write_str(&mut b, p);
+            b.extend_from_slice(b"},");
+        }
+        b.extend_from_slice(b"\"offset\":");
+        b.extend_from_slice(line.start.to_string().as_bytes());
+        b.push(b'}');
+        if let Some(s) = &line.stream {
+            b.extend_from_slice(b",\"stream\":");
+            write_str(&mut b, s);
+        }
+        b.extend_from_slice(&m.fragment);
+    });
+    let tags = [
+        (invalid, "\"invalid_utf8\""),
+        (line.truncated, "\"truncated\""),
+        (line.lines > 1, "\"multiline\""),
+    ];
+    if tags.iter().any(|(on, _)| *on) {
+        b.extend_from_slice(b",\"tags\":[");
+        let mut first = true;
+        for (on, t) in tags {
+            if on {
+                if !first {
+                    b.push(b',');
+                }
+                first = false;
+                b.extend_from_slice(t.as_bytes());
+            }
+        }
+        b.push(b']');
+    }
+    b.push(b'}');
+    Event {
+        id: event_id(identity, line.start),
+        meta: meta.clone(),
+        time: ts,
+        body: b,
+    }
+}
+
+/// What the ECS rendering of an access line needs besides the fields it set.
+struct Access {
+    message: String,
+    level: &'static str,
+    time: Option<DateTime<Utc>>,
+    app: Option<String>,
+    proc_name: Option<String>,
+}
+
+/// Maps one line of the proxy's access log (`proxy/src/access_log.rs`) to ECS fields:
+/// `source.ip`, `http.request.method`, `url.domain`, `url.original`, `url.path`, `url.query`,
+/// `http.response.status_code`, `http.request.body.bytes`, `http.response.body.bytes`,
+/// `event.duration` (nanoseconds), `http.request.id`, `user_agent.original`,
+/// `error.message`, and the proxy's own `lain.proxy.upstream`, `lain.proxy.upstream_ms`,
+/// `lain.proxy.route`. Unknown fields are kept under `json.`.
+fn access_fields(fields: Map<String, Value>, doc: &mut Map<String, Value>) -> Access {
+    let s = |v: &Value| v.as_str().map(str::to_string);
+    let mut a = Access {
+        message: String::new(),
+        level: "info",
+        time: None,
+        app: None,
+        proc_name: None,
+    };
+    let (mut method, mut host, mut path, mut status) = (None, None, None, None);
+    for (k, v) in fields {
+        match k.as_str() {
+            "time" => {
+                a.time = v
+                    .as_str()
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&Utc));
+            }
+            "client_ip" => set_path(doc, &["source", "ip"], v),
+            "method" => {
+                method = s(&v);
+                set_path(doc, &["http", "request", "method"], v);
+            }
+            "host" => {
+                host = s(&v);
+                set_path(doc, &["url", "domain"], v);
+            }
+            "path" => {
+                if let Some(p) = v.as_str() {
+                    let (only, query) = match p.split_once('?') {
+                        Some((o, q)) => (o, Some(q)),
+                        None => (p, None),
+                    };
+                    set_path(doc, &["url", "path"], only.into());
+                    if let Some(q) = query {
+                        set_path(doc, &["url", "query"], q.into());
+                    }
+                }
+                path = s(&v);
+                set_path(doc, &["url", "original"], v);
+            }
+            "status" => {
+                status = v.as_u64();
+                set_path(doc, &["http", "response", "status_code"], v);
+            }
+            "bytes_in" => set_path(doc, &["http", "request", "body", "bytes"], v),
+            "bytes_out" => set_path(doc, &["http", "response", "body", "bytes"], v),
+            "duration_ms" => {
+                if let Some(ms) = v.as_f64() {
+                    set_path(doc, &["event", "duration"], ((ms * 1e6) as u64).into());
+                }
+            }
+            "upstream" if !v.is_null() => set_path(doc, &["lain", "proxy", "upstream"], v),
+            "upstream_ms" if !v.is_null() => set_path(doc, &["lain", "proxy", "upstream_ms"], v),
+            "route" if !v.is_null() => set_path(doc, &["lain", "proxy", "route"], v),
+            "app" => a.app = s(&v),
+            "proc" => a.proc_name = s(&v),
+            "request_id" => set_path(doc, &["http", "request", "id"], v),
+            "user_agent" => set_path(doc, &["user_agent", "original"], v),
+            "error" if !v.is_null() => set_path(doc, &["error", "message"], v),
+            "upstream" | "upstream_ms" | "route" | "error" => {}
+            _ => set_path(doc, &["json", &k], v),
+        }
+    }
+    let status_text = status.map_or_else(|| "-".to_string(), |c| c.to_string());
+    a.level = match status {
+        Some(500..) | Some(0) => "error",
+        Some(400..=499) => "warn",
+        _ => "info",
+    };
+    a.message = format!(
+        "{} {}{} {status_text}",
+        method.as_deref().unwrap_or("-"),
+        host.as_deref().unwrap_or(""),
+        path.as_deref().unwrap_or(""),
+    );
+    a
 }
 
 /// Splits a byte stream into lines, cutting lines longer than `max_bytes` and remembering
@@ -503,7 +772,10 @@ mod tests {
     }
 
     fn opts() -> Processing {
-        Processing { parse_json: true }
+        Processing {
+            parse_json: true,
+            access_log: false,
+        }
     }
 
     #[test]
@@ -646,6 +918,89 @@ mod tests {
         assert_eq!(bare.render_topic("{podgroup}"), "unknown");
         assert_eq!(m.render_topic("a b/{app}"), "a_b_hello");
         assert_eq!(m.key(), "hello.web.web.1");
+    }
+
+    #[test]
+    fn plain_fast_path_renders_the_same_document() {
+        let full = meta();
+        let bare = Arc::new(Meta {
+            source: "s".into(),
+            dataset: "d".into(),
+            host: "h".into(),
+            ..Meta::default()
+        });
+        let mut cases = vec![
+            line(b"2024-05-01 INFO started \"quoted\" \\ tab\t"),
+            line(b"no level here"),
+            line(b""),
+            line(b"bad \xff\xfe utf8 ERROR"),
+            line(b"{not json"),
+        ];
+        let mut t = line(b"cut WARNING");
+        t.truncated = true;
+        t.lines = 3;
+        t.stream = Some("stderr".into());
+        t.time = Some(Utc::now());
+        cases.push(t);
+        let plain = Processing {
+            parse_json: false,
+            access_log: false,
+        };
+        let now = Utc::now();
+        for m in [&full, &bare, &full] {
+            for l in &cases {
+                let fast = render_plain(m, "id", l, now);
+                let general = render_general(m, "id", l, &plain, now);
+                assert_eq!(
+                    doc(&fast),
+                    doc(&general),
+                    "{:?}",
+                    String::from_utf8_lossy(&l.bytes)
+                );
+                assert_eq!(fast.id, general.id);
+                assert_eq!(fast.time, general.time);
+            }
+        }
+    }
+
+    #[test]
+    fn access_lines_become_ecs_http_fields() {
+        let meta = Arc::new(Meta {
+            source: "access".into(),
+            dataset: "lain.access".into(),
+            host: "node1".into(),
+            ..Meta::default()
+        });
+        let text = r#"{"time":"2024-05-01T10:00:00Z","client_ip":"10.0.0.9","method":"GET","host":"hello.lain.local","path":"/a/b?x=1","status":503,"bytes_in":0,"bytes_out":12,"duration_ms":1.5,"upstream":"127.0.0.1:9000","upstream_ms":1.2,"app":"hello","proc":"web","route":"hello.lain.local/","request_id":"r1","user_agent":"curl/8","error":"upstream refused"}"#;
+        let l = line(text.as_bytes());
+        let opts = Processing {
+            parse_json: true,
+            access_log: true,
+        };
+        let e = render(&meta, "id", &l, &opts, Utc::now());
+        let d: Value = serde_json::from_slice(&e.body).unwrap();
+        assert_eq!(d["message"], "GET hello.lain.local/a/b?x=1 503");
+        assert_eq!(d["log"]["level"], "error");
+        assert_eq!(d["source"]["ip"], "10.0.0.9");
+        assert_eq!(d["http"]["request"]["method"], "GET");
+        assert_eq!(d["http"]["request"]["id"], "r1");
+        assert_eq!(d["http"]["response"]["status_code"], 503);
+        assert_eq!(d["http"]["response"]["body"]["bytes"], 12);
+        assert_eq!(d["url"]["domain"], "hello.lain.local");
+        assert_eq!(d["url"]["path"], "/a/b");
+        assert_eq!(d["url"]["query"], "x=1");
+        assert_eq!(d["url"]["original"], "/a/b?x=1");
+        assert_eq!(d["event"]["duration"], 1_500_000);
+        assert_eq!(d["user_agent"]["original"], "curl/8");
+        assert_eq!(d["error"]["message"], "upstream refused");
+        assert_eq!(d["lain"]["app"], "hello");
+        assert_eq!(d["lain"]["proc"], "web");
+        assert_eq!(d["lain"]["proxy"]["upstream"], "127.0.0.1:9000");
+        assert_eq!(d["@timestamp"], "2024-05-01T10:00:00.000000000Z");
+        // A line that is not JSON is still shipped as a message.
+        let e = render(&meta, "id", &line(b"not json"), &opts, Utc::now());
+        let d: Value = serde_json::from_slice(&e.body).unwrap();
+        assert_eq!(d["message"], "not json");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod indexer;
+pub mod logs_cli;
 pub mod metrics;
 pub mod pipeline;
 pub mod sink;

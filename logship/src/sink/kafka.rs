@@ -3,18 +3,19 @@
 //! `{host}.access` for access logs); the key is the instance, so one instance's lines stay in
 //! order within a partition.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use tokio::sync::Semaphore;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use super::DeadLetters;
-use crate::event::{Event, Meta};
+use crate::event::Meta;
 use crate::metrics::Metrics;
 use crate::pipeline::{Batch, BatchReceiver};
 
@@ -40,8 +41,81 @@ pub struct KafkaSinkSettings {
     pub properties: Vec<(String, String)>,
 }
 
+/// The delivery reports of one batch (one attempt at it): how many are outstanding, and
+/// which events failed with what reason.
+#[derive(Debug)]
+struct Tracker {
+    remaining: AtomicUsize,
+    failed: Mutex<Vec<(usize, String)>>,
+    done: Notify,
+}
+
+impl Tracker {
+    fn new(n: usize) -> Arc<Tracker> {
+        Arc::new(Tracker {
+            remaining: AtomicUsize::new(n),
+            failed: Mutex::new(Vec::new()),
+            done: Notify::new(),
+        })
+    }
+
+    fn report(&self, failure: Option<(usize, String)>) {
+        if let Some(f) = failure {
+            self.failed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(f);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // `notify_one` keeps a permit when nobody waits yet, so the wake-up is not lost.
+            self.done.notify_one();
+        }
+    }
+
+    async fn wait(&self) -> Vec<(usize, String)> {
+        while self.remaining.load(Ordering::Acquire) > 0 {
+            self.done.notified().await;
+        }
+        std::mem::take(
+            &mut *self
+                .failed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+/// Which event of which batch a message is; handed back with its delivery report.
+#[derive(Debug)]
+pub struct Slot {
+    tracker: Arc<Tracker>,
+    index: usize,
+}
+
+/// Routes librdkafka's delivery reports to the batch trackers. Counting reports per batch
+/// (rather than a future per message) keeps the per-line cost of the sink low.
+#[derive(Debug, Default)]
+pub struct Reports;
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<Slot>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, slot: Box<Slot>) {
+        let failure = result
+            .as_ref()
+            .err()
+            .map(|(e, _)| (slot.index, e.to_string()));
+        slot.tracker.report(failure);
+    }
+}
+
+/// The producer the sink uses.
+pub type KafkaProducer = ThreadedProducer<Reports>;
+
 /// Builds the producer; fails on invalid settings.
-pub fn producer(s: &KafkaSinkSettings) -> Result<FutureProducer, KafkaError> {
+pub fn producer(s: &KafkaSinkSettings) -> Result<KafkaProducer, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &s.brokers)
         .set("enable.idempotence", "true")
@@ -55,11 +129,11 @@ pub fn producer(s: &KafkaSinkSettings) -> Result<FutureProducer, KafkaError> {
     for (k, v) in &s.properties {
         c.set(k, v);
     }
-    c.create()
+    c.create_with_context(Reports)
 }
 
 struct Shared {
-    producer: FutureProducer,
+    producer: KafkaProducer,
     settings: KafkaSinkSettings,
     metrics: Metrics,
     dead: DeadLetters,
@@ -70,43 +144,11 @@ impl Shared {
         meta.render_topic(meta.topic.as_deref().unwrap_or(&self.settings.topic))
     }
 
-    /// Queues one event, waiting while the producer's queue is full.
-    async fn enqueue(&self, topic: &str, key: &str, e: &Event) -> Result<DeliveryFuture, String> {
-        let mut attempt = 0;
-        loop {
-            // The id travels in a header so the indexer writes the same document id.
-            let headers = OwnedHeaders::new().insert(Header {
-                key: crate::indexer::ID_HEADER,
-                value: Some(e.id.as_str()),
-            });
-            let rec = FutureRecord::to(topic)
-                .key(key)
-                .payload(&e.body)
-                .headers(headers);
-            match self.producer.send_result(rec) {
-                Ok(f) => return Ok(f),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Err((err, _)) => {
-                    attempt += 1;
-                    self.metrics.retries.with_label_values(&["kafka"]).inc();
-                    if attempt >= MAX_ATTEMPTS {
-                        return Err(err.to_string());
-                    }
-                    super::backoff(attempt).await;
-                }
-            }
-        }
-    }
-
-    /// Queues the given events of a batch, in order.
-    async fn enqueue_all(
-        &self,
-        batch: &Batch,
-        todo: &[usize],
-    ) -> Vec<(usize, Result<DeliveryFuture, String>)> {
-        let mut out = Vec::with_capacity(todo.len());
+    /// Queues the given events of a batch, in order, waiting while the producer's queue is
+    /// full; returns the tracker of their delivery reports. An event the producer refuses
+    /// outright is reported as failed at once.
+    async fn enqueue_all(&self, batch: &Batch, todo: &[usize]) -> Arc<Tracker> {
+        let tracker = Tracker::new(todo.len());
         // Consecutive events mostly share their metadata; render topic and key once per run.
         let mut last: Option<(Arc<Meta>, String, String)> = None;
         for &i in todo {
@@ -120,34 +162,55 @@ impl Shared {
             let Some((_, topic, key)) = &last else {
                 continue;
             };
-            out.push((i, self.enqueue(topic, key, e).await));
+            // The id travels in a header so the indexer writes the same document id.
+            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                key: crate::indexer::ID_HEADER,
+                value: Some(e.id.as_str()),
+            });
+            let mut record = BaseRecord::with_opaque_to(
+                topic.as_str(),
+                Box::new(Slot {
+                    tracker: tracker.clone(),
+                    index: i,
+                }),
+            )
+            .key(key.as_str())
+            .payload(&e.body)
+            .headers(headers);
+            let mut attempt = 0;
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((err, r)) => {
+                        attempt += 1;
+                        self.metrics.retries.with_label_values(&["kafka"]).inc();
+                        if attempt >= MAX_ATTEMPTS {
+                            r.delivery_opaque.tracker.report(Some((i, err.to_string())));
+                            break;
+                        }
+                        record = r;
+                        super::backoff(attempt).await;
+                    }
+                }
+            }
         }
-        out
+        tracker
     }
 
     /// Waits for the delivery reports of a batch, re-sending failures; acknowledges the
     /// batch when every event is delivered or dead-lettered.
-    async fn complete(
-        &self,
-        batch: &Batch,
-        mut queued: Vec<(usize, Result<DeliveryFuture, String>)>,
-    ) {
+    async fn complete(&self, batch: &Batch, mut tracker: Arc<Tracker>) {
         let mut attempt = 0;
         loop {
-            let mut retry = Vec::new();
-            for (i, f) in queued {
-                match f {
-                    Ok(f) => match f.await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err((err, _))) => retry.push((i, err.to_string())),
-                        Err(_) => retry.push((i, "delivery report lost".to_string())),
-                    },
-                    Err(reason) => retry.push((i, reason)),
-                }
-            }
+            let mut retry = tracker.wait().await;
             if retry.is_empty() {
                 break;
             }
+            retry.sort_by_key(|(i, _)| *i);
             attempt += 1;
             self.metrics
                 .retries
@@ -155,14 +218,14 @@ impl Shared {
                 .inc_by(retry.len() as u64);
             if attempt >= MAX_ATTEMPTS {
                 for (i, reason) in &retry {
-                    self.dead_letter(reason, &batch.events[*i]).await;
+                    self.dead_letter(reason, &batch.events[*i].body).await;
                 }
                 break;
             }
             tracing::warn!(events = retry.len(), reason = %retry[0].1, "kafka delivery failed; retrying");
             super::backoff(attempt).await;
             let todo: Vec<usize> = retry.into_iter().map(|(i, _)| i).collect();
-            queued = self.enqueue_all(batch, &todo).await;
+            tracker = self.enqueue_all(batch, &todo).await;
         }
         let bytes: usize = batch.events.iter().map(|e| e.body.len()).sum();
         self.metrics
@@ -176,11 +239,11 @@ impl Shared {
         batch.ack.ack();
     }
 
-    async fn dead_letter(&self, reason: &str, e: &Event) {
+    async fn dead_letter(&self, reason: &str, body: &[u8]) {
         let mut attempt = 0;
         // The dead-letter file is the last place an event can go; keep trying to write it
         // rather than drop the event.
-        while let Err(err) = self.dead.write(reason, &e.body) {
+        while let Err(err) = self.dead.write(reason, body) {
             tracing::error!(error = %err, "cannot write kafka dead letter; retrying");
             super::backoff(attempt).await;
             attempt += 1;
@@ -194,7 +257,7 @@ impl Shared {
 
 /// Runs the Kafka sink until its channel closes and every batch is delivered.
 pub async fn run(
-    producer: FutureProducer,
+    producer: KafkaProducer,
     settings: KafkaSinkSettings,
     mut rx: BatchReceiver,
     metrics: Metrics,
@@ -214,10 +277,10 @@ pub async fn run(
         // Queue this batch's events here, in order, so that one key's events keep their
         // order; only waiting for the delivery reports happens concurrently.
         let all: Vec<usize> = (0..batch.events.len()).collect();
-        let queued = shared.enqueue_all(&batch, &all).await;
+        let tracker = shared.enqueue_all(&batch, &all).await;
         let s = shared.clone();
         tasks.spawn(async move {
-            s.complete(&batch, queued).await;
+            s.complete(&batch, tracker).await;
             drop(permit);
         });
         while tasks.try_join_next().is_some() {}

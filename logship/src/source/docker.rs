@@ -31,6 +31,14 @@ pub const LABEL_INSTANCE: &str = "lain.instance";
 /// See [`LABEL_APP`].
 pub const LABEL_VERSION: &str = "lain.version";
 
+/// Where the control plane mounts an instance's log volume (`logs:` of lain.yaml).
+pub const LOG_DIR: &str = "/lain/logs";
+/// An optional label listing the declared log files, comma-separated and relative to
+/// [`LOG_DIR`]; without it every file of the log volume is shipped.
+pub const LABEL_LOGS: &str = "lain.logs";
+/// The source name (metric label) of files in instances' log volumes.
+pub const LOG_DIR_SOURCE: &str = "lain-logs";
+
 /// Settings of the Docker source.
 #[derive(Debug, Clone)]
 pub struct DockerSettings {
@@ -75,6 +83,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let mut tails: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut dirs: HashMap<String, LogDirTail> = HashMap::new();
     let mut attempt = 0;
     while !shutdown.is_triggered() {
         let docker = match Docker::connect_with_unix(
@@ -125,6 +134,7 @@ pub async fn run(
                             &id,
                             &settings,
                             &mut tails,
+                            &mut dirs,
                             &dispatcher,
                             &checkpoints,
                             &metrics,
@@ -154,6 +164,7 @@ pub async fn run(
                             &id,
                             &settings,
                             &mut tails,
+                            &mut dirs,
                             &dispatcher,
                             &checkpoints,
                             &metrics,
@@ -177,6 +188,36 @@ pub async fn run(
     for (_, t) in tails {
         let _ = t.await;
     }
+    for (_, d) in dirs {
+        let _ = d.task.await;
+    }
+}
+
+/// The reader of one instance's log volume, and the container whose metadata it uses.
+struct LogDirTail {
+    container: String,
+    stop: Shutdown,
+    task: JoinHandle<()>,
+}
+
+/// The paths to read in a log volume mounted from `dir`: the declared files of the
+/// `lain.logs` label (and their rotated copies), else every file in it.
+pub fn log_dir_paths(dir: &str, declared: Option<&str>) -> Vec<String> {
+    let dir = dir.trim_end_matches('/');
+    let declared: Vec<&str> = declared
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        // The control plane refuses absolute paths and `..`; never read outside the volume.
+        .filter(|f| !f.is_empty() && !f.starts_with('/') && !f.split('/').any(|s| s == ".."))
+        .collect();
+    if declared.is_empty() {
+        return vec![format!("{dir}/*")];
+    }
+    declared
+        .iter()
+        .flat_map(|f| [format!("{dir}/{f}"), format!("{dir}/{f}.*")])
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -185,6 +226,7 @@ async fn start(
     id: &str,
     settings: &DockerSettings,
     tails: &mut HashMap<String, JoinHandle<()>>,
+    dirs: &mut HashMap<String, LogDirTail>,
     dispatcher: &Dispatcher,
     checkpoints: &Checkpoints,
     metrics: &Metrics,
@@ -201,13 +243,7 @@ async fn start(
             return;
         }
     };
-    let Some(log_path) = info.log_path.filter(|p| !p.is_empty()) else {
-        tracing::info!(
-            container = id,
-            "container has no json-file log; not shipping it"
-        );
-        return;
-    };
+    let log_path = info.log_path.clone().filter(|p| !p.is_empty());
     let labels = info
         .config
         .as_ref()
@@ -224,6 +260,63 @@ async fn start(
         image.as_deref(),
         &labels,
     );
+    // The instance's log volume: the files lain.yaml declares under /lain/logs. The volume
+    // outlives the container, so its reader keeps going after the container is gone (the
+    // next container of the instance takes it over with fresh metadata, resuming from the
+    // checkpoints).
+    let log_dir = info
+        .mounts
+        .as_ref()
+        .and_then(|ms| {
+            ms.iter()
+                .find(|m| m.destination.as_deref() == Some(LOG_DIR))
+                .and_then(|m| m.source.clone())
+        })
+        .filter(|d| !d.is_empty());
+    if let Some(dir) = log_dir
+        && dirs
+            .get(&dir)
+            .is_none_or(|d| d.container != id || d.task.is_finished())
+    {
+        let mut s = settings.template.clone();
+        s.meta = meta.clone();
+        s.meta.source = LOG_DIR_SOURCE.into();
+        s.paths = log_dir_paths(&dir, labels.get(LABEL_LOGS).map(String::as_str));
+        s.format = Format::Plain;
+        s.exit_when_idle = false;
+        let stop = shutdown.child();
+        let previous = dirs.remove(&dir);
+        let (d, c, m, st) = (
+            dispatcher.clone(),
+            checkpoints.clone(),
+            metrics.clone(),
+            stop.clone(),
+        );
+        tracing::info!(container = id, dir = %dir, "tailing the instance's log volume");
+        let task = tokio::spawn(async move {
+            // Hand over from the previous container's reader once it has let go.
+            if let Some(p) = previous {
+                p.stop.trigger();
+                let _ = p.task.await;
+            }
+            file::run(s, d, c, m, st).await;
+        });
+        dirs.insert(
+            dir,
+            LogDirTail {
+                container: id.to_string(),
+                stop,
+                task,
+            },
+        );
+    }
+    let Some(log_path) = log_path else {
+        tracing::info!(
+            container = id,
+            "container has no json-file log; not shipping its output"
+        );
+        return;
+    };
     let mut s = settings.template.clone();
     s.meta = meta;
     // The live log and the copies Docker's rotation renames it to.
@@ -267,5 +360,19 @@ mod tests {
         assert_eq!(m.container_name.as_deref(), Some("hello.web.web.2"));
         assert_eq!(m.dataset, "hello.web.web");
         assert_eq!(m.key(), "hello.web.web.2");
+    }
+
+    #[test]
+    fn log_volume_paths() {
+        assert_eq!(log_dir_paths("/v/logs/", None), vec!["/v/logs/*"]);
+        assert_eq!(
+            log_dir_paths("/v/logs", Some("app.log, sub/x.log,/etc/passwd,../y,")),
+            vec![
+                "/v/logs/app.log",
+                "/v/logs/app.log.*",
+                "/v/logs/sub/x.log",
+                "/v/logs/sub/x.log.*"
+            ]
+        );
     }
 }

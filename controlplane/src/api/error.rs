@@ -209,12 +209,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.to_string();
-        // For unknown and missing fields the path names the enclosing object; the field
-        // itself is quoted in serde's message between backticks.
+        // For a missing field the path names the enclosing object and the field is quoted in
+        // serde's message between backticks; for an unknown field the path already ends
+        // with it.
         let named = message.split('`').nth(1).filter(|_| {
             message.starts_with("unknown field") || message.starts_with("missing field")
         });
         let key = match (path.as_str(), named) {
+            (p, Some(f)) if p == f || p.ends_with(&format!(".{f}")) => p.to_string(),
             (".", Some(f)) => f.to_string(),
             (p, Some(f)) => format!("{p}.{f}"),
             (".", None) => "body".to_string(),

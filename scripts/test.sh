@@ -34,6 +34,9 @@ cargo build --workspace --bins --locked
 step "tests"
 cargo test --workspace --locked --no-fail-fast
 
+step "API fuzzing from the OpenAPI document"
+bash tests/api_fuzz.sh
+
 step "DNS request-handler fuzzing (${FUZZ_SECS:-60}s)"
 FUZZ_SECS="${FUZZ_SECS:-60}" bash dns/fuzz/run.sh
 

@@ -342,6 +342,8 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
     let host = format!("{app}.lain.local");
 
     // --- The cluster: two control planes, the proxy, DNS, and a log agent per engine. ---
+    // Each engine's host-networked instances are reached at an address of their own on
+    // loopback, as two real nodes would be, so per-proc DNS answers hold two addresses.
     let cp_cfg = d.join("cp.toml");
     let mut text = format!(
         "etcd_endpoints = [\"{}\"]\nprefix = \"{prefix}\"\ncluster_domains = [\"lain.local\"]\n\
@@ -353,7 +355,8 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
     );
     for (i, n) in nodes.iter().take(2).enumerate() {
         text.push_str(&format!(
-            "[[nodes]]\nname = \"node{}\"\ndocker_host = \"{n}\"\nmemory_bytes = 4294967296\n",
+            "[[nodes]]\nname = \"node{}\"\ndocker_host = \"{n}\"\naddress = \"127.0.0.{}\"\nmemory_bytes = 4294967296\n",
+            i + 1,
             i + 1
         ));
     }
@@ -363,7 +366,7 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
         lain_test_support::run_lain(&["controlplane", "init", "-c", cp_cfg_s], None);
     assert_eq!(code, 0, "controlplane init: {err}");
     let admin_token = out.trim().to_string();
-    let mut cps = vec![
+    let mut cps = [
         LainProcess::spawn(&["controlplane", "-c", cp_cfg_s], &[], &["admin", "api"]),
         LainProcess::spawn(&["controlplane", "-c", cp_cfg_s], &[], &["admin", "api"]),
     ];
@@ -789,15 +792,11 @@ fn kafka_has(brokers: &str, topic: &str, needle: &str) -> bool {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                if m.payload()
-                    .is_some_and(|p| String::from_utf8_lossy(p).contains(needle))
-                {
-                    return true;
-                }
-            }
-            Some(Err(_)) | None => {}
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500))
+            && m.payload()
+                .is_some_and(|p| String::from_utf8_lossy(p).contains(needle))
+        {
+            return true;
         }
     }
     false

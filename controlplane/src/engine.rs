@@ -296,13 +296,15 @@ impl Engine {
             health: HashMap::new(),
             retiring: HashSet::new(),
             last_seen: HashMap::new(),
+            unjoined: Vec::new(),
+            unjoined_tried: None,
             tx: tx.clone(),
             metrics,
             shutdown: shutdown.clone(),
         };
         state.load_apps().await?;
         for n in nodes {
-            state.add_node(n).await?;
+            state.join_or_defer(n).await?;
         }
         state.watch_etcd();
         let handle = tokio::spawn(state.run(rx));
@@ -506,6 +508,11 @@ struct State {
     /// The containers each node listed last; a node that stops answering keeps its
     /// instances in their slots until its grace period ends, so nothing moves on a blip.
     last_seen: HashMap<String, Vec<Actual>>,
+    /// Configured nodes whose engine could not be reached when this engine started; they
+    /// join as soon as they answer. A control plane taking over while a node is down must
+    /// still lead, so an absent engine never fails the start.
+    unjoined: Vec<NodeSpec>,
+    unjoined_tried: Option<Instant>,
     tx: mpsc::Sender<Event>,
     metrics: Metrics,
     shutdown: Shutdown,
@@ -643,6 +650,36 @@ impl State {
         });
     }
 
+    /// Adds a configured node, or defers it when its engine cannot be reached yet.
+    async fn join_or_defer(&mut self, spec: NodeSpec) -> Result<(), EngineError> {
+        match self.add_node(spec.clone()).await {
+            Ok(()) => Ok(()),
+            Err(EngineError::Docker(e)) => {
+                tracing::warn!(node = %spec.name, error = %e, "node unreachable; it joins when it answers");
+                self.unjoined.push(spec);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Tries the deferred nodes again, at most once a second.
+    async fn retry_unjoined(&mut self) {
+        if self.unjoined.is_empty()
+            || self
+                .unjoined_tried
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.unjoined_tried = Some(Instant::now());
+        for spec in std::mem::take(&mut self.unjoined) {
+            if let Err(e) = self.join_or_defer(spec).await {
+                tracing::warn!(error = %e, "a deferred node could not join");
+            }
+        }
+    }
+
     async fn add_node(&mut self, spec: NodeSpec) -> Result<(), EngineError> {
         let client = NodeClient::connect(&spec.name, &spec.docker_host, spec.address)?
             .with_registry(self.settings.registry.clone());
@@ -720,6 +757,7 @@ impl State {
             while let Ok(ev) = rx.try_recv() {
                 self.handle(ev).await;
             }
+            self.retry_unjoined().await;
             let started = Instant::now();
             if let Err(e) = self.reconcile().await {
                 tracing::warn!(error = %e, "reconcile pass failed");

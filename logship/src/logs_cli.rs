@@ -295,7 +295,7 @@ fn from_file(args: &Args, out: &mut impl Write) -> Result<(), RunError> {
             }
         }
     }
-    copies.sort_by(|a, b| b.0.cmp(&a.0));
+    copies.sort_by_key(|c| std::cmp::Reverse(c.0));
     for (_, p) in &copies {
         // A copy rotated away meanwhile is simply skipped.
         let _ = read_matching(args, p, 0, since, &mut found);

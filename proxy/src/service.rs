@@ -64,6 +64,9 @@ pub struct Ctx {
     upstream_start: Option<Instant>,
     upstream_elapsed: Option<Duration>,
     status: u16,
+    /// Whether the current upstream attempt has sent its response header; after that a
+    /// failure can no longer be hidden from the client by trying another endpoint.
+    upstream_responded: bool,
 }
 
 impl Ctx {
@@ -339,6 +342,7 @@ impl ProxyHttp for LainProxy {
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.release();
+        ctx.upstream_responded = false;
         let Some(route) = ctx.route.clone() else {
             return Err(Error::explain(ErrorType::HTTPStatus(404), "no route"));
         };
@@ -382,6 +386,37 @@ impl ProxyHttp for LainProxy {
         // Nothing was sent, so another endpoint may take the request.
         if ctx.tried.len() <= self.max_retries {
             e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // An endpoint that dies after taking a request but before answering it (a killed
+        // instance) looks like this. As nginx's `proxy_next_upstream error` does, an
+        // idempotent request whose body is still buffered goes to another endpoint, provided
+        // no byte of the failed answer reached the client; anything else fails as it is.
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && !ctx.upstream_responded;
+        if replayable && ctx.tried.len() <= self.max_retries {
+            if let Some(stats) = &ctx.in_flight
+                && stats.record_failure(self.eject_after_failures, self.eject_ms)
+            {
+                self.metrics.ejections.inc();
+                tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
+            }
+            ctx.release();
+            e.set_retry(true);
+        } else {
+            e.set_retry(false);
         }
         e
     }
@@ -444,6 +479,7 @@ impl ProxyHttp for LainProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        ctx.upstream_responded = true;
         if let Some(stats) = &ctx.in_flight {
             if resp.status.is_server_error() {
                 if stats.record_failure(self.eject_after_failures, self.eject_ms) {

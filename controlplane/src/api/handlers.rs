@@ -734,7 +734,7 @@ async fn scale(
         ));
     }
     if let Some(m) = &req.memory
-        && !crate::lainyaml::parse_memory(m).is_some_and(|b| b >= 4 << 20)
+        && crate::lainyaml::parse_memory(m).is_none_or(|b| b < 4 << 20)
     {
         return Err(ApiError::bad_field(
             "memory",

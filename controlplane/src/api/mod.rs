@@ -166,8 +166,10 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
         .unwrap_or_else(|| req.uri().path().to_string());
     req.extensions_mut().insert(caller.clone());
     let resp = next.run(req).await;
-    if method != Method::GET && method != Method::HEAD && method != Method::OPTIONS {
-        if let Err(e) = auth::audit(
+    if method != Method::GET
+        && method != Method::HEAD
+        && method != Method::OPTIONS
+        && let Err(e) = auth::audit(
             &state.inner.client,
             &state.inner.ks,
             &caller.user,
@@ -176,9 +178,8 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
             resp.status().as_u16(),
         )
         .await
-        {
-            tracing::error!(user = %caller.user, %method, %path, error = %e, "cannot write audit entry");
-        }
+    {
+        tracing::error!(user = %caller.user, %method, %path, error = %e, "cannot write audit entry");
     }
     resp
 }

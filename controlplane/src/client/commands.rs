@@ -715,16 +715,13 @@ async fn build(a: BuildArgs) -> Result<(), CliError> {
                 | B::Dirty { .. }
                 | B::Git { .. } => super::EXIT_LOCAL_INPUT,
                 B::DockerHost(_) => super::EXIT_USAGE,
-                B::Docker { source, .. }
-                    if matches!(
-                        source,
+                B::Docker {
+                    source:
                         bollard::errors::Error::HyperResponseError { .. }
-                            | bollard::errors::Error::IOError { .. }
-                            | bollard::errors::Error::SocketNotFoundError(_)
-                    ) =>
-                {
-                    super::EXIT_UNREACHABLE
-                }
+                        | bollard::errors::Error::IOError { .. }
+                        | bollard::errors::Error::SocketNotFoundError(_),
+                    ..
+                } => super::EXIT_UNREACHABLE,
                 _ => super::EXIT_FAILED,
             };
             Err(CliError {

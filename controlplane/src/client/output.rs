@@ -115,7 +115,7 @@ pub fn opt<T: ToString>(v: &Option<T>) -> String {
 pub fn bytes(n: u64) -> String {
     const UNITS: [(&str, u64); 3] = [("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
     for (u, size) in UNITS {
-        if n >= size && n % size == 0 {
+        if n >= size && n.is_multiple_of(size) {
             return format!("{}{u}", n / size);
         }
     }

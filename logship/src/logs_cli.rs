@@ -138,21 +138,32 @@ async fn search(
 ) -> Result<Vec<Value>, RunError> {
     use elasticsearch::http::Method;
     use elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
-    let mut headers = HeaderMap::new();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let resp = client
-        .send(
-            Method::Post,
-            &format!("/{index}/_search?ignore_unavailable=true&allow_no_indices=true"),
-            headers,
-            None::<&()>,
-            Some(serde_json::to_vec(body).unwrap_or_default()),
-            Some(Duration::from_secs(30)),
-        )
-        .await
-        .map_err(|e| failed(format!("cannot reach Elasticsearch: {e}")))?;
-    let status = resp.status_code();
-    let text = resp.text().await.map_err(failed)?;
+    // A 503 while an index's shards are still starting and a 429 under load are transient,
+    // so they are retried a few times before the command gives up.
+    let mut attempt = 0;
+    let (status, text) = loop {
+        attempt += 1;
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let resp = client
+            .send(
+                Method::Post,
+                &format!("/{index}/_search?ignore_unavailable=true&allow_no_indices=true"),
+                headers,
+                None::<&()>,
+                Some(serde_json::to_vec(body).unwrap_or_default()),
+                Some(Duration::from_secs(30)),
+            )
+            .await
+            .map_err(|e| failed(format!("cannot reach Elasticsearch: {e}")))?;
+        let status = resp.status_code();
+        let text = resp.text().await.map_err(failed)?;
+        if matches!(status.as_u16(), 429 | 503) && attempt < 5 {
+            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+            continue;
+        }
+        break (status, text);
+    };
     if !status.is_success() {
         return Err(failed(format!(
             "Elasticsearch answered {}: {text}",

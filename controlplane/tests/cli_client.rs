@@ -504,8 +504,20 @@ fn the_cli_drives_a_real_control_plane_from_login_to_rollback() {
 
     let (code, _, err) = run(&["app", "rm", &app]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, _) = run(&["app", "show", &app]);
-    assert_eq!(code, 3);
+    // The engine stops the containers and then deletes the records, so the app is gone
+    // shortly after the command returns, not necessarily at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (code, _, _) = run(&["app", "show", &app]);
+        if code == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the app is still shown 20 s after `lain app rm` (exit {code})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// Removes the app's images (local and registry-named) from the engines when dropped.

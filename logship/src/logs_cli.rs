@@ -108,7 +108,17 @@ pub fn search_body(args: &Args) -> Value {
         f.push(json!({"term": {"lain.instance": i}}));
     }
     q["size"] = json!(args.lines.clamp(1, 10_000));
+    q["sort"] = sort("desc");
     q
+}
+
+/// Newest or oldest first. Elasticsearch keeps `@timestamp` to the millisecond, so lines of one
+/// file read within the same millisecond are ordered by their offset in it.
+fn sort(order: &str) -> Value {
+    json!([
+        {"@timestamp": {"order": order, "unmapped_type": "boolean"}},
+        {"log.offset": {"order": order, "unmapped_type": "long"}}
+    ])
 }
 
 /// Runs `lain logs`, printing to stdout.
@@ -223,7 +233,7 @@ async fn from_es(args: &Args, es: &str, out: &mut impl Write) -> Result<(), RunE
     while stop.is_none_or(|s| Instant::now() < s) {
         tokio::time::sleep(Duration::from_millis(args.poll_interval_ms.max(50))).await;
         let mut body = search_body(args);
-        body["sort"] = json!([{"@timestamp": {"order": "asc", "unmapped_type": "boolean"}}]);
+        body["sort"] = sort("asc");
         body["size"] = json!(1000);
         if let Some(ms) = seen.last_ms
             && let Some(f) = body["query"]["bool"]["filter"].as_array_mut()

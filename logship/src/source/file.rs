@@ -75,7 +75,10 @@ pub enum Format {
 /// Joins Docker's partial records and unwraps them into lines.
 #[derive(Debug, Default)]
 pub struct DockerRecords {
-    partial: Option<RawLine>,
+    /// The unfinished line of each stream. Docker copies stdout and stderr separately, so a
+    /// record of one stream can come between the pieces of a long line of the other; pieces
+    /// are only ever joined within their own stream.
+    partial: Vec<RawLine>,
     max_bytes: usize,
 }
 
@@ -92,7 +95,7 @@ impl DockerRecords {
     /// Lines are cut at `max_bytes`.
     pub fn new(max_bytes: usize) -> DockerRecords {
         DockerRecords {
-            partial: None,
+            partial: Vec::new(),
             max_bytes,
         }
     }
@@ -116,7 +119,12 @@ impl DockerRecords {
             .as_deref()
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&chrono::Utc));
-        let line = match self.partial.take() {
+        let pending = self
+            .partial
+            .iter()
+            .position(|p| p.stream == r.stream)
+            .map(|i| self.partial.swap_remove(i));
+        let line = match pending {
             Some(mut p) => {
                 let room = self.max_bytes.saturating_sub(p.bytes.len());
                 if text.len() > room {
@@ -143,14 +151,19 @@ impl DockerRecords {
         if complete {
             Some(line)
         } else {
-            self.partial = Some(line);
+            self.partial.push(line);
             None
         }
     }
 
-    /// The unfinished line, at shutdown or when the container is gone.
+    /// Where the earliest unfinished line starts in the file.
+    pub fn pending_start(&self) -> Option<u64> {
+        self.partial.iter().map(|p| p.start).min()
+    }
+
+    /// An unfinished line, at shutdown or when the container is gone; call until `None`.
     pub fn take(&mut self) -> Option<RawLine> {
-        self.partial.take()
+        self.partial.pop()
     }
 }
 
@@ -373,12 +386,19 @@ impl Reader {
             } else {
                 cur.joiner.flush(stopping, &mut done);
                 if stopping {
-                    done.extend(cur.docker.take());
+                    while let Some(l) = cur.docker.take() {
+                        done.push(l);
+                    }
                 }
             }
             for l in done.drain(..) {
                 let l: RawLine = l;
-                batch_end = l.end;
+                // The checkpoint never passes the start of a line still being joined, so a
+                // restart reads that line again whole.
+                batch_end = match cur.docker.pending_start() {
+                    Some(start) => l.end.min(start).max(batch_end),
+                    None => l.end,
+                };
                 let e = render(&meta, &cur.identity, &l, &s.processing, now);
                 batch_bytes += e.body.len();
                 batch.push(e);
@@ -422,9 +442,13 @@ impl Reader {
             {
                 // A partial Docker record whose continuation never came (the container is
                 // gone) is still a line.
-                if let Some(l) = cur.docker.take() {
-                    batch_end = l.end;
+                let mut ended = false;
+                while let Some(l) = cur.docker.take() {
+                    batch_end = batch_end.max(l.end);
                     batch.push(render(&meta, &cur.identity, &l, &s.processing, now));
+                    ended = true;
+                }
+                if ended {
                     self.send(cur.id, &mut batch, batch_end).await;
                 }
                 break;
@@ -490,6 +514,28 @@ mod tests {
             .unwrap();
         assert_eq!(l.bytes, b"abcd");
         assert!(l.truncated);
+    }
+
+    #[test]
+    fn partial_records_join_within_their_own_stream() {
+        let mut d = DockerRecords::new(100);
+        let a = r#"{"log":"long ","stream":"stdout"}"#;
+        let b = r#"{"log":"oops\n","stream":"stderr"}"#;
+        let c = r#"{"log":"line\n","stream":"stdout"}"#;
+        assert!(d.push(rec(a, 0)).is_none());
+        assert_eq!(d.pending_start(), Some(0));
+        let err = d.push(rec(b, 50)).unwrap();
+        assert_eq!(
+            (err.bytes.as_slice(), err.stream.as_deref()),
+            (&b"oops"[..], Some("stderr"))
+        );
+        let out = d.push(rec(c, 100)).unwrap();
+        assert_eq!(
+            (out.bytes.as_slice(), out.stream.as_deref()),
+            (&b"long line"[..], Some("stdout"))
+        );
+        assert_eq!(d.pending_start(), None);
+        assert!(d.take().is_none());
     }
 
     #[test]

@@ -52,7 +52,15 @@ token=$("$lain" controlplane init -c "$work/cp.toml")
 pid=$!
 api=""
 for _ in $(seq 1 100); do
-    api=$(grep -o '"name":"api","addr":"[^"]*"' "$work/out.log" 2>/dev/null | sed 's/.*"addr":"\([^"]*\)"/\1/' || true)
+    # The announcement is a JSON line whose key order is not fixed, so it is parsed as JSON.
+    api=$(python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    try:
+        v = json.loads(line)["listening"]
+    except Exception:
+        continue
+    if v.get("name") == "api":
+        print(v["addr"])' "$work/out.log" 2>/dev/null || true)
     [ -n "$api" ] && curl -fsS "http://$api/healthz" | grep -q '"leader":true' && break
     sleep 0.2
 done

@@ -2,11 +2,10 @@
 //! standby takes over within seconds and converges, with no duplicate and no orphaned
 //! container.
 //!
-//! Both are this test binary run again as child processes. The first leader (entry point:
-//! the ignored test `leader_child`) campaigns, runs the engine, and deploys on command from
-//! stdin, so the parent can kill it at a chosen step of a rollout. The standby (entry point:
-//! `controlplane_child`) runs `lain_controlplane::cli::run`, exactly what `lain
-//! controlplane --config FILE` runs.
+//! The first leader is this test binary run again as a child process (entry point: the
+//! ignored test `leader_child`, which does nothing unless the parent sets its environment):
+//! it campaigns, runs the engine, and deploys on command from stdin, so the parent can kill it
+//! at a chosen step of a rollout. The standby is the real `lain controlplane --config FILE`.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -102,22 +101,6 @@ async fn leader_child() {
     drop(leadership);
 }
 
-/// `lain controlplane --config FILE` as a child process; does nothing unless the parent
-/// set its environment.
-#[test]
-#[ignore = "the entry point of the standby of two_control_planes_converge_after_the_leader_is_killed"]
-fn controlplane_child() {
-    let Ok(config) = std::env::var("LAIN_CP_TEST_CONFIG") else {
-        return;
-    };
-    lain_controlplane::cli::run(lain_controlplane::cli::Args {
-        command: None,
-        config: Some(config.into()),
-        check_config: false,
-    })
-    .unwrap();
-}
-
 /// The standby control plane process and its admin address.
 struct Standby {
     child: Child,
@@ -126,10 +109,11 @@ struct Standby {
 
 impl Standby {
     fn spawn(config: &std::path::Path) -> Standby {
-        let exe = std::env::current_exe().unwrap();
-        let mut child = Command::new(exe)
-            .args(["--exact", "controlplane_child", "--ignored", "--nocapture"])
-            .env("LAIN_CP_TEST_CONFIG", config)
+        // The standby is the real `lain controlplane` binary.
+        let mut child = Command::new(lain_test_support::lain_binary())
+            .arg("controlplane")
+            .arg("-c")
+            .arg(config)
             .env(
                 "LAIN_LOG",
                 std::env::var("LAIN_LOG").unwrap_or("warn".into()),

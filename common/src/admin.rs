@@ -67,6 +67,16 @@ impl Admin {
     /// Returns the bound address.
     pub async fn serve(self, addr: SocketAddr, shutdown: Shutdown) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr).await?;
+        self.serve_on(listener, shutdown)
+    }
+
+    /// Serves on a listener the caller bound (or inherited) until `shutdown`.
+    /// Returns its address.
+    pub fn serve_on(
+        self,
+        listener: TcpListener,
+        shutdown: Shutdown,
+    ) -> std::io::Result<SocketAddr> {
         let local = listener.local_addr()?;
         let state = Arc::new(self);
         tokio::spawn(async move {

@@ -109,15 +109,6 @@ fn docker(host: &str) -> Docker {
     lain_controlplane::build::connect(host).unwrap()
 }
 
-/// A free loopback port, found by binding port 0.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GETs `path` from 127.0.0.1:`port` until it answers, for at most `limit`.
 async fn get_until(port: u16, path: &str, limit: Duration) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -193,7 +184,7 @@ async fn hello_builds_into_a_release_image_that_serves_its_page() {
     );
 
     // The release image runs the web proc's command and serves the page built by the script.
-    let port = free_port();
+    let port = lain_test_support::free_port();
     let node = NodeClient::connect("build-test", &host, "127.0.0.1".parse().unwrap()).unwrap();
     let name = format!("{app}-serve");
     let id = node

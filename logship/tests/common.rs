@@ -90,15 +90,6 @@ pub fn first_message(brokers: &str, topic: &str, timeout: Duration) -> Option<se
     None
 }
 
-/// A free loopback port: bound to port 0, read back and released.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Reads `name{label="value"} N` from a Prometheus text page; 0 when absent.
 pub fn metric(page: &str, name_and_labels: &str) -> u64 {
     page.lines()
@@ -303,7 +294,7 @@ impl PrivateKafka {
             .and_then(|i| args.get(i + 1))
             .cloned()
             .expect("the shared broker's classpath");
-        let controller = free_port();
+        let controller = lain_test_support::free_port();
         let data = dir.join("data");
         let conf = dir.join("server.properties");
         std::fs::write(

@@ -43,7 +43,7 @@ async fn kafka_absent_then_crashed_loses_nothing() {
     let dir = temp_dir();
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let port = common::free_port();
+    let port = lain_test_support::free_port();
     let topic = common::unique("outage");
     let cfg = common::write_config(
         dir.path(),

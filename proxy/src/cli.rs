@@ -19,6 +19,10 @@ pub struct Args {
     /// re-read when it changes.
     #[arg(long)]
     pub routes: Option<PathBuf>,
+    /// Take over the listeners of the proxy running at `listen.upgrade_socket_path`; it
+    /// stops accepting and drains once this one serves.
+    #[arg(long)]
+    pub upgrade: bool,
 }
 
 /// Runs the component until it is shut down.
@@ -44,10 +48,19 @@ pub fn run(args: Args) -> Result<(), RunError> {
             )],
         }));
     }
+    if args.upgrade && config.listen.upgrade_socket_path.is_none() {
+        return Err(RunError::Config(ConfigErrors {
+            file: name,
+            errors: vec![ConfigError::at(
+                "listen.upgrade_socket_path",
+                "--upgrade needs the socket the running proxy hands its listeners over",
+            )],
+        }));
+    }
     if args.check_config {
         eprintln!("{name}: configuration is valid");
         return Ok(());
     }
     lain_common::telemetry::init(lain_common::telemetry::LogFormat::Text);
-    crate::server::run(config)
+    crate::server::run(config, args.upgrade)
 }

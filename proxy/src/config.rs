@@ -98,6 +98,10 @@ pub struct Listen {
     /// Also accept HTTP/2 with prior knowledge (h2c) on the plain listener.
     #[serde(default)]
     pub h2c: bool,
+    /// A unix socket where this proxy hands its listeners to a successor started with
+    /// `lain proxy --upgrade` (zero-downtime binary upgrade); no upgrades when absent.
+    #[serde(default)]
+    pub upgrade_socket_path: Option<PathBuf>,
 }
 
 fn default_http() -> SocketAddr {
@@ -114,6 +118,7 @@ impl Default for Listen {
             https: None,
             admin: default_admin(),
             h2c: false,
+            upgrade_socket_path: None,
         }
     }
 }

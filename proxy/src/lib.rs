@@ -12,4 +12,5 @@ pub mod service;
 pub mod stream;
 pub mod table;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;

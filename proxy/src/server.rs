@@ -31,12 +31,21 @@ use crate::service::LainProxy;
 use crate::stream::{StreamMetrics, StreamSettings};
 use crate::table::RouteTable;
 use crate::tls::CertStore;
+use crate::upgrade::{Handover, Listeners, Sockets};
 
 /// How long start-up waits for the first snapshot before serving with an empty table.
 const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
 
-/// Runs the proxy until SIGTERM/SIGINT, then drains.
-pub fn run(config: Config) -> Result<(), RunError> {
+/// Runs the proxy until SIGTERM/SIGINT (or until a successor serves), then drains.
+/// With `upgrade`, it first takes over the listeners of the proxy running at
+/// `listen.upgrade_socket_path`.
+pub fn run(config: Config, upgrade: bool) -> Result<(), RunError> {
+    let handover = match (&config.listen.upgrade_socket_path, upgrade) {
+        (Some(path), true) => {
+            Some(crate::upgrade::receive(path).map_err(|e| RunError::Failed(e.to_string()))?)
+        }
+        _ => None,
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.threads > 0 {
         builder.worker_threads(config.threads);
@@ -46,7 +55,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         .thread_name("lain-proxy")
         .build()
         .map_err(|e| RunError::Failed(format!("cannot start the runtime: {e}")))?;
-    let result = rt.block_on(serve(config));
+    let result = rt.block_on(serve(config, handover));
     // Tasks still parked on sockets (idle keep-alive pools, the watcher) must not hold up
     // the exit once draining is over.
     rt.shutdown_timeout(Duration::from_millis(500));
@@ -127,8 +136,12 @@ impl TableCompiler {
     }
 }
 
-async fn serve(config: Config) -> Result<(), RunError> {
+async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunError> {
     let shutdown = Shutdown::on_signals();
+    let sockets = Sockets {
+        listeners: Listeners::default(),
+        inherited: handover.as_ref().map(|h| h.inherited.clone()),
+    };
     let registry = Registry::new();
     let fail = |what: &str, e: &dyn std::fmt::Display| RunError::Failed(format!("{what}: {e}"));
     let state_metrics =
@@ -162,6 +175,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
             connect_timeout: Duration::from_secs(config.stream.connect_timeout_secs),
         },
         stream_metrics,
+        sockets.clone(),
         shutdown.clone(),
     ));
 
@@ -222,6 +236,15 @@ async fn serve(config: Config) -> Result<(), RunError> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    let admin_listener = sockets
+        .bind("admin", config.listen.admin)
+        .await
+        .map_err(|e| {
+            fail(
+                &format!("binding admin listener {}", config.listen.admin),
+                &e,
+            )
+        })?;
     let admin_table = cell.clone();
     let ready = handle.clone();
     let admin_addr = Admin::new(registry)
@@ -242,14 +265,8 @@ async fn serve(config: Config) -> Result<(), RunError> {
                 Err("no cluster state received yet".into())
             }
         }))
-        .serve(config.listen.admin, shutdown.clone())
-        .await
-        .map_err(|e| {
-            fail(
-                &format!("binding admin listener {}", config.listen.admin),
-                &e,
-            )
-        })?;
+        .serve_on(admin_listener, shutdown.clone())
+        .map_err(|e| fail("serving the admin listener", &e))?;
     announce_listener("admin", admin_addr);
 
     let (pingora_tx, pingora_rx) = tokio::sync::watch::channel(false);
@@ -266,7 +283,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
         },
     };
     let mut loops = Vec::new();
-    let tcp = bind(config.listen.http, "http").await?;
+    let tcp = bind(&sockets, config.listen.http, "http").await?;
     loops.push(tokio::spawn(conns.clone().accept_loop(tcp, None)));
     if let Some(addr) = config.listen.https {
         let files = config
@@ -305,10 +322,29 @@ async fn serve(config: Config) -> Result<(), RunError> {
             acceptor: Acceptor::from_server_config(Arc::new(tls)),
             timeout: Duration::from_secs(config.tls.handshake_timeout_secs),
         });
-        let tcp = bind(addr, "https").await?;
+        let tcp = bind(&sockets, addr, "https").await?;
         loops.push(tokio::spawn(conns.clone().accept_loop(tcp, Some(acceptor))));
     }
+    if let Some(path) = &config.listen.upgrade_socket_path {
+        let listener = crate::upgrade::bind(path)
+            .map_err(|e| fail(&format!("binding upgrade socket {}", path.display()), &e))?;
+        tokio::spawn(crate::upgrade::serve(
+            listener,
+            sockets.listeners.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(admin = %admin_addr, "lain proxy serving");
+    if let Some(handover) = handover {
+        // Inherited listeners this configuration has no use for are closed; stream ports
+        // are the stream task's to take or close.
+        handover
+            .inherited
+            .close_where(|name| !name.starts_with("stream:"));
+        if let Err(e) = handover.ready() {
+            tracing::warn!(error = %e, "could not tell the previous proxy to drain; both serve");
+        }
+    }
     for l in loops {
         let _ = l.await;
     }
@@ -330,8 +366,13 @@ async fn serve(config: Config) -> Result<(), RunError> {
     Ok(())
 }
 
-async fn bind(addr: SocketAddr, name: &str) -> Result<tokio::net::TcpListener, RunError> {
-    let tcp = tokio::net::TcpListener::bind(addr)
+async fn bind(
+    sockets: &Sockets,
+    addr: SocketAddr,
+    name: &str,
+) -> Result<tokio::net::TcpListener, RunError> {
+    let tcp = sockets
+        .bind(name, addr)
         .await
         .map_err(|e| RunError::Failed(format!("binding {name} listener {addr}: {e}")))?;
     let local = tcp

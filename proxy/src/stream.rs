@@ -22,6 +22,8 @@ use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use crate::upgrade::Sockets;
+
 /// TCP connections accepted on stream ports.
 pub const STREAM_CONNECTIONS: &str = "lain_proxy_stream_connections_total";
 /// TCP connections closed because no endpoint could be reached.
@@ -169,11 +171,19 @@ impl StreamTable {
     }
 }
 
+/// The prefix of stream listeners' names in a binary upgrade's hand-over.
+const STREAM_PREFIX: &str = "stream:";
+
+fn stream_name(port: u16) -> String {
+    format!("{STREAM_PREFIX}{port}")
+}
+
 /// Follows the cluster state and keeps one listener per stream port. Returns at shutdown.
 pub async fn run(
     handle: StateHandle,
     settings: StreamSettings,
     metrics: StreamMetrics,
+    sockets: Sockets,
     shutdown: Shutdown,
 ) {
     let table: Arc<ArcSwap<StreamTable>> = Arc::default();
@@ -204,6 +214,7 @@ pub async fn run(
                     let keep = wanted.contains(port) && !task.is_finished();
                     if !keep {
                         task.abort();
+                        sockets.listeners.unregister(&stream_name(*port));
                     }
                     keep
                 });
@@ -212,7 +223,7 @@ pub async fn run(
                         continue;
                     }
                     let addr = SocketAddr::new(settings.listen_ip, port);
-                    match TcpListener::bind(addr).await {
+                    match sockets.bind(&stream_name(port), addr).await {
                         Ok(l) => {
                             tracing::info!(%addr, "stream port listening");
                             let task = tokio::spawn(accept_loop(
@@ -232,6 +243,11 @@ pub async fn run(
                     }
                 }
                 metrics.listeners.set(listeners.len() as i64);
+                // Stream ports a predecessor had but this state no longer routes are closed,
+                // so their clients are refused instead of queued on a socket nobody accepts.
+                if let Some(inherited) = &sockets.inherited {
+                    inherited.close_where(|name| name.starts_with(STREAM_PREFIX));
+                }
                 last = Some(snap);
             }
         }
@@ -240,8 +256,9 @@ pub async fn run(
             r = rx.changed() => if r.is_err() { break },
         }
     }
-    for (_, task) in listeners {
+    for (port, task) in listeners {
         task.abort();
+        sockets.listeners.unregister(&stream_name(port));
     }
     metrics.listeners.set(0);
 }

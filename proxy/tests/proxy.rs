@@ -17,7 +17,9 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lain_state::{EndpointRecord, Keyspace, RouteRecord, encode};
-use lain_test_support::{LainProcess, eventually, require_etcd, run_lain, unique_prefix};
+use lain_test_support::{
+    LainProcess, eventually, free_port, require_etcd, run_lain, unique_prefix,
+};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -834,14 +836,6 @@ async fn tcp_round_trip(addr: SocketAddr, text: &str) -> std::io::Result<String>
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_stream_route_forwards_round_robin_and_closes_on_removal() {
     let mut cluster = Cluster::new("proxy-stream").await;
@@ -1452,4 +1446,176 @@ async fn websocket_stays_open_across_table_swaps() {
     echo(&mut s, b"after the swaps").await;
     task.abort();
     cluster.cleanup().await;
+}
+
+/// One request on a fresh connection, so that every request tests that a connection is
+/// accepted: Ok(status line) or the error.
+async fn fresh_connection_get(addr: SocketAddr, host: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| "read timed out".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text.lines().next().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrade_under_load_refuses_no_connection() {
+    let mut cluster = Cluster::new("proxy-upgrade").await;
+    let up = Upstream::start("up").await;
+    cluster.put_endpoint("up", 1, up.addr).await;
+    cluster.put_route(&route("up.lain.local", "/", "up")).await;
+    // A TCP stream port too: its listener is handed over like the HTTP ones.
+    let (echo, _echo_task) = echo_upstream("echo").await;
+    let e: EndpointRecord = serde_json::from_value(serde_json::json!({
+        "app": "kv", "proc": "kv", "proc_type": "worker", "instance": 1,
+        "address": echo.ip().to_string(), "port": echo.port(),
+    }))
+    .unwrap();
+    cluster
+        .client
+        .put(cluster.ks.endpoint("kv", "kv", 1), encode(&e), None)
+        .await
+        .unwrap();
+    let stream_port = free_port();
+    let record: lain_state::StreamRecord = serde_json::from_value(serde_json::json!({
+        "listen_port": stream_port, "app": "kv", "proc": "kv",
+    }))
+    .unwrap();
+    cluster
+        .client
+        .put(cluster.ks.stream(stream_port), encode(&record), None)
+        .await
+        .unwrap();
+    let stream_addr: SocketAddr = ([127, 0, 0, 1], stream_port).into();
+
+    let sock_dir = lain_test_support::temp_dir();
+    let sock = sock_dir.path().join("upgrade.sock");
+    let mut old = Proxy::start_listen(
+        &cluster,
+        "[stream]\nlisten_ip = \"127.0.0.1\"\nport_min = 1024\nport_max = 65535",
+        &format!("upgrade_socket_path = {:?}", sock.display().to_string()),
+    );
+    let c = client();
+    wait_status(&c, &old, "up.lain.local", "/", 200).await;
+    eventually(Duration::from_secs(10), "stream port open", || async {
+        tcp_round_trip(stream_addr, "ping").await.ok()
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = old.http;
+    let loads: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut n, mut failures) = (0u64, Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && n < 100_000 && Instant::now() < deadline {
+                    n += 1;
+                    match fresh_connection_get(addr, "up.lain.local").await {
+                        Ok(line) if line.contains(" 200 ") => {}
+                        Ok(line) => failures.push(line),
+                        Err(e) => failures.push(e),
+                    }
+                }
+                (n, failures)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The successor runs the same configuration and takes the listeners over.
+    let config = old.dir.path().join("proxy.toml");
+    let new_dir = lain_test_support::temp_dir();
+    let new = Proxy::spawn(
+        &["proxy", "--config", config.to_str().unwrap(), "--upgrade"],
+        new_dir,
+    );
+    assert_eq!(
+        new.http, old.http,
+        "the successor serves on the same socket"
+    );
+    assert_eq!(new.admin, old.admin);
+    // The old process drains and exits by itself, successfully.
+    let status = tokio::task::block_in_place(|| old.process.wait_exit(Duration::from_secs(15)));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "old proxy did not exit cleanly: {status:?}"
+    );
+    // Load goes on against the successor alone for a while.
+    let served_before = metric_value(&metrics(&new).await, "lain_proxy_requests_total");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for l in loads {
+        let (n, failures) = l.await.unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} of {n} requests failed, first: {:?}",
+            failures.len(),
+            failures.first()
+        );
+        total += n;
+    }
+    assert!(total > 100, "only {total} requests ran");
+    let served_after = metric_value(&metrics(&new).await, "lain_proxy_requests_total");
+    assert!(
+        served_after > served_before,
+        "the successor served nothing: {served_before} then {served_after}"
+    );
+    // The old process is gone, so the stream port answers from the successor.
+    assert_eq!(
+        tcp_round_trip(stream_addr, "ping").await.unwrap(),
+        "echo:ping"
+    );
+
+    // A second upgrade works too: the successor kept the upgrade socket.
+    let config2 = config.clone();
+    let mut new = new;
+    let newer = Proxy::spawn(
+        &["proxy", "--config", config2.to_str().unwrap(), "--upgrade"],
+        lain_test_support::temp_dir(),
+    );
+    assert_eq!(newer.http, addr);
+    let status = tokio::task::block_in_place(|| new.process.wait_exit(Duration::from_secs(15)));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(
+        fresh_connection_get(addr, "up.lain.local").await.as_deref(),
+        Ok("HTTP/1.1 200 OK")
+    );
+    cluster.cleanup().await;
+}
+
+#[test]
+fn upgrade_without_a_running_proxy_fails_and_without_a_socket_is_a_config_error() {
+    let dir = lain_test_support::temp_dir();
+    let config = dir.path().join("proxy.toml");
+    write(
+        &config,
+        &format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nupgrade_socket_path = {:?}\n[state]\nroutes_file = {:?}\n",
+            dir.path().join("none.sock").display().to_string(),
+            dir.path().join("routes.yaml").display().to_string(),
+        ),
+    );
+    write(&dir.path().join("routes.yaml"), "routes: []\n");
+    let (code, _, err) = run_lain(
+        &["proxy", "--config", config.to_str().unwrap(), "--upgrade"],
+        None,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no running proxy at"), "{err}");
+    assert!(err.contains("none.sock"), "{err}");
+    let (code, _, err) = run_lain(&["proxy", "--upgrade", "--routes", "/dev/null"], None);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("listen.upgrade_socket_path"), "{err}");
 }

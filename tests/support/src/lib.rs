@@ -215,6 +215,11 @@ impl LainProcess {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
+        self.wait_exit(grace)
+    }
+
+    /// Waits up to `grace` for the process to exit by itself; its status, if it did.
+    pub fn wait_exit(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(s)) = self.child.try_wait() {
@@ -271,6 +276,19 @@ pub fn run_lain(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A loopback port free for both TCP and UDP right now, for a peer program that cannot
+/// bind port 0 and report back. Another process may take it before the peer binds it, so
+/// callers of programs that exit on a bind failure retry with a new port.
+pub fn free_port() -> u16 {
+    loop {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let port = t.local_addr().expect("local address").port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A temporary directory removed when dropped.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of `lain dns` against NSD, Knot DNS, Unbound (local-data) and dnsmasq,
-# all from Debian, on loopback, one at a time, loaded by dnsperf with the same 1,000-instance
+# all from Debian, and CoreDNS with its etcd plugin (from the Go module proxy), on loopback, one at a time, loaded by dnsperf with the same 1,000-instance
 # zone and a query file with 10% non-existent names. Prints a markdown table and writes
 # target/bench/dns.json. Bounded: BENCH_SECS (10) of load per server and thread count.
 # BENCH_SERVERS restricts the run to some of the servers.
@@ -13,7 +13,7 @@ work=$(mktemp -d /tmp/lain-bench-dns.XXXXXX)
 chmod 755 "$work"
 out="${CARGO_TARGET_DIR:-$root/target}"
 mkdir -p "$root/target/bench"
-trap 'stop_server; rm -rf "$work"' EXIT
+trap 'stop_server; remove_coredns_records || true; rm -rf "$work"' EXIT
 
 need=()
 for b in dnsperf:dnsperf nsd:nsd knotd:knot unbound:unbound dnsmasq:dnsmasq-base; do
@@ -24,6 +24,22 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -q "${need[@]}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${need[@]}" >&2; }
 fi
 export PATH="$PATH:/usr/sbin"
+
+# CoreDNS with its etcd plugin (one etcd Get per query), built from the Go module proxy into
+# /var/tmp/lain-go when missing; it needs the etcd of tests/services (LAIN_ETCD). Skipped with
+# a message when it cannot be built or there is no etcd.
+coredns_version=v1.14.7
+coredns=$(command -v coredns || true)
+if [ -z "$coredns" ] && [ -x /var/tmp/lain-go/bin/coredns ]; then coredns=/var/tmp/lain-go/bin/coredns; fi
+if [ -z "$coredns" ] && command -v go >/dev/null 2>&1; then
+  echo "building CoreDNS $coredns_version from the Go module proxy" >&2
+  if GOPATH=/var/tmp/lain-go GOBIN=/var/tmp/lain-go/bin timeout 1800 go install "github.com/coredns/coredns@$coredns_version" >&2; then
+    coredns=/var/tmp/lain-go/bin/coredns
+  fi
+fi
+if [ -z "${LAIN_ETCD:-}" ] && [ -x "$root/tests/services/etcd.sh" ]; then
+  eval "$("$root/tests/services/etcd.sh" start)"
+fi
 
 # LAIN_BIN skips the release build (for a quick run of the script itself).
 lain=${LAIN_BIN:-}
@@ -64,6 +80,35 @@ with open(f"{w}/queries.txt", "w") as f:
             app, n, _ = random.choice(inst)
             f.write(f"web-{n}.{app}.lain A\n")
 PY
+
+# CoreDNS's records: SkyDNS messages under a per-run etcd prefix, written once.
+coredns_path="/lain-bench-coredns-$$"
+coredns_loaded=""
+load_coredns_records() {
+  [ -n "$coredns_loaded" ] && return 0
+  python3 - "${LAIN_ETCD%%,*}" "$coredns_path" <<'PY'
+import base64, json, sys, urllib.request
+etcd, path = sys.argv[1], sys.argv[2]
+b64 = lambda s: base64.b64encode(s.encode()).decode()
+for i in range(1000):
+    app, n, ip = f"app{i % 50}", i // 50 + 1, f"10.1.{i // 250}.{i % 250 + 1}"
+    key = f"{path}/lain/{app}/web-{n}"
+    body = json.dumps({"key": b64(key), "value": b64(json.dumps({"host": ip, "ttl": 5}))}).encode()
+    req = urllib.request.Request(f"{etcd}/v3/kv/put", body, {"content-type": "application/json"})
+    urllib.request.urlopen(req, timeout=5).read()
+PY
+  coredns_loaded=1
+}
+remove_coredns_records() {
+  [ -n "$coredns_loaded" ] || return 0
+  python3 - "${LAIN_ETCD%%,*}" "$coredns_path" <<'PY'
+import base64, json, sys, urllib.request
+etcd, path = sys.argv[1], sys.argv[2]
+b64 = lambda s: base64.b64encode(s.encode()).decode()
+body = json.dumps({"key": b64(path + "/"), "range_end": b64(path + "0")}).encode()
+urllib.request.urlopen(urllib.request.Request(f"{etcd}/v3/kv/deleterange", body, {"content-type": "application/json"}), timeout=5).read()
+PY
+}
 
 pid=""
 stop_server() {
@@ -126,6 +171,12 @@ C
       { printf 'server:\n  interface: 127.0.0.1\n  port: %s\n  num-threads: %s\n  do-daemonize: no\n  use-syslog: no\n  logfile: ""\n  username: ""\n  chroot: ""\n  pidfile: ""\n  directory: "%s"\n  do-ip6: no\n  module-config: "iterator"\n' "$port" "$t" "$work"
         cat "$work/unbound-data.conf"; printf 'remote-control:\n  control-enable: no\n'; } > "$work/unbound.conf"
       unbound -d -c "$work/unbound.conf" & pid=$! ;;
+    coredns)
+      [ -n "$coredns" ] && [ -n "${LAIN_ETCD:-}" ] || { echo "coredns: not built or no etcd; skipped" >&2; return 1; }
+      load_coredns_records
+      printf 'lain:%s {\n  bind 127.0.0.1\n  etcd lain {\n    path %s\n    endpoint %s\n  }\n}\n' \
+        "$port" "$coredns_path" "${LAIN_ETCD%%,*}" > "$work/Corefile"
+      GOMAXPROCS=$t "$coredns" -conf "$work/Corefile" > "$work/coredns.log" 2>&1 & pid=$! ;;
     dnsmasq)
       dnsmasq -k --port "$port" --listen-address 127.0.0.1 --bind-interfaces --no-resolv --no-hosts \
         --addn-hosts "$work/hosts" --local=/lain/ --cache-size=0 --pid-file= 2>"$work/dnsmasq.log" & pid=$! ;;
@@ -154,7 +205,7 @@ results="$work/results.tsv"
 : > "$results"
 tck=$(getconf CLK_TCK)
 for t in 1 2; do
-  for name in ${BENCH_SERVERS:-lain nsd knot unbound dnsmasq}; do
+  for name in ${BENCH_SERVERS:-lain nsd knot unbound dnsmasq coredns}; do
     stop_server
     if ! start_server "$name" "$t"; then stop_server; continue; fi
     before=$(cpu_ticks "$pid")

@@ -4,7 +4,8 @@
 //!
 //! hickory's server has already answered FORMERR to packets that do not decode (names over
 //! 255 octets, labels over 63, truncated sections) and dropped responses sent to us; what
-//! reaches this handler is a well-formed request.
+//! reaches this handler is a well-formed request, though possibly an odd one (see
+//! [`requeried`]).
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -15,11 +16,11 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
-use hickory_proto::serialize::binary::BinEncoder;
+use hickory_proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder, NameEncoding};
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use ipnet::IpNet;
 
 use crate::forward::Forwarder;
@@ -151,6 +152,55 @@ impl DnsHandler {
     }
 }
 
+/// Whether a question section holds a compression pointer: walks each name's label lengths.
+/// A section too short to walk counts as compressed, so it is re-encoded.
+fn has_pointer(section: &[u8], questions: usize) -> bool {
+    let mut i = 0;
+    for _ in 0..questions {
+        loop {
+            let Some(&len) = section.get(i) else {
+                return true;
+            };
+            if len & 0xC0 != 0 {
+                return true;
+            }
+            i += 1 + usize::from(len);
+            if len == 0 {
+                break;
+            }
+        }
+        // Type and class.
+        i += 4;
+    }
+    false
+}
+
+/// The question section to echo when the client's own bytes cannot be echoed.
+///
+/// hickory echoes the question as the client sent it. A name compressed with a pointer
+/// (legal in a question, though no resolver sends one) points at an offset of the request,
+/// which in the response holds something else, so the answer would not decode. Such a
+/// question is encoded afresh without compression; the common case costs one scan.
+///
+/// A request without exactly one question gets FORMERR with no question section at all
+/// (RFC 9619 leaves it open), since echoing many questions can outgrow a UDP answer.
+fn requeried(request: &Request) -> Option<Queries> {
+    let original = request.queries.as_bytes();
+    if request.queries.len() != 1 {
+        return Queries::read(&mut BinDecoder::new(&[]), 0).ok();
+    }
+    if !has_pointer(original, 1) {
+        return None;
+    }
+    let mut buf = Vec::with_capacity(original.len());
+    let mut encoder = BinEncoder::new(&mut buf);
+    encoder.set_name_encoding(NameEncoding::Uncompressed);
+    for q in request.queries.queries() {
+        q.emit(&mut encoder).ok()?;
+    }
+    Queries::read(&mut BinDecoder::new(&buf), request.queries.len()).ok()
+}
+
 /// An upper bound of a record's wire size, without name compression.
 fn wire_bound(r: &Record) -> usize {
     let name = |n: &hickory_proto::rr::Name| n.len() + 2;
@@ -172,14 +222,14 @@ fn wire_bound(r: &Record) -> usize {
 
 /// Whether the reply fits `limit` octets: by a cheap bound first, exactly when that fails.
 fn fits(
-    request: &Request,
+    queries: &Queries,
     edns: Option<&Edns>,
     metadata: Metadata,
     reply: &Reply<'_>,
     limit: u16,
 ) -> bool {
     let limit_usize = usize::from(limit);
-    let mut bound = 12 + request.queries.as_bytes().len() + if edns.is_some() { 11 } else { 0 };
+    let mut bound = 12 + queries.as_bytes().len() + if edns.is_some() { 11 } else { 0 };
     for r in reply
         .answers
         .iter()
@@ -197,7 +247,7 @@ fn fits(
     let mut buf = Vec::with_capacity(limit_usize);
     let mut encoder = BinEncoder::new(&mut buf);
     encoder.set_max_size(limit);
-    let builder = MessageResponseBuilder::new(&request.queries, edns);
+    let builder = MessageResponseBuilder::new(queries, edns);
     let response = builder.build(
         metadata,
         reply.answers.iter().map(|r| r.as_ref()),
@@ -245,9 +295,11 @@ impl RequestHandler for DnsHandler {
         metadata.response_code = reply.rcode;
         metadata.authoritative = reply.authoritative;
         metadata.recursion_available = reply.recursion_available;
+        let requeried = requeried(request);
+        let queries = requeried.as_ref().unwrap_or(&request.queries);
         if request.protocol() == Protocol::Udp {
             let limit = resp_edns.as_ref().map_or(512, Edns::max_payload);
-            if !fits(request, resp_edns.as_ref(), metadata, &reply, limit) {
+            if !fits(queries, resp_edns.as_ref(), metadata, &reply, limit) {
                 // Partial RRsets are worse than none (RFC 2181 §9): send the header, the
                 // question and OPT with TC set, and let the client retry over TCP.
                 reply.answers.clear();
@@ -256,7 +308,7 @@ impl RequestHandler for DnsHandler {
                 metadata.truncation = true;
             }
         }
-        let builder = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref());
+        let builder = MessageResponseBuilder::new(queries, resp_edns.as_ref());
         let response = builder.build(
             metadata,
             reply.answers.iter().map(|r| r.as_ref()),
@@ -286,5 +338,27 @@ impl RequestHandler for DnsHandler {
             started.elapsed().as_secs_f64(),
         );
         info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_pointer;
+
+    #[test]
+    fn pointers_are_found_in_any_question() {
+        // web.lain. A IN
+        let plain = b"\x03web\x04lain\x00\x00\x01\x00\x01";
+        assert!(!has_pointer(plain, 1));
+        // web + pointer to offset 12.
+        assert!(has_pointer(b"\x03web\xc0\x0c\x00\x01\x00\x01", 1));
+        // The second of two questions is compressed.
+        let mut two = plain.to_vec();
+        two.extend_from_slice(b"\x01a\xc0\x0c\x00\x01\x00\x01");
+        assert!(has_pointer(&two, 2));
+        // A section shorter than its count says is treated as compressed.
+        assert!(has_pointer(b"\x03we", 1));
+        // The root name.
+        assert!(!has_pointer(b"\x00\x00\x02\x00\x01", 1));
     }
 }

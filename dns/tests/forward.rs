@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
-use lain_test_support::eventually;
+use lain_test_support::{eventually, free_port};
 
 /// An Unbound process this test started; killed by pid when dropped.
 struct Unbound {
@@ -26,18 +26,30 @@ impl Drop for Unbound {
     }
 }
 
-fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr").port()
+/// Starts Unbound on a free port. Another test may take the port between the check and
+/// Unbound's bind; Unbound then exits at once, and a new port is tried.
+fn start_unbound() -> Unbound {
+    for _ in 0..5 {
+        let mut u = start_unbound_once();
+        std::thread::sleep(Duration::from_millis(300));
+        match u.child.try_wait() {
+            Ok(None) => return u,
+            status => eprintln!(
+                "unbound on port {} exited early ({status:?}); retrying",
+                u.port
+            ),
+        }
+    }
+    panic!("unbound did not stay up on any of 5 ports");
 }
 
-fn start_unbound() -> Unbound {
+fn start_unbound_once() -> Unbound {
     let bin = ["/usr/sbin/unbound", "/usr/bin/unbound"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .unwrap_or_else(|| panic!("unbound is not installed: apt-get install unbound"));
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_udp_port();
+    let port = free_port();
     let conf = dir.path().join("unbound.conf");
     std::fs::write(
         &conf,

@@ -482,6 +482,61 @@ fn the_cli_drives_a_real_control_plane_from_login_to_rollback() {
     let (code, _, err) = run(&["secret", "rm", &app, "web", "/lain/app/s.txt"]);
     assert_eq!(code, 0, "{err}");
 
+    // TLS certificates: uploaded from PEM files, listed by the names the proxy serves them
+    // for (never with their keys); a file that is no certificate is refused, naming the field.
+    let cert_host = format!("{app}.example.test");
+    let generated = rcgen::generate_simple_self_signed(vec![cert_host.clone()]).unwrap();
+    let cert_pem = server.dir.path().join("c.pem");
+    let key_pem = server.dir.path().join("k.pem");
+    std::fs::write(&cert_pem, generated.cert.pem()).unwrap();
+    std::fs::write(&key_pem, generated.signing_key.serialize_pem()).unwrap();
+    let cert_name = format!("cert-{app}");
+    let (code, out, err) = run(&[
+        "cert",
+        "add",
+        &cert_name,
+        "--cert",
+        cert_pem.to_str().unwrap(),
+        "--key",
+        key_pem.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&cert_host), "{out}");
+    let (code, out, err) = run(&["cert", "ls", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let certs: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let mine = certs
+        .iter()
+        .find(|c| c["name"] == cert_name.as_str())
+        .unwrap_or_else(|| panic!("{cert_name} not listed: {out}"));
+    assert_eq!(mine["hosts"], serde_json::json!([cert_host]));
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    let (code, _, err) = run(&[
+        "cert",
+        "add",
+        "bad",
+        "--cert",
+        key_pem.to_str().unwrap(),
+        "--key",
+        key_pem.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cert_pem"), "{err}");
+    let other = rcgen::generate_simple_self_signed(vec![cert_host.clone()]).unwrap();
+    let other_key = server.dir.path().join("other.pem");
+    std::fs::write(&other_key, other.signing_key.serialize_pem()).unwrap();
+    let (code, _, err) = run(&[
+        "cert",
+        "add",
+        "mismatched",
+        "--cert",
+        cert_pem.to_str().unwrap(),
+        "--key",
+        other_key.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("does not belong"), "{err}");
+
     // A maintainer of this app only: allowed here, 403 on admin routes, 404 for others.
     let (code, _, err) = run(&["user", "add", "bob"]);
     assert_eq!(code, 0, "{err}");

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use lain_state::Balance;
 use pingora_core::prelude::HttpPeer;
-use pingora_core::{Error, ErrorType, Result};
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{ProxyHttp, Session};
 
@@ -399,6 +399,13 @@ impl ProxyHttp for LainProxy {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if e.esource == ErrorSource::Downstream {
+            // The client went away (or broke the protocol) while its request was upstream,
+            // as every load generator does when it stops: the endpoint did nothing wrong, so
+            // it is neither blamed nor ejected, and nobody is left to answer.
+            e.set_retry(false);
+            return e;
+        }
         // An endpoint that dies after taking a request but before answering it (a killed
         // instance) looks like this. As nginx's `proxy_next_upstream error` does, an
         // idempotent request whose body is still buffered goes to another endpoint, provided

@@ -47,7 +47,18 @@ pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>,
         .key_provider
         .load_private_key(key)
         .map_err(|e| CertError::Key(e.to_string()))?;
-    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+    let key = CertifiedKey::new(chain, signing);
+    // A key of another certificate would fail every handshake for these names; refusing it
+    // here keeps the previous certificate serving. When rustls cannot tell (a key type that
+    // exposes no public key), the pair is taken on trust.
+    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        key.keys_match()
+    {
+        return Err(CertError::Key(
+            "the key does not belong to the certificate".into(),
+        ));
+    }
+    Ok(Arc::new(key))
 }
 
 /// Names to keys; immutable once built.
@@ -220,6 +231,14 @@ mod tests {
         assert!(m.find(None).is_none());
         m.set_default(fallback.clone());
         assert!(Arc::ptr_eq(&m.find(Some("other.org")).unwrap(), &fallback));
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused() {
+        let a = rcgen::generate_simple_self_signed(vec!["a".to_string()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["b".to_string()]).unwrap();
+        let err = certified_key(&a.cert.pem(), &b.signing_key.serialize_pem()).unwrap_err();
+        assert!(err.to_string().contains("does not belong"), "{err}");
     }
 
     #[test]

@@ -64,6 +64,9 @@ impl Upstream {
                                 return Ok::<_, Infallible>(r);
                             }
                             hits.fetch_add(1, Ordering::Relaxed);
+                            if req.uri().path() == "/slow" {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                            }
                             let headers: HashMap<String, String> = req
                                 .headers()
                                 .iter()
@@ -1618,4 +1621,46 @@ fn upgrade_without_a_running_proxy_fails_and_without_a_socket_is_a_config_error(
     let (code, _, err) = run_lain(&["proxy", "--upgrade", "--routes", "/dev/null"], None);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("listen.upgrade_socket_path"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_hang_up_mid_request_do_not_eject_the_endpoint() {
+    use tokio::io::AsyncWriteExt;
+    let mut cluster = Cluster::new("proxy-hangup").await;
+    let up = Upstream::start("h").await;
+    cluster.put_endpoint("hangup", 1, up.addr).await;
+    cluster
+        .put_route(&route("hangup.lain.local", "/", "hangup"))
+        .await;
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    wait_status(&c, &proxy, "hangup.lain.local", "/", 200).await;
+    // Every client sends a request the upstream is slow to answer, then goes away: what a
+    // load generator does when it stops, or a browser when its user leaves the page.
+    // Each hangs up once the upstream has the request, so all 20 are failures of the kind
+    // that used to be blamed on the endpoint (5 eject it).
+    for _ in 0..20 {
+        let before = up.hits.load(Ordering::Relaxed);
+        let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: hangup.lain.local\r\n\r\n")
+            .await
+            .unwrap();
+        eventually(
+            Duration::from_secs(5),
+            "the upstream has the request",
+            || async { (up.hits.load(Ordering::Relaxed) > before).then_some(()) },
+        )
+        .await;
+        drop(s);
+    }
+    // Let the proxy notice the last hang-ups before asking.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get(&c, &proxy, "hangup.lain.local", "/").await.0, 200);
+    let m = metrics(&proxy).await;
+    assert_eq!(
+        metric_value(&m, "lain_proxy_upstream_ejections_total"),
+        0.0,
+        "{m}"
+    );
+    cluster.cleanup().await;
 }

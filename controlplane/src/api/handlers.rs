@@ -1211,6 +1211,27 @@ fn cert_facts(cert_pem: &str) -> std::result::Result<(Vec<String>, String), Stri
     Ok((hosts.into_iter().collect(), not_after))
 }
 
+/// Checks that `key_pem` is a private key the proxy can serve and that it belongs to the
+/// leaf certificate of `cert_pem`: the same test the proxy makes when it loads the pair, so
+/// an upload it would refuse is refused here, with the reason.
+fn check_key(cert_pem: &str, key_pem: &str) -> std::result::Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("certificate chain: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("not a PEM private key: {e}"))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("unsupported private key: {e}"))?;
+    match rustls::sign::CertifiedKey::new(chain, signing).keys_match() {
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err("the key does not belong to the certificate".into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Uploads a TLS certificate and key for the proxy (admin).
 #[utoipa::path(post, path = "/api/v1/certs", tag = "certs", request_body = UploadCertRequest,
     responses((status = 201, body = CertInfo), (status = 400, body = ErrorBody),
@@ -1235,9 +1256,7 @@ async fn upload_cert(
             "the certificate names no host",
         ));
     }
-    if !req.key_pem.contains("-----BEGIN") || !req.key_pem.contains("PRIVATE KEY-----") {
-        return Err(ApiError::bad_field("key_pem", "not a PEM private key"));
-    }
+    check_key(&req.cert_pem, &req.key_pem).map_err(|m| ApiError::bad_field("key_pem", m))?;
     let rec = CertRecord {
         v: SCHEMA_VERSION,
         names: hosts.clone(),

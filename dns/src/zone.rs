@@ -235,17 +235,13 @@ impl Zone {
     }
 
     /// The apex a name belongs to, if it is inside a served zone.
-    fn apex_of(&self, name: &LowerName) -> Option<(LowerName, &Apex)> {
-        let mut n = name.clone();
-        loop {
-            if let Some(a) = self.apexes.get(&n) {
-                return Some((n, a));
-            }
-            if n.is_root() {
-                return None;
-            }
-            n = n.base_name();
-        }
+    /// The deepest apex wins (`lain.local.` before `local.`). There are a handful of apexes,
+    /// so a scan without allocating beats walking up the name one copied label at a time.
+    fn apex_of(&self, name: &LowerName) -> Option<(&LowerName, &Apex)> {
+        self.apexes
+            .iter()
+            .filter(|(apex, _)| apex.zone_of(name))
+            .max_by_key(|(apex, _)| apex.num_labels())
     }
 
     fn visible(&self, name: &LowerName, viewer: Option<&str>) -> Option<&Node> {
@@ -274,7 +270,7 @@ impl Zone {
                     qtype,
                     viewer,
                     rotation,
-                    &apex_name,
+                    apex_name,
                     apex,
                     &mut answer,
                     0,
@@ -380,7 +376,7 @@ impl Zone {
                         qtype,
                         viewer,
                         rotation,
-                        &t_apex_name,
+                        t_apex_name,
                         t_apex,
                         answer,
                         depth + 1,

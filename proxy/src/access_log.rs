@@ -87,6 +87,11 @@ impl AccessLog {
         })
     }
 
+    /// Whether lines are written anywhere; a disabled log needs none built.
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
     /// Queues a line; never blocks.
     pub fn log(&self, line: AccessLine) {
         let Some(tx) = &self.tx else { return };

@@ -14,6 +14,12 @@
 //!
 //! Nothing here takes a lock or allocates on the common path: a request whose header
 //! arrives in one read never arms a timer.
+//!
+//! The guard also buffers what pingora writes, as pingora's own listeners do (pingora's
+//! HTTP/1 code writes the response header and the body separately and flushes when a
+//! response is complete or must reach the client at once). Streams built outside pingora's
+//! listeners have no write buffer, and without one every response costs the header and the
+//! body a system call and a TCP segment each.
 
 use std::future::Future;
 use std::io;
@@ -44,6 +50,10 @@ request header fields too large\n";
 const LINGER: Duration = Duration::from_secs(2);
 /// The most bytes thrown away while lingering.
 const LINGER_BYTES: usize = 8 << 20;
+
+/// The write buffer's size: a response header and a small body, about one TCP segment, as
+/// pingora's own L4 write buffer.
+const WRITE_BUFFER: usize = 1460;
 
 /// How long a peek for the next request on a kept-alive connection may wait; pingora's own
 /// keep-alive timeout, which its peek (done when h2c is enabled) does not apply.
@@ -85,6 +95,9 @@ pub struct GuardedStream {
     phase: Phase,
     next_request: Arc<AtomicBool>,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// Written bytes not yet handed to `inner`; `wpos` of them already were.
+    wbuf: Vec<u8>,
+    wpos: usize,
 }
 
 impl GuardedStream {
@@ -102,6 +115,8 @@ impl GuardedStream {
             },
             next_request: next_request.clone(),
             sleep: None,
+            wbuf: Vec::new(),
+            wpos: 0,
         };
         (guard, next_request)
     }
@@ -127,12 +142,28 @@ impl GuardedStream {
         sleep.as_mut().poll(cx)
     }
 
+    /// Hands everything buffered to `inner`.
+    fn poll_write_buffered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wpos < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.wbuf[self.wpos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wpos += n;
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+
     /// Writes the 431, shuts the write side, then discards what the client still sends;
     /// finally fails the read so pingora closes the connection.
     fn poll_reject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             match self.phase {
                 Phase::Rejecting { written } if written < RESPONSE_431.len() => {
+                    // Anything pingora wrote before goes out first.
+                    ready!(self.poll_write_buffered(cx))?;
                     let n =
                         ready!(Pin::new(&mut self.inner).poll_write(cx, &RESPONSE_431[written..]))?;
                     if n == 0 {
@@ -259,37 +290,68 @@ impl AsyncRead for GuardedStream {
 
 impl AsyncWrite for GuardedStream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.wbuf.len() + buf.len() > WRITE_BUFFER {
+            ready!(this.poll_write_buffered(cx))?;
+        }
+        if buf.len() >= WRITE_BUFFER {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        if this.wbuf.capacity() == 0 {
+            this.wbuf.reserve_exact(WRITE_BUFFER);
+        }
+        this.wbuf.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_buffered(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_buffered(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.wbuf.len() + total > WRITE_BUFFER {
+            ready!(this.poll_write_buffered(cx))?;
+        }
+        if total >= WRITE_BUFFER {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        if this.wbuf.capacity() == 0 {
+            this.wbuf.reserve_exact(WRITE_BUFFER);
+        }
+        for b in bufs {
+            this.wbuf.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(total))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        true
     }
 }
 
 #[async_trait]
 impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
+        // What is still buffered belongs before the close.
+        let _ = std::future::poll_fn(|cx| self.poll_write_buffered(cx)).await;
         self.inner.shutdown().await
     }
 }
@@ -386,5 +448,76 @@ mod tests {
         assert!(!nl);
         assert_eq!(scan(b"\n", &mut nl), None);
         assert_eq!(scan(b"\r\n", &mut nl), Some(2));
+    }
+
+    /// A connected pair: the guarded server side and the raw client side.
+    async fn pair() -> (GuardedStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let limits = HeaderLimits {
+            timeout: Duration::from_secs(5),
+            max_bytes: 1024,
+        };
+        let inner: Stream = Box::new(pingora_core::protocols::l4::stream::Stream::from(server));
+        (GuardedStream::new(inner, limits).0, client)
+    }
+
+    /// Reads what has arrived within 100 ms.
+    async fn arrived(client: &mut tokio::net::TcpStream) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(100), client.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn small_writes_wait_for_the_flush_and_leave_together() {
+        use tokio::io::AsyncWriteExt;
+        let (mut guard, mut client) = pair().await;
+        guard
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+            .await
+            .unwrap();
+        guard.write_all(b"hello").await.unwrap();
+        assert!(
+            arrived(&mut client).await.is_empty(),
+            "sent before the flush"
+        );
+        guard.flush().await.unwrap();
+        assert_eq!(
+            arrived(&mut client).await,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+        );
+    }
+
+    #[tokio::test]
+    async fn large_writes_pass_through_in_order_after_what_was_buffered() {
+        use tokio::io::AsyncWriteExt;
+        let (mut guard, mut client) = pair().await;
+        let big = vec![b'x'; 3 * WRITE_BUFFER];
+        guard.write_all(b"head;").await.unwrap();
+        guard.write_all(&big).await.unwrap();
+        // The large write went out without a flush, after the buffered bytes.
+        let got = arrived(&mut client).await;
+        assert_eq!(got.len(), 5 + big.len());
+        assert!(got.starts_with(b"head;x"));
+        guard.write_all(b"tail").await.unwrap();
+        Shutdown::shutdown(&mut guard).await;
+        assert_eq!(
+            arrived(&mut client).await,
+            b"tail",
+            "shutdown sends what is buffered"
+        );
     }
 }

@@ -24,7 +24,7 @@ use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use ipnet::IpNet;
 
 use crate::forward::Forwarder;
-use crate::metrics::{DnsMetrics, Source, qtype_label};
+use crate::metrics::{DnsMetrics, Source};
 use crate::zone::Zone;
 
 /// What the handler decided, before it is encoded.
@@ -284,11 +284,7 @@ impl RequestHandler for DnsHandler {
         } else {
             self.decide(&zone, request).await
         };
-        let qtype = request
-            .queries
-            .queries()
-            .first()
-            .map_or("none", |q| qtype_label(q.query_type()));
+        let qtype = request.queries.queries().first().map(|q| q.query_type());
 
         let mut reply = reply;
         let mut metadata = Metadata::response_from_request(&request.metadata);

@@ -3,6 +3,8 @@
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
+use std::sync::{Arc, OnceLock};
+
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -45,33 +47,47 @@ const QTYPES: [(RecordType, &str); 12] = [
     (RecordType::AXFR, "AXFR"),
 ];
 
-/// The bounded label of a query type.
-pub fn qtype_label(t: RecordType) -> &'static str {
-    QTYPES
-        .iter()
-        .find(|(q, _)| *q == t)
-        .map_or("other", |(_, l)| l)
+/// Query-type label slots: the listed types, then `other`, then `none` (no question).
+const QTYPE_SLOTS: usize = QTYPES.len() + 2;
+
+/// The label slot of a request's query type (`None`: the request had no question).
+fn qtype_slot(t: Option<RecordType>) -> (usize, &'static str) {
+    match t {
+        None => (QTYPES.len() + 1, "none"),
+        Some(t) => QTYPES
+            .iter()
+            .position(|(q, _)| *q == t)
+            .map_or((QTYPES.len(), "other"), |i| (i, QTYPES[i].1)),
+    }
 }
 
-/// The bounded label of a response code.
-pub fn rcode_label(r: ResponseCode) -> &'static str {
-    match r {
-        ResponseCode::NoError => "NOERROR",
-        ResponseCode::FormErr => "FORMERR",
-        ResponseCode::ServFail => "SERVFAIL",
-        ResponseCode::NXDomain => "NXDOMAIN",
-        ResponseCode::NotImp => "NOTIMP",
-        ResponseCode::Refused => "REFUSED",
-        ResponseCode::BADVERS => "BADVERS",
-        _ => "other",
-    }
+/// Response-code labels; everything else is `other`.
+const RCODES: [(ResponseCode, &str); 7] = [
+    (ResponseCode::NoError, "NOERROR"),
+    (ResponseCode::FormErr, "FORMERR"),
+    (ResponseCode::ServFail, "SERVFAIL"),
+    (ResponseCode::NXDomain, "NXDOMAIN"),
+    (ResponseCode::NotImp, "NOTIMP"),
+    (ResponseCode::Refused, "REFUSED"),
+    (ResponseCode::BADVERS, "BADVERS"),
+];
+
+/// Response-code label slots: the listed codes, then `other`.
+const RCODE_SLOTS: usize = RCODES.len() + 1;
+
+/// The label slot of a response code.
+fn rcode_slot(r: ResponseCode) -> (usize, &'static str) {
+    RCODES
+        .iter()
+        .position(|(c, _)| *c == r)
+        .map_or((RCODES.len(), "other"), |i| (i, RCODES[i].1))
 }
 
 /// Which part of the server answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// The compiled cluster zone.
-    Zone,
+    Zone = 0,
     /// An upstream resolver (or its cache).
     Forward,
     /// An error answer without lookup (FORMERR, NOTIMP, REFUSED).
@@ -92,7 +108,13 @@ impl Source {
 #[derive(Debug, Clone)]
 pub struct DnsMetrics {
     queries: IntCounterVec,
+    /// The children of `queries`, one slot per (query type, response code), each resolved
+    /// the first time it is counted: afterwards a query is counted without hashing labels
+    /// or taking the vector's lock.
+    query_children: Arc<[OnceLock<IntCounter>]>,
     seconds: HistogramVec,
+    /// The children of `seconds`, by [`Source`].
+    seconds_children: [Histogram; 3],
     pub(crate) truncated: IntCounter,
     pub(crate) forward_errors: IntCounter,
     pub(crate) forward_queries: IntCounterVec,
@@ -106,18 +128,24 @@ pub struct DnsMetrics {
 impl DnsMetrics {
     /// Creates the collectors and registers them in `registry`.
     pub fn register(registry: &Registry) -> Result<DnsMetrics, prometheus::Error> {
+        let seconds = HistogramVec::new(
+            HistogramOpts::new(QUERY_SECONDS, "time to answer a query").buckets(vec![
+                0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.025,
+                0.1, 0.5, 2.0,
+            ]),
+            &["source"],
+        )?;
         let m = DnsMetrics {
             queries: IntCounterVec::new(
                 Opts::new(QUERIES, "queries answered, by type and response code"),
                 &["qtype", "rcode"],
             )?,
-            seconds: HistogramVec::new(
-                HistogramOpts::new(QUERY_SECONDS, "time to answer a query").buckets(vec![
-                    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.025,
-                    0.1, 0.5, 2.0,
-                ]),
-                &["source"],
-            )?,
+            query_children: (0..QTYPE_SLOTS * RCODE_SLOTS)
+                .map(|_| OnceLock::new())
+                .collect(),
+            seconds_children: [Source::Zone, Source::Forward, Source::Error]
+                .map(|s| seconds.with_label_values(&[s.label()])),
+            seconds,
             truncated: IntCounter::new(TRUNCATED, "UDP answers sent truncated")?,
             forward_errors: IntCounter::new(FORWARD_ERRORS, "forwarded queries that failed")?,
             forward_queries: IntCounterVec::new(
@@ -159,17 +187,79 @@ impl DnsMetrics {
     }
 
     /// Counts one answered query.
-    pub(crate) fn query(&self, qtype: &str, rcode: ResponseCode, source: Source, secs: f64) {
-        self.queries
-            .with_label_values(&[qtype, rcode_label(rcode)])
+    pub(crate) fn query(
+        &self,
+        qtype: Option<RecordType>,
+        rcode: ResponseCode,
+        source: Source,
+        secs: f64,
+    ) {
+        let (q, q_label) = qtype_slot(qtype);
+        let (r, r_label) = rcode_slot(rcode);
+        self.query_children[q * RCODE_SLOTS + r]
+            .get_or_init(|| self.queries.with_label_values(&[q_label, r_label]))
             .inc();
-        self.seconds
-            .with_label_values(&[source.label()])
-            .observe(secs);
+        self.seconds_children[source as usize].observe(secs);
     }
 
     /// The number of queries counted for a type and response code label.
     pub fn query_count(&self, qtype: &str, rcode: &str) -> u64 {
         self.queries.with_label_values(&[qtype, rcode]).get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_counted_under_their_bounded_labels() {
+        let m = DnsMetrics::unregistered();
+        m.query(
+            Some(RecordType::A),
+            ResponseCode::NXDomain,
+            Source::Zone,
+            0.0,
+        );
+        m.query(
+            Some(RecordType::A),
+            ResponseCode::NXDomain,
+            Source::Zone,
+            0.0,
+        );
+        m.query(
+            Some(RecordType::AAAA),
+            ResponseCode::NoError,
+            Source::Zone,
+            0.0,
+        );
+        m.query(
+            Some(RecordType::CAA),
+            ResponseCode::Refused,
+            Source::Error,
+            0.0,
+        );
+        m.query(None, ResponseCode::FormErr, Source::Error, 0.0);
+        m.query(
+            Some(RecordType::A),
+            ResponseCode::YXDomain,
+            Source::Forward,
+            0.0,
+        );
+        assert_eq!(m.query_count("A", "NXDOMAIN"), 2);
+        assert_eq!(m.query_count("AAAA", "NOERROR"), 1);
+        assert_eq!(m.query_count("A", "NOERROR"), 0);
+        assert_eq!(m.query_count("other", "REFUSED"), 1);
+        assert_eq!(m.query_count("none", "FORMERR"), 1);
+        assert_eq!(m.query_count("A", "other"), 1);
+        assert_eq!(m.seconds.with_label_values(&["zone"]).get_sample_count(), 3);
+        assert_eq!(
+            m.seconds.with_label_values(&["error"]).get_sample_count(),
+            2
+        );
+        assert_eq!(
+            m.seconds.with_label_values(&["forward"]).get_sample_count(),
+            1
+        );
     }
 }

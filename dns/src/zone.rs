@@ -186,14 +186,19 @@ pub struct Answer<'z> {
     pub additionals: Vec<Cow<'z, Record>>,
 }
 
+/// The zone's maps hash with foldhash instead of SipHash: a lookup hashes the query name
+/// on every query, and the maps are only ever filled from cluster state, never from what a
+/// client sends, so SipHash's defence against chosen keys buys nothing here.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// An immutable, compiled zone.
 #[derive(Debug, Default)]
 pub struct Zone {
-    nodes: HashMap<LowerName, Node>,
-    apexes: HashMap<LowerName, Apex>,
+    nodes: FastMap<LowerName, Node>,
+    apexes: FastMap<LowerName, Apex>,
     /// Instance address → app, for per-client views. Addresses shared by several apps are
     /// left out: such a client cannot be told apart.
-    owners: HashMap<IpAddr, Arc<str>>,
+    owners: FastMap<IpAddr, Arc<str>>,
     records: usize,
     skipped: Vec<Skipped>,
     revision: i64,
@@ -430,7 +435,7 @@ pub fn reverse_name(ip: IpAddr) -> String {
 /// Builds zones from snapshots.
 struct Builder<'s> {
     settings: &'s ZoneSettings,
-    nodes: HashMap<LowerName, Node>,
+    nodes: FastMap<LowerName, Node>,
     skipped: Vec<Skipped>,
 }
 
@@ -479,10 +484,10 @@ pub fn compile(snap: &Snapshot, settings: &ZoneSettings, serial: u32) -> Zone {
     let ttl = settings.ttl;
     let mut b = Builder {
         settings,
-        nodes: HashMap::new(),
+        nodes: FastMap::default(),
         skipped: Vec::new(),
     };
-    let mut apexes = HashMap::new();
+    let mut apexes = FastMap::default();
 
     // SOA and NS at every apex.
     for apex in settings.domains.iter().chain(&settings.reverse_zones) {

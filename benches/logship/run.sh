@@ -62,12 +62,16 @@ cpu_secs() {
 rss_mib() {
   awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"
 }
+# Resident memory now (not the peak), for the memory-flatness check.
+rss_now_mib() {
+  awk '/VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo 0
+}
 now() { date +%s.%N; }
 kafka_count() {
   kcat -C -b "$LAIN_KAFKA" -t "$1" -e -q -f '\n' 2>/dev/null | wc -l
 }
 
-declare -A R_LPC R_MIBS R_RSS R_LOST
+declare -A R_LPC R_MIBS R_RSS R_LOST R_RSS_Q R_RSS_END
 record() { # name count secs cpu rss
   local name=$1 count=$2 secs=$3 cpu=$4 rss=$5
   R_LOST[$name]=$((lines - count))
@@ -79,11 +83,13 @@ record() { # name count secs cpu rss
 
 # run_until NAME PID COUNT_CMD: waits until COUNT_CMD prints $lines (or timeout), records.
 run_until() {
-  local name=$1 pid=$2 count_cmd=$3 start=$4 count=0 last=-1 stable=0
+  local name=$1 pid=$2 count_cmd=$3 start=$4 count=0 last=-1 stable=0 rss_q=""
   local deadline=$(( $(date +%s) + timeout_s ))
   while [ "$(date +%s)" -lt "$deadline" ]; do
     count=$(eval "$count_cmd" || true)
     count=${count:-0}
+    # Memory flatness: resident memory once a quarter of the file is out, against the end.
+    if [ -z "$rss_q" ] && [ "$count" -ge $((lines / 4)) ]; then rss_q=$(rss_now_mib "$pid"); fi
     [ "$count" -ge "$lines" ] && break
     if [ "$count" = "$last" ] && [ "$count" -gt 0 ]; then stable=$((stable + 1)); else stable=0; fi
     [ "$stable" -ge 30 ] && break
@@ -92,6 +98,8 @@ run_until() {
   done
   local end; end=$(now)
   local cpu rss; cpu=$(cpu_secs "$pid"); rss=$(rss_mib "$pid")
+  R_RSS_Q[$name]=${rss_q:-0}
+  R_RSS_END[$name]=$(rss_now_mib "$pid")
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   record "$name" "$count" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" "$cpu" "$rss"
@@ -171,21 +179,23 @@ run_until rsyslog_kafka "$pid" "kafka_count $topic" "$start"
 
 names=(cat_devnull kcat_kafka lain_file rsyslog_file lain_kafka rsyslog_kafka)
 echo
-echo "| run | lines/CPU-s | MiB/s | RSS MiB | lost |"
-echo "| --- | ---: | ---: | ---: | ---: |"
+echo "| run | lines/CPU-s | MiB/s | RSS MiB (peak) | RSS MiB at 1/4 → end | lost |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: |"
 for n in "${names[@]}"; do
-  echo "| $n | ${R_LPC[$n]} | ${R_MIBS[$n]} | ${R_RSS[$n]} | ${R_LOST[$n]} |"
+  flat=""
+  [ -n "${R_RSS_Q[$n]:-}" ] && flat="${R_RSS_Q[$n]} → ${R_RSS_END[$n]}"
+  echo "| $n | ${R_LPC[$n]} | ${R_MIBS[$n]} | ${R_RSS[$n]} | $flat | ${R_LOST[$n]} |"
 done
-json_map() { # assoc-name
+json_map() { # assoc-name; runs without a figure are null
   local -n m=$1; local first=1
   printf '{'
   for n in "${names[@]}"; do
     [ $first = 1 ] || printf ','
     first=0
-    printf '"%s":%s' "$n" "${m[$n]}"
+    printf '"%s":%s' "$n" "${m[$n]:-null}"
   done
   printf '}'
 }
-printf '{"lines":%s,"input_mib":%s,"lines_per_cpu_sec":%s,"mib_per_s":%s,"rss_mib":%s,"lost":%s}\n' \
-  "$lines" "$mib" "$(json_map R_LPC)" "$(json_map R_MIBS)" "$(json_map R_RSS)" "$(json_map R_LOST)" > "$out_dir/logship.json"
+printf '{"lines":%s,"input_mib":%s,"lines_per_cpu_sec":%s,"mib_per_s":%s,"rss_mib":%s,"rss_quarter_mib":%s,"rss_end_mib":%s,"lost":%s}\n' \
+  "$lines" "$mib" "$(json_map R_LPC)" "$(json_map R_MIBS)" "$(json_map R_RSS)" "$(json_map R_RSS_Q)" "$(json_map R_RSS_END)" "$(json_map R_LOST)" > "$out_dir/logship.json"
 echo "wrote $out_dir/logship.json" >&2

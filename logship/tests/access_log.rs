@@ -17,16 +17,11 @@ async fn access_lines_arrive_as_ecs_on_the_host_access_topic() {
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let node = common::unique("node");
-    let cfg = common::write_config(
+    let cfg = common::agent_config(
         dir.path(),
+        &node,
         &format!(
             r#"
-node = "{node}"
-state_dir = "{state}"
-[admin]
-listen = "127.0.0.1:0"
-[limits]
-poll_interval_ms = 20
 scan_interval_ms = 100
 [[files]]
 name = "access"
@@ -36,7 +31,6 @@ format = "proxy_access"
 brokers = "{brokers}"
 linger_ms = 5
 "#,
-            state = dir.path().join("state").display(),
             logs = logs.display(),
         ),
     );

@@ -26,6 +26,20 @@ pub fn write_config(dir: &Path, config: &str) -> String {
     p.display().to_string()
 }
 
+/// Writes an agent config to `dir/logship.toml` and returns its path: node `node`, state in
+/// `dir/state`, the admin listener on a free port and 20 ms polling, then `rest`, which
+/// goes on inside the `[limits]` table (so it starts with more limits or with a new table).
+pub fn agent_config(dir: &Path, node: &str, rest: &str) -> String {
+    write_config(
+        dir,
+        &format!(
+            "node = \"{node}\"\nstate_dir = \"{state}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [limits]\npoll_interval_ms = 20\n{rest}",
+            state = dir.join("state").display(),
+        ),
+    )
+}
+
 /// Reads messages of `topic` until `want` distinct `message` values for which `valid` holds
 /// were seen or `timeout` passes; returns how often each `message` value was seen.
 pub fn consume(

@@ -44,16 +44,11 @@ async fn removed_container_lines_and_log_volume_files_are_shipped() {
     let prefix = common::unique("removed");
     let volume = dir.path().join("volume/lain/logs");
     std::fs::create_dir_all(&volume).unwrap();
-    let cfg = common::write_config(
+    let cfg = common::agent_config(
         dir.path(),
+        "node1",
         &format!(
             r#"
-node = "node1"
-state_dir = "{state}"
-[admin]
-listen = "127.0.0.1:0"
-[limits]
-poll_interval_ms = 20
 scan_interval_ms = 100
 rotate_wait_ms = 500
 batch_max_events = 100
@@ -67,7 +62,6 @@ index_prefix = "{prefix}"
 flush_interval_ms = 100
 bulk_max_bytes = 65536
 "#,
-            state = dir.path().join("state").display(),
             addr = flaky.addr,
         ),
     );

@@ -33,16 +33,11 @@ async fn container_lines_arrive_with_lain_fields_and_joined_partials() {
     let script = "i=0; while [ $i -lt 100 ]; do echo \"hello line $i\"; i=$((i+1)); done; \
                   head -c 40000 /dev/zero | tr '\\0' y; echo; echo oops >&2; echo done; sleep 2";
     let dir = temp_dir();
-    let cfg = common::write_config(
+    let cfg = common::agent_config(
         dir.path(),
+        "node1",
         &format!(
             r#"
-node = "node1"
-state_dir = "{state}"
-[admin]
-listen = "127.0.0.1:0"
-[limits]
-poll_interval_ms = 20
 scan_interval_ms = 100
 rotate_wait_ms = 500
 [docker]
@@ -51,7 +46,6 @@ only_lain = true
 [sinks.file]
 path = "{out}"
 "#,
-            state = dir.path().join("state").display(),
             out = dir.path().join("out.ndjson").display(),
         ),
     );

@@ -32,16 +32,11 @@ async fn lines_are_indexed_searchable_and_conflicts_dead_lettered() {
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let prefix = common::unique("es");
-    let cfg = common::write_config(
+    let cfg = common::agent_config(
         dir.path(),
+        "node1",
         &format!(
             r#"
-node = "node1"
-state_dir = "{state}"
-[admin]
-listen = "127.0.0.1:0"
-[limits]
-poll_interval_ms = 20
 scan_interval_ms = 100
 multiline_timeout_ms = 100
 [[files]]
@@ -57,7 +52,6 @@ url = "{es}"
 index_prefix = "{prefix}"
 flush_interval_ms = 200
 "#,
-            state = dir.path().join("state").display(),
             logs = logs.display(),
         ),
     );

@@ -10,16 +10,11 @@ use std::time::Duration;
 use lain_test_support::{LainProcess, eventually, run_lain, temp_dir};
 
 fn config(dir: &std::path::Path, extra: &str) -> String {
-    common::write_config(
+    common::agent_config(
         dir,
+        "node1",
         &format!(
             r#"
-node = "node1"
-state_dir = "{state}"
-[admin]
-listen = "127.0.0.1:0"
-[limits]
-poll_interval_ms = 20
 scan_interval_ms = 100
 rotate_wait_ms = 500
 multiline_timeout_ms = 200
@@ -36,7 +31,6 @@ version = "v7"
 [sinks.file]
 path = "{out}"
 "#,
-            state = dir.join("state").display(),
             logs = dir.join("logs").display(),
             out = dir.join("out.ndjson").display(),
         ),

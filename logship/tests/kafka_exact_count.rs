@@ -49,16 +49,11 @@ fn exact_count_across_rotations_and_sigkills() {
     std::fs::create_dir_all(&logs).unwrap();
     let log = logs.join("app.log");
     let topic = common::unique("exact");
-    let config = common::write_config(
+    let config = common::agent_config(
         dir.path(),
+        "node1",
         &format!(
             r#"
-node = "node1"
-state_dir = "{state}"
-[admin]
-listen = "127.0.0.1:0"
-[limits]
-poll_interval_ms = 20
 scan_interval_ms = 200
 rotate_wait_ms = 3000
 [[files]]
@@ -70,7 +65,6 @@ instance = "1"
 brokers = "{brokers}"
 topic = "{topic}"
 "#,
-            state = dir.path().join("state").display(),
             logs = logs.display(),
         ),
     );

@@ -12,16 +12,11 @@ use lain_test_support::{LainProcess, eventually, require_es, run_lain, temp_dir}
 fn config(dir: &std::path::Path, sink: &str) -> String {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    common::write_config(
+    common::agent_config(
         dir,
+        "node1",
         &format!(
             r#"
-node = "node1"
-state_dir = "{state}"
-[admin]
-listen = "127.0.0.1:0"
-[limits]
-poll_interval_ms = 20
 scan_interval_ms = 100
 multiline_timeout_ms = 100
 [[files]]
@@ -47,7 +42,6 @@ podgroup = "{{app}}.worker.worker"
 instance = "1"
 {sink}
 "#,
-            state = dir.join("state").display(),
             logs = logs.display(),
         ),
     )

@@ -45,16 +45,11 @@ async fn kafka_absent_then_crashed_loses_nothing() {
     std::fs::create_dir_all(&logs).unwrap();
     let port = lain_test_support::free_port();
     let topic = common::unique("outage");
-    let cfg = common::write_config(
+    let cfg = common::agent_config(
         dir.path(),
+        "node1",
         &format!(
             r#"
-node = "node1"
-state_dir = "{state}"
-[admin]
-listen = "127.0.0.1:0"
-[limits]
-poll_interval_ms = 20
 scan_interval_ms = 100
 batch_max_events = 500
 queue_batches = 2
@@ -68,7 +63,6 @@ brokers = "127.0.0.1:{port}"
 inflight_batches = 2
 linger_ms = 5
 "#,
-            state = dir.path().join("state").display(),
             logs = logs.display(),
         ),
     );
@@ -193,16 +187,11 @@ async fn elasticsearch_failures_lose_nothing_and_duplicate_nothing() {
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let prefix = common::unique("esout");
-    let cfg = common::write_config(
+    let cfg = common::agent_config(
         dir.path(),
+        "node1",
         &format!(
             r#"
-node = "node1"
-state_dir = "{state}"
-[admin]
-listen = "127.0.0.1:0"
-[limits]
-poll_interval_ms = 20
 scan_interval_ms = 100
 batch_max_events = 200
 queue_batches = 2
@@ -217,7 +206,6 @@ index_prefix = "{prefix}"
 flush_interval_ms = 100
 bulk_max_bytes = 65536
 "#,
-            state = dir.path().join("state").display(),
             logs = logs.display(),
             addr = flaky.addr,
         ),

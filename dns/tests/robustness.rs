@@ -56,16 +56,14 @@ fn rcode_of(raw: &[u8]) -> u8 {
 async fn bad_packets_get_formerr_notimp_or_nothing_and_never_crash() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dns = Dns::start_file(&state_file(tmp.path()), "");
-    eventually(WAIT, "state file served", || async {
-        let m = ask(
-            dns.addr,
-            "web-1.hello.lain.",
-            RecordType::A,
-            Opts::default(),
-        )
-        .await;
-        is(&m, ResponseCode::NoError, &["127.0.20.1"]).then_some(())
-    })
+    wait_answer(
+        dns.addr,
+        "web-1.hello.lain.",
+        RecordType::A,
+        ResponseCode::NoError,
+        &["127.0.20.1"],
+        WAIT,
+    )
     .await;
 
     let ok_q = question(&[b"web-1", b"hello", b"lain"]);
@@ -262,22 +260,15 @@ async fn answers_continue_while_the_etcd_leader_is_killed() {
     let dns = Dns::start_etcd(&cluster, &prefix, "");
     let ks = dns.keyspace.clone();
     let e = endpoint("hello", "web", 1, "127.0.21.1", 80);
-    put(
-        &mut client,
-        &ks.endpoint("hello", "web", 1),
-        records::encode(&e),
+    put_endpoint(&mut client, &ks, &e).await;
+    wait_answer(
+        dns.addr,
+        "web-1.hello.lain.",
+        RecordType::A,
+        ResponseCode::NoError,
+        &["127.0.21.1"],
+        WAIT,
     )
-    .await;
-    eventually(WAIT, "first record", || async {
-        let m = ask(
-            dns.addr,
-            "web-1.hello.lain.",
-            RecordType::A,
-            Opts::default(),
-        )
-        .await;
-        is(&m, ResponseCode::NoError, &["127.0.21.1"]).then_some(())
-    })
     .await;
 
     let out = Command::new(etcd_script())

@@ -224,6 +224,40 @@ pub async fn put(client: &mut etcd_client::Client, key: &str, value: Vec<u8>) {
     client.put(key, value, None).await.expect("etcd put");
 }
 
+/// Puts an endpoint record under its key, as the control plane does.
+pub async fn put_endpoint(client: &mut etcd_client::Client, ks: &Keyspace, e: &EndpointRecord) {
+    put(
+        client,
+        &ks.endpoint(&e.app, &e.proc_name, e.instance),
+        records::encode(e),
+    )
+    .await;
+}
+
+/// Asks for `name` until the answer has `rcode` and exactly `addrs` (in any order for more
+/// than one), failing the test after `within`.
+pub async fn wait_answer(
+    server: SocketAddr,
+    name: &str,
+    t: RecordType,
+    rcode: ResponseCode,
+    addrs: &[&str],
+    within: Duration,
+) -> Message {
+    let mut want: Vec<IpAddr> = addrs.iter().map(|a| a.parse().expect("ip")).collect();
+    want.sort();
+    lain_test_support::eventually(within, name, || {
+        let want = want.clone();
+        async move {
+            let m = ask(server, name, t, Opts::default()).await;
+            let mut got = addresses(&m);
+            got.sort();
+            (m.metadata.response_code == rcode && got == want).then_some(m)
+        }
+    })
+    .await
+}
+
 /// Deletes everything under the test's prefix.
 pub async fn cleanup(client: &mut etcd_client::Client, prefix: &str) {
     let opts = etcd_client::DeleteOptions::new().with_prefix();

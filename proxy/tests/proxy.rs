@@ -991,6 +991,35 @@ async fn load_loop(
     (n, failed, first)
 }
 
+/// Two client loops against one host, running until [`Load::finish`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    loops: Vec<JoinHandle<(u64, u64, Option<String>)>>,
+}
+
+impl Load {
+    /// Starts the loops; each stops by itself after `limit` requests or a minute.
+    fn start(c: &reqwest::Client, url: String, host: &'static str, limit: u64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let loops = (0..2)
+            .map(|_| tokio::spawn(load_loop(c.clone(), url.clone(), host, stop.clone(), limit)))
+            .collect();
+        Load { stop, loops }
+    }
+
+    /// Stops the loops and fails the test if any request failed; returns how many ran.
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for l in self.loops {
+            let (n, failed, first) = l.await.unwrap();
+            assert_eq!(failed, 0, "{failed} of {n} failed, first: {first:?}");
+            total += n;
+        }
+        total
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_route_updates_under_load_fail_no_request() {
     let mut cluster = Cluster::new("proxy-churn").await;
@@ -1002,18 +1031,7 @@ async fn thousand_route_updates_under_load_fail_no_request() {
     let proxy = Proxy::start(&cluster, "");
     let c = client();
     wait_status(&c, &proxy, "churn.lain.local", "/", 200).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let loads: Vec<_> = (0..2)
-        .map(|_| {
-            tokio::spawn(load_loop(
-                c.clone(),
-                proxy.url("/"),
-                "churn.lain.local",
-                stop.clone(),
-                200_000,
-            ))
-        })
-        .collect();
+    let load = Load::start(&c, proxy.url("/"), "churn.lain.local", 200_000);
     for i in 0..1000u32 {
         // Other apps' routes come and go; the served route is rewritten now and then.
         let r = route(&format!("app{}.lain.local", i % 50), "/", "other");
@@ -1034,13 +1052,7 @@ async fn thousand_route_updates_under_load_fail_no_request() {
         (v > 1.0).then_some(v)
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for l in loads {
-        let (n, failed, first) = l.await.unwrap();
-        assert_eq!(failed, 0, "{failed} of {n} failed, first: {first:?}");
-        total += n;
-    }
+    let total = load.finish().await;
     assert!(total > 100, "only {total} requests ran");
     assert!(table_version > 1.0);
     cluster.cleanup().await;
@@ -1059,18 +1071,7 @@ async fn upstream_killed_under_load_causes_no_client_error() {
     let proxy = Proxy::start(&cluster, "");
     let c = client();
     wait_status(&c, &proxy, "kill.lain.local", "/", 200).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let loads: Vec<_> = (0..2)
-        .map(|_| {
-            tokio::spawn(load_loop(
-                c.clone(),
-                proxy.url("/"),
-                "kill.lain.local",
-                stop.clone(),
-                100_000,
-            ))
-        })
-        .collect();
+    let load = Load::start(&c, proxy.url("/"), "kill.lain.local", 100_000);
     tokio::time::sleep(Duration::from_millis(500)).await;
     a.kill();
     let before = b.hits.load(Ordering::Relaxed);
@@ -1080,11 +1081,7 @@ async fn upstream_killed_under_load_causes_no_client_error() {
         || async { (b.hits.load(Ordering::Relaxed) > before + 200).then_some(()) },
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for l in loads {
-        let (n, failed, first) = l.await.unwrap();
-        assert_eq!(failed, 0, "{failed} of {n} failed, first: {first:?}");
-    }
+    load.finish().await;
     let m = metrics(&proxy).await;
     assert!(
         metric_value(&m, "lain_proxy_upstream_connect_errors_total") >= 1.0,

@@ -277,25 +277,7 @@ impl Drop for Cleanup {
             .args(["start-node", "2"])
             .stdout(std::process::Stdio::null())
             .status();
-        for host in &self.nodes {
-            let Ok(out) = Command::new("docker")
-                .args(["-H", host, "ps", "-aq", "--filter"])
-                .arg(format!("label=lain.cluster={}", self.prefix))
-                .output()
-            else {
-                continue;
-            };
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["-H", host, "rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
-        }
+        lain_test_support::remove_cluster_containers(&self.nodes, &self.prefix);
         let _ = Command::new("etcdctl")
             .args(["del", "--prefix", &self.prefix])
             .env("ETCDCTL_API", "3")

@@ -11,39 +11,12 @@ use etcd_client::GetOptions;
 use futures::StreamExt;
 use lain_state::Keyspace;
 use lain_test_support::{
-    LainProcess, eventually, require_docker_nodes, require_etcd, run_lain, temp_dir, unique_prefix,
+    ContainerCleanup, LainProcess, eventually, require_docker_nodes, require_etcd, run_lain,
+    temp_dir, unique_prefix,
 };
 use serde_json::{Value, json};
 
 const IMAGE: &str = "lain/busybox:latest";
-
-/// Removes every container of one test's cluster from every engine, even when the test fails.
-struct Cleanup {
-    prefix: String,
-    nodes: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for host in &self.nodes {
-            let out = std::process::Command::new("docker")
-                .args(["-H", host, "ps", "-aq", "--filter"])
-                .arg(format!("label=lain.cluster={}", self.prefix))
-                .output();
-            let Ok(out) = out else { continue };
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = std::process::Command::new("docker")
-                    .args(["-H", host, "rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
-        }
-    }
-}
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -54,7 +27,7 @@ struct Cluster {
     procs: Vec<LainProcess>,
     token: String,
     http: reqwest::Client,
-    _cleanup: Cleanup,
+    _cleanup: ContainerCleanup,
 }
 
 impl Cluster {
@@ -106,9 +79,9 @@ impl Cluster {
             procs,
             token,
             http: reqwest::Client::new(),
-            _cleanup: Cleanup {
+            _cleanup: ContainerCleanup {
                 prefix: ks.prefix().to_string(),
-                nodes,
+                hosts: nodes,
             },
             dir,
         };

@@ -14,37 +14,11 @@ use lain_controlplane::engine::{Engine, EngineError, EngineSettings, NodeSpec};
 use lain_controlplane::metrics::Metrics;
 use lain_state::records::decode;
 use lain_state::{AppRecord, DnsRecord, EndpointRecord, Keyspace, Kind, NodeRecord, RouteRecord};
-use lain_test_support::{eventually, require_docker_nodes, require_etcd, unique_prefix};
+use lain_test_support::{
+    ContainerCleanup, eventually, require_docker_nodes, require_etcd, unique_prefix,
+};
 
 const IMAGE: &str = "lain/busybox:latest";
-
-/// Removes every container of one test's cluster from every engine, even when the test fails.
-struct Cleanup {
-    prefix: String,
-    nodes: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for host in &self.nodes {
-            let out = std::process::Command::new("docker")
-                .args(["-H", host, "ps", "-aq", "--filter"])
-                .arg(format!("label=lain.cluster={}", self.prefix))
-                .output();
-            let Ok(out) = out else { continue };
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = std::process::Command::new("docker")
-                    .args(["-H", host, "rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
-        }
-    }
-}
 
 struct Harness {
     engine: Engine,
@@ -56,7 +30,7 @@ struct Harness {
     nodes: Vec<NodeSpec>,
     docker: Vec<bollard::Docker>,
     _volumes: tempfile::TempDir,
-    _cleanup: Cleanup,
+    _cleanup: ContainerCleanup,
 }
 
 fn node_specs() -> Vec<NodeSpec> {
@@ -88,9 +62,9 @@ async fn start(test: &str) -> Harness {
     let prefix = unique_prefix(test);
     let ks = Keyspace::new(&prefix);
     let nodes = node_specs();
-    let cleanup = Cleanup {
+    let cleanup = ContainerCleanup {
         prefix: ks.prefix().to_string(),
-        nodes: nodes.iter().map(|n| n.docker_host.clone()).collect(),
+        hosts: nodes.iter().map(|n| n.docker_host.clone()).collect(),
     };
     let volumes = tempfile::tempdir().unwrap();
     let mut settings = EngineSettings::new(

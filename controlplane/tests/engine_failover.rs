@@ -21,7 +21,8 @@ use lain_controlplane::metrics::Metrics;
 use lain_state::records::decode;
 use lain_state::{AppRecord, EndpointRecord, Keyspace, Kind};
 use lain_test_support::{
-    eventually, parse_listening, require_docker_nodes, require_etcd, temp_dir, unique_prefix,
+    ContainerCleanup, eventually, parse_listening, require_docker_nodes, require_etcd, temp_dir,
+    unique_prefix,
 };
 
 const IMAGE: &str = "lain/busybox:latest";
@@ -262,26 +263,6 @@ async fn containers(hosts: &[String], prefix: &str) -> Vec<(String, String, bool
     out
 }
 
-fn remove_all(hosts: &[String], prefix: &str) {
-    for host in hosts {
-        let out = Command::new("docker")
-            .args(["-H", host, "ps", "-aq", "--filter"])
-            .arg(format!("label=lain.cluster={prefix}"))
-            .output();
-        let Ok(out) = out else { continue };
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
-        if !ids.is_empty() {
-            let _ = Command::new("docker")
-                .args(["-H", host, "rm", "-f"])
-                .args(&ids)
-                .output();
-        }
-    }
-}
-
 async fn leader_page(admin: std::net::SocketAddr) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
@@ -307,13 +288,10 @@ async fn kill_the_leader_at(step: Step, app: &str) {
     let ks = Keyspace::new(&prefix);
     let dir = temp_dir();
     let volumes = dir.path().join("volumes");
-    struct Cleanup(Vec<String>, String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            remove_all(&self.0, &self.1);
-        }
-    }
-    let _cleanup = Cleanup(hosts.clone(), ks.prefix().to_string());
+    let _cleanup = ContainerCleanup {
+        prefix: ks.prefix().to_string(),
+        hosts: hosts.clone(),
+    };
     let etcd = lain_test_support::etcd_client(&etcd_endpoints).await;
 
     let mut first = ChildLeader::spawn(&prefix, volumes.to_str().unwrap(), app);

@@ -22,40 +22,11 @@ use lain_controlplane::metrics::Metrics;
 use lain_state::records::decode;
 use lain_state::{EndpointRecord, Keyspace, Kind};
 use lain_test_support::{
-    LainProcess, eventually, require_docker_nodes, require_etcd, unique_prefix,
+    ContainerCleanup, LainProcess, eventually, require_docker_nodes, require_etcd, unique_prefix,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const IMAGE: &str = "lain/busybox:latest";
-
-/// Removes every container of one test's cluster from the given engines, even when the test
-/// fails.
-struct Cleanup {
-    prefix: String,
-    hosts: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for host in &self.hosts {
-            let out = Command::new("docker")
-                .args(["-H", host, "ps", "-aq", "--filter"])
-                .arg(format!("label=lain.cluster={}", self.prefix))
-                .output();
-            let Ok(out) = out else { continue };
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["-H", host, "rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
-        }
-    }
-}
 
 /// A dockerd of this test's own, on a unix socket in a temporary directory, with the
 /// busybox image copied from a shared engine. It is stopped by its PID when dropped.
@@ -232,7 +203,7 @@ struct Harness {
     endpoints: Vec<String>,
     ks: Keyspace,
     _volumes: tempfile::TempDir,
-    _cleanup: Cleanup,
+    _cleanup: ContainerCleanup,
 }
 
 fn node(name: &str, host: &str) -> NodeSpec {
@@ -267,7 +238,7 @@ async fn start(
     let endpoints = require_etcd();
     let prefix = unique_prefix(test);
     let ks = Keyspace::new(&prefix);
-    let cleanup = Cleanup {
+    let cleanup = ContainerCleanup {
         prefix: ks.prefix().to_string(),
         hosts: nodes.iter().map(|n| n.docker_host.clone()).collect(),
     };
@@ -998,7 +969,7 @@ async fn a_container_of_another_cluster_with_the_same_name_is_left_alone() {
     let name = "clash.web.web.v1-i1-d0";
     // Another cluster on the same engines already runs a container of that name.
     let other = format!("{}-other", h.ks.prefix());
-    let _other_cleanup = Cleanup {
+    let _other_cleanup = ContainerCleanup {
         prefix: other.clone(),
         hosts: h._cleanup.hosts.clone(),
     };

@@ -314,3 +314,43 @@ mod tests {
         assert_ne!(unique_prefix("a"), unique_prefix("a"));
     }
 }
+
+/// Removes every container labelled `lain.cluster={prefix}` (one test cluster's) from each
+/// Docker engine in `hosts`, through the docker CLI so that it works from any `Drop`.
+pub fn remove_cluster_containers(hosts: &[String], prefix: &str) {
+    for host in hosts {
+        let Ok(out) = Command::new("docker")
+            .args(["-H", host, "ps", "-aq", "--filter"])
+            .arg(format!("label=lain.cluster={prefix}"))
+            .output()
+        else {
+            continue;
+        };
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["-H", host, "rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+    }
+}
+
+/// Removes a test cluster's containers from its engines when dropped, so that a failing
+/// test leaves none behind.
+#[derive(Debug)]
+pub struct ContainerCleanup {
+    /// The cluster's key prefix, which its containers carry as `lain.cluster`.
+    pub prefix: String,
+    /// The engines' Docker hosts.
+    pub hosts: Vec<String>,
+}
+
+impl Drop for ContainerCleanup {
+    fn drop(&mut self) {
+        remove_cluster_containers(&self.hosts, &self.prefix);
+    }
+}

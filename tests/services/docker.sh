@@ -93,6 +93,22 @@ start_node() {
         --label "lain.test.node=node$n" \
         --log-level warn
     wait_until "dockerd node$n" "$(node_pidfile "$n")" "$(node_expect "$n")" "$(node_log "$n")" node_ready "$n"
+    remove_test_leftovers "$n"
+}
+
+# Containers of test clusters (key prefixes under /lain-test/) that outlived their test,
+# because the engine was stopped before the test's clean-up reached it, would keep their
+# names and make the next run's containers of the same name fail to be created. The
+# engine was just started, so no test is using it yet.
+remove_test_leftovers() {
+    local n="$1" ids
+    ids="$(dk "$n" ps -a --filter label=lain.cluster \
+        --format '{{.ID}} {{.Label "lain.cluster"}}' | awk '$2 ~ /^\/lain-test\// {print $1}')"
+    if [ -n "$ids" ]; then
+        log "removing $(echo "$ids" | wc -l) containers left by earlier tests on node$n"
+        # shellcheck disable=SC2086
+        dk "$n" rm -f $ids > /dev/null || true
+    fi
 }
 
 # Builds a minimal root file system around the static busybox: the binary,

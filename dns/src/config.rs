@@ -20,10 +20,11 @@ pub struct Config {
     #[serde(default = "default_admin")]
     pub admin_listen: SocketAddr,
     /// UDP sockets bound to the listen port with SO_REUSEPORT; the kernel spreads datagrams
-    /// over them, and each gets its own receive task. 0 means one per CPU.
+    /// over them, and each is served by a thread of its own. 0 means one per CPU.
     #[serde(default)]
     pub udp_sockets: usize,
-    /// Runtime worker threads; 0 means one per CPU.
+    /// Worker threads of the runtime that serves TCP, forwarding's background work, the
+    /// state watcher and the admin listener (UDP has its own threads); 0 means one per CPU.
     #[serde(default)]
     pub worker_threads: usize,
     /// How long an idle TCP connection is kept.

@@ -339,23 +339,7 @@ impl RealServer {
 impl Drop for RealServer {
     fn drop(&mut self) {
         self.cp.terminate(std::time::Duration::from_secs(10));
-        for host in &self.nodes {
-            let out = Command::new("docker")
-                .args(["-H", host, "ps", "-aq", "--filter"])
-                .arg(format!("label=lain.cluster={}", self.prefix))
-                .output();
-            let Ok(out) = out else { continue };
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["-H", host, "rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
-        }
+        lain_test_support::remove_cluster_containers(&self.nodes, &self.prefix);
         let _ = Command::new("etcdctl")
             .args(["del", "--prefix", &self.prefix])
             .env("ETCDCTL_API", "3")

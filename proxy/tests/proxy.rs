@@ -284,6 +284,26 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// One app with one upstream behind one route and a proxy serving it with `extra` config,
+/// already answering 200 for `probe_path` when a test gets them.
+async fn one_route(
+    test: &str,
+    app: &str,
+    host: &str,
+    route_path: &str,
+    probe_path: &str,
+    extra: &str,
+) -> (Cluster, Upstream, Proxy, reqwest::Client) {
+    let mut cluster = Cluster::new(test).await;
+    let up = Upstream::start(app).await;
+    cluster.put_endpoint(app, 1, up.addr).await;
+    cluster.put_route(&route(host, route_path, app)).await;
+    let proxy = Proxy::start(&cluster, extra);
+    let c = client();
+    wait_status(&c, &proxy, host, probe_path, 200).await;
+    (cluster, up, proxy, c)
+}
+
 /// GET `path` on the proxy with `host`; returns (status, body).
 async fn get(c: &reqwest::Client, p: &Proxy, host: &str, path: &str) -> (u16, String) {
     let r = c
@@ -405,14 +425,9 @@ async fn round_robin_spreads_over_three_upstreams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_and_request_id() {
-    let mut cluster = Cluster::new("proxy-headers").await;
-    let up = Upstream::start("h").await;
-    cluster.put_endpoint("h", 1, up.addr).await;
-    cluster.put_route(&route("h.lain.local", "/", "h")).await;
     // 127.0.0.1 is not trusted here, so client-sent forwarding headers are replaced.
-    let proxy = Proxy::start(&cluster, "");
-    let c = client();
-    wait_status(&c, &proxy, "h.lain.local", "/", 200).await;
+    let (cluster, _up, proxy, c) =
+        one_route("proxy-headers", "h", "h.lain.local", "/", "/", "").await;
     let r = c
         .get(proxy.url("/p?q=1"))
         .header("host", "h.lain.local")
@@ -468,15 +483,8 @@ async fn forwarding_headers_and_request_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_line_and_metrics() {
-    let mut cluster = Cluster::new("proxy-log").await;
-    let up = Upstream::start("log").await;
-    cluster.put_endpoint("logapp", 1, up.addr).await;
-    cluster
-        .put_route(&route("log.lain.local", "/v1", "logapp"))
-        .await;
-    let proxy = Proxy::start(&cluster, "");
-    let c = client();
-    wait_status(&c, &proxy, "log.lain.local", "/v1/x", 200).await;
+    let (cluster, up, proxy, c) =
+        one_route("proxy-log", "logapp", "log.lain.local", "/v1", "/v1/x", "").await;
     let r = c
         .get(proxy.url("/v1/items?a=b"))
         .header("host", "log.lain.local")
@@ -652,13 +660,15 @@ async fn dribble(addr: SocketAddr, parts: &[&[u8]], gap: Duration) -> (String, D
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431_and_slow_headers_are_cut_off() {
-    let mut cluster = Cluster::new("proxy-headers").await;
-    let up = Upstream::start("h").await;
-    cluster.put_endpoint("h", 1, up.addr).await;
-    cluster.put_route(&route("h.lain.local", "/", "h")).await;
-    let proxy = Proxy::start(&cluster, "header_timeout_secs = 1\nmax_header_bytes = 4096");
-    let c = client();
-    wait_status(&c, &proxy, "h.lain.local", "/", 200).await;
+    let (cluster, up, proxy, c) = one_route(
+        "proxy-headers",
+        "h",
+        "h.lain.local",
+        "/",
+        "/",
+        "header_timeout_secs = 1\nmax_header_bytes = 4096",
+    )
+    .await;
     let hits = up.hits.load(Ordering::Relaxed);
 
     // Over the configured limit, and far over pingora's own 1 MiB limit (where pingora alone
@@ -1022,15 +1032,8 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_route_updates_under_load_fail_no_request() {
-    let mut cluster = Cluster::new("proxy-churn").await;
-    let up = Upstream::start("churn").await;
-    cluster.put_endpoint("churn", 1, up.addr).await;
-    cluster
-        .put_route(&route("churn.lain.local", "/", "churn"))
-        .await;
-    let proxy = Proxy::start(&cluster, "");
-    let c = client();
-    wait_status(&c, &proxy, "churn.lain.local", "/", 200).await;
+    let (mut cluster, _up, proxy, c) =
+        one_route("proxy-churn", "churn", "churn.lain.local", "/", "/", "").await;
     let load = Load::start(&c, proxy.url("/"), "churn.lain.local", 200_000);
     for i in 0..1000u32 {
         // Other apps' routes come and go; the served route is rewritten now and then.
@@ -1223,13 +1226,8 @@ fn check_config_exit_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_cleanly() {
-    let mut cluster = Cluster::new("proxy-term").await;
-    let up = Upstream::start("t").await;
-    cluster.put_endpoint("t", 1, up.addr).await;
-    cluster.put_route(&route("t.lain.local", "/", "t")).await;
-    let mut proxy = Proxy::start(&cluster, "");
-    let c = client();
-    wait_status(&c, &proxy, "t.lain.local", "/", 200).await;
+    let (cluster, _up, mut proxy, _) =
+        one_route("proxy-term", "t", "t.lain.local", "/", "/", "").await;
     let status = proxy.process.terminate(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     cluster.cleanup().await;
@@ -1623,15 +1621,8 @@ fn upgrade_without_a_running_proxy_fails_and_without_a_socket_is_a_config_error(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_hang_up_mid_request_do_not_eject_the_endpoint() {
     use tokio::io::AsyncWriteExt;
-    let mut cluster = Cluster::new("proxy-hangup").await;
-    let up = Upstream::start("h").await;
-    cluster.put_endpoint("hangup", 1, up.addr).await;
-    cluster
-        .put_route(&route("hangup.lain.local", "/", "hangup"))
-        .await;
-    let proxy = Proxy::start(&cluster, "");
-    let c = client();
-    wait_status(&c, &proxy, "hangup.lain.local", "/", 200).await;
+    let (cluster, up, proxy, c) =
+        one_route("proxy-hangup", "hangup", "hangup.lain.local", "/", "/", "").await;
     // Every client sends a request the upstream is slow to answer, then goes away: what a
     // load generator does when it stops, or a browser when its user leaves the page.
     // Each hangs up once the upstream has the request, so all 20 are failures of the kind

@@ -338,6 +338,17 @@ async fn services_static_records_ingress_and_per_client_views() {
     };
     put(&mut client, &ks.ingress("edge"), records::encode(&ingress)).await;
 
+    // The stranger's instance must be in the served zone before its view is checked;
+    // until then its address is unknown, and unknown addresses see every service.
+    wait_answer(
+        dns.addr,
+        "web-1.stranger.lain.",
+        RecordType::A,
+        ResponseCode::NoError,
+        &["127.0.14.3"],
+        WAIT,
+    )
+    .await;
     let q = query_bytes("redis.client.lain.", RecordType::A, Opts::default());
     // From the client's own instance, and from an unknown address: the service resolves.
     for from in ["127.0.14.2", "127.0.0.1"] {

@@ -37,10 +37,12 @@ pub struct Config {
     /// How long a new version may take to become healthy before it is rolled back.
     #[serde(default = "default_health_deadline_secs")]
     pub health_deadline_secs: u64,
-    /// How long a node may fail to answer before its stateless instances move.
+    /// How long a node may fail to answer before its stateless instances move (sooner when
+    /// its lease expires first).
     #[serde(default = "default_node_down_grace_secs")]
     pub node_down_grace_secs: u64,
-    /// TTL of the node leases.
+    /// TTL of the node leases, renewed only while a node's engine answers: a node whose lease
+    /// expired is lost for every control plane, including one that takes over.
     #[serde(default = "default_node_lease_ttl_secs")]
     pub node_lease_ttl_secs: u64,
     /// TTL of the leader-election lease: a dead leader is replaced within about this long.

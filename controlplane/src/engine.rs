@@ -42,9 +42,10 @@ pub struct EngineSettings {
     pub health_deadline: Duration,
     /// Time allowed for one probe.
     pub probe_timeout: Duration,
-    /// How long a node may fail to answer before its stateless instances move.
+    /// How long a node may fail to answer before its stateless instances move (sooner when
+    /// its lease expires first).
     pub node_down_grace: Duration,
-    /// TTL of node leases.
+    /// TTL of node leases, renewed only while the node's engine answers a ping.
     pub node_lease_ttl: Duration,
     /// How instances are networked.
     pub network: Network,
@@ -256,6 +257,10 @@ enum Event {
     NodeStream(String),
     /// A retired container is gone.
     Retired(String),
+    /// A node's lease-bound record was deleted.
+    NodeLeaseGone(String),
+    /// The nodes whose lease-bound records exist, listed when the lease watch (re)starts.
+    NodeLeasesPresent(HashSet<String>),
 }
 
 /// The handle to a running engine.
@@ -303,10 +308,33 @@ impl Engine {
             shutdown: shutdown.clone(),
         };
         state.load_apps().await?;
+        // Nodes come from the configuration and from the memberships stored by earlier
+        // control planes (nodes added at run time); a stored drain is kept.
+        let members = state.publisher.node_members().await?;
+        let stored = |name: &str| {
+            members
+                .iter()
+                .find(|m| m.name == name)
+                .map_or(NodeState::Active, |m| m.state)
+        };
+        let configured: HashSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
         for n in nodes {
-            state.join_or_defer(n).await?;
+            let st = stored(&n.name);
+            state.join_or_defer(n, st).await?;
+        }
+        for m in members.iter().filter(|m| !configured.contains(&m.name)) {
+            let spec = NodeSpec {
+                name: m.name.clone(),
+                docker_host: m.docker_host.clone(),
+                address: m.address,
+                labels: m.labels.clone(),
+                cpus: m.cpus,
+                memory_bytes: m.memory_bytes,
+            };
+            state.join_or_defer(spec, m.state).await?;
         }
         state.watch_etcd();
+        state.watch_node_leases();
         let handle = tokio::spawn(state.run(rx));
         Ok((
             Engine {
@@ -458,6 +486,9 @@ struct NodeEntry {
     client: NodeClient,
     state: NodeState,
     down_since: Option<Instant>,
+    /// The node's lease expired: its engine did not answer for a whole lease TTL, as seen by
+    /// this control plane or by the one before it.
+    lease_expired: bool,
     lease: Option<tokio::task::JoinHandle<()>>,
     events: Option<tokio::task::JoinHandle<()>>,
 }
@@ -511,7 +542,7 @@ struct State {
     /// Configured nodes whose engine could not be reached when this engine started; they
     /// join as soon as they answer. A control plane taking over while a node is down must
     /// still lead, so an absent engine never fails the start.
-    unjoined: Vec<NodeSpec>,
+    unjoined: Vec<(NodeSpec, NodeState)>,
     unjoined_tried: Option<Instant>,
     tx: mpsc::Sender<Event>,
     metrics: Metrics,
@@ -651,12 +682,12 @@ impl State {
     }
 
     /// Adds a configured node, or defers it when its engine cannot be reached yet.
-    async fn join_or_defer(&mut self, spec: NodeSpec) -> Result<(), EngineError> {
-        match self.add_node(spec.clone()).await {
+    async fn join_or_defer(&mut self, spec: NodeSpec, state: NodeState) -> Result<(), EngineError> {
+        match self.add_node(spec.clone(), state).await {
             Ok(()) => Ok(()),
             Err(EngineError::Docker(e)) => {
                 tracing::warn!(node = %spec.name, error = %e, "node unreachable; it joins when it answers");
-                self.unjoined.push(spec);
+                self.unjoined.push((spec, state));
                 Ok(())
             }
             Err(e) => Err(e),
@@ -673,21 +704,37 @@ impl State {
             return;
         }
         self.unjoined_tried = Some(Instant::now());
-        for spec in std::mem::take(&mut self.unjoined) {
-            if let Err(e) = self.join_or_defer(spec).await {
+        for (spec, state) in std::mem::take(&mut self.unjoined) {
+            if let Err(e) = self.join_or_defer(spec, state).await {
                 tracing::warn!(error = %e, "a deferred node could not join");
             }
         }
     }
 
-    async fn add_node(&mut self, spec: NodeSpec) -> Result<(), EngineError> {
+    /// Adds (or re-adds) a node: stores its membership, and registers its lease when its
+    /// engine answers. A node whose engine does not answer and whose lease is already gone
+    /// (it expired while no control plane renewed it) is taken as lost at once.
+    async fn add_node(&mut self, spec: NodeSpec, state: NodeState) -> Result<(), EngineError> {
         let client = NodeClient::connect(&spec.name, &spec.docker_host, spec.address)?
             .with_registry(self.settings.registry.clone());
-        let record = self.node_record(&spec, NodeState::Active);
-        let lease = self
-            .publisher
-            .register_node(&record, self.settings.node_lease_ttl)
-            .await?;
+        let record = self.node_record(&spec, state);
+        self.publisher.save_node_member(&record).await?;
+        let answers = tokio::time::timeout(Duration::from_secs(3), client.ping())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        let (lease, down_since, lease_expired) = if answers {
+            let lease = self
+                .publisher
+                .register_node(&record, self.settings.node_lease_ttl, alive(&client))
+                .await?;
+            (Some(lease), None, false)
+        } else {
+            // The record of an earlier control plane is left to expire on its own lease;
+            // its deletion is seen by the node watch.
+            let expired = !self.publisher.node_lease_alive(&spec.name).await?;
+            tracing::warn!(node = %spec.name, lease_expired = expired, "node does not answer");
+            (None, Some(Instant::now()), expired)
+        };
         let events = self.watch_node(&client);
         if let Some(old) = self.nodes.remove(&spec.name) {
             old.abort();
@@ -697,12 +744,113 @@ impl State {
             NodeEntry {
                 spec,
                 client,
-                state: NodeState::Active,
-                down_since: None,
-                lease: Some(lease),
+                state,
+                down_since,
+                lease_expired,
+                lease,
                 events: Some(events),
             },
         );
+        Ok(())
+    }
+
+    /// Registers a fresh lease for a node whose engine answers again after its lease expired
+    /// or its renewing task ended (etcd was away).
+    async fn renew_lease(&mut self, name: &str) {
+        let Some(n) = self.nodes.get(name) else {
+            return;
+        };
+        let record = self.node_record(&n.spec, n.state);
+        let alive_fn = alive(&n.client);
+        match self
+            .publisher
+            .register_node(&record, self.settings.node_lease_ttl, alive_fn)
+            .await
+        {
+            Ok(lease) => {
+                if let Some(n) = self.nodes.get_mut(name) {
+                    tracing::info!(node = %name, "node lease registered again");
+                    n.lease_expired = false;
+                    if let Some(old) = n.lease.replace(lease) {
+                        old.abort();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(node = %name, error = %e, "cannot register the node lease"),
+        }
+    }
+
+    /// Watches the lease-bound node records: a deletion that nobody asked for is a lease
+    /// that expired. Each (re)start of the watch first lists the records, so a deletion
+    /// missed while etcd was away is still seen, then watches from that revision on.
+    fn watch_node_leases(&self) {
+        let mut client = self.client.clone();
+        let prefix = self.settings.keyspace.kind_prefix(Kind::Node);
+        let ks = self.settings.keyspace.clone();
+        let tx = self.tx.clone();
+        let shutdown = self.shutdown.clone();
+        let name_of = move |key: &[u8]| -> Option<String> {
+            let key = std::str::from_utf8(key).ok()?;
+            ks.parse(key).ok()?.parts.into_iter().next()
+        };
+        tokio::spawn(async move {
+            loop {
+                let listed = client
+                    .kv_client()
+                    .get(
+                        prefix.as_str(),
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    )
+                    .await;
+                if let Ok(resp) = listed {
+                    let present = resp
+                        .kvs()
+                        .iter()
+                        .filter_map(|kv| name_of(kv.key()))
+                        .collect();
+                    let _ = tx.send(Event::NodeLeasesPresent(present)).await;
+                    let from = resp.header().map_or(0, |h| h.revision()) + 1;
+                    let opts = etcd_client::WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(from);
+                    if let Ok(mut stream) = client.watch(prefix.as_str(), Some(opts)).await {
+                        loop {
+                            let m = tokio::select! {
+                                _ = shutdown.wait() => return,
+                                m = stream.next() => m,
+                            };
+                            let Some(Ok(resp)) = m else { break };
+                            for ev in resp.events() {
+                                if ev.event_type() == etcd_client::EventType::Delete
+                                    && let Some(name) = ev.kv().and_then(|kv| name_of(kv.key()))
+                                {
+                                    let _ = tx.send(Event::NodeLeaseGone(name)).await;
+                                }
+                            }
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
+
+    /// Marks a node draining, in its membership and (while its lease lives) its record.
+    async fn drain_node(&mut self, name: &str) -> Result<(), EngineError> {
+        let Some(n) = self.nodes.get_mut(name) else {
+            return Err(EngineError::NoNode(name.to_string()));
+        };
+        n.state = NodeState::Draining;
+        let leased = !n.lease_expired && n.lease.as_ref().is_some_and(|l| !l.is_finished());
+        let spec = n.spec.clone();
+        let record = self.node_record(&spec, NodeState::Draining);
+        self.publisher.save_node_member(&record).await?;
+        if leased {
+            self.renew_lease(name).await;
+        }
         Ok(())
     }
 
@@ -778,6 +926,20 @@ impl State {
         match ev {
             Event::Command(c) => self.command(c).await,
             Event::Docker | Event::Etcd => {}
+            Event::NodeLeaseGone(name) => {
+                if let Some(n) = self.nodes.get_mut(&name) {
+                    tracing::warn!(node = %name, "node lease expired");
+                    n.lease_expired = true;
+                }
+            }
+            Event::NodeLeasesPresent(present) => {
+                for (name, n) in self.nodes.iter_mut() {
+                    if !present.contains(name) && !n.lease_expired {
+                        tracing::warn!(node = %name, "node lease found expired");
+                        n.lease_expired = true;
+                    }
+                }
+            }
             Event::Retired(id) => {
                 self.retiring.remove(&id);
                 self.health.remove(&id);
@@ -845,32 +1007,10 @@ impl State {
                 let _ = reply.send(r);
             }
             Command::AddNode(spec, reply) => {
-                let _ = reply.send(self.add_node(spec).await);
+                let _ = reply.send(self.add_node(spec, NodeState::Active).await);
             }
             Command::DrainNode(name, reply) => {
-                let r = match self.nodes.get_mut(&name) {
-                    None => Err(EngineError::NoNode(name)),
-                    Some(n) => {
-                        n.state = NodeState::Draining;
-                        let spec = n.spec.clone();
-                        let record = self.node_record(&spec, NodeState::Draining);
-                        match self
-                            .publisher
-                            .register_node(&record, self.settings.node_lease_ttl)
-                            .await
-                        {
-                            Ok(lease) => {
-                                if let Some(n) = self.nodes.get_mut(&name)
-                                    && let Some(old) = n.lease.replace(lease)
-                                {
-                                    old.abort();
-                                }
-                                Ok(())
-                            }
-                            Err(e) => Err(e.into()),
-                        }
-                    }
-                };
+                let r = self.drain_node(&name).await;
                 let _ = reply.send(r);
             }
             Command::RemoveNode(name, reply) => {
@@ -878,9 +1018,7 @@ impl State {
                     None => Err(EngineError::NoNode(name)),
                     Some(n) => {
                         n.abort();
-                        let key = self.settings.keyspace.node(&name);
-                        let _ = self.client.kv_client().delete(key, None).await;
-                        Ok(())
+                        self.publisher.forget_node(&name).await.map_err(Into::into)
                     }
                 };
                 let _ = reply.send(r);
@@ -1291,6 +1429,7 @@ impl State {
         }))
         .await;
         let mut out = Vec::new();
+        let mut renew = Vec::new();
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for (name, list) in names.into_iter().zip(lists) {
             let Some(n) = self.nodes.get_mut(&name) else {
@@ -1298,6 +1437,9 @@ impl State {
             };
             match list {
                 Ok(l) => {
+                    if n.lease_expired || n.lease.as_ref().is_none_or(|l| l.is_finished()) {
+                        renew.push(name.clone());
+                    }
                     if n.down_since.take().is_some() {
                         tracing::info!(node = %name, "node answers again");
                         for ((_, _, _), slot) in self.slots.iter_mut() {
@@ -1321,6 +1463,9 @@ impl State {
                 }
             }
         }
+        for name in renew {
+            self.renew_lease(&name).await;
+        }
         out
     }
 
@@ -1341,14 +1486,19 @@ impl State {
             .is_some_and(|n| n.state == NodeState::Active && n.down_since.is_none())
     }
 
-    fn node_lost(&self, name: &str) -> bool {
+    /// Why a node's instances are given up, or `None` while they are kept: the node is
+    /// gone, draining, or does not answer and either its lease expired or the grace ended.
+    fn node_lost(&self, name: &str) -> Option<&'static str> {
         match self.nodes.get(name) {
-            None => true,
-            Some(n) => {
-                n.state == NodeState::Draining
-                    || n.down_since
-                        .is_some_and(|d| d.elapsed() >= self.settings.node_down_grace)
-            }
+            None => Some("removed"),
+            Some(n) if n.state == NodeState::Draining => Some("draining"),
+            Some(n) => match n.down_since {
+                Some(_) if n.lease_expired => Some("its lease expired"),
+                Some(d) if d.elapsed() >= self.settings.node_down_grace => {
+                    Some("its engine does not answer")
+                }
+                _ => None,
+            },
         }
     }
 
@@ -1487,18 +1637,18 @@ impl State {
         // Containers on lost nodes are abandoned unless stateful (those stay and are reported).
         let mut lost = Vec::new();
         let mut stranded = Vec::new();
-        list.retain(|a| {
-            if !self.node_lost(&a.node) {
+        list.retain(|a| match self.node_lost(&a.node) {
+            None => true,
+            Some(why) if p.stateful => {
+                stranded.push((a.clone(), why));
                 true
-            } else if p.stateful {
-                stranded.push(a.clone());
-                true
-            } else {
-                lost.push(a.clone());
+            }
+            Some(why) => {
+                lost.push((a.clone(), why));
                 false
             }
         });
-        for a in &stranded {
+        for (a, why) in &stranded {
             let slot = self.slots.entry(key.clone()).or_default();
             if !slot.stranded {
                 slot.stranded = true;
@@ -1508,14 +1658,14 @@ impl State {
                     Some(&p.name),
                     Some(n),
                     format!(
-                        "node {} lost; stateful instance {} stays there until it returns",
+                        "node {} lost ({why}); stateful instance {} stays there until it returns",
                         a.node, a.name
                     ),
                 )
                 .await;
             }
         }
-        for a in &lost {
+        for (a, why) in &lost {
             self.retire(a, "node lost", Duration::from_secs(0)).await;
             let slot = self.slots.entry(key.clone()).or_default();
             slot.drift += 1;
@@ -1524,7 +1674,7 @@ impl State {
                 "rescheduled",
                 Some(&p.name),
                 Some(n),
-                format!("node {} lost", a.node),
+                format!("node {} lost ({why})", a.node),
             )
             .await;
         }
@@ -2240,6 +2390,17 @@ impl State {
             }
         }
         Ok(out)
+    }
+}
+
+/// The liveness check a node's lease renewal waits on: its engine answers a ping.
+fn alive(
+    client: &NodeClient,
+) -> impl FnMut() -> futures::future::BoxFuture<'static, bool> + Send + 'static {
+    let client = client.clone();
+    move || {
+        let c = client.clone();
+        Box::pin(async move { c.ping().await.is_ok() })
     }
 }
 

@@ -362,13 +362,68 @@ impl Publisher {
         }
     }
 
-    /// Registers a node under a lease of `ttl` and keeps it alive until the returned task is
-    /// aborted or etcd stops answering; the record vanishes when the lease expires.
-    pub async fn register_node(
+    /// Stores a node's membership (`cp/nodes/{node}`), which outlives leases and leaders.
+    pub async fn save_node_member(&self, node: &NodeRecord) -> Result<(), PublishError> {
+        self.client
+            .kv_client()
+            .put(self.ks.node_member(&node.name), encode(node), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets a removed node: its membership and its lease-bound record.
+    pub async fn forget_node(&self, name: &str) -> Result<(), PublishError> {
+        let mut kv = self.client.kv_client();
+        kv.delete(self.ks.node_member(name), None).await?;
+        kv.delete(self.ks.node(name), None).await?;
+        Ok(())
+    }
+
+    /// The node memberships stored by earlier control planes.
+    pub async fn node_members(&self) -> Result<Vec<NodeRecord>, PublishError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                self.ks.node_members(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| records::decode::<NodeRecord>(kv.value()).ok())
+            .collect())
+    }
+
+    /// Whether a node's lease-bound record exists, that is whether its lease is alive.
+    pub async fn node_lease_alive(&self, name: &str) -> Result<bool, PublishError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                self.ks.node(name),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await?;
+        Ok(resp.count() > 0)
+    }
+
+    /// Registers a node under a lease of `ttl` and renews the lease only while `alive`
+    /// answers true (the node's engine answers), so the record vanishes `ttl` after the
+    /// engine stopped answering: the lease's expiry is the cluster-wide signal that the node
+    /// is lost, seen by every control plane. The renewing task ends when it is aborted, when
+    /// etcd stops answering, or when the lease expired.
+    pub async fn register_node<F, Fut>(
         &self,
         node: &NodeRecord,
         ttl: Duration,
-    ) -> Result<tokio::task::JoinHandle<()>, PublishError> {
+        mut alive: F,
+    ) -> Result<tokio::task::JoinHandle<()>, PublishError>
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = bool> + Send,
+    {
         let ttl_secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(10);
         let mut lease = self.client.lease_client();
         let id = lease.grant(ttl_secs, None).await?.id();
@@ -384,8 +439,22 @@ impl Publisher {
         let name = node.name.clone();
         let period = Duration::from_secs(u64::try_from(ttl_secs).unwrap_or(10)) / 3;
         Ok(tokio::spawn(async move {
+            let mut answering = true;
             loop {
                 tokio::time::sleep(period).await;
+                // The engine gets one period to answer; a hung engine is a lost one.
+                let ok = tokio::time::timeout(period, alive()).await.unwrap_or(false);
+                if ok != answering {
+                    answering = ok;
+                    if ok {
+                        tracing::info!(node = %name, "engine answers again; lease renewed");
+                    } else {
+                        tracing::warn!(node = %name, "engine does not answer; lease not renewed");
+                    }
+                }
+                if !ok {
+                    continue;
+                }
                 if let Err(e) = keeper.keep_alive().await {
                     tracing::warn!(node = %name, error = %e, "node lease heartbeat failed");
                     return;

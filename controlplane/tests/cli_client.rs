@@ -425,6 +425,12 @@ fn the_cli_drives_a_real_control_plane_from_login_to_rollback() {
     let (code, out, _) = run(&["node", "ls"]);
     assert_eq!(code, 0);
     assert!(out.contains("node1") && out.contains("node2"), "{out}");
+    assert!(
+        out.lines()
+            .filter(|l| l.starts_with("node"))
+            .all(|l| l.contains(" alive ")),
+        "both engines answer, so both leases live: {out}"
+    );
     let (code, out, _) = run(&["routes"]);
     assert_eq!(code, 0);
     assert!(out.contains(&app), "{out}");

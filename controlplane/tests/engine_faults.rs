@@ -1,7 +1,7 @@
 //! The engine under traffic and faults, against real etcd, real Docker engines and a real
 //! `lain proxy`: a rolling update with zero failed requests, a Docker engine that stops
-//! (stateless instances move, stateful ones stay and are reported), OOM kills and crash
-//! backoff.
+//! (stateless instances move, stateful ones stay and are reported), a node whose lease
+//! expires, a node added at run time kept by the next leader, OOM kills and crash backoff.
 //!
 //! Each test uses its own etcd prefix, which also labels its containers, and removes every
 //! container carrying that label when it ends. The engine that is stopped is a private
@@ -203,7 +203,19 @@ struct Harness {
     endpoints: Vec<String>,
     ks: Keyspace,
     _volumes: tempfile::TempDir,
+    // Declared before the clean-up so that a failed test stops the engine before its
+    // containers are removed.
+    _stop: StopOnDrop,
     _cleanup: ContainerCleanup,
+}
+
+/// Stops an engine when a test ends without `Harness::stop` (a failed assertion).
+struct StopOnDrop(Shutdown);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
 }
 
 fn node(name: &str, host: &str) -> NodeSpec {
@@ -259,11 +271,12 @@ async fn start(
     Harness {
         engine,
         task,
-        shutdown,
+        shutdown: shutdown.clone(),
         etcd,
         endpoints,
         ks,
         _volumes: volumes,
+        _stop: StopOnDrop(shutdown.clone()),
         _cleanup: cleanup,
     }
 }
@@ -315,6 +328,53 @@ impl Harness {
         );
         let http = p.addr("http");
         (p, http, dir)
+    }
+
+    /// Stops this engine (its containers and records stay) and starts another on the same
+    /// prefix, as a control plane taking over would.
+    async fn new_leader(
+        self,
+        nodes: Vec<NodeSpec>,
+        tune: impl FnOnce(&mut EngineSettings),
+    ) -> Harness {
+        self.shutdown.trigger();
+        let _ = self.task.await;
+        let mut settings = EngineSettings::new(
+            self.ks.clone(),
+            vec!["lain.local".into()],
+            self._volumes.path().to_path_buf(),
+        );
+        settings.health_deadline = Duration::from_secs(30);
+        tune(&mut settings);
+        let shutdown = Shutdown::new();
+        let metrics = Metrics::new(&prometheus::Registry::new());
+        let (engine, task) = Engine::start(
+            settings,
+            self.etcd.clone(),
+            nodes,
+            metrics,
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        Harness {
+            engine,
+            task,
+            _stop: StopOnDrop(shutdown.clone()),
+            shutdown,
+            ..self
+        }
+    }
+
+    /// Whether `state/nodes/{name}`, the record bound to the node's lease, exists.
+    async fn node_leased(&self, name: &str) -> bool {
+        let resp = self
+            .etcd
+            .kv_client()
+            .get(self.ks.node(name), None)
+            .await
+            .unwrap();
+        resp.count() > 0
     }
 
     async fn stop(self) {
@@ -637,6 +697,102 @@ async fn a_stopped_engine_has_its_stateless_instances_moved_and_its_stateful_one
         .unwrap();
     assert_eq!(moved_web.node.as_deref(), Some("node1"), "{moved_web:?}");
     assert_eq!(moved_web.restarts, 0, "{moved_web:?}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_at_run_time_outlives_its_leader_and_its_expired_lease_moves_its_instances() {
+    let shared = require_docker_nodes();
+    let mut private = PrivateDocker::start(&shared[0]);
+    // The grace for an engine that does not answer is far longer than this test, so only the
+    // node's lease expiring can move its instances.
+    let tune = |s: &mut EngineSettings| {
+        s.node_down_grace = Duration::from_secs(600);
+        s.node_lease_ttl = Duration::from_secs(2);
+    };
+    let configured = vec![node("node1", &shared[0])];
+    let h = start("cp-node-lease", configured.clone(), tune).await;
+    h.engine
+        .add_node(node("nodep", &private.host))
+        .await
+        .unwrap();
+    let app = "leased";
+    h.engine
+        .register("lain.yaml", &versioned_app(app, 2, ""))
+        .await
+        .unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let spread = || async {
+        let inst = h.engine.instances(app).await.ok()?;
+        let nodes: BTreeSet<Option<String>> = inst.iter().map(|i| i.node.clone()).collect();
+        (inst.len() == 2 && inst.iter().all(|i| i.healthy) && nodes.len() == 2).then_some(inst)
+    };
+    let before = eventually(Duration::from_secs(60), "spread over both engines", spread).await;
+    let on_p = before
+        .iter()
+        .find(|i| i.node.as_deref() == Some("nodep"))
+        .unwrap()
+        .clone();
+
+    // A new leader configured with node1 only knows nodep from its stored membership and
+    // adopts the instance there instead of starting another.
+    let h = h.new_leader(configured, tune).await;
+    let after = eventually(
+        Duration::from_secs(60),
+        "both instances adopted",
+        || async {
+            let inst = h.engine.instances(app).await.ok()?;
+            (inst.len() == 2 && inst.iter().all(|i| i.healthy)).then_some(inst)
+        },
+    )
+    .await;
+    let adopted = after.iter().find(|i| i.instance == on_p.instance).unwrap();
+    assert_eq!(adopted.node.as_deref(), Some("nodep"), "{after:?}");
+    assert_eq!(adopted.container_id, on_p.container_id, "{after:?}");
+    assert!(h.node_leased("nodep").await);
+
+    // The private engine stops: nodep's lease is no longer renewed and expires, and its
+    // instance moves to node1 long before the grace would have ended.
+    private.stop();
+    let stopped = Instant::now();
+    eventually(Duration::from_secs(30), "nodep's lease expired", || async {
+        (!h.node_leased("nodep").await).then_some(())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "the instance moved to node1",
+        || async {
+            let eps = h.endpoints(app).await;
+            (eps.len() == 2 && eps.iter().all(|e| e.node == "node1")).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "engine stop → lease expired → rescheduled in {:?}",
+        stopped.elapsed()
+    );
+    let events = h.engine.events(app).await.unwrap();
+    assert!(
+        events.iter().any(|e| e.kind == "rescheduled"
+            && e.instance == Some(on_p.instance)
+            && e.message.contains("nodep")
+            && e.message.contains("lease expired")),
+        "{events:?}"
+    );
+    // The node is still a member of the cluster, and its lease comes back with its engine.
+    let member = h
+        .etcd
+        .kv_client()
+        .get(h.ks.node_member("nodep"), None)
+        .await
+        .unwrap();
+    assert_eq!(member.count(), 1);
+    private.spawn();
+    eventually(Duration::from_secs(60), "nodep's lease renewed", || async {
+        h.node_leased("nodep").await.then_some(())
+    })
+    .await;
     h.stop().await;
 }
 

@@ -1029,7 +1029,7 @@ async fn remove_maintainer(
 // ---------------------------------------------------------------------------------------
 // Nodes, routes, DNS, certificates.
 
-fn node_info(n: NodeRecord) -> NodeInfo {
+fn node_info(n: NodeRecord, lease_alive: bool) -> NodeInfo {
     NodeInfo {
         name: n.name,
         docker_host: n.docker_host,
@@ -1041,19 +1041,32 @@ fn node_info(n: NodeRecord) -> NodeInfo {
             NodeState::Active => "active".into(),
             NodeState::Draining => "draining".into(),
         },
+        lease_alive,
     }
 }
 
-/// Lists the cluster's nodes.
+/// Lists the cluster's nodes: every stored membership, with whether its lease is alive.
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes",
     responses((status = 200, body = [NodeInfo]), (status = 401, body = ErrorBody)))]
 async fn list_nodes(State(state): State<ApiState>) -> Result<AxumJson<Vec<NodeInfo>>> {
     let s = &state.inner;
-    let all: Vec<(String, NodeRecord)> =
+    let leased: Vec<(String, NodeRecord)> =
         auth::list_json(&s.client, &s.ks.kind_prefix(Kind::Node)).await?;
-    Ok(AxumJson(
-        all.into_iter().map(|(_, n)| node_info(n)).collect(),
-    ))
+    let members: Vec<(String, NodeRecord)> =
+        auth::list_json(&s.client, &s.ks.node_members()).await?;
+    let mut all: BTreeMap<String, NodeInfo> = members
+        .into_iter()
+        .map(|(_, n)| {
+            let alive = leased.iter().any(|(_, l)| l.name == n.name);
+            (n.name.clone(), node_info(n, alive))
+        })
+        .collect();
+    // Records of a control plane that kept no memberships are still listed.
+    for (_, n) in leased {
+        all.entry(n.name.clone())
+            .or_insert_with(|| node_info(n, true));
+    }
+    Ok(AxumJson(all.into_values().collect()))
 }
 
 /// Adds a Docker engine (admin).
@@ -1097,16 +1110,19 @@ async fn add_node(
     engine.add_node(spec.clone()).await?;
     Ok((
         StatusCode::CREATED,
-        AxumJson(node_info(NodeRecord {
-            v: SCHEMA_VERSION,
-            name: spec.name,
-            docker_host: spec.docker_host,
-            address: spec.address,
-            labels: spec.labels,
-            cpus: spec.cpus,
-            memory_bytes: spec.memory_bytes,
-            state: NodeState::Active,
-        })),
+        AxumJson(node_info(
+            NodeRecord {
+                v: SCHEMA_VERSION,
+                name: spec.name,
+                docker_host: spec.docker_host,
+                address: spec.address,
+                labels: spec.labels,
+                cpus: spec.cpus,
+                memory_bytes: spec.memory_bytes,
+                state: NodeState::Active,
+            },
+            true,
+        )),
     ))
 }
 

@@ -360,6 +360,10 @@ pub struct NodeInfo {
     pub memory_bytes: u64,
     /// `active` or `draining`.
     pub state: String,
+    /// The node's lease is alive: its engine answered the control plane within the lease
+    /// TTL. A node whose lease expired has its stateless instances moved elsewhere.
+    #[serde(default)]
+    pub lease_alive: bool,
 }
 
 /// `POST /api/v1/nodes`.

@@ -1075,6 +1075,7 @@ async fn node(a: NodeArgs) -> Result<(), CliError> {
                 let mut t = Table::new(&[
                     "NAME",
                     "STATE",
+                    "LEASE",
                     "DOCKER HOST",
                     "ADDRESS",
                     "CPUS",
@@ -1085,6 +1086,7 @@ async fn node(a: NodeArgs) -> Result<(), CliError> {
                     t.row(vec![
                         n.name.clone(),
                         n.state.clone(),
+                        if n.lease_alive { "alive" } else { "expired" }.to_string(),
                         n.docker_host.clone(),
                         n.address.clone(),
                         n.cpus.to_string(),

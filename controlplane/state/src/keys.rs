@@ -295,6 +295,18 @@ impl Keyspace {
         format!("{}/", self.cp_key(&["secrets", app, proc_name]))
     }
 
+    /// `cp/nodes/{node}`: a node's membership (its spec and whether it drains). It has no
+    /// lease, unlike `state/nodes/{node}`, so a control plane that starts or takes over knows
+    /// every node added at run time, even one that is down at that moment.
+    pub fn node_member(&self, node: &str) -> String {
+        self.cp_key(&["nodes", node])
+    }
+
+    /// The range of every node membership.
+    pub fn node_members(&self) -> String {
+        format!("{}/", self.cp_key(&["nodes"]))
+    }
+
     /// `cp/lainyaml/{app}`: the lain.yaml text as registered, shown back by the API.
     pub fn lain_yaml(&self, app: &str) -> String {
         self.cp_key(&["lainyaml", app])

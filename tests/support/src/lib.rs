@@ -317,7 +317,8 @@ mod tests {
 
 /// Removes every container labelled `lain.cluster={prefix}` (one test cluster's) from each
 /// Docker engine in `hosts`, through the docker CLI so that it works from any `Drop`.
-pub fn remove_cluster_containers(hosts: &[String], prefix: &str) {
+pub fn remove_cluster_containers(hosts: &[String], prefix: &str) -> usize {
+    let mut removed = 0;
     for host in hosts {
         let Ok(out) = Command::new("docker")
             .args(["-H", host, "ps", "-aq", "--filter"])
@@ -331,12 +332,14 @@ pub fn remove_cluster_containers(hosts: &[String], prefix: &str) {
             .map(str::to_string)
             .collect();
         if !ids.is_empty() {
+            removed += ids.len();
             let _ = Command::new("docker")
                 .args(["-H", host, "rm", "-f"])
                 .args(&ids)
                 .output();
         }
     }
+    removed
 }
 
 /// Removes a test cluster's containers from its engines when dropped, so that a failing
@@ -351,6 +354,12 @@ pub struct ContainerCleanup {
 
 impl Drop for ContainerCleanup {
     fn drop(&mut self) {
-        remove_cluster_containers(&self.hosts, &self.prefix);
+        // An engine still winding down (a failed test drops it without waiting) may finish
+        // creating a container just after the first pass, so a pass that found some is
+        // followed by another.
+        if remove_cluster_containers(&self.hosts, &self.prefix) > 0 {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            remove_cluster_containers(&self.hosts, &self.prefix);
+        }
     }
 }

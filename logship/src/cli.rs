@@ -70,6 +70,16 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// A configured sink, before it runs.
+struct SinkStart {
+    /// The metric label and buffer directory name.
+    name: &'static str,
+    /// Its disk buffer's size; 0 for none.
+    buffer_max_bytes: u64,
+    /// Spawns the sink on the receiving end of its queue.
+    start: Box<dyn FnOnce(crate::pipeline::BatchReceiver) -> tokio::task::JoinHandle<()>>,
+}
+
 fn failed(what: &str) -> impl Fn(String) -> RunError + '_ {
     move |e| RunError::Failed(format!("{what}: {e}"))
 }
@@ -87,9 +97,7 @@ pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
     let node = config.node.clone().unwrap_or_else(host_name);
     let limits = &config.limits;
 
-    let mut sinks: Vec<
-        Box<dyn FnOnce(crate::pipeline::BatchReceiver) -> tokio::task::JoinHandle<()>>,
-    > = Vec::new();
+    let mut sinks: Vec<SinkStart> = Vec::new();
     let dead_dir = config.state_dir.join("dead-letters");
     if let Some(k) = config.sinks.kafka.as_ref().filter(|_| !indexer) {
         let settings = sink::kafka::KafkaSinkSettings {
@@ -107,9 +115,11 @@ pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
         let producer = sink::kafka::producer(&settings)
             .map_err(|e| failed("cannot create the Kafka producer")(e.to_string()))?;
         let m = metrics.clone();
-        sinks.push(Box::new(move |rx| {
-            tokio::spawn(sink::kafka::run(producer, settings, rx, m))
-        }));
+        sinks.push(SinkStart {
+            name: "kafka",
+            buffer_max_bytes: k.buffer_max_bytes,
+            start: Box::new(move |rx| tokio::spawn(sink::kafka::run(producer, settings, rx, m))),
+        });
     }
     if let Some(e) = &config.sinks.elasticsearch {
         let settings = sink::elasticsearch::EsSinkSettings {
@@ -126,7 +136,11 @@ pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
         let es = sink::elasticsearch::EsSink::connect(settings, metrics.clone())
             .await
             .map_err(failed("cannot set up Elasticsearch"))?;
-        sinks.push(Box::new(move |rx| tokio::spawn(es.run(rx))));
+        sinks.push(SinkStart {
+            name: "elasticsearch",
+            buffer_max_bytes: e.buffer_max_bytes,
+            start: Box::new(move |rx| tokio::spawn(es.run(rx))),
+        });
     }
     let file_sink = match (&config.sinks.file, sinks.is_empty() && !indexer) {
         (Some(f), _) => Some(f.clone()),
@@ -148,20 +162,55 @@ pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
             fsync: f.fsync,
         };
         let m = metrics.clone();
-        sinks.push(Box::new(move |rx| {
-            tokio::spawn(sink::file::run(settings, rx, m))
-        }));
+        // A local file needs no disk buffer in front of it.
+        sinks.push(SinkStart {
+            name: "file",
+            buffer_max_bytes: 0,
+            start: Box::new(move |rx| tokio::spawn(sink::file::run(settings, rx, m))),
+        });
     }
-    let (dispatcher, receivers) = Dispatcher::new(
-        sinks.len(),
-        limits.queue_batches,
-        metrics.buffer_events.clone(),
-    );
-    let sink_tasks: Vec<_> = sinks
-        .into_iter()
-        .zip(receivers)
-        .map(|(start, rx)| start(rx))
+    // In agent mode a sink with a disk buffer gets a stage in front of it; the stage takes
+    // one batch at a time from the dispatcher and holds the sink's queue itself. In indexer
+    // mode Kafka is the buffer: nothing is committed before Elasticsearch acknowledged it.
+    let buffered = |s: &SinkStart| s.buffer_max_bytes > 0 && !indexer;
+    let capacities: Vec<usize> = sinks
+        .iter()
+        .map(|s| if buffered(s) { 1 } else { limits.queue_batches })
         .collect();
+    let (dispatcher, receivers) = Dispatcher::new(&capacities, metrics.buffer_events.clone());
+    let mut sink_tasks = Vec::new();
+    for (s, rx) in sinks.into_iter().zip(receivers) {
+        if !buffered(&s) {
+            sink_tasks.push((s.start)(rx));
+            continue;
+        }
+        let dir = config.state_dir.join("buffer").join(s.name);
+        let disk = crate::buffer::DiskBuffer::open(
+            &dir,
+            s.buffer_max_bytes,
+            crate::buffer::SEGMENT_MAX_BYTES,
+        )
+        .map_err(|e| failed("cannot open the disk buffer")(e.to_string()))?;
+        let (tx, sink_rx) = tokio::sync::mpsc::channel(limits.queue_batches.max(1));
+        let gauges = crate::buffer::BufferGauges {
+            bytes: metrics.disk_buffer_bytes.with_label_values(&[s.name]),
+            events: metrics.disk_buffer_events.with_label_values(&[s.name]),
+            spilled: metrics.disk_buffer_spilled.with_label_values(&[s.name]),
+        };
+        let settings = crate::buffer::StageSettings {
+            spill_after: Duration::from_millis(limits.buffer_spill_after_ms),
+            drain: Duration::from_secs(limits.drain_timeout_secs.min(5)),
+        };
+        sink_tasks.push(tokio::spawn(crate::buffer::run_stage(
+            rx,
+            tx,
+            disk,
+            settings,
+            metrics.buffer_events.clone(),
+            gauges,
+        )));
+        sink_tasks.push((s.start)(sink_rx));
+    }
 
     let pages = checkpoints.clone();
     let admin_addr = config

@@ -80,6 +80,8 @@ pub struct Limits {
     pub rotate_wait_ms: u64,
     /// Longest wait for sinks to deliver what was read, at shutdown.
     pub drain_timeout_secs: u64,
+    /// A batch a sink has not taken for this long goes to the sink's disk buffer.
+    pub buffer_spill_after_ms: u64,
 }
 
 impl Default for Limits {
@@ -95,6 +97,7 @@ impl Default for Limits {
             multiline_timeout_ms: 1000,
             rotate_wait_ms: 5000,
             drain_timeout_secs: 30,
+            buffer_spill_after_ms: 1000,
         }
     }
 }
@@ -264,6 +267,10 @@ pub struct KafkaSink {
     /// Refused events; defaults to `<state_dir>/dead-letters/kafka.ndjson`.
     #[serde(default)]
     pub dead_letter_path: Option<PathBuf>,
+    /// Disk buffer (`<state_dir>/buffer/kafka`) for batches the sink does not take while
+    /// the broker is away; reading pauses when it is full. 0 turns it off.
+    #[serde(default = "default_buffer_max_bytes")]
+    pub buffer_max_bytes: u64,
     /// Extra librdkafka properties.
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
@@ -303,6 +310,14 @@ pub struct EsSink {
     /// Refused events; defaults to `<state_dir>/dead-letters/elasticsearch.ndjson`.
     #[serde(default)]
     pub dead_letter_path: Option<PathBuf>,
+    /// Disk buffer (`<state_dir>/buffer/elasticsearch`) for batches the sink does not take
+    /// while Elasticsearch is away; reading pauses when it is full. 0 turns it off.
+    #[serde(default = "default_buffer_max_bytes")]
+    pub buffer_max_bytes: u64,
+}
+
+fn default_buffer_max_bytes() -> u64 {
+    1024 * 1024 * 1024
 }
 
 fn default_index() -> String {
@@ -340,6 +355,7 @@ impl Validate for Config {
             ("limits.poll_interval_ms", l.poll_interval_ms),
             ("limits.scan_interval_ms", l.scan_interval_ms),
             ("limits.checkpoint_interval_ms", l.checkpoint_interval_ms),
+            ("limits.buffer_spill_after_ms", l.buffer_spill_after_ms),
         ];
         for (k, v) in positive {
             if v == 0 {

@@ -1,6 +1,7 @@
 //! `lain logship`: ships container, file and access logs to Kafka, Elasticsearch or local
 //! files, at least once. See ARCHITECTURE.md for its place in the system.
 
+pub mod buffer;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

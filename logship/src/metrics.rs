@@ -25,6 +25,12 @@ pub const DROPPED: &str = "lain_logship_dropped_total";
 pub const CHECKPOINTS: &str = "lain_logship_checkpoints_written_total";
 /// Files open for reading.
 pub const FILES_OPEN: &str = "lain_logship_files_open";
+/// Bytes in a sink's disk buffer.
+pub const DISK_BUFFER_BYTES: &str = "lain_logship_disk_buffer_bytes";
+/// Events in a sink's disk buffer not yet handed to the sink.
+pub const DISK_BUFFER_EVENTS: &str = "lain_logship_disk_buffer_events";
+/// Events written to a sink's disk buffer.
+pub const DISK_BUFFER_SPILLED: &str = "lain_logship_disk_buffer_spilled_total";
 
 /// The metric handles, registered in one registry.
 #[derive(Debug, Clone)]
@@ -51,6 +57,12 @@ pub struct Metrics {
     pub checkpoints: IntCounter,
     /// See [`FILES_OPEN`].
     pub files_open: IntGauge,
+    /// See [`DISK_BUFFER_BYTES`].
+    pub disk_buffer_bytes: IntGaugeVec,
+    /// See [`DISK_BUFFER_EVENTS`].
+    pub disk_buffer_events: IntGaugeVec,
+    /// See [`DISK_BUFFER_SPILLED`].
+    pub disk_buffer_spilled: IntCounterVec,
 }
 
 impl Metrics {
@@ -71,12 +83,16 @@ impl Metrics {
             let _ = registry.register(Box::new(c.clone()));
             c
         };
-        let lag = IntGaugeVec::new(
-            Opts::new(LAG_BYTES, "Bytes not yet acknowledged by every sink"),
-            &["source"],
-        )
-        .expect("valid metric");
-        let _ = registry.register(Box::new(lag.clone()));
+        let gv = |name: &str, help: &str, label: &str| {
+            let c = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            let _ = registry.register(Box::new(c.clone()));
+            c
+        };
+        let lag = gv(
+            LAG_BYTES,
+            "Bytes not yet acknowledged by every sink",
+            "source",
+        );
         Metrics {
             lines_in: cv(LINES_IN, "Lines read", "source"),
             bytes_in: cv(BYTES_IN, "Bytes read", "source"),
@@ -89,6 +105,17 @@ impl Metrics {
             dropped: c(DROPPED, "Events dropped (always 0)"),
             checkpoints: c(CHECKPOINTS, "Checkpoint files written"),
             files_open: g(FILES_OPEN, "Files open for reading"),
+            disk_buffer_bytes: gv(DISK_BUFFER_BYTES, "Bytes in a sink's disk buffer", "sink"),
+            disk_buffer_events: gv(
+                DISK_BUFFER_EVENTS,
+                "Events in a sink's disk buffer not yet handed to the sink",
+                "sink",
+            ),
+            disk_buffer_spilled: cv(
+                DISK_BUFFER_SPILLED,
+                "Events written to a sink's disk buffer",
+                "sink",
+            ),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! once it is durably delivered.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus::IntGauge;
 use tokio::sync::mpsc;
@@ -10,13 +11,45 @@ use tokio::sync::mpsc;
 use crate::checkpoint::Ack;
 use crate::event::Event;
 
-/// Events read together, acknowledged together.
+/// Events read together, acknowledged together; each sink gets its own `Batch` sharing the
+/// events.
 #[derive(Debug)]
 pub struct Batch {
     /// The events, in read order.
-    pub events: Vec<Event>,
-    /// Confirmation owed by every sink.
-    pub ack: Arc<Ack>,
+    pub events: Arc<Vec<Event>>,
+    /// This sink's confirmation of the batch.
+    pub ack: Arc<SinkAck>,
+}
+
+/// One sink's confirmation of a batch. Confirming twice counts once, so that a disk buffer
+/// may confirm a batch its sink still holds (it wrote a copy) and the sink may confirm it
+/// again when it delivers.
+#[derive(Debug)]
+pub struct SinkAck {
+    source: Arc<Ack>,
+    done: AtomicBool,
+}
+
+impl SinkAck {
+    /// A confirmation owed to `source`.
+    pub fn new(source: Arc<Ack>) -> Arc<SinkAck> {
+        Arc::new(SinkAck {
+            source,
+            done: AtomicBool::new(false),
+        })
+    }
+
+    /// The batch is durably delivered (or durably buffered).
+    pub fn ack(&self) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.source.ack();
+        }
+    }
+
+    /// Whether this sink confirmed the batch.
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
 }
 
 /// Sends batches to every sink.
@@ -30,12 +63,12 @@ pub struct Dispatcher {
 pub type BatchReceiver = mpsc::Receiver<Arc<Batch>>;
 
 impl Dispatcher {
-    /// A dispatcher to `n` sinks, each with room for `capacity` batches in flight towards
-    /// it; returns the receivers in sink order.
-    pub fn new(n: usize, capacity: usize, buffer: IntGauge) -> (Dispatcher, Vec<BatchReceiver>) {
+    /// A dispatcher to one sink per entry of `capacities`, each with room for that many
+    /// batches in flight towards it; returns the receivers in sink order.
+    pub fn new(capacities: &[usize], buffer: IntGauge) -> (Dispatcher, Vec<BatchReceiver>) {
         let mut sinks = Vec::new();
         let mut rxs = Vec::new();
-        for _ in 0..n {
+        for &capacity in capacities {
             let (tx, rx) = mpsc::channel(capacity.max(1));
             sinks.push(tx);
             rxs.push(rx);
@@ -47,12 +80,13 @@ impl Dispatcher {
     /// batch's ack, or `None` when a sink has stopped (shutdown).
     pub async fn send(&self, events: Vec<Event>) -> Option<Arc<Ack>> {
         let ack = Ack::new(self.sinks.len(), events.len(), self.buffer.clone());
-        let batch = Arc::new(Batch {
-            events,
-            ack: ack.clone(),
-        });
+        let events = Arc::new(events);
         for s in &self.sinks {
-            if s.send(batch.clone()).await.is_err() {
+            let batch = Arc::new(Batch {
+                events: events.clone(),
+                ack: SinkAck::new(ack.clone()),
+            });
+            if s.send(batch).await.is_err() {
                 return None;
             }
         }

@@ -1,7 +1,9 @@
 //! At least once across outages: with the Kafka broker absent and later crashed, and with
 //! Elasticsearch refusing or losing answers, no line is lost, checkpoints do not move past
-//! undelivered lines, reading pauses instead of buffering without bound, and Elasticsearch
-//! holds no duplicate thanks to deterministic document ids.
+//! lines that are neither delivered nor in the disk buffer, reading pauses when the disk
+//! buffer is full instead of buffering without bound, a file deleted while the broker is
+//! away loses nothing once its lines are in the disk buffer (even across a crash), and
+//! Elasticsearch holds no duplicate thanks to deterministic document ids.
 
 mod common;
 
@@ -54,6 +56,7 @@ scan_interval_ms = 100
 batch_max_events = 500
 queue_batches = 2
 checkpoint_interval_ms = 200
+buffer_spill_after_ms = 200
 [[files]]
 name = "app"
 paths = ["{logs}/*.log"]
@@ -62,6 +65,7 @@ topic = "{topic}"
 brokers = "127.0.0.1:{port}"
 inflight_batches = 2
 linger_ms = 5
+buffer_max_bytes = 1048576
 "#,
             logs = logs.display(),
         ),
@@ -73,7 +77,8 @@ linger_ms = 5
     let p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
     let admin = p.addr("admin");
 
-    // Phase 1: nothing listens on the broker's port.
+    // Phase 1: nothing listens on the broker's port. Lines go to the 1 MiB disk buffer
+    // (acknowledged there, so the checkpoint moves) until it is full; then reading pauses.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let page = common::metrics_page(admin).await;
     let read = common::metric(&page, "lain_logship_lines_in_total{source=\"app\"}");
@@ -84,12 +89,18 @@ linger_ms = 5
     assert!(read > 0, "the file is being read");
     assert!(
         read < FIRST as u64,
-        "reading pauses while Kafka is away (backpressure), but {read} lines were read"
+        "reading pauses while Kafka is away and the disk buffer is full, but {read} lines were read"
     );
-    assert_eq!(
-        offset_of(admin, &log).await,
-        0,
-        "the checkpoint moved although nothing was delivered"
+    let on_disk = common::metric(&page, "lain_logship_disk_buffer_bytes{sink=\"kafka\"}");
+    assert!(
+        (1_048_576..3_000_000).contains(&on_disk),
+        "the disk buffer holds {on_disk} bytes"
+    );
+    let offset = offset_of(admin, &log).await;
+    let size = std::fs::metadata(&log).unwrap().len();
+    assert!(
+        offset > 0 && offset < size,
+        "the checkpoint covers the buffered lines only: {offset} of {size}"
     );
 
     // Phase 2: the broker appears on that port; then it crashes mid-run and comes back.
@@ -196,6 +207,7 @@ scan_interval_ms = 100
 batch_max_events = 200
 queue_batches = 2
 checkpoint_interval_ms = 200
+buffer_spill_after_ms = 200
 [[files]]
 name = "app"
 paths = ["{logs}/*.log"]
@@ -205,6 +217,7 @@ url = "http://{addr}"
 index_prefix = "{prefix}"
 flush_interval_ms = 100
 bulk_max_bytes = 65536
+buffer_max_bytes = 262144
 "#,
             logs = logs.display(),
             addr = flaky.addr,
@@ -226,10 +239,17 @@ bulk_max_bytes = 65536
     let read = common::metric(&page, "lain_logship_lines_in_total{source=\"app\"}");
     assert!(
         read < TOTAL as u64,
-        "reading pauses, but {read} lines were read"
+        "reading pauses once the disk buffer is full, but {read} lines were read"
     );
     assert!(flaky.failures() >= 2, "logship kept retrying");
-    assert_eq!(offset_of(admin, &log).await, 0, "checkpoint moved");
+    assert!(
+        common::metric(
+            &page,
+            "lain_logship_disk_buffer_bytes{sink=\"elasticsearch\"}"
+        ) > 0
+    );
+    let size = std::fs::metadata(&log).unwrap().len();
+    assert!(offset_of(admin, &log).await < size, "checkpoint at the end");
 
     // Indexed, but the answers are lost: the retries must not create second documents.
     flaky.set(EsMode::IndexedThenLost);
@@ -243,9 +263,8 @@ bulk_max_bytes = 65536
         },
     )
     .await;
-    assert_eq!(offset_of(admin, &log).await, 0, "checkpoint moved");
+    assert!(offset_of(admin, &log).await < size, "checkpoint at the end");
     flaky.set(EsMode::Forward);
-    let size = std::fs::metadata(&log).unwrap().len();
     eventually(
         Duration::from_secs(120),
         "the checkpoint at the end",
@@ -272,4 +291,116 @@ bulk_max_bytes = 65536
         .delete(format!("{es}/_index_template/{prefix}"))
         .send()
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_deleted_while_kafka_is_away_loses_nothing_even_across_a_crash() {
+    let _ = require_kafka();
+    let dir = temp_dir();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let port = lain_test_support::free_port();
+    let topic = common::unique("deleted");
+    let cfg = common::agent_config(
+        dir.path(),
+        "node1",
+        &format!(
+            r#"
+scan_interval_ms = 100
+batch_max_events = 500
+queue_batches = 2
+checkpoint_interval_ms = 200
+buffer_spill_after_ms = 200
+[[files]]
+name = "app"
+paths = ["{logs}/*.log"]
+topic = "{topic}"
+[sinks.kafka]
+brokers = "127.0.0.1:{port}"
+inflight_batches = 2
+linger_ms = 5
+"#,
+            logs = logs.display(),
+        ),
+    );
+    const EACH: usize = 5_000;
+    let first = logs.join("a.log");
+    write_numbered(&first, 0, EACH);
+    let size = std::fs::metadata(&first).unwrap().len();
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    let admin = p.addr("admin");
+
+    // The broker is away: the whole file goes to the disk buffer and is acknowledged there,
+    // except what the sink itself holds. Then the file is deleted, as a rotation that
+    // outlives the outage would, and logship is killed.
+    eventually(Duration::from_secs(60), "a.log checkpointed", || {
+        let o = offset_of(admin, &first);
+        async move { (o.await == size).then_some(()) }
+    })
+    .await;
+    let page = common::metrics_page(admin).await;
+    let spilled = common::metric(
+        &page,
+        "lain_logship_disk_buffer_spilled_total{sink=\"kafka\"}",
+    );
+    assert!(spilled > 0, "nothing went to the disk buffer");
+    assert_eq!(
+        common::metric(&page, "lain_logship_lines_out_total{sink=\"kafka\"}"),
+        0
+    );
+    std::fs::remove_file(&first).unwrap();
+    p.kill();
+
+    // More lines in another file; logship starts again, still without a broker, then the
+    // broker comes.
+    write_numbered(&logs.join("b.log"), EACH, 2 * EACH);
+    let p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    let admin = p.addr("admin");
+    let kdir = dir.path().join("kafka");
+    std::fs::create_dir_all(&kdir).unwrap();
+    let mut kafka = PrivateKafka::prepare(&kdir, port);
+    kafka.start();
+    let brokers = kafka.brokers.clone();
+    let seen = tokio::task::spawn_blocking(move || {
+        common::consume(
+            &brokers,
+            &topic,
+            Duration::from_secs(180),
+            |m| m.starts_with("line "),
+            2 * EACH,
+        )
+    })
+    .await
+    .unwrap();
+    let missing: Vec<usize> = (0..2 * EACH)
+        .filter(|i| !seen.contains_key(&format!("line {i:08} of the outage test")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} lines lost, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    // The replayed records are deleted once Kafka acknowledged them.
+    eventually(Duration::from_secs(30), "the disk buffer empty", || {
+        let page = common::metrics_page(admin);
+        async move {
+            let page = page.await;
+            (common::metric(&page, "lain_logship_disk_buffer_bytes{sink=\"kafka\"}") == 0)
+                .then_some(())
+        }
+    })
+    .await;
+    let left = std::fs::read_dir(dir.path().join("state").join("buffer").join("kafka"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "segment files left");
+    assert_eq!(
+        common::metric(
+            &common::metrics_page(admin).await,
+            "lain_logship_dropped_total"
+        ),
+        0
+    );
+    drop(p);
 }

@@ -70,7 +70,7 @@ pub async fn run(settings: FileSinkSettings, mut rx: BatchReceiver, metrics: Met
                     return Ok(0);
                 };
                 let mut buf = Vec::with_capacity(batch.events.len() * 256);
-                for e in &batch.events {
+                for e in batch.events.iter() {
                     buf.extend_from_slice(&e.body);
                     buf.push(b'\n');
                 }

@@ -118,12 +118,29 @@ buffer_max_bytes = 1048576
     })
     .await;
     kafka.kill();
+    let down = std::time::Instant::now();
     write_numbered(&log, FIRST, TOTAL);
     let stalled = common::metric(
         &common::metrics_page(admin).await,
         "lain_logship_lines_out_total{sink=\"kafka\"}",
     );
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The broker stays away for 20 s: the disk buffer fills again, then reading pauses.
+    eventually(
+        Duration::from_secs(20),
+        "the disk buffer full while the broker is down",
+        || {
+            let page = common::metrics_page(admin);
+            async move {
+                let b = common::metric(
+                    &page.await,
+                    "lain_logship_disk_buffer_bytes{sink=\"kafka\"}",
+                );
+                (b >= 1_048_576).then_some(())
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep_until((down + Duration::from_secs(20)).into()).await;
     let offset_while_down = offset_of(admin, &log).await;
     let size = std::fs::metadata(&log).unwrap().len();
     assert!(
@@ -164,6 +181,18 @@ buffer_max_bytes = 1048576
     eventually(Duration::from_secs(30), "the checkpoint at the end", || {
         let o = offset_of(admin, &log);
         async move { (o.await == size).then_some(()) }
+    })
+    .await;
+    // The disk buffer drains once the broker takes everything again.
+    eventually(Duration::from_secs(30), "the disk buffer empty", || {
+        let page = common::metrics_page(admin);
+        async move {
+            let b = common::metric(
+                &page.await,
+                "lain_logship_disk_buffer_bytes{sink=\"kafka\"}",
+            );
+            (b == 0).then_some(())
+        }
     })
     .await;
     let page = common::metrics_page(admin).await;

@@ -947,19 +947,29 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn a_stalled_sink_gets_everything_in_order_after_it_went_to_disk() {
+    /// A running stage over a fresh buffer of `max_bytes`, spilling after `spill_after_ms`,
+    /// in front of a sink queue of `queue` batches.
+    struct TestStage {
+        dir: tempfile::TempDir,
+        m: Arc<Meta>,
+        g: BufferGauges,
+        mem: IntGauge,
+        in_tx: mpsc::Sender<Arc<Batch>>,
+        out_rx: mpsc::Receiver<Arc<Batch>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn stage(max_bytes: u64, spill_after_ms: u64, queue: usize) -> TestStage {
         let dir = tempfile::tempdir().unwrap();
-        let m = meta("a");
         let (g, mem) = gauges();
         let (in_tx, in_rx) = mpsc::channel(1);
-        let (out_tx, mut out_rx) = mpsc::channel(2);
-        let disk = DiskBuffer::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+        let (out_tx, out_rx) = mpsc::channel(queue);
+        let disk = DiskBuffer::open(dir.path(), max_bytes, 1 << 20).unwrap();
         let settings = StageSettings {
-            spill_after: Duration::from_millis(100),
+            spill_after: Duration::from_millis(spill_after_ms),
             drain: Duration::from_secs(1),
         };
-        let stage = tokio::spawn(run_stage(
+        let task = tokio::spawn(run_stage(
             in_rx,
             out_tx,
             disk,
@@ -967,6 +977,28 @@ mod tests {
             mem.clone(),
             g.clone(),
         ));
+        TestStage {
+            dir,
+            m: meta("a"),
+            g,
+            mem,
+            in_tx,
+            out_rx,
+            task,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_sink_gets_everything_in_order_after_it_went_to_disk() {
+        let TestStage {
+            dir,
+            m,
+            g,
+            mem,
+            in_tx,
+            mut out_rx,
+            task: stage,
+        } = stage(1 << 30, 100, 2);
         // The sink takes nothing: two batches fill its queue; once it has taken nothing
         // for the spill delay, copies of those two and every later batch go to disk and are
         // confirmed to their sources although the sink has delivered none of them.
@@ -1014,24 +1046,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_sink_that_keeps_up_never_touches_the_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let m = meta("a");
-        let (g, mem) = gauges();
-        let (in_tx, in_rx) = mpsc::channel(1);
-        let (out_tx, mut out_rx) = mpsc::channel::<Arc<Batch>>(2);
-        let disk = DiskBuffer::open(dir.path(), 1 << 30, 1 << 20).unwrap();
-        let settings = StageSettings {
-            spill_after: Duration::from_millis(200),
-            drain: Duration::from_secs(1),
-        };
-        tokio::spawn(run_stage(
-            in_rx,
-            out_tx,
-            disk,
-            settings,
-            mem.clone(),
-            g.clone(),
-        ));
+        let TestStage {
+            dir,
+            m,
+            g,
+            mem,
+            in_tx,
+            mut out_rx,
+            ..
+        } = stage(1 << 30, 200, 2);
         let sink = tokio::spawn(async move {
             let mut got = Vec::new();
             while let Some(b) = out_rx.recv().await {
@@ -1055,24 +1078,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_buffer_stops_taking_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let m = meta("a");
-        let (g, mem) = gauges();
-        let (in_tx, in_rx) = mpsc::channel(1);
-        let (out_tx, _out_rx) = mpsc::channel(1);
-        let disk = DiskBuffer::open(dir.path(), 2000, 1 << 20).unwrap();
-        let settings = StageSettings {
-            spill_after: Duration::from_millis(50),
-            drain: Duration::from_secs(1),
-        };
-        tokio::spawn(run_stage(
-            in_rx,
-            out_tx,
-            disk,
-            settings,
-            mem.clone(),
-            g.clone(),
-        ));
+        let TestStage {
+            dir: _dir,
+            m,
+            g,
+            mem,
+            in_tx,
+            out_rx: _out_rx,
+            ..
+        } = stage(2000, 50, 1);
         let mut acks = Vec::new();
         let mut refused = false;
         for i in 0..100 {

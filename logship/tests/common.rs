@@ -111,6 +111,23 @@ pub fn metric(page: &str, name_and_labels: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// Waits up to `timeout` until `check` holds for `name_and_labels` on the metrics page of
+/// the logship at `admin`; returns the value.
+pub async fn wait_metric(
+    admin: std::net::SocketAddr,
+    name_and_labels: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(u64) -> bool,
+) -> u64 {
+    let check = &check;
+    lain_test_support::eventually(timeout, what, || async move {
+        let v = metric(&metrics_page(admin).await, name_and_labels);
+        check(v).then_some(v)
+    })
+    .await
+}
+
 /// Fetches the `/metrics` page of a running logship.
 pub async fn metrics_page(admin: std::net::SocketAddr) -> String {
     reqwest::get(format!("http://{admin}/metrics"))

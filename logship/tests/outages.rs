@@ -13,6 +13,9 @@ use std::time::Duration;
 use common::{EsMode, FlakyEs, PrivateKafka};
 use lain_test_support::{LainProcess, eventually, require_es, require_kafka, temp_dir};
 
+const KAFKA_OUT: &str = "lain_logship_lines_out_total{sink=\"kafka\"}";
+const KAFKA_BUFFER: &str = "lain_logship_disk_buffer_bytes{sink=\"kafka\"}";
+
 fn write_numbered(path: &std::path::Path, from: usize, to: usize) {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -38,17 +41,19 @@ async fn offset_of(admin: std::net::SocketAddr, path: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn kafka_absent_then_crashed_loses_nothing() {
-    // The shared broker must be there: its jars run the private one.
-    let _ = require_kafka();
-    let dir = temp_dir();
-    let logs = dir.path().join("logs");
+/// A logship config reading `{dir}/logs/*.log` into `topic` on a broker at `port` that is
+/// not there yet, with small batches and queues so that outages show quickly; `kafka`
+/// adds lines to the Kafka sink's section. Returns the config path and the logs directory.
+fn kafka_outage_config(
+    dir: &std::path::Path,
+    port: u16,
+    topic: &str,
+    kafka: &str,
+) -> (String, std::path::PathBuf) {
+    let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let port = lain_test_support::free_port();
-    let topic = common::unique("outage");
     let cfg = common::agent_config(
-        dir.path(),
+        dir,
         "node1",
         &format!(
             r#"
@@ -65,11 +70,53 @@ topic = "{topic}"
 brokers = "127.0.0.1:{port}"
 inflight_batches = 2
 linger_ms = 5
-buffer_max_bytes = 1048576
+{kafka}
 "#,
             logs = logs.display(),
         ),
     );
+    (cfg, logs)
+}
+
+/// Consumes `topic` until the `total` numbered lines were seen (or 180 s passed), asserts
+/// none is missing, and returns how many arrived more than once.
+async fn all_lines_in_kafka(brokers: String, topic: String, total: usize) -> u32 {
+    let seen = tokio::task::spawn_blocking(move || {
+        common::consume(
+            &brokers,
+            &topic,
+            Duration::from_secs(180),
+            |m| m.starts_with("line "),
+            total,
+        )
+    })
+    .await
+    .unwrap();
+    let mut missing = Vec::new();
+    let mut duplicates = 0;
+    for i in 0..total {
+        match seen.get(&format!("line {i:08} of the outage test")) {
+            None => missing.push(i),
+            Some(&n) => duplicates += n - 1,
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} lines lost, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    duplicates
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_absent_then_crashed_loses_nothing() {
+    // The shared broker must be there: its jars run the private one.
+    let _ = require_kafka();
+    let dir = temp_dir();
+    let port = lain_test_support::free_port();
+    let topic = common::unique("outage");
+    let (cfg, logs) = kafka_outage_config(dir.path(), port, &topic, "buffer_max_bytes = 1048576");
     let log = logs.join("app.log");
     const FIRST: usize = 20_000;
     const TOTAL: usize = 40_000;
@@ -82,16 +129,13 @@ buffer_max_bytes = 1048576
     tokio::time::sleep(Duration::from_secs(5)).await;
     let page = common::metrics_page(admin).await;
     let read = common::metric(&page, "lain_logship_lines_in_total{source=\"app\"}");
-    assert_eq!(
-        common::metric(&page, "lain_logship_lines_out_total{sink=\"kafka\"}"),
-        0
-    );
+    assert_eq!(common::metric(&page, KAFKA_OUT), 0);
     assert!(read > 0, "the file is being read");
     assert!(
         read < FIRST as u64,
         "reading pauses while Kafka is away and the disk buffer is full, but {read} lines were read"
     );
-    let on_disk = common::metric(&page, "lain_logship_disk_buffer_bytes{sink=\"kafka\"}");
+    let on_disk = common::metric(&page, KAFKA_BUFFER);
     assert!(
         (1_048_576..3_000_000).contains(&on_disk),
         "the disk buffer holds {on_disk} bytes"
@@ -109,35 +153,25 @@ buffer_max_bytes = 1048576
     let mut kafka = PrivateKafka::prepare(&kdir, port);
     kafka.start();
     let brokers = kafka.brokers.clone();
-    eventually(Duration::from_secs(120), "first lines in Kafka", || {
-        let page = common::metrics_page(admin);
-        async move {
-            let out = common::metric(&page.await, "lain_logship_lines_out_total{sink=\"kafka\"}");
-            (out > 0).then_some(())
-        }
-    })
+    common::wait_metric(
+        admin,
+        KAFKA_OUT,
+        Duration::from_secs(120),
+        "first lines in Kafka",
+        |v| v > 0,
+    )
     .await;
     kafka.kill();
     let down = std::time::Instant::now();
     write_numbered(&log, FIRST, TOTAL);
-    let stalled = common::metric(
-        &common::metrics_page(admin).await,
-        "lain_logship_lines_out_total{sink=\"kafka\"}",
-    );
+    let stalled = common::metric(&common::metrics_page(admin).await, KAFKA_OUT);
     // The broker stays away for 20 s: the disk buffer fills again, then reading pauses.
-    eventually(
+    common::wait_metric(
+        admin,
+        KAFKA_BUFFER,
         Duration::from_secs(20),
         "the disk buffer full while the broker is down",
-        || {
-            let page = common::metrics_page(admin);
-            async move {
-                let b = common::metric(
-                    &page.await,
-                    "lain_logship_disk_buffer_bytes{sink=\"kafka\"}",
-                );
-                (b >= 1_048_576).then_some(())
-            }
-        },
+        |v| v >= 1_048_576,
     )
     .await;
     tokio::time::sleep_until((down + Duration::from_secs(20)).into()).await;
@@ -149,51 +183,21 @@ buffer_max_bytes = 1048576
     );
     kafka.start();
 
-    let seen = tokio::task::spawn_blocking(move || {
-        common::consume(
-            &brokers,
-            &topic,
-            Duration::from_secs(180),
-            |m| m.starts_with("line "),
-            TOTAL,
-        )
-    })
-    .await
-    .unwrap();
-    let mut missing = Vec::new();
-    let mut duplicates = 0;
-    for i in 0..TOTAL {
-        match seen.get(&format!("line {i:08} of the outage test")) {
-            None => missing.push(i),
-            Some(&n) => duplicates += n - 1,
-        }
-    }
-    println!(
-        "{TOTAL} lines, {} distinct in Kafka, {duplicates} duplicates, {stalled} delivered before the crash",
-        seen.len()
-    );
-    assert!(
-        missing.is_empty(),
-        "{} lines lost, first {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
+    let duplicates = all_lines_in_kafka(brokers, topic, TOTAL).await;
+    println!("{TOTAL} lines, {duplicates} duplicates, {stalled} delivered before the crash");
     eventually(Duration::from_secs(30), "the checkpoint at the end", || {
         let o = offset_of(admin, &log);
         async move { (o.await == size).then_some(()) }
     })
     .await;
     // The disk buffer drains once the broker takes everything again.
-    eventually(Duration::from_secs(30), "the disk buffer empty", || {
-        let page = common::metrics_page(admin);
-        async move {
-            let b = common::metric(
-                &page.await,
-                "lain_logship_disk_buffer_bytes{sink=\"kafka\"}",
-            );
-            (b == 0).then_some(())
-        }
-    })
+    common::wait_metric(
+        admin,
+        KAFKA_BUFFER,
+        Duration::from_secs(30),
+        "the disk buffer empty",
+        |v| v == 0,
+    )
     .await;
     let page = common::metrics_page(admin).await;
     assert_eq!(common::metric(&page, "lain_logship_dropped_total"), 0);
@@ -326,32 +330,9 @@ buffer_max_bytes = 262144
 async fn a_file_deleted_while_kafka_is_away_loses_nothing_even_across_a_crash() {
     let _ = require_kafka();
     let dir = temp_dir();
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
     let port = lain_test_support::free_port();
     let topic = common::unique("deleted");
-    let cfg = common::agent_config(
-        dir.path(),
-        "node1",
-        &format!(
-            r#"
-scan_interval_ms = 100
-batch_max_events = 500
-queue_batches = 2
-checkpoint_interval_ms = 200
-buffer_spill_after_ms = 200
-[[files]]
-name = "app"
-paths = ["{logs}/*.log"]
-topic = "{topic}"
-[sinks.kafka]
-brokers = "127.0.0.1:{port}"
-inflight_batches = 2
-linger_ms = 5
-"#,
-            logs = logs.display(),
-        ),
-    );
+    let (cfg, logs) = kafka_outage_config(dir.path(), port, &topic, "");
     const EACH: usize = 5_000;
     let first = logs.join("a.log");
     write_numbered(&first, 0, EACH);
@@ -373,10 +354,7 @@ linger_ms = 5
         "lain_logship_disk_buffer_spilled_total{sink=\"kafka\"}",
     );
     assert!(spilled > 0, "nothing went to the disk buffer");
-    assert_eq!(
-        common::metric(&page, "lain_logship_lines_out_total{sink=\"kafka\"}"),
-        0
-    );
+    assert_eq!(common::metric(&page, KAFKA_OUT), 0);
     std::fs::remove_file(&first).unwrap();
     p.kill();
 
@@ -390,35 +368,15 @@ linger_ms = 5
     let mut kafka = PrivateKafka::prepare(&kdir, port);
     kafka.start();
     let brokers = kafka.brokers.clone();
-    let seen = tokio::task::spawn_blocking(move || {
-        common::consume(
-            &brokers,
-            &topic,
-            Duration::from_secs(180),
-            |m| m.starts_with("line "),
-            2 * EACH,
-        )
-    })
-    .await
-    .unwrap();
-    let missing: Vec<usize> = (0..2 * EACH)
-        .filter(|i| !seen.contains_key(&format!("line {i:08} of the outage test")))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} lines lost, first {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
+    all_lines_in_kafka(brokers, topic, 2 * EACH).await;
     // The replayed records are deleted once Kafka acknowledged them.
-    eventually(Duration::from_secs(30), "the disk buffer empty", || {
-        let page = common::metrics_page(admin);
-        async move {
-            let page = page.await;
-            (common::metric(&page, "lain_logship_disk_buffer_bytes{sink=\"kafka\"}") == 0)
-                .then_some(())
-        }
-    })
+    common::wait_metric(
+        admin,
+        KAFKA_BUFFER,
+        Duration::from_secs(30),
+        "the disk buffer empty",
+        |v| v == 0,
+    )
     .await;
     let left = std::fs::read_dir(dir.path().join("state").join("buffer").join("kafka"))
         .map(|d| d.count())

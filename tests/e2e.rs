@@ -193,17 +193,6 @@ fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<
     }
 }
 
-fn git(dir: &Path, args: &[&str]) {
-    let st = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=e2e", "-c", "user.email=e2e@lain.invalid"])
-        .args(args)
-        .status()
-        .expect("run git");
-    assert!(st.success(), "git {args:?} failed");
-}
-
 /// Sends requests one after another through the proxy until stopped (at most 60,000 or
 /// 300 s), counting answers that are not 200 and recording every body seen.
 struct Traffic {
@@ -425,18 +414,7 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
     );
 
     let app_dir = d.join("hello");
-    std::fs::create_dir(&app_dir).unwrap();
-    for e in std::fs::read_dir(root.join("examples/hello")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), app_dir.join(e.file_name())).unwrap();
-    }
-    let yaml = std::fs::read_to_string(app_dir.join("lain.yaml"))
-        .unwrap()
-        .replace("appname: hello", &format!("appname: {app}"));
-    std::fs::write(app_dir.join("lain.yaml"), &yaml).unwrap();
-    git(&app_dir, &["init", "-q"]);
-    git(&app_dir, &["add", "."]);
-    git(&app_dir, &["commit", "-q", "-m", "v1"]);
+    let yaml = lain_test_support::hello_app(&app_dir, &app);
     let app_dir_s = app_dir.to_str().unwrap();
     let build = |config: &Path| -> String {
         let out = lain_ok(
@@ -608,7 +586,7 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
     std::fs::write(app_dir.join("lain.yaml"), &yaml2).unwrap();
     let page = std::fs::read_to_string(app_dir.join("index.html")).unwrap_or_default();
     std::fs::write(app_dir.join("index.html"), format!("{page}\nversion two\n")).unwrap();
-    git(&app_dir, &["commit", "-q", "-a", "-m", "v2"]);
+    lain_test_support::git(&app_dir, &["commit", "-q", "-a", "-m", "v2"]);
     // A declared secret file that was never set stops the deploy, naming the path.
     let v2 = build(&config);
     lain_ok(&config, &["app", "create", app_dir_s], &[], None);

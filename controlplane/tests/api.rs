@@ -11,15 +11,15 @@ use etcd_client::GetOptions;
 use futures::StreamExt;
 use lain_state::Keyspace;
 use lain_test_support::{
-    ContainerCleanup, LainProcess, eventually, require_docker_nodes, require_etcd, run_lain,
-    temp_dir, unique_prefix,
+    ContainerCleanup, ControlPlaneConfig, LainProcess, eventually, require_etcd, run_lain,
 };
 use serde_json::{Value, json};
 
 const IMAGE: &str = "lain/busybox:latest";
 
 struct Cluster {
-    dir: tempfile::TempDir,
+    // Holds the config file and the volumes for as long as the cluster runs.
+    _config: ControlPlaneConfig,
     cfg: std::path::PathBuf,
     ks: Keyspace,
     etcd: etcd_client::Client,
@@ -33,57 +33,23 @@ struct Cluster {
 impl Cluster {
     /// Writes a config, runs `lain controlplane init` and starts `replicas` processes.
     async fn start(test: &str, replicas: usize) -> Cluster {
-        let endpoints = require_etcd();
-        let nodes = require_docker_nodes();
-        assert!(
-            nodes.len() >= 2,
-            "two Docker engines are needed, got {nodes:?}"
-        );
-        let prefix = unique_prefix(test);
-        let ks = Keyspace::new(&prefix);
-        let dir = temp_dir();
-        let cfg = dir.path().join("cp.toml");
-        let mut text = format!(
-            "etcd_endpoints = [\"{}\"]\nprefix = \"{prefix}\"\ncluster_domains = [\"lain.local\"]\nvolume_root = \"{}\"\nelection_ttl_secs = 2\nhealth_deadline_secs = 30\nsecret_key_file = \"{}\"\n",
-            endpoints[0],
-            dir.path().join("volumes").display(),
-            dir.path().join("keys/secret.key").display(),
-        );
-        for (i, n) in nodes.iter().take(2).enumerate() {
-            text.push_str(&format!(
-                "[[nodes]]\nname = \"node{}\"\ndocker_host = \"{n}\"\nmemory_bytes = 4294967296\n",
-                i + 1
-            ));
-        }
-        std::fs::write(&cfg, text).unwrap();
-        let (code, out, err) =
-            run_lain(&["controlplane", "init", "-c", cfg.to_str().unwrap()], None);
-        assert_eq!(code, 0, "init failed: {err}");
-        let token = out.trim().to_string();
-        assert!(token.starts_with("lain_"), "{out}");
-        let procs = (0..replicas)
-            .map(|_| {
-                LainProcess::spawn(
-                    &["controlplane", "-c", cfg.to_str().unwrap()],
-                    &[],
-                    &["admin", "api"],
-                )
-            })
-            .collect();
-        let etcd = lain_test_support::etcd_client(&endpoints).await;
+        let config = ControlPlaneConfig::init(test, "");
+        let ks = Keyspace::new(&config.prefix);
+        let procs = (0..replicas).map(|_| config.spawn()).collect();
+        let etcd = lain_test_support::etcd_client(&require_etcd()).await;
         let c = Cluster {
-            cfg,
+            cfg: config.path.clone(),
             ks: ks.clone(),
             etcd,
-            nodes: nodes.clone(),
+            nodes: config.nodes.clone(),
             procs,
-            token,
+            token: config.token.clone(),
             http: reqwest::Client::new(),
             _cleanup: ContainerCleanup {
                 prefix: ks.prefix().to_string(),
-                hosts: nodes,
+                hosts: config.nodes.clone(),
             },
-            dir,
+            _config: config,
         };
         eventually(Duration::from_secs(15), "a leader", || async {
             for i in 0..c.procs.len() {
@@ -589,7 +555,6 @@ async fn secrets_are_encrypted_required_and_mounted_read_only() {
         )
         .await;
     assert_eq!(s, 422);
-    let _ = c.dir.path();
     c.finish().await;
 }
 

@@ -194,39 +194,14 @@ fn usage_mistakes_and_invalid_local_input_exit_2_and_64() {
     assert_eq!(code, 64, "{err}");
 }
 
-fn git(dir: &Path, args: &[&str]) {
-    let ok = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=t", "-c", "user.email=t@lain.invalid"])
-        .args(args)
-        .output()
-        .unwrap()
-        .status
-        .success();
-    assert!(ok, "git {args:?}");
-}
-
 #[test]
 fn lain_build_prints_the_image_or_the_failing_step() {
     let host = require_docker_nodes()[0].clone();
     let dir = temp_dir();
     let config = dir.path().join("config.toml");
     let app_dir = dir.path().join("app");
-    std::fs::create_dir(&app_dir).unwrap();
-    let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
-    for e in std::fs::read_dir(&hello).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), app_dir.join(e.file_name())).unwrap();
-    }
     let app = format!("clibuild{}", std::process::id());
-    let yaml = std::fs::read_to_string(app_dir.join("lain.yaml"))
-        .unwrap()
-        .replace("appname: hello", &format!("appname: {app}"));
-    std::fs::write(app_dir.join("lain.yaml"), &yaml).unwrap();
-    git(&app_dir, &["init", "-q"]);
-    git(&app_dir, &["add", "."]);
-    git(&app_dir, &["commit", "-q", "-m", "x"]);
+    let yaml = lain_test_support::hello_app(&app_dir, &app);
 
     let (code, out, err) = lain(
         &config,
@@ -283,65 +258,31 @@ fn lain_build_prints_the_image_or_the_failing_step() {
 /// A real `lain controlplane` on a unique prefix with both engines and the registry; its
 /// containers are removed and its keys deleted when the test ends.
 struct RealServer {
-    dir: tempfile::TempDir,
+    config: lain_test_support::ControlPlaneConfig,
     cp: lain_test_support::LainProcess,
     url: String,
-    token: String,
-    prefix: String,
-    nodes: Vec<String>,
 }
 
 impl RealServer {
     fn start(test: &str) -> RealServer {
-        let etcd = lain_test_support::require_etcd();
-        let nodes = require_docker_nodes();
         let registry = lain_test_support::require_registry();
-        assert!(nodes.len() >= 2, "two Docker engines are needed");
-        let prefix = lain_test_support::unique_prefix(test);
-        let dir = temp_dir();
-        let cfg = dir.path().join("cp.toml");
-        let mut text = format!(
-            "etcd_endpoints = [\"{}\"]\nprefix = \"{prefix}\"\ncluster_domains = [\"lain.local\"]\nvolume_root = \"{}\"\nelection_ttl_secs = 2\nhealth_deadline_secs = 30\nsecret_key_file = \"{}\"\nregistry = \"{registry}\"\n",
-            etcd[0],
-            dir.path().join("volumes").display(),
-            dir.path().join("keys/secret.key").display(),
+        let config = lain_test_support::ControlPlaneConfig::init(
+            test,
+            &format!("registry = \"{registry}\""),
         );
-        for (i, n) in nodes.iter().take(2).enumerate() {
-            text.push_str(&format!(
-                "[[nodes]]\nname = \"node{}\"\ndocker_host = \"{n}\"\nmemory_bytes = 4294967296\n",
-                i + 1
-            ));
-        }
-        std::fs::write(&cfg, text).unwrap();
-        let (code, out, err) = lain_test_support::run_lain(
-            &["controlplane", "init", "-c", cfg.to_str().unwrap()],
-            None,
-        );
-        assert_eq!(code, 0, "init failed: {err}");
-        let token = out.trim().to_string();
-        let cp = lain_test_support::LainProcess::spawn(
-            &["controlplane", "-c", cfg.to_str().unwrap()],
-            &[],
-            &["admin", "api"],
-        );
+        let cp = config.spawn();
         let url = format!("http://{}", cp.addr("api"));
-        RealServer {
-            dir,
-            cp,
-            url,
-            token,
-            prefix,
-            nodes,
-        }
+        RealServer { config, cp, url }
     }
 }
 
 impl Drop for RealServer {
     fn drop(&mut self) {
         self.cp.terminate(std::time::Duration::from_secs(10));
-        lain_test_support::remove_cluster_containers(&self.nodes, &self.prefix);
+        let c = &self.config;
+        lain_test_support::remove_cluster_containers(&c.nodes, &c.prefix);
         let _ = Command::new("etcdctl")
-            .args(["del", "--prefix", &self.prefix])
+            .args(["del", "--prefix", &c.prefix])
             .env("ETCDCTL_API", "3")
             .env(
                 "ETCDCTL_ENDPOINTS",
@@ -355,11 +296,17 @@ impl Drop for RealServer {
 fn the_cli_drives_a_real_control_plane_from_login_to_rollback() {
     let server = RealServer::start("cli-e2e");
     let registry = lain_test_support::require_registry();
-    let config = server.dir.path().join("cli.toml");
+    let config = server.config.dir.path().join("cli.toml");
     let run = |args: &[&str]| lain(&config, args, &[]);
 
     // login checks the token and writes the file; later commands need no flags.
-    let (code, out, err) = run(&["login", "--server", &server.url, "--token", &server.token]);
+    let (code, out, err) = run(&[
+        "login",
+        "--server",
+        &server.url,
+        "--token",
+        &server.config.token,
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("(admin)"), "{out}");
     let (code, out, err) = run(&["whoami", "-o", "json"]);
@@ -371,32 +318,20 @@ fn the_cli_drives_a_real_control_plane_from_login_to_rollback() {
     assert!(err.contains("lain login"), "{err}");
 
     // Build and push the demo app under a name of its own, register it, deploy it.
-    let app_dir = server.dir.path().join("app");
-    std::fs::create_dir(&app_dir).unwrap();
-    let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
-    for e in std::fs::read_dir(&hello).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), app_dir.join(e.file_name())).unwrap();
-    }
+    let app_dir = server.config.dir.path().join("app");
     let app = format!("clie2e{}", std::process::id());
-    let yaml = std::fs::read_to_string(app_dir.join("lain.yaml"))
-        .unwrap()
-        .replace("appname: hello", &format!("appname: {app}"));
-    std::fs::write(app_dir.join("lain.yaml"), &yaml).unwrap();
-    git(&app_dir, &["init", "-q"]);
-    git(&app_dir, &["add", "."]);
-    git(&app_dir, &["commit", "-q", "-m", "x"]);
+    lain_test_support::hello_app(&app_dir, &app);
     let dir = app_dir.to_str().unwrap();
     let (code, out, err) = lain(
         &config,
         &["build", dir, "--push", &registry, "-o", "json"],
-        &[("DOCKER_HOST", &server.nodes[0])],
+        &[("DOCKER_HOST", &server.config.nodes[0])],
     );
     assert_eq!(code, 0, "{err}");
     let built: serde_json::Value = serde_json::from_str(&out).unwrap();
     let version = built["version"].as_str().unwrap().to_string();
     let image = built["image"].as_str().unwrap().to_string();
-    let _images = scopeguard(server.nodes.clone(), app.clone());
+    let _images = scopeguard(server.config.nodes.clone(), app.clone());
 
     let (code, out, err) = run(&["app", "create", dir]);
     assert_eq!(code, 0, "{err}");
@@ -452,7 +387,7 @@ fn the_cli_drives_a_real_control_plane_from_login_to_rollback() {
     assert!(out.contains("deployed"), "{out}");
 
     // Secrets: set from stdin and from a file, listed without content, removed.
-    let secret = server.dir.path().join("s.txt");
+    let secret = server.config.dir.path().join("s.txt");
     std::fs::write(&secret, "hush").unwrap();
     let (code, _, err) = run(&[
         "secret",
@@ -476,8 +411,8 @@ fn the_cli_drives_a_real_control_plane_from_login_to_rollback() {
     // for (never with their keys); a file that is no certificate is refused, naming the field.
     let cert_host = format!("{app}.example.test");
     let generated = rcgen::generate_simple_self_signed(vec![cert_host.clone()]).unwrap();
-    let cert_pem = server.dir.path().join("c.pem");
-    let key_pem = server.dir.path().join("k.pem");
+    let cert_pem = server.config.dir.path().join("c.pem");
+    let key_pem = server.config.dir.path().join("k.pem");
     std::fs::write(&cert_pem, generated.cert.pem()).unwrap();
     std::fs::write(&key_pem, generated.signing_key.serialize_pem()).unwrap();
     let cert_name = format!("cert-{app}");
@@ -513,7 +448,7 @@ fn the_cli_drives_a_real_control_plane_from_login_to_rollback() {
     assert_ne!(code, 0);
     assert!(err.contains("cert_pem"), "{err}");
     let other = rcgen::generate_simple_self_signed(vec![cert_host.clone()]).unwrap();
-    let other_key = server.dir.path().join("other.pem");
+    let other_key = server.config.dir.path().join("other.pem");
     std::fs::write(&other_key, other.signing_key.serialize_pem()).unwrap();
     let (code, _, err) = run(&[
         "cert",

@@ -2,49 +2,23 @@
 //! standby takes over within seconds and converges, with no duplicate and no orphaned
 //! container.
 //!
-//! The first leader is this test binary run again as a child process (entry point: the
-//! ignored test `leader_child`, which does nothing unless the parent sets its environment):
-//! it campaigns, runs the engine, and deploys on command from stdin, so the parent can kill it
-//! at a chosen step of a rollout. The standby is the real `lain controlplane --config FILE`.
+//! Both replicas are the real `lain controlplane` binary on one config; the test drives the
+//! leader through the HTTP API (register, deploy) and kills it at a chosen step of a
+//! rollout.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
-use std::net::IpAddr;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
-use lain_common::Shutdown;
-use lain_controlplane::engine::{Engine, EngineSettings, NodeSpec};
-use lain_controlplane::metrics::Metrics;
 use lain_state::records::decode;
 use lain_state::{AppRecord, EndpointRecord, Keyspace, Kind};
 use lain_test_support::{
-    ContainerCleanup, eventually, parse_listening, require_docker_nodes, require_etcd, temp_dir,
-    unique_prefix,
+    ContainerCleanup, ControlPlaneConfig, LainProcess, eventually, require_etcd,
 };
+use serde_json::json;
 
 const IMAGE: &str = "lain/busybox:latest";
-const CHILD_ENV: &str = "LAIN_CP_TEST_CHILD_PREFIX";
-
-fn nodes() -> Vec<NodeSpec> {
-    let hosts = require_docker_nodes();
-    assert!(hosts.len() >= 2, "two Docker engines are needed");
-    hosts
-        .iter()
-        .take(2)
-        .enumerate()
-        .map(|(i, h)| NodeSpec {
-            name: format!("node{}", i + 1),
-            docker_host: h.clone(),
-            address: IpAddr::from([127, 0, 0, 1]),
-            labels: Default::default(),
-            cpus: 4,
-            memory_bytes: 4 << 30,
-        })
-        .collect()
-}
 
 fn app_yaml(app: &str) -> String {
     format!(
@@ -54,185 +28,24 @@ fn app_yaml(app: &str) -> String {
     )
 }
 
-/// The first leader, run as a child process by the test below; it does nothing unless the
-/// parent set its environment.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the entry point of the child process of two_control_planes_converge_after_the_leader_is_killed"]
-async fn leader_child() {
-    let Ok(prefix) = std::env::var(CHILD_ENV) else {
-        return;
-    };
-    // Docker names containers per engine, so concurrent tests use apps of their own.
-    let app = std::env::var("LAIN_CP_TEST_CHILD_APP").unwrap();
-    let volumes = std::env::var("LAIN_CP_TEST_CHILD_VOLUMES").unwrap();
-    let etcd = lain_test_support::etcd_client(&require_etcd()).await;
-    let ks = Keyspace::new(&prefix);
-    let never = Shutdown::new();
-    let leadership =
-        lain_controlplane::leader::campaign(&etcd, &ks, "child", Duration::from_secs(2), &never)
-            .await
-            .unwrap()
-            .unwrap();
-    let settings = EngineSettings::new(ks, vec!["lain.local".into()], volumes.into());
-    let metrics = Metrics::new(&prometheus::Registry::new());
-    let (engine, _task) = Engine::start(settings, etcd, nodes(), metrics, never.clone())
+/// One API call as the admin; panics unless it answers `want`.
+async fn api(
+    config: &ControlPlaneConfig,
+    cp: &LainProcess,
+    path: &str,
+    body: serde_json::Value,
+    want: u16,
+) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{}{path}", cp.addr("api")))
+        .bearer_auth(&config.token)
+        .json(&body)
+        .send()
         .await
         .unwrap();
-    println!("child: leading");
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(8);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-            if tx.blocking_send(line).is_err() {
-                break;
-            }
-        }
-    });
-    while let Some(line) = rx.recv().await {
-        match line.split_whitespace().collect::<Vec<_>>()[..] {
-            ["register"] => {
-                engine.register("lain.yaml", &app_yaml(&app)).await.unwrap();
-            }
-            ["deploy", version] => {
-                engine.deploy(&app, version, IMAGE).await.unwrap();
-            }
-            _ => panic!("unknown command {line:?}"),
-        }
-        println!("child: done {line}");
-    }
-    drop(leadership);
-}
-
-/// The standby control plane process and its admin address.
-struct Standby {
-    child: Child,
-    admin: std::net::SocketAddr,
-}
-
-impl Standby {
-    fn spawn(config: &std::path::Path) -> Standby {
-        // The standby is the real `lain controlplane` binary.
-        let mut child = Command::new(lain_test_support::lain_binary())
-            .arg("controlplane")
-            .arg("-c")
-            .arg(config)
-            .env(
-                "LAIN_LOG",
-                std::env::var("LAIN_LOG").unwrap_or("warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some((name, addr)) = parse_listening(&line)
-                    && name == "admin"
-                {
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let admin = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the standby announces its admin listener");
-        Standby { child, admin }
-    }
-
-    /// SIGTERM, then up to `grace` for it to exit.
-    fn terminate(&mut self, grace: Duration) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Standby {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The child process and the lines it prints.
-struct ChildLeader {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
-
-impl ChildLeader {
-    fn spawn(prefix: &str, volumes: &str, app: &str) -> ChildLeader {
-        let exe = std::env::current_exe().unwrap();
-        let mut child = Command::new(exe)
-            .args(["--exact", "leader_child", "--ignored", "--nocapture"])
-            .env(CHILD_ENV, prefix)
-            .env("LAIN_CP_TEST_CHILD_VOLUMES", volumes)
-            .env("LAIN_CP_TEST_CHILD_APP", app)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut c = ChildLeader {
-            child,
-            stdin,
-            lines,
-        };
-        c.expect("child: leading");
-        c
-    }
-
-    fn expect(&mut self, want: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.trim() == want => return,
-                Ok(_) => {}
-                Err(_) => panic!("the child leader did not print {want:?} within 30 s"),
-            }
-        }
-    }
-
-    fn command(&mut self, cmd: &str) {
-        writeln!(self.stdin, "{cmd}").unwrap();
-        self.stdin.flush().unwrap();
-        self.expect(&format!("child: done {cmd}"));
-    }
-
-    fn kill9(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ChildLeader {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    assert_eq!(status, want, "POST {path}: {text}");
 }
 
 /// (name, version, running) of every container of the cluster on both engines.
@@ -263,7 +76,7 @@ async fn containers(hosts: &[String], prefix: &str) -> Vec<(String, String, bool
     out
 }
 
-async fn leader_page(admin: std::net::SocketAddr) -> Option<String> {
+async fn leader_page(admin: SocketAddr) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
     s.write_all(b"GET /leader HTTP/1.0\r\n\r\n").await.ok()?;
@@ -282,21 +95,42 @@ enum Step {
 }
 
 async fn kill_the_leader_at(step: Step, app: &str) {
-    let etcd_endpoints = require_etcd();
-    let hosts: Vec<String> = nodes().into_iter().map(|n| n.docker_host).collect();
-    let prefix = unique_prefix("cp-failover");
+    let config = ControlPlaneConfig::init("cp-failover", "");
+    let hosts = config.nodes.clone();
+    let prefix = config.prefix.clone();
     let ks = Keyspace::new(&prefix);
-    let dir = temp_dir();
-    let volumes = dir.path().join("volumes");
     let _cleanup = ContainerCleanup {
         prefix: ks.prefix().to_string(),
         hosts: hosts.clone(),
     };
-    let etcd = lain_test_support::etcd_client(&etcd_endpoints).await;
+    let etcd = lain_test_support::etcd_client(&require_etcd()).await;
 
-    let mut first = ChildLeader::spawn(&prefix, volumes.to_str().unwrap(), app);
-    first.command("register");
-    first.command("deploy 1");
+    // The first replica leads before the second starts.
+    let mut first = config.spawn();
+    let first_admin = first.addr("admin");
+    eventually(
+        Duration::from_secs(15),
+        "the first replica to lead",
+        || async { (leader_page(first_admin).await? == "leader").then_some(()) },
+    )
+    .await;
+    api(
+        &config,
+        &first,
+        "/api/v1/apps",
+        json!({"lain_yaml": app_yaml(app)}),
+        201,
+    )
+    .await;
+    let deploy = |version: &str| json!({"version": version, "image": IMAGE});
+    api(
+        &config,
+        &first,
+        &format!("/api/v1/apps/{app}/deploys"),
+        deploy("1"),
+        202,
+    )
+    .await;
     let endpoints = |version: &'static str| {
         let etcd = etcd.clone();
         let ks = ks.clone();
@@ -326,27 +160,20 @@ async fn kill_the_leader_at(step: Step, app: &str) {
     })
     .await;
 
-    // The standby: `lain controlplane` on the same prefix and engines.
-    let cfg = dir.path().join("cp.toml");
-    let mut text = format!(
-        "etcd_endpoints = {etcd_endpoints:?}\nprefix = \"{prefix}\"\ncluster_domains = [\"lain.local\"]\n\
-         volume_root = \"{}\"\nelection_ttl_secs = 2\n",
-        volumes.display()
-    );
-    for (i, h) in hosts.iter().enumerate() {
-        text.push_str(&format!(
-            "[[nodes]]\nname = \"node{}\"\ndocker_host = \"{h}\"\nmemory_bytes = {}\n",
-            i + 1,
-            4u64 << 30
-        ));
-    }
-    std::fs::write(&cfg, text).unwrap();
-    let mut standby = Standby::spawn(&cfg);
-    let admin = standby.admin;
+    // The standby: a second replica on the same config.
+    let mut standby = config.spawn();
+    let admin = standby.addr("admin");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(leader_page(admin).await.as_deref(), Some("standby"));
 
-    first.command("deploy 2");
+    api(
+        &config,
+        &first,
+        &format!("/api/v1/apps/{app}/deploys"),
+        deploy("2"),
+        202,
+    )
+    .await;
     if let Step::Surging = step {
         eventually(Duration::from_secs(30), "a v2 container", || async {
             let c = containers(&hosts, ks.prefix()).await;
@@ -356,7 +183,7 @@ async fn kill_the_leader_at(step: Step, app: &str) {
         })
         .await;
     }
-    first.kill9();
+    first.kill();
     let killed = Instant::now();
     eventually(Duration::from_secs(15), "the standby to lead", || async {
         (leader_page(admin).await? == "leader").then_some(())
@@ -416,6 +243,7 @@ async fn kill_the_leader_at(step: Step, app: &str) {
     assert_eq!(deploys[1]["version"], "2");
     eprintln!("{step:?}: the standby led {took:?} after the kill");
     standby.terminate(Duration::from_secs(10));
+    drop(config);
     let _ = etcd
         .kv_client()
         .delete(

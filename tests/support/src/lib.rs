@@ -296,6 +296,122 @@ pub fn temp_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
+/// Runs `git -C dir ARGS...` with a fixed author; panics when it fails.
+pub fn git(dir: &std::path::Path, args: &[&str]) {
+    let st = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=lain-test",
+            "-c",
+            "user.email=test@lain.invalid",
+        ])
+        .args(args)
+        .status()
+        .expect("run git");
+    assert!(st.success(), "git {args:?} failed");
+}
+
+/// Copies `examples/hello` into `dir` as the app `app` (its lain.yaml renamed) and commits
+/// it to a new git repository, as `lain build` needs; returns the lain.yaml text.
+pub fn hello_app(dir: &std::path::Path, app: &str) -> String {
+    let hello = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello");
+    std::fs::create_dir_all(dir).expect("create the app directory");
+    for e in std::fs::read_dir(&hello).expect("examples/hello") {
+        let e = e.expect("examples/hello entry");
+        std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy examples/hello");
+    }
+    let yaml = std::fs::read_to_string(dir.join("lain.yaml"))
+        .expect("examples/hello/lain.yaml")
+        .replace("appname: hello", &format!("appname: {app}"));
+    std::fs::write(dir.join("lain.yaml"), &yaml).expect("write lain.yaml");
+    git(dir, &["init", "-q"]);
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-q", "-m", "v1"]);
+    yaml
+}
+
+/// The configuration of a test cluster's `lain controlplane`: its own etcd prefix, the
+/// harness's first two Docker engines as `node1` and `node2`, volumes and a secret key in a
+/// temporary directory, and the admin token `lain controlplane init` printed.
+#[derive(Debug)]
+pub struct ControlPlaneConfig {
+    /// Holds the config file, volumes and keys.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub path: PathBuf,
+    /// The cluster's etcd prefix, also the `lain.cluster` label of its containers.
+    pub prefix: String,
+    /// The Docker hosts of `node1` and `node2`.
+    pub nodes: Vec<String>,
+    /// The first admin's bearer token.
+    pub token: String,
+}
+
+impl ControlPlaneConfig {
+    /// Writes the config for `test` (with `extra` top-level lines, such as `registry = ...`)
+    /// and runs `lain controlplane init` on it.
+    pub fn init(test: &str, extra: &str) -> ControlPlaneConfig {
+        let etcd = require_etcd();
+        let nodes: Vec<String> = require_docker_nodes().into_iter().take(2).collect();
+        assert!(
+            nodes.len() == 2,
+            "two Docker engines are needed, got {nodes:?}"
+        );
+        let prefix = unique_prefix(test);
+        let dir = temp_dir();
+        let path = dir.path().join("cp.toml");
+        let mut text = format!(
+            "etcd_endpoints = {etcd:?}\nprefix = \"{prefix}\"\ncluster_domains = [\"lain.local\"]\n\
+             volume_root = \"{}\"\nelection_ttl_secs = 2\nhealth_deadline_secs = 30\n\
+             secret_key_file = \"{}\"\n{extra}\n",
+            dir.path().join("volumes").display(),
+            dir.path().join("keys/secret.key").display(),
+        );
+        for (i, n) in nodes.iter().enumerate() {
+            text.push_str(&format!(
+                "[[nodes]]\nname = \"node{}\"\ndocker_host = \"{n}\"\nmemory_bytes = 4294967296\n",
+                i + 1
+            ));
+        }
+        std::fs::write(&path, text).expect("write the control-plane config");
+        let (code, out, err) = run_lain(
+            &[
+                "controlplane",
+                "init",
+                "-c",
+                path.to_str().expect("UTF-8 path"),
+            ],
+            None,
+        );
+        assert_eq!(code, 0, "lain controlplane init failed: {err}");
+        let token = out.trim().to_string();
+        assert!(token.starts_with("lain_"), "not a token: {out}");
+        ControlPlaneConfig {
+            dir,
+            path,
+            prefix,
+            nodes,
+            token,
+        }
+    }
+
+    /// Starts one `lain controlplane` replica on this config, once it announced its admin
+    /// and API listeners.
+    pub fn spawn(&self) -> LainProcess {
+        LainProcess::spawn(
+            &[
+                "controlplane",
+                "-c",
+                self.path.to_str().expect("UTF-8 path"),
+            ],
+            &[],
+            &["admin", "api"],
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

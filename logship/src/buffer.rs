@@ -605,7 +605,9 @@ pub async fn run_stage(
             }
             _ => None,
         };
-        let replay = unsent > 0 && input_open;
+        // After the dispatcher is gone the disk is replayed only to make room for a batch
+        // still waiting; the rest waits for the next start.
+        let replay = unsent > 0 && (input_open || pending.is_some());
         tokio::select! {
             biased;
             permit = output.reserve(), if replay || (pending.is_some() && unsent == 0) => {

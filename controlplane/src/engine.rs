@@ -457,6 +457,9 @@ impl Engine {
 struct Slot {
     restarts: u32,
     failures: u32,
+    /// The slot's container crashed and its replacement has not been started yet: the next
+    /// start is a restart (a start for a deploy or a move is not).
+    crashed: bool,
     next_attempt: Option<Instant>,
     last_exit: Option<String>,
     pending: Option<String>,
@@ -1757,6 +1760,7 @@ impl State {
         let slot = self.slots.entry(key).or_default();
         slot.restarts += 1;
         slot.failures += 1;
+        slot.crashed = true;
         slot.last_exit = Some(reason.clone());
         // Exponential backoff: the first replacement is immediate, then 1 s, 2 s, … 30 s.
         let delay = if slot.failures <= 1 {
@@ -1986,14 +1990,16 @@ impl State {
             return;
         };
         let client = node.client.clone();
-        self.slots.entry(key.clone()).or_default().last_node = Some(node_name.clone());
+        let entry = self.slots.entry(key.clone()).or_default();
+        entry.last_node = Some(node_name.clone());
+        entry.crashed = false;
         starts.planned.push(PlannedStart {
             key,
             node_name,
             port,
             drift,
             prev_node: slot.last_node.clone(),
-            restarted: slot.restarts > 0 && slot.last_exit.is_some(),
+            restarted: slot.crashed,
             image: spec.image.clone(),
             client,
             cs,

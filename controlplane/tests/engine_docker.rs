@@ -325,12 +325,31 @@ async fn deploy_publishes_spreads_heals_and_scales() {
         two.last_exit.as_deref().unwrap_or("").contains("exit"),
         "{two:?}"
     );
+    let restarted = |kinds: &[String]| kinds.iter().filter(|k| *k == "restarted").count();
+    assert_eq!(restarted(&kinds), 1, "{kinds:?}");
+
+    // A deploy after the crash starts the new version's containers; none of them is
+    // reported as a restart.
+    h.engine.deploy(app, "2", IMAGE).await.unwrap();
+    h.wait_serving(app, 3, "2").await;
+    let events = h.engine.events(app).await.unwrap();
+    let v2: Vec<&str> = events
+        .iter()
+        .filter(|e| e.message.contains(".v2-"))
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(
+        v2.iter().filter(|k| **k == "started").count(),
+        3,
+        "{events:?}"
+    );
+    assert!(!v2.contains(&"restarted"), "{events:?}");
 
     // Scale 3 → 5 → 1: the highest instance numbers go first.
     h.engine.scale(app, "web", 5).await.unwrap();
-    h.wait_serving(app, 5, "1").await;
+    h.wait_serving(app, 5, "2").await;
     h.engine.scale(app, "web", 1).await.unwrap();
-    h.wait_serving(app, 1, "1").await;
+    h.wait_serving(app, 1, "2").await;
     eventually(Duration::from_secs(30), "only instance 1 left", || async {
         let c = h.containers().await;
         (c.len() == 1 && c[0].3.get("lain.instance").map(String::as_str) == Some("1")).then_some(())

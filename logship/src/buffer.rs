@@ -605,9 +605,7 @@ pub async fn run_stage(
             }
             _ => None,
         };
-        // After the dispatcher is gone the disk is replayed only to make room for a batch
-        // still waiting; the rest waits for the next start.
-        let replay = unsent > 0 && (input_open || pending.is_some());
+        let replay = unsent > 0 && input_open;
         tokio::select! {
             biased;
             permit = output.reserve(), if replay || (pending.is_some() && unsent == 0) => {

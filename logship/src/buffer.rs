@@ -1077,6 +1077,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn at_shutdown_every_accepted_batch_reaches_the_sink_or_stays_on_disk() {
+        let TestStage {
+            dir,
+            m,
+            mem,
+            in_tx,
+            mut out_rx,
+            task,
+            ..
+        } = stage(2000, 50, 1);
+        // The sink is away until the buffer is full and a batch waits for room.
+        let mut accepted = Vec::new();
+        for i in 0..100 {
+            let b = batch(&m, i * 5, 5, &mem);
+            let ids = ids(&b.events);
+            if tokio::time::timeout(Duration::from_secs(2), in_tx.send(b))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            accepted.extend(ids);
+        }
+        // The dispatcher goes away, then the sink comes back: the stage places what it
+        // holds and ends by itself.
+        drop(in_tx);
+        let sink = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(b) = out_rx.recv().await {
+                got.extend(ids(&b.events));
+                b.ack.ack();
+            }
+            got
+        });
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the stage ends")
+            .unwrap();
+        let mut seen = sink.await.unwrap();
+        let mut left = DiskBuffer::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+        while let Some((_, e)) = left.next_record().unwrap() {
+            seen.extend(ids(&e));
+        }
+        assert!(accepted.len() > 10, "{} events accepted", accepted.len());
+        for id in &accepted {
+            assert!(seen.contains(id), "{id} lost");
+        }
+    }
+
+    #[tokio::test]
     async fn a_full_buffer_stops_taking_batches() {
         let TestStage {
             dir: _dir,

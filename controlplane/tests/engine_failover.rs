@@ -1,6 +1,6 @@
-//! Two control planes, the leader killed with SIGKILL in the middle of a rollout: the
-//! standby takes over within seconds and converges, with no duplicate and no orphaned
-//! container.
+//! Two control planes, the leader killed with SIGKILL at each step of a rollout (the deploy
+//! just accepted, new containers surging, old ones withdrawn and draining): the standby
+//! takes over within seconds and converges, with no duplicate and no orphaned container.
 //!
 //! Both replicas are the real `lain controlplane` binary on one config; the test drives the
 //! leader through the HTTP API (register, deploy) and kills it at a chosen step of a
@@ -92,6 +92,9 @@ enum Step {
     Accepted,
     /// Once a new container exists and before all are replaced.
     Surging,
+    /// Once every endpoint is of the new version and an old container still runs: withdrawn,
+    /// draining in-flight requests before it is stopped.
+    Draining,
 }
 
 async fn kill_the_leader_at(step: Step, app: &str) {
@@ -174,14 +177,29 @@ async fn kill_the_leader_at(step: Step, app: &str) {
         202,
     )
     .await;
-    if let Step::Surging = step {
-        eventually(Duration::from_secs(30), "a v2 container", || async {
-            let c = containers(&hosts, ks.prefix()).await;
-            let new = c.iter().filter(|c| c.1 == "2").count();
-            let old = c.iter().filter(|c| c.1 == "1").count();
-            (new >= 1 && old >= 1).then_some(())
-        })
-        .await;
+    match step {
+        Step::Accepted => {}
+        Step::Surging => {
+            eventually(Duration::from_secs(30), "a v2 container", || async {
+                let c = containers(&hosts, ks.prefix()).await;
+                let new = c.iter().filter(|c| c.1 == "2").count();
+                let old = c.iter().filter(|c| c.1 == "1").count();
+                (new >= 1 && old >= 1).then_some(())
+            })
+            .await;
+        }
+        Step::Draining => {
+            eventually(
+                Duration::from_secs(30),
+                "v2 serving, a v1 container draining",
+                || async {
+                    endpoints("2").await?;
+                    let c = containers(&hosts, ks.prefix()).await;
+                    c.iter().any(|c| c.1 == "1" && c.2).then_some(())
+                },
+            )
+            .await;
+        }
     }
     first.kill();
     let killed = Instant::now();
@@ -261,4 +279,9 @@ async fn two_control_planes_converge_after_the_leader_is_killed_as_a_deploy_is_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_control_planes_converge_after_the_leader_is_killed_mid_surge() {
     kill_the_leader_at(Step::Surging, "failover-surging").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_control_planes_converge_after_the_leader_is_killed_while_old_instances_drain() {
+    kill_the_leader_at(Step::Draining, "failover-draining").await;
 }

@@ -104,6 +104,35 @@ pub struct NodeSpec {
     pub memory_bytes: u64,
 }
 
+impl NodeSpec {
+    /// The node as recorded in etcd, in `state`.
+    pub fn record(&self, state: NodeState) -> NodeRecord {
+        NodeRecord {
+            v: SCHEMA_VERSION,
+            name: self.name.clone(),
+            docker_host: self.docker_host.clone(),
+            address: self.address,
+            labels: self.labels.clone(),
+            cpus: self.cpus,
+            memory_bytes: self.memory_bytes,
+            state,
+        }
+    }
+}
+
+impl From<&NodeRecord> for NodeSpec {
+    fn from(r: &NodeRecord) -> NodeSpec {
+        NodeSpec {
+            name: r.name.clone(),
+            docker_host: r.docker_host.clone(),
+            address: r.address,
+            labels: r.labels.clone(),
+            cpus: r.cpus,
+            memory_bytes: r.memory_bytes,
+        }
+    }
+}
+
 /// Why an engine call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -323,15 +352,7 @@ impl Engine {
             state.join_or_defer(n, st).await?;
         }
         for m in members.iter().filter(|m| !configured.contains(&m.name)) {
-            let spec = NodeSpec {
-                name: m.name.clone(),
-                docker_host: m.docker_host.clone(),
-                address: m.address,
-                labels: m.labels.clone(),
-                cpus: m.cpus,
-                memory_bytes: m.memory_bytes,
-            };
-            state.join_or_defer(spec, m.state).await?;
+            state.join_or_defer(NodeSpec::from(m), m.state).await?;
         }
         state.watch_etcd();
         state.watch_node_leases();
@@ -720,7 +741,7 @@ impl State {
     async fn add_node(&mut self, spec: NodeSpec, state: NodeState) -> Result<(), EngineError> {
         let client = NodeClient::connect(&spec.name, &spec.docker_host, spec.address)?
             .with_registry(self.settings.registry.clone());
-        let record = self.node_record(&spec, state);
+        let record = spec.record(state);
         self.publisher.save_node_member(&record).await?;
         let answers = tokio::time::timeout(Duration::from_secs(3), client.ping())
             .await
@@ -763,7 +784,7 @@ impl State {
         let Some(n) = self.nodes.get(name) else {
             return;
         };
-        let record = self.node_record(&n.spec, n.state);
+        let record = n.spec.record(n.state);
         let alive_fn = alive(&n.client);
         match self
             .publisher
@@ -848,26 +869,12 @@ impl State {
         };
         n.state = NodeState::Draining;
         let leased = !n.lease_expired && n.lease.as_ref().is_some_and(|l| !l.is_finished());
-        let spec = n.spec.clone();
-        let record = self.node_record(&spec, NodeState::Draining);
+        let record = n.spec.record(NodeState::Draining);
         self.publisher.save_node_member(&record).await?;
         if leased {
             self.renew_lease(name).await;
         }
         Ok(())
-    }
-
-    fn node_record(&self, spec: &NodeSpec, state: NodeState) -> NodeRecord {
-        NodeRecord {
-            v: SCHEMA_VERSION,
-            name: spec.name.clone(),
-            docker_host: spec.docker_host.clone(),
-            address: spec.address,
-            labels: spec.labels.clone(),
-            cpus: spec.cpus,
-            memory_bytes: spec.memory_bytes,
-            state,
-        }
     }
 
     fn watch_node(&self, client: &NodeClient) -> tokio::task::JoinHandle<()> {

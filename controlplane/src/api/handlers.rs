@@ -1110,19 +1110,7 @@ async fn add_node(
     engine.add_node(spec.clone()).await?;
     Ok((
         StatusCode::CREATED,
-        AxumJson(node_info(
-            NodeRecord {
-                v: SCHEMA_VERSION,
-                name: spec.name,
-                docker_host: spec.docker_host,
-                address: spec.address,
-                labels: spec.labels,
-                cpus: spec.cpus,
-                memory_bytes: spec.memory_bytes,
-                state: NodeState::Active,
-            },
-            true,
-        )),
+        AxumJson(node_info(spec.record(NodeState::Active), true)),
     ))
 }
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of `lain proxy` against nginx and HAProxy on loopback: one cheap
 # upstream (an nginx `return 200`), wrk with keep-alive, the same worker threads for every
-# proxy (1, then 2), alternating targets. Also route churn and propagation latency against
-# real etcd, and criterion's route lookup times. Prints a markdown table and writes
-# target/bench/proxy.json.
+# proxy (1, then 2), alternating targets over several rounds and reporting each figure's
+# median. A bare pingora proxy (proxy/examples/bare_pingora.rs) runs alongside as the floor
+# lain is built on. Also route churn and propagation latency against real etcd, and
+# criterion's route lookup times. Prints a markdown table and writes target/bench/proxy.json.
 #
-# Knobs: BENCH_DURATION (s per wrk run, default 10), BENCH_CONNECTIONS (default 64),
-# BENCH_CHURN_SECS (default 10), BENCH_UPDATES_PER_SEC (default 200).
+# Knobs: BENCH_DURATION (s per wrk run, default 10), BENCH_ROUNDS (default 3),
+# BENCH_CONNECTIONS (default 64), BENCH_CHURN_SECS (default 10), BENCH_UPDATES_PER_SEC
+# (default 200).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -14,6 +16,7 @@ cd "$root"
 out="$root/target/bench"
 mkdir -p "$out"
 duration=${BENCH_DURATION:-10}
+rounds=${BENCH_ROUNDS:-3}
 conns=${BENCH_CONNECTIONS:-64}
 work=$(mktemp -d /tmp/lain-bench-proxy.XXXXXX)
 pids=()
@@ -48,10 +51,11 @@ fi
 
 log "building (release)"
 cargo build --release --bin lain >&2
-cargo build --release -p lain-proxy --example bench_churn >&2
+cargo build --release -p lain-proxy --example bench_churn --example bare_pingora >&2
 target_dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
 lain="$target_dir/release/lain"
 churn="$target_dir/release/examples/bench_churn"
+bare="$target_dir/release/examples/bare_pingora"
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -235,31 +239,56 @@ EOF
   wait_port "$hp_port"
 }
 
+start_pingora() {
+  local threads=$1
+  pg_port=$(free_port)
+  "$bare" "127.0.0.1:$pg_port" "127.0.0.1:$up_port" "$threads" >"$work/pingora.log" 2>&1 &
+  pg_pid=$!
+  pids+=($pg_pid)
+  wait_port "$pg_port"
+}
+
 stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 declare -A R
+targets="direct lain pingora nginx haproxy"
+# add KEY VALUE: one more round's value; med KEY: the median of the rounds.
+add() { R[$1]="${R[$1]:-} $2"; }
+med() {
+  echo "${R[$1]:-0}" | tr ' ' '\n' | grep . | sort -g |
+    awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 for threads in 1 2; do
   start_lain "$threads"
   # The route lain serves: written by bench_churn's set-up and kept for the whole run.
   BENCH_PROXY="$lain_addr" BENCH_UPSTREAM="127.0.0.1:$up_port" BENCH_PREFIX="$prefix" \
     BENCH_CHURN_SECS=0 BENCH_PROPAGATIONS=0 BENCH_KEEP=1 "$churn" >/dev/null
+  start_pingora "$threads"
   start_nginx "$threads"
   start_haproxy "$threads"
-  for target in direct lain nginx haproxy; do
-    case $target in
-      direct) run_wrk direct "127.0.0.1:$up_port" 0 "$threads" ;;
-      lain) run_wrk lain "$lain_addr" "$lain_pid" "$threads" ;;
-      nginx) run_wrk nginx "127.0.0.1:$ng_port" "$ng_pid" "$threads" ;;
-      haproxy) run_wrk haproxy "127.0.0.1:$hp_port" "$hp_pid" "$threads" ;;
-    esac
-    R[$threads,$target,rps]=$rps R[$threads,$target,p50]=$p50 R[$threads,$target,p99]=$p99
-    R[$threads,$target,cpu]=$cpu R[$threads,$target,rss]=$rss
+  for round in $(seq 1 "$rounds"); do
+    log "threads=$threads round $round of $rounds"
+    for target in $targets; do
+      case $target in
+        direct) run_wrk direct "127.0.0.1:$up_port" 0 "$threads" ;;
+        lain) run_wrk lain "$lain_addr" "$lain_pid" "$threads" ;;
+        pingora) run_wrk pingora "127.0.0.1:$pg_port" "$pg_pid" "$threads" ;;
+        nginx) run_wrk nginx "127.0.0.1:$ng_port" "$ng_pid" "$threads" ;;
+        haproxy) run_wrk haproxy "127.0.0.1:$hp_port" "$hp_pid" "$threads" ;;
+      esac
+      add "$threads,$target,rps" "$rps"; add "$threads,$target,p50" "$p50"
+      add "$threads,$target,p99" "$p99"; add "$threads,$target,cpu" "$cpu"
+      add "$threads,$target,rss" "$rss"
+    done
+  done
+  for target in $targets; do
+    for k in rps p50 p99 cpu rss; do R[$threads,$target,$k]=$(med "$threads,$target,$k"); done
   done
   if [ "$threads" = 1 ]; then
     log "route churn and propagation"
     churn_json=$(BENCH_PROXY="$lain_addr" BENCH_UPSTREAM="127.0.0.1:$up_port" BENCH_PREFIX="$prefix" "$churn")
   fi
-  stop_pid "$lain_pid"; stop_pid "$ng_pid"; stop_pid "$hp_pid"
+  stop_pid "$lain_pid"; stop_pid "$pg_pid"; stop_pid "$ng_pid"; stop_pid "$hp_pid"
 done
 
 log "route lookup (criterion)"
@@ -267,9 +296,10 @@ cargo bench -p lain-proxy --bench lookup -- --warm-up-time 1 --measurement-time 
 crit="$target_dir/criterion"
 lookup_ns() { jq -r '.mean.point_estimate' "$crit/lookup/$1/new/estimates.json" 2>/dev/null || echo 0; }
 
-obj() { # obj THREADS KEY -> {"direct":..,"lain":..,"nginx":..,"haproxy":..}
-  printf '{"direct":%s,"lain":%s,"nginx":%s,"haproxy":%s}' \
-    "${R[$1,direct,$2]:-0}" "${R[$1,lain,$2]:-0}" "${R[$1,nginx,$2]:-0}" "${R[$1,haproxy,$2]:-0}"
+obj() { # obj THREADS KEY -> {"direct":..,"lain":..,"pingora":..,"nginx":..,"haproxy":..}
+  printf '{"direct":%s,"lain":%s,"pingora":%s,"nginx":%s,"haproxy":%s}' \
+    "${R[$1,direct,$2]:-0}" "${R[$1,lain,$2]:-0}" "${R[$1,pingora,$2]:-0}" \
+    "${R[$1,nginx,$2]:-0}" "${R[$1,haproxy,$2]:-0}"
 }
 group() {
   printf '"rps":%s,"p50_ms":%s,"p99_ms":%s,"cpu_us_per_req":%s,"rss_mib":%s' \
@@ -279,11 +309,14 @@ json="{$(group 1),\"threads2\":{$(group 2)},\"churn\":$(echo "$churn_json" | jq 
 echo "$json" | jq . >"$out/proxy.json"
 
 {
-  echo "| threads | target | req/s | p50 ms | p99 ms | CPU µs/req | RSS MiB |"
-  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+  echo "Medians of $rounds rounds of ${duration} s, $conns connections."
+  echo
+  echo "| threads | target | req/s | p50 ms | p99 ms | CPU µs/req | lain ÷ target (CPU) | RSS MiB |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
   for threads in 1 2; do
-    for target in direct lain nginx haproxy; do
-      echo "| $threads | $target | ${R[$threads,$target,rps]} | ${R[$threads,$target,p50]} | ${R[$threads,$target,p99]} | ${R[$threads,$target,cpu]} | ${R[$threads,$target,rss]} |"
+    for target in $targets; do
+      ratio=$(awk -v l="${R[$threads,lain,cpu]}" -v t="${R[$threads,$target,cpu]}" 'BEGIN { if (t > 0) printf "%.2f", l / t; else print "–" }')
+      echo "| $threads | $target | ${R[$threads,$target,rps]} | ${R[$threads,$target,p50]} | ${R[$threads,$target,p99]} | ${R[$threads,$target,cpu]} | $ratio | ${R[$threads,$target,rss]} |"
     done
   done
   echo

@@ -32,7 +32,8 @@ pub struct Config {
     /// TCP routes (stream ports).
     #[serde(default)]
     pub stream: StreamConfig,
-    /// Worker threads of the proxy runtime; the number of CPUs when 0.
+    /// Worker threads serving clients, each with its own runtime and upstream connection
+    /// pool; the number of CPUs when 0.
     #[serde(default)]
     pub threads: usize,
     /// Largest request header block (request line and headers) accepted; larger ones get

@@ -2,8 +2,15 @@
 //! and the accept loop that hands client connections to pingora's HTTP proxy.
 //!
 //! Listeners are bound here (so port 0 works and the real address is announced) and each
-//! accepted connection is given to pingora's `HttpProxy` as a pingora stream. Everything runs
-//! on one multi-threaded tokio runtime that this module owns.
+//! accepted connection is given to pingora's `HttpProxy` as a pingora stream.
+//!
+//! Client connections are served by `threads` workers, each an OS thread with a
+//! single-threaded tokio runtime that accepts from its own duplicate of every listener and
+//! keeps each connection it accepted for that connection's whole life. Nothing moves a
+//! request between cores: a work-stealing runtime did, and on a machine whose cores the load
+//! generator and the upstreams also use, the moves cost more CPU per request than they
+//! saved. The watcher, the table compiler, health checks, TCP routes and the admin listener
+//! run on a separate single-threaded control runtime on the calling thread.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -46,20 +53,90 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), RunError> {
         }
         _ => None,
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.threads > 0 {
-        builder.worker_threads(config.threads);
-    }
-    let rt = builder
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("lain-proxy")
         .build()
         .map_err(|e| RunError::Failed(format!("cannot start the runtime: {e}")))?;
     let result = rt.block_on(serve(config, handover));
-    // Tasks still parked on sockets (idle keep-alive pools, the watcher) must not hold up
-    // the exit once draining is over.
+    // Tasks still parked on sockets (the watcher, health checks) must not hold up the exit
+    // once draining is over.
     rt.shutdown_timeout(Duration::from_millis(500));
     result
+}
+
+/// One listener as every worker accepts from it.
+struct Accept {
+    listener: std::net::TcpListener,
+    tls: Option<Arc<TlsAcceptor>>,
+}
+
+/// The worker threads that serve client connections.
+struct Workers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: Shutdown,
+}
+
+impl Workers {
+    /// Starts one worker per proxy in `proxies`, each accepting from a duplicate of every
+    /// listener in `accepts` until `conns.shutdown`, and serving what it accepted with its
+    /// proxy until [`Workers::stop`].
+    fn start(
+        proxies: &[Arc<pingora_proxy::HttpProxy<LainProxy>>],
+        accepts: &[Accept],
+        conns: &Conns,
+    ) -> Result<Workers, RunError> {
+        let stop = Shutdown::new();
+        let mut threads = Vec::with_capacity(proxies.len());
+        for (i, proxy) in proxies.iter().enumerate() {
+            let mut mine = Vec::with_capacity(accepts.len());
+            for a in accepts {
+                let listener = a.listener.try_clone().map_err(|e| {
+                    RunError::Failed(format!("duplicating a listener for worker {i}: {e}"))
+                })?;
+                mine.push((listener, a.tls.clone()));
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| RunError::Failed(format!("cannot start worker {i}: {e}")))?;
+            let conns = Conns {
+                proxy: proxy.clone(),
+                ..conns.clone()
+            };
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("lain-proxy-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        for (listener, tls) in mine {
+                            match tokio::net::TcpListener::from_std(listener) {
+                                Ok(l) => {
+                                    tokio::spawn(conns.clone().accept_loop(l, tls));
+                                }
+                                Err(e) => {
+                                    tracing::error!(worker = i, error = %e, "cannot register a listener; this worker does not accept from it");
+                                }
+                            }
+                        }
+                        drop(conns);
+                        stop.wait().await;
+                    });
+                    // Connections still open after the drain period are closed here.
+                    rt.shutdown_timeout(Duration::from_millis(500));
+                })
+                .map_err(|e| RunError::Failed(format!("cannot start worker {i}: {e}")))?;
+            threads.push(thread);
+        }
+        Ok(Workers { threads, stop })
+    }
+
+    /// Stops every worker, closing what it still serves, and waits for the threads.
+    fn stop(self) {
+        self.stop.trigger();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Keeps the published route table in step with the published snapshot.
@@ -202,28 +279,39 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
         ..ServerConf::default()
     };
     let conf = Arc::new(conf);
-    let mut proxy = pingora_proxy::http_proxy(
-        &conf,
-        LainProxy {
-            table: cell.clone(),
-            metrics: metrics.clone(),
-            access_log,
-            trusted,
-            max_retries: config.upstream.max_retries,
-            keepalive_idle: Duration::from_secs(config.upstream.keepalive_idle_secs),
-            eject_after_failures: config.upstream.eject_after_failures,
-            eject_ms: config.upstream.eject_ms,
-            max_header_bytes: config.max_header_bytes,
-        },
-    );
-    if config.listen.h2c {
-        // HTTP/2 with prior knowledge on the plain listener; pingora tells it from HTTP/1
-        // by the connection preface and never applies it to TLS connections.
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        proxy.server_options = Some(options);
-    }
-    let proxy = Arc::new(proxy);
+    let service = LainProxy {
+        table: cell.clone(),
+        metrics: metrics.clone(),
+        access_log,
+        trusted,
+        max_retries: config.upstream.max_retries,
+        keepalive_idle: Duration::from_secs(config.upstream.keepalive_idle_secs),
+        eject_after_failures: config.upstream.eject_after_failures,
+        eject_ms: config.upstream.eject_ms,
+        max_header_bytes: config.max_header_bytes,
+    };
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    // One pingora proxy per worker, so each worker keeps its own pool of upstream
+    // connections, as each nginx worker does: a pooled connection is watched by a task of
+    // the worker that returned it, and a worker taking it from another one races that task
+    // (pingora then logs "failed to acquire reusable stream" and connects afresh).
+    let proxies: Vec<_> = (0..threads)
+        .map(|_| {
+            let mut proxy = pingora_proxy::http_proxy(&conf, service.clone());
+            if config.listen.h2c {
+                // HTTP/2 with prior knowledge on the plain listener; pingora tells it from
+                // HTTP/1 by the connection preface and never applies it to TLS connections.
+                let mut options = HttpServerOptions::default();
+                options.h2c = true;
+                proxy.server_options = Some(options);
+            }
+            Arc::new(proxy)
+        })
+        .collect();
+    drop(service);
 
     if !handle.wait_ready(FIRST_SNAPSHOT_WAIT).await {
         tracing::warn!("no cluster state yet; serving with an empty route table until it arrives");
@@ -272,7 +360,7 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
     let (pingora_tx, pingora_rx) = tokio::sync::watch::channel(false);
     let tracker = Arc::new(());
     let conns = Conns {
-        proxy: proxy.clone(),
+        proxy: proxies[0].clone(),
         shutdown_rx: pingora_rx,
         metrics: metrics.clone(),
         tracker: tracker.clone(),
@@ -282,9 +370,12 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
             max_bytes: config.max_header_bytes,
         },
     };
-    let mut loops = Vec::new();
+    let mut accepts = Vec::new();
     let tcp = bind(&sockets, config.listen.http, "http").await?;
-    loops.push(tokio::spawn(conns.clone().accept_loop(tcp, None)));
+    accepts.push(Accept {
+        listener: into_std(tcp, "http")?,
+        tls: None,
+    });
     if let Some(addr) = config.listen.https {
         let files = config
             .tls
@@ -323,7 +414,10 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
             timeout: Duration::from_secs(config.tls.handshake_timeout_secs),
         });
         let tcp = bind(&sockets, addr, "https").await?;
-        loops.push(tokio::spawn(conns.clone().accept_loop(tcp, Some(acceptor))));
+        accepts.push(Accept {
+            listener: into_std(tcp, "https")?,
+            tls: Some(acceptor),
+        });
     }
     if let Some(path) = &config.listen.upgrade_socket_path {
         let listener = crate::upgrade::bind(path)
@@ -334,7 +428,9 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
             shutdown.clone(),
         ));
     }
-    tracing::info!(admin = %admin_addr, "lain proxy serving");
+    let workers = Workers::start(&proxies, &accepts, &conns)?;
+    drop(accepts);
+    tracing::info!(admin = %admin_addr, threads = proxies.len(), "lain proxy serving");
     if let Some(handover) = handover {
         // Inherited listeners this configuration has no use for are closed; stream ports
         // are the stream task's to take or close.
@@ -345,25 +441,35 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
             tracing::warn!(error = %e, "could not tell the previous proxy to drain; both serve");
         }
     }
-    for l in loops {
-        let _ = l.await;
-    }
+    // The workers' accept loops end with the shutdown.
+    shutdown.wait().await;
     drop(conns);
 
     // Drain: stop taking connections, tell keep-alive connections to close after their
     // current request, and wait for requests in flight up to the grace period.
     tracing::info!("draining connections");
     let _ = pingora_tx.send(true);
-    proxy.cleanup().await;
+    for proxy in &proxies {
+        proxy.cleanup().await;
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(config.drain_secs);
     while Arc::strong_count(&tracker) > 1 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tracing::info!(
-        remaining = Arc::strong_count(&tracker) - 1,
-        "lain proxy stopped"
-    );
+    let remaining = Arc::strong_count(&tracker) - 1;
+    workers.stop();
+    tracing::info!(remaining, "lain proxy stopped");
     Ok(())
+}
+
+/// The listener as a plain socket, for the workers to duplicate and register with their
+/// own runtimes.
+fn into_std(tcp: tokio::net::TcpListener, name: &str) -> Result<std::net::TcpListener, RunError> {
+    tcp.into_std().map_err(|e| {
+        RunError::Failed(format!(
+            "preparing the {name} listener for the workers: {e}"
+        ))
+    })
 }
 
 async fn bind(

@@ -28,6 +28,7 @@ use crate::upstream::Endpoint;
 const MAX_REQUEST_ID: usize = 200;
 
 /// The proxy's shared, immutable settings and handles.
+#[derive(Clone)]
 pub struct LainProxy {
     /// The published route table.
     pub table: Arc<ArcSwap<RouteTable>>,

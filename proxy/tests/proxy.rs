@@ -424,6 +424,46 @@ async fn round_robin_spreads_over_three_upstreams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_on_both_workers() {
+    let (cluster, up, proxy, c) =
+        one_route("proxy-reuse", "reuse", "reuse.lain.local", "/", "/", "").await;
+    // Eight kept-alive clients, spread by the kernel over the proxy's two workers, each
+    // sending its requests one after another: no worker ever needs more upstream
+    // connections than it has clients, so the upstream sees at most one connection per
+    // client (plus the probe's). A pooled connection taken by a worker other than the one
+    // that returned it is raced by the returning worker's idle watcher, lost, and replaced
+    // by a new connection, which this count would show.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = proxy.url("/");
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..200 {
+                let r = c
+                    .get(&url)
+                    .header("host", "reuse.lain.local")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                r.bytes().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drop(c);
+    assert_eq!(up.hits.load(Ordering::Relaxed), 8 * 200 + 1);
+    let opened = up.tasks.lock().unwrap().len();
+    assert!(
+        opened <= 9,
+        "{opened} upstream connections for 9 sequential clients"
+    );
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_and_request_id() {
     // 127.0.0.1 is not trusted here, so client-sent forwarding headers are replaced.
     let (cluster, _up, proxy, c) =

@@ -264,7 +264,8 @@ pub struct UpstreamConfig {
     /// Attempts after the first when connecting fails (another endpoint each time).
     #[serde(default = "default_retries")]
     pub max_retries: usize,
-    /// Idle keep-alive connections kept per process.
+    /// Idle keep-alive upstream connections kept by each worker thread (each has its own
+    /// pool, as each nginx worker has).
     #[serde(default = "default_pool")]
     pub keepalive_pool_size: usize,
     /// How long an idle upstream connection is kept.

@@ -77,17 +77,13 @@ struct Workers {
 }
 
 impl Workers {
-    /// Starts one worker per proxy in `proxies`, each accepting from a duplicate of every
-    /// listener in `accepts` until `conns.shutdown`, and serving what it accepted with its
-    /// proxy until [`Workers::stop`].
-    fn start(
-        proxies: &[Arc<pingora_proxy::HttpProxy<LainProxy>>],
-        accepts: &[Accept],
-        conns: &Conns,
-    ) -> Result<Workers, RunError> {
+    /// Starts one worker per entry of `conns` (each with its own proxy), each accepting
+    /// from a duplicate of every listener in `accepts` until the shutdown, and serving what
+    /// it accepted until [`Workers::stop`].
+    fn start(conns: Vec<Conns>, accepts: &[Accept]) -> Result<Workers, RunError> {
         let stop = Shutdown::new();
-        let mut threads = Vec::with_capacity(proxies.len());
-        for (i, proxy) in proxies.iter().enumerate() {
+        let mut threads = Vec::with_capacity(conns.len());
+        for (i, conns) in conns.into_iter().enumerate() {
             let mut mine = Vec::with_capacity(accepts.len());
             for a in accepts {
                 let listener = a.listener.try_clone().map_err(|e| {
@@ -99,10 +95,6 @@ impl Workers {
                 .enable_all()
                 .build()
                 .map_err(|e| RunError::Failed(format!("cannot start worker {i}: {e}")))?;
-            let conns = Conns {
-                proxy: proxy.clone(),
-                ..conns.clone()
-            };
             let stop = stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("lain-proxy-{i}"))
@@ -359,17 +351,21 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
 
     let (pingora_tx, pingora_rx) = tokio::sync::watch::channel(false);
     let tracker = Arc::new(());
-    let conns = Conns {
-        proxy: proxies[0].clone(),
-        shutdown_rx: pingora_rx,
-        metrics: metrics.clone(),
-        tracker: tracker.clone(),
-        shutdown: shutdown.clone(),
-        header_limits: HeaderLimits {
-            timeout: Duration::from_secs(config.header_timeout_secs),
-            max_bytes: config.max_header_bytes,
-        },
+    let header_limits = HeaderLimits {
+        timeout: Duration::from_secs(config.header_timeout_secs),
+        max_bytes: config.max_header_bytes,
     };
+    let conns: Vec<Conns> = proxies
+        .iter()
+        .map(|proxy| Conns {
+            proxy: proxy.clone(),
+            shutdown_rx: pingora_rx.clone(),
+            metrics: metrics.clone(),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+            header_limits,
+        })
+        .collect();
     let mut accepts = Vec::new();
     let tcp = bind(&sockets, config.listen.http, "http").await?;
     accepts.push(Accept {
@@ -428,7 +424,7 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
             shutdown.clone(),
         ));
     }
-    let workers = Workers::start(&proxies, &accepts, &conns)?;
+    let workers = Workers::start(conns, &accepts)?;
     drop(accepts);
     tracing::info!(admin = %admin_addr, threads = proxies.len(), "lain proxy serving");
     if let Some(handover) = handover {
@@ -443,7 +439,6 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
     }
     // The workers' accept loops end with the shutdown.
     shutdown.wait().await;
-    drop(conns);
 
     // Drain: stop taking connections, tell keep-alive connections to close after their
     // current request, and wait for requests in flight up to the grace period.

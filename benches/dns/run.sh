@@ -2,11 +2,14 @@
 # Side-by-side benchmark of `lain dns` against NSD, Knot DNS, Unbound (local-data) and dnsmasq,
 # all from Debian, and CoreDNS with its etcd plugin (from the Go module proxy), on loopback, one at a time, loaded by dnsperf with the same 1,000-instance
 # zone and a query file with 10% non-existent names. Prints a markdown table and writes
-# target/bench/dns.json. Bounded: BENCH_SECS (10) of load per server and thread count.
-# BENCH_SERVERS restricts the run to some of the servers.
+# target/bench/dns.json. Bounded: BENCH_SECS (10) of load per server, thread count and round.
+# BENCH_ROUNDS (3) rounds alternate the servers, and every figure is the median over them: on a
+# shared machine one run of one server can be off by a fifth. BENCH_SERVERS restricts the run
+# to some of the servers.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 secs=${BENCH_SECS:-10}
+rounds=${BENCH_ROUNDS:-3}
 port=${BENCH_PORT:-25353}
 work=$(mktemp -d /tmp/lain-bench-dns.XXXXXX)
 # Servers that drop privileges (dnsmasq) must still read their files.
@@ -205,7 +208,9 @@ results="$work/results.tsv"
 : > "$results"
 tck=$(getconf CLK_TCK)
 for t in 1 2; do
+ for round in $(seq "$rounds"); do
   for name in ${BENCH_SERVERS:-lain nsd knot unbound dnsmasq coredns}; do
+    echo "threads $t, round $round: $name" >&2
     stop_server
     if ! start_server "$name" "$t"; then stop_server; continue; fi
     before=$(cpu_ticks "$pid")
@@ -231,6 +236,7 @@ p99 = (avg + 2.326 * sd) * 1000
 print(f"{sys.argv[3]}\t{sys.argv[2]}\t{qps:.0f}\t{avg*1000:.3f}\t{p99:.3f}\t{lost:.0f}\t{cpu:.2f}\t{rss}")
 PY
   done
+ done
 done
 
 # Propagation: etcd put -> first correct answer, when an etcd is available.
@@ -279,9 +285,17 @@ PY
   stop_server
 fi
 
-python3 - "$results" "$prop" "$root/target/bench/dns.json" <<'PY'
-import json, sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+python3 - "$results" "$prop" "$root/target/bench/dns.json" "$rounds" <<'PY'
+import json, statistics, sys
+runs = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+# One row per (threads, server): the median of each column over the rounds (lost: the most).
+rows, seen = [], {}
+for r in runs:
+    seen.setdefault((r[0], r[1]), []).append(r)
+for (t, n), rs in seen.items():
+    med = lambda i, fmt: fmt.format(statistics.median(float(x[i]) for x in rs))
+    rows.append([t, n, med(2, "{:.0f}"), med(3, "{:.3f}"), med(4, "{:.3f}"),
+                 str(max(int(x[5]) for x in rs)), med(6, "{:.2f}"), med(7, "{:.1f}")])
 def section(t):
     d = {k: {} for k in ("qps", "avg_ms", "p99_ms", "lost", "cpu_us_per_query", "rss_mib")}
     for r in rows:
@@ -298,12 +312,14 @@ json.dump(out, open(sys.argv[3], "w"), indent=2)
 model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
 cores = sum(1 for l in open("/proc/cpuinfo") if l.startswith("processor"))
 load = open("/proc/loadavg").read().split()[:3]
-print(f"machine: {cores} x {model}, load average {' '.join(load)} at the end of the run\n")
+print(f"machine: {cores} x {model}, load average {' '.join(load)} at the end of the run; medians of {sys.argv[4]} alternating rounds\n")
 lain_qps = {r[0]: float(r[2]) for r in rows if r[1] == "lain"}
-print("| threads | server | queries/s | lain ÷ server (queries/s) | avg ms | p99 ms (est.) | lost | CPU µs/query | RSS MiB |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+lain_cpu = {r[0]: float(r[6]) for r in rows if r[1] == "lain"}
+print("| threads | server | queries/s | lain ÷ server (queries/s) | avg ms | p99 ms (est.) | lost | CPU µs/query | lain ÷ server (CPU) | RSS MiB |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
     ratio = f"{lain_qps[r[0]] / float(r[2]):.2f}" if r[0] in lain_qps and float(r[2]) > 0 else "-"
-    print("| " + " | ".join(r[:3] + [ratio] + r[3:]) + " |")
+    cpu_ratio = f"{lain_cpu[r[0]] / float(r[6]):.2f}" if r[0] in lain_cpu and float(r[6]) > 0 else "-"
+    print("| " + " | ".join(r[:3] + [ratio] + r[3:7] + [cpu_ratio, r[7]]) + " |")
 print(f"\npropagation (etcd put -> answer): {sys.argv[2]}")
 PY

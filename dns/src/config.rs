@@ -27,6 +27,10 @@ pub struct Config {
     /// state watcher and the admin listener (UDP has its own threads); 0 means one per CPU.
     #[serde(default)]
     pub worker_threads: usize,
+    /// Questions whose encoded answers each UDP socket keeps, so a question asked again is
+    /// answered without decoding or encoding; 0 turns the cache off.
+    #[serde(default = "default_answer_cache_entries")]
+    pub answer_cache_entries: usize,
     /// How long an idle TCP connection is kept.
     #[serde(default = "default_tcp_idle_ms")]
     pub tcp_idle_ms: u64,
@@ -60,6 +64,9 @@ fn default_listen() -> SocketAddr {
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9153))
 }
+fn default_answer_cache_entries() -> usize {
+    16_384
+}
 fn default_tcp_idle_ms() -> u64 {
     5_000
 }
@@ -77,6 +84,7 @@ impl Default for Config {
             admin_listen: default_admin(),
             udp_sockets: 0,
             worker_threads: 0,
+            answer_cache_entries: default_answer_cache_entries(),
             tcp_idle_ms: default_tcp_idle_ms(),
             max_udp_payload_bytes: default_max_udp_payload_bytes(),
             drain_ms: default_drain_ms(),
@@ -345,6 +353,12 @@ impl Validate for Config {
         }
         if self.udp_sockets > 64 {
             errors.push(ConfigError::at("udp_sockets", "must be at most 64"));
+        }
+        if self.answer_cache_entries > 1 << 24 {
+            errors.push(ConfigError::at(
+                "answer_cache_entries",
+                "must be at most 16777216",
+            ));
         }
         if self.worker_threads > 256 {
             errors.push(ConfigError::at("worker_threads", "must be at most 256"));

@@ -107,29 +107,56 @@ impl DnsHandler {
             .any(|n| n.contains(&ip))
     }
 
-    /// Decides the reply to a request whose header and EDNS are acceptable.
-    async fn decide<'z>(&self, zone: &'z Zone, request: &Request) -> (Reply<'z>, Source) {
+    /// Whether answers to `ip` say recursion is available: forwarding is configured and the
+    /// client is in an allowed network.
+    pub fn recursion_available(&self, ip: IpAddr) -> bool {
+        self.forwarder.is_some() && self.may_recurse(ip)
+    }
+
+    /// Who is asking, as far as the zone's answers can differ by client: a value naming the
+    /// app whose instance has this address when per-client views are on, 0 otherwise. It
+    /// stays the same for as long as `zone` is served.
+    pub fn viewer_key(&self, zone: &Zone, ip: IpAddr) -> usize {
+        if !self.options.views {
+            return 0;
+        }
+        zone.owner_of(ip.to_canonical())
+            .map_or(0, |app| app.as_ptr() as usize)
+    }
+
+    /// The zone being served.
+    pub fn zone(&self) -> &ArcSwap<Zone> {
+        &self.zone
+    }
+
+    /// Decides the reply to a request whose header and EDNS are acceptable, and the rotation
+    /// period of a reply from the zone.
+    async fn decide<'z>(
+        &self,
+        zone: &'z Zone,
+        request: &Request,
+        rotation: usize,
+    ) -> (Reply<'z>, Source, usize) {
         if request.metadata.op_code != OpCode::Query {
-            return (Reply::error(ResponseCode::NotImp), Source::Error);
+            return (Reply::error(ResponseCode::NotImp), Source::Error, 1);
         }
         // RFC 9619: a query has exactly one question; none or several is a format error.
         let [query] = request.queries.queries() else {
-            return (Reply::error(ResponseCode::FormErr), Source::Error);
+            return (Reply::error(ResponseCode::FormErr), Source::Error, 1);
         };
         let qtype = query.query_type();
         if query.query_class() != DNSClass::IN
             || matches!(qtype, RecordType::AXFR | RecordType::IXFR)
         {
-            return (Reply::error(ResponseCode::Refused), Source::Error);
+            return (Reply::error(ResponseCode::Refused), Source::Error, 1);
         }
         let src = request.src().ip();
-        let may_recurse = self.forwarder.is_some() && self.may_recurse(src);
+        let may_recurse = self.recursion_available(src);
         let viewer = if self.options.views {
             zone.owner_of(src.to_canonical())
         } else {
             None
         };
-        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
         if let Some(a) = zone.lookup(query.name(), qtype, viewer, rotation) {
             let reply = Reply {
                 rcode: a.rcode,
@@ -139,15 +166,15 @@ impl DnsHandler {
                 authorities: a.authorities,
                 additionals: a.additionals,
             };
-            return (reply, Source::Zone);
+            return (reply, Source::Zone, a.rotation_period);
         }
         match &self.forwarder {
             Some(fwd) if may_recurse && request.metadata.recursion_desired => {
                 let mut reply = fwd.forward(query.name().into(), qtype).await;
                 reply.recursion_available = true;
-                (reply, Source::Forward)
+                (reply, Source::Forward, 1)
             }
-            _ => (Reply::error(ResponseCode::Refused), Source::Error),
+            _ => (Reply::error(ResponseCode::Refused), Source::Error, 1),
         }
     }
 }
@@ -261,13 +288,43 @@ fn fits(
     }
 }
 
+/// What [`DnsHandler::respond`] did.
+#[derive(Debug)]
+pub struct Responded {
+    /// The header of the answer sent.
+    pub info: ResponseInfo,
+    /// Whether the answer sent was a pure function of the request's bytes after its ID, the
+    /// client's [`DnsHandler::recursion_available`] and [`DnsHandler::viewer_key`], the zone
+    /// and the rotation: `Some(period)` when it was (answers repeat every `period`
+    /// rotations), `None` for forwarded answers, errors and answers that were not sent.
+    pub repeatable: Option<usize>,
+}
+
 #[async_trait::async_trait]
 impl RequestHandler for DnsHandler {
     async fn handle_request<R: ResponseHandler, T: Time>(
         &self,
         request: &Request,
-        mut response_handle: R,
+        response_handle: R,
     ) -> ResponseInfo {
+        let zone = self.zone.load_full();
+        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+        self.respond(&zone, request, rotation, response_handle)
+            .await
+            .info
+    }
+}
+
+impl DnsHandler {
+    /// Answers `request` from `zone` through `response_handle`, starting rotated address
+    /// sets at `rotation`, and counts it.
+    pub async fn respond<R: ResponseHandler>(
+        &self,
+        zone: &Zone,
+        request: &Request,
+        rotation: usize,
+        mut response_handle: R,
+    ) -> Responded {
         let started = Instant::now();
         let mut resp_edns = None;
         let mut bad_version = false;
@@ -278,11 +335,10 @@ impl RequestHandler for DnsHandler {
             bad_version = req.version() > 0;
             resp_edns = Some(e);
         }
-        let zone = self.zone.load_full();
-        let (reply, source) = if bad_version {
-            (Reply::error(ResponseCode::BADVERS), Source::Error)
+        let (reply, source, period) = if bad_version {
+            (Reply::error(ResponseCode::BADVERS), Source::Error, 1)
         } else {
-            self.decide(&zone, request).await
+            self.decide(zone, request, rotation).await
         };
         let qtype = request.queries.queries().first().map(|q| q.query_type());
 
@@ -312,9 +368,11 @@ impl RequestHandler for DnsHandler {
             std::iter::empty(),
             reply.additionals.iter().map(|r| r.as_ref()),
         );
+        let mut repeatable = (source == Source::Zone).then_some(period);
         let info = match response_handle.send_response(response).await {
             Ok(info) => info,
             Err(e) => {
+                repeatable = None;
                 tracing::debug!(error = %e, src = %request.src(), "could not send a response");
                 let mut metadata = Metadata::response_from_request(&request.metadata);
                 metadata.response_code = ResponseCode::ServFail;
@@ -333,7 +391,7 @@ impl RequestHandler for DnsHandler {
             source,
             started.elapsed().as_secs_f64(),
         );
-        info
+        Responded { info, repeatable }
     }
 }
 

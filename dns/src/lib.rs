@@ -8,4 +8,5 @@ pub mod forward;
 pub mod handler;
 pub mod metrics;
 pub mod server;
+pub mod udp;
 pub mod zone;

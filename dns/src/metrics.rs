@@ -20,6 +20,10 @@ pub const TRUNCATED: &str = "lain_dns_truncated_total";
 pub const FORWARD_ERRORS: &str = "lain_dns_forward_errors_total";
 /// Forwarded queries, by whether the cache answered them.
 pub const FORWARD_QUERIES: &str = "lain_dns_forward_queries_total";
+/// UDP queries answered from the cache of encoded answers.
+pub const ANSWER_CACHE_HITS: &str = "lain_dns_answer_cache_hits_total";
+/// Cacheable UDP queries the cache of encoded answers did not hold yet.
+pub const ANSWER_CACHE_MISSES: &str = "lain_dns_answer_cache_misses_total";
 /// Records in the compiled zone.
 pub const ZONE_RECORDS: &str = "lain_dns_zone_records";
 /// Cluster-state records left out of the current zone, by reason.
@@ -116,6 +120,8 @@ pub struct DnsMetrics {
     /// The children of `seconds`, by [`Source`].
     seconds_children: [Histogram; 3],
     pub(crate) truncated: IntCounter,
+    pub(crate) answer_cache_hits: IntCounter,
+    pub(crate) answer_cache_misses: IntCounter,
     pub(crate) forward_errors: IntCounter,
     pub(crate) forward_queries: IntCounterVec,
     pub(crate) zone_records: IntGauge,
@@ -147,6 +153,14 @@ impl DnsMetrics {
                 .map(|s| seconds.with_label_values(&[s.label()])),
             seconds,
             truncated: IntCounter::new(TRUNCATED, "UDP answers sent truncated")?,
+            answer_cache_hits: IntCounter::new(
+                ANSWER_CACHE_HITS,
+                "UDP queries answered from cached encoded answers",
+            )?,
+            answer_cache_misses: IntCounter::new(
+                ANSWER_CACHE_MISSES,
+                "cacheable UDP queries not in the answer cache yet",
+            )?,
             forward_errors: IntCounter::new(FORWARD_ERRORS, "forwarded queries that failed")?,
             forward_queries: IntCounterVec::new(
                 Opts::new(FORWARD_QUERIES, "forwarded queries, by cache result"),
@@ -170,6 +184,8 @@ impl DnsMetrics {
         registry.register(Box::new(m.queries.clone()))?;
         registry.register(Box::new(m.seconds.clone()))?;
         registry.register(Box::new(m.truncated.clone()))?;
+        registry.register(Box::new(m.answer_cache_hits.clone()))?;
+        registry.register(Box::new(m.answer_cache_misses.clone()))?;
         registry.register(Box::new(m.forward_errors.clone()))?;
         registry.register(Box::new(m.forward_queries.clone()))?;
         registry.register(Box::new(m.zone_records.clone()))?;
@@ -200,6 +216,11 @@ impl DnsMetrics {
             .get_or_init(|| self.queries.with_label_values(&[q_label, r_label]))
             .inc();
         self.seconds_children[source as usize].observe(secs);
+    }
+
+    /// UDP queries answered from the cache of encoded answers so far.
+    pub fn answer_cache_hits(&self) -> u64 {
+        self.answer_cache_hits.get()
     }
 
     /// The number of queries counted for a type and response code label.

@@ -184,6 +184,11 @@ pub struct Answer<'z> {
     pub authorities: Vec<Cow<'z, Record>>,
     /// The additional section (addresses of SRV targets).
     pub additionals: Vec<Cow<'z, Record>>,
+    /// How many consecutive rotations give different answers: the least common multiple of
+    /// the sizes of the rotated sets in the answer, 1 when nothing rotated. Answers to
+    /// `rotation` and `rotation + rotation_period` are the same, which is what lets a cache
+    /// of encoded answers keep one answer per rotation.
+    pub rotation_period: usize,
 }
 
 /// The zone's maps hash with foldhash instead of SipHash: a lookup hashes the query name
@@ -267,7 +272,10 @@ impl Zone {
         viewer: Option<&str>,
         rotation: usize,
     ) -> Option<Answer<'_>> {
-        let mut answer = Answer::default();
+        let mut answer = Answer {
+            rotation_period: 1,
+            ..Answer::default()
+        };
         match self.apex_of(qname) {
             Some((apex_name, apex)) => {
                 self.resolve(
@@ -332,6 +340,7 @@ impl Zone {
         }
         if let Some(set) = node.get(qtype) {
             let start = if node.rotate && !set.is_empty() {
+                answer.rotation_period = lcm(answer.rotation_period, set.len());
                 rotation % set.len()
             } else {
                 0
@@ -412,6 +421,20 @@ impl Zone {
         let wild = Name::from(&encloser).prepend_label("*").ok()?;
         self.nodes.get(&LowerName::from(wild))
     }
+}
+
+/// The least common multiple, saturating at `usize::MAX`.
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(mut a: usize, mut b: usize) -> usize {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    }
+    if a == 0 || b == 0 {
+        return 0;
+    }
+    (a / gcd(a, b)).saturating_mul(b)
 }
 
 /// The reverse-lookup name of an address (`4.3.2.1.in-addr.arpa.`, nibbles for IPv6).
@@ -1076,6 +1099,30 @@ mod tests {
         };
         assert_ne!(first(0), first(1));
         assert_eq!(first(0), first(2));
+        // Two addresses: answers repeat every two rotations, which the period says.
+        assert_eq!(
+            z.lookup(&name, RecordType::A, None, 0)
+                .unwrap()
+                .rotation_period,
+            2
+        );
+        // A per-instance name does not rotate.
+        let one = LowerName::from(Name::from_ascii("web-1.hello.lain.").unwrap());
+        assert_eq!(
+            z.lookup(&one, RecordType::A, None, 7)
+                .unwrap()
+                .rotation_period,
+            1
+        );
+    }
+
+    #[test]
+    fn rotation_periods_combine_as_least_common_multiples() {
+        assert_eq!(lcm(1, 2), 2);
+        assert_eq!(lcm(2, 3), 6);
+        assert_eq!(lcm(4, 6), 12);
+        assert_eq!(lcm(0, 3), 0);
+        assert_eq!(lcm(usize::MAX, 2), usize::MAX);
     }
 
     #[test]

@@ -1,0 +1,674 @@
+//! Serving one UDP socket: a receive loop that answers repeated questions from a cache of
+//! encoded answers, and hands everything else to the request handler in a task of its own.
+//!
+//! Most queries a cluster DNS server sees are the same few questions asked again and again
+//! (every client resolving the same service names). NSD and Knot answer those from answers
+//! compiled ahead of time; lain does the same lazily. The first time a question is asked,
+//! hickory decodes it and [`DnsHandler::respond`] answers it; when the handler reports the
+//! answer as a pure function of the request (see [`Responded::repeatable`]), its encoded
+//! bytes are kept, keyed by the request's bytes after its ID. The next identical request is
+//! answered by copying those bytes and the new ID: no decoding, no task, no encoding.
+//!
+//! The cache belongs to one socket's thread (no lock, no sharing), answers only for the
+//! zone it was filled from (it empties itself when another zone is swapped in), is bounded
+//! in entries, and keeps one answer per rotation for names whose address sets rotate, so
+//! rotation continues exactly as without it.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Header, MessageType, ResponseCode};
+use hickory_proto::rr::{Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
+use hickory_server::net::NetError;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
+use lain_common::Shutdown;
+use tokio::net::UdpSocket;
+use tokio::task::JoinSet;
+
+use crate::handler::{DnsHandler, Responded};
+use crate::metrics::{DnsMetrics, Source};
+use crate::zone::Zone;
+
+/// The largest datagram read. Larger ones arrive cut and fail to decode (FORMERR), as with
+/// hickory's own UDP server.
+const RECEIVE_BUFFER_BYTES: usize = 4096;
+
+/// Requests longer than this are answered but not cached: a question with EDNS and a
+/// cookie is far smaller, and bigger keys would only let one client fill the cache faster.
+const MAX_CACHED_REQUEST_BYTES: usize = 512;
+
+/// Names whose answers repeat only after more rotations than this are not cached.
+const MAX_CACHED_ROTATIONS: usize = 64;
+
+/// How many datagrams the loop handles before it yields to the tasks answering the others
+/// (forwarded and first-time questions), so a steady stream cannot starve them.
+const DATAGRAMS_PER_YIELD: u32 = 64;
+
+/// The octets of a DNS header before its flags: the ID.
+const ID_BYTES: usize = 2;
+
+/// One cached question: an encoded answer per rotation, and what counting it needs.
+#[derive(Debug)]
+struct Entry {
+    /// Answers by rotation modulo their number; `None` until that rotation is asked.
+    answers: Box<[Option<Box<[u8]>>]>,
+    qtype: Option<RecordType>,
+    rcode: ResponseCode,
+    truncated: bool,
+}
+
+/// What a cache hit sends and counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Hit<'c> {
+    /// The encoded answer, with the ID of the request it was first made for.
+    pub answer: &'c [u8],
+    /// The question's type, for the query counter.
+    pub qtype: Option<RecordType>,
+    /// The answer's response code.
+    pub rcode: ResponseCode,
+    /// Whether the answer was truncated (TC set).
+    pub truncated: bool,
+}
+
+/// Encoded answers of one socket's thread, for one zone.
+///
+/// Keys are built from client bytes, so the map keeps std's keyed SipHash rather than the
+/// zone's faster unkeyed hash: a client must not be able to pick colliding questions.
+#[derive(Debug)]
+pub struct AnswerCache {
+    zone: Option<Arc<Zone>>,
+    entries: HashMap<Box<[u8]>, Entry>,
+    capacity: usize,
+}
+
+impl AnswerCache {
+    /// A cache of at most `capacity` questions; 0 caches nothing.
+    pub fn new(capacity: usize) -> AnswerCache {
+        AnswerCache {
+            zone: None,
+            entries: HashMap::new(),
+            capacity,
+        }
+    }
+
+    /// Whether the cache keeps anything at all.
+    pub fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
+    /// The number of cached questions.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no question is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Makes `zone` the one answers are kept for, dropping every answer from another.
+    pub fn follow(&mut self, zone: &Arc<Zone>) {
+        if !self.zone.as_ref().is_some_and(|z| Arc::ptr_eq(z, zone)) {
+            self.entries.clear();
+            self.zone = Some(zone.clone());
+        }
+    }
+
+    /// Writes into `key` the cache key of `request` (a whole datagram) from a client with the
+    /// given recursion availability and viewer. False when the request is not cacheable.
+    pub fn key(key: &mut Vec<u8>, request: &[u8], recursion: bool, viewer: usize) -> bool {
+        if request.len() < 12 || request.len() > MAX_CACHED_REQUEST_BYTES {
+            return false;
+        }
+        key.clear();
+        key.push(u8::from(recursion));
+        key.extend_from_slice(&viewer.to_ne_bytes());
+        key.extend_from_slice(&request[ID_BYTES..]);
+        true
+    }
+
+    /// The answer cached for `key` at `rotation`, if any.
+    pub fn get(&self, key: &[u8], rotation: usize) -> Option<Hit<'_>> {
+        let e = self.entries.get(key)?;
+        let answer = e.answers[rotation % e.answers.len()].as_deref()?;
+        Some(Hit {
+            answer,
+            qtype: e.qtype,
+            rcode: e.rcode,
+            truncated: e.truncated,
+        })
+    }
+
+    /// Keeps `answer`, made from `zone` at `rotation` for a name whose answers repeat every
+    /// `period` rotations. Ignored when `zone` is no longer the one followed; a full cache
+    /// is emptied first, which keeps it bounded without bookkeeping on every hit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert(
+        &mut self,
+        zone: &Arc<Zone>,
+        key: Box<[u8]>,
+        rotation: usize,
+        period: usize,
+        answer: Box<[u8]>,
+        qtype: Option<RecordType>,
+        info: &ResponseInfo,
+    ) -> bool {
+        if !self.enabled()
+            || period == 0
+            || period > MAX_CACHED_ROTATIONS
+            || answer.len() < 12
+            || !self.zone.as_ref().is_some_and(|z| Arc::ptr_eq(z, zone))
+        {
+            return false;
+        }
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
+            self.entries.clear();
+        }
+        let entry = self.entries.entry(key).or_insert_with(|| Entry {
+            answers: vec![None; period].into_boxed_slice(),
+            qtype,
+            rcode: info.response_code,
+            truncated: info.truncation,
+        });
+        if entry.answers.len() != period {
+            // The same zone gives the same period for the same question; a mismatch means
+            // the entry is not what this code believes, so it is replaced rather than mixed.
+            *entry = Entry {
+                answers: vec![None; period].into_boxed_slice(),
+                qtype,
+                rcode: info.response_code,
+                truncated: info.truncation,
+            };
+        }
+        entry.answers[rotation % period] = Some(answer);
+        true
+    }
+}
+
+/// Whether an answer may be sent to `src` (hickory's server applies the same rule): never to
+/// port 0, an unspecified or a broadcast address.
+fn answerable(src: SocketAddr) -> bool {
+    if src.port() == 0 {
+        return false;
+    }
+    match src.ip() {
+        IpAddr::V4(v4) => !v4.is_unspecified() && !v4.is_broadcast(),
+        IpAddr::V6(v6) => !v6.is_unspecified(),
+    }
+}
+
+/// Sends the answers of the handler for one datagram, keeping their bytes for the cache.
+#[derive(Clone)]
+struct UdpResponder {
+    socket: Arc<UdpSocket>,
+    dst: SocketAddr,
+    sent: Arc<OnceLock<Vec<u8>>>,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for UdpResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode_udp(response)?;
+        self.socket.send_to(&bytes, self.dst).await?;
+        let _ = self.sent.set(bytes);
+        Ok(info)
+    }
+}
+
+/// Encodes an answer for UDP as hickory's own response handle does: limited to the EDNS
+/// size (512 octets without EDNS), and a bare SERVFAIL header if it cannot be encoded.
+fn encode_udp<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> Result<(ResponseInfo, Vec<u8>), NetError> {
+    let id = response.metadata().id;
+    let limit = response.edns().map_or(512, |e| e.max_payload());
+    let mut bytes = Vec::with_capacity(512);
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_max_size(limit);
+    match response.destructive_emit(&mut encoder) {
+        Ok(info) => Ok((info, bytes)),
+        Err(error) => {
+            tracing::error!(%error, "cannot encode an answer; sending SERVFAIL");
+            bytes.clear();
+            let mut encoder = BinEncoder::new(&mut bytes);
+            let mut metadata = hickory_proto::op::Metadata::new(
+                id,
+                MessageType::Response,
+                hickory_proto::op::OpCode::Query,
+            );
+            metadata.response_code = ResponseCode::ServFail;
+            let header = Header {
+                metadata,
+                counts: Default::default(),
+            };
+            header.emit(&mut encoder)?;
+            Ok((ResponseInfo::from(header), bytes))
+        }
+    }
+}
+
+/// What a first-time question needs to be answered and cached.
+struct Miss {
+    packet: Vec<u8>,
+    src: SocketAddr,
+    zone: Arc<Zone>,
+    rotation: usize,
+    key: Option<Box<[u8]>>,
+}
+
+/// Answers one datagram the cache did not: decodes it (FORMERR when it does not decode),
+/// drops responses, answers through the handler, and caches a repeatable answer.
+async fn answer_miss(
+    handler: Rc<DnsHandler>,
+    cache: Rc<RefCell<AnswerCache>>,
+    socket: Arc<UdpSocket>,
+    metrics: DnsMetrics,
+    miss: Miss,
+) {
+    let started = Instant::now();
+    let Miss {
+        packet,
+        src,
+        zone,
+        rotation,
+        key,
+    } = miss;
+    let Ok(header) = Header::read(&mut BinDecoder::new(&packet)) else {
+        // Shorter than a header: not a DNS message, and nothing to address an answer to.
+        return;
+    };
+    if header.metadata.message_type == MessageType::Response {
+        // Answering responses would make the server a reflector.
+        return;
+    }
+    let request = match Request::from_bytes(packet, src, Protocol::Udp) {
+        Ok(r) => r,
+        Err(error) => {
+            tracing::debug!(%src, %error, "undecodable request; answering FORMERR");
+            let Ok(queries) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
+                return;
+            };
+            let response = MessageResponseBuilder::new(&queries, None)
+                .error_msg(&header.metadata, ResponseCode::FormErr);
+            if let Ok((_, bytes)) = encode_udp(response)
+                && let Err(e) = socket.send_to(&bytes, src).await
+            {
+                tracing::debug!(%src, error = %e, "could not send FORMERR");
+            }
+            metrics.query(
+                None,
+                ResponseCode::FormErr,
+                Source::Error,
+                started.elapsed().as_secs_f64(),
+            );
+            return;
+        }
+    };
+    let qtype = match request.queries.queries() {
+        [q] => Some(q.query_type()),
+        _ => None,
+    };
+    let sent = Arc::new(OnceLock::new());
+    let responder = UdpResponder {
+        socket,
+        dst: src,
+        sent: sent.clone(),
+    };
+    let Responded { info, repeatable } =
+        handler.respond(&zone, &request, rotation, responder).await;
+    if let (Some(key), Some(period)) = (key, repeatable)
+        && let Some(bytes) = Arc::into_inner(sent).and_then(OnceLock::into_inner)
+    {
+        cache.borrow_mut().insert(
+            &zone,
+            key,
+            rotation,
+            period,
+            bytes.into_boxed_slice(),
+            qtype,
+            &info,
+        );
+    }
+}
+
+/// How a datagram fared in the cache.
+enum Cached {
+    /// The answer is in `out`, with the request's ID.
+    Hit(HitInfo),
+    /// Not cached; `cacheable` when its key is in `key` and its answer may be kept.
+    Miss { cacheable: bool },
+}
+
+/// What counting a hit needs, once the cache is no longer borrowed.
+struct HitInfo {
+    qtype: Option<RecordType>,
+    rcode: ResponseCode,
+    truncated: bool,
+}
+
+/// Looks `packet` up in the cache (following `zone` first), building its key in `key` and,
+/// on a hit, the answer to send in `out`.
+#[allow(clippy::too_many_arguments)]
+fn cached(
+    cache: &RefCell<AnswerCache>,
+    handler: &DnsHandler,
+    zone: &Arc<Zone>,
+    packet: &[u8],
+    src: SocketAddr,
+    rotation: usize,
+    key: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Cached {
+    let mut cache = cache.borrow_mut();
+    cache.follow(zone);
+    let cacheable = cache.enabled()
+        && AnswerCache::key(
+            key,
+            packet,
+            handler.recursion_available(src.ip()),
+            handler.viewer_key(zone, src.ip()),
+        );
+    if !cacheable {
+        return Cached::Miss { cacheable };
+    }
+    match cache.get(key, rotation) {
+        Some(hit) => {
+            out.clear();
+            out.extend_from_slice(hit.answer);
+            out[..ID_BYTES].copy_from_slice(&packet[..ID_BYTES]);
+            Cached::Hit(HitInfo {
+                qtype: hit.qtype,
+                rcode: hit.rcode,
+                truncated: hit.truncated,
+            })
+        }
+        None => Cached::Miss { cacheable },
+    }
+}
+
+/// Whether a receive error means the socket is gone rather than one datagram lost.
+fn unrecoverable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// Serves `socket` until `shutdown`, then waits at most `drain` for answers in progress.
+/// Must run inside a [`tokio::task::LocalSet`]: first-time questions are answered by local
+/// tasks that share the socket thread's cache.
+pub async fn serve(
+    socket: UdpSocket,
+    handler: DnsHandler,
+    metrics: DnsMetrics,
+    cache_entries: usize,
+    shutdown: Shutdown,
+    drain: Duration,
+) {
+    let socket = Arc::new(socket);
+    let handler = Rc::new(handler);
+    let cache = Rc::new(RefCell::new(AnswerCache::new(cache_entries)));
+    let mut misses = JoinSet::new();
+    let mut buf = vec![0u8; RECEIVE_BUFFER_BYTES];
+    let mut key = Vec::with_capacity(MAX_CACHED_REQUEST_BYTES + 16);
+    let mut out = Vec::with_capacity(RECEIVE_BUFFER_BYTES);
+    let mut rotation: usize = 0;
+    let mut since_yield: u32 = 0;
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        let (len, src) = match socket.try_recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                since_yield = 0;
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => break,
+                    ready = socket.readable() => {
+                        if let Err(e) = ready {
+                            tracing::error!(error = %e, "UDP socket failed; shutting down");
+                            shutdown.trigger();
+                            break;
+                        }
+                        while misses.try_join_next().is_some() {}
+                        continue;
+                    }
+                }
+            }
+            Err(e) if unrecoverable(&e) => {
+                tracing::error!(error = %e, "UDP socket failed; shutting down");
+                shutdown.trigger();
+                break;
+            }
+            Err(e) => {
+                // ICMP errors from earlier answers surface here (e.g. connection refused
+                // on some systems); they concern one client, not the socket.
+                tracing::debug!(error = %e, "UDP receive error");
+                continue;
+            }
+        };
+        since_yield += 1;
+        if since_yield >= DATAGRAMS_PER_YIELD {
+            since_yield = 0;
+            if shutdown.is_triggered() {
+                break;
+            }
+            while misses.try_join_next().is_some() {}
+            tokio::task::yield_now().await;
+        }
+        let packet = &buf[..len];
+        // Responses (QR set) are never answered; shorter-than-header datagrams neither.
+        if len < 12 || packet[2] & 0x80 != 0 || !answerable(src) {
+            continue;
+        }
+        let started = Instant::now();
+        rotation = rotation.wrapping_add(1);
+        let zone = handler.zone().load();
+        let cacheable = match cached(
+            &cache, &handler, &zone, packet, src, rotation, &mut key, &mut out,
+        ) {
+            Cached::Hit(hit) => {
+                drop(zone);
+                let sent = match socket.try_send_to(&out, src) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        socket.send_to(&out, src).await.map(|_| ())
+                    }
+                    r => r.map(|_| ()),
+                };
+                if let Err(e) = sent {
+                    tracing::debug!(%src, error = %e, "could not send a response");
+                    continue;
+                }
+                if hit.truncated {
+                    metrics.truncated.inc();
+                }
+                metrics.answer_cache_hits.inc();
+                metrics.query(
+                    hit.qtype,
+                    hit.rcode,
+                    Source::Zone,
+                    started.elapsed().as_secs_f64(),
+                );
+                continue;
+            }
+            Cached::Miss { cacheable } => cacheable,
+        };
+        if cacheable {
+            metrics.answer_cache_misses.inc();
+        }
+        let miss = Miss {
+            packet: packet.to_vec(),
+            src,
+            zone: arc_swap::Guard::into_inner(zone),
+            rotation,
+            key: cacheable.then(|| key.as_slice().into()),
+        };
+        misses.spawn_local(answer_miss(
+            handler.clone(),
+            cache.clone(),
+            socket.clone(),
+            metrics.clone(),
+            miss,
+        ));
+    }
+    if lain_common::shutdown::with_grace(drain, async {
+        while misses.join_next().await.is_some() {}
+    })
+    .await
+    .is_none()
+    {
+        tracing::warn!(?drain, "in-flight UDP queries did not finish in time");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(rcode: ResponseCode) -> ResponseInfo {
+        let mut metadata = hickory_proto::op::Metadata::new(
+            1,
+            MessageType::Response,
+            hickory_proto::op::OpCode::Query,
+        );
+        metadata.response_code = rcode;
+        ResponseInfo::from(Header {
+            metadata,
+            counts: Default::default(),
+        })
+    }
+
+    fn request(id: u16) -> Vec<u8> {
+        let mut p = id.to_be_bytes().to_vec();
+        p.extend_from_slice(
+            b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x04lain\x00\x00\x01\x00\x01",
+        );
+        p
+    }
+
+    #[test]
+    fn keys_ignore_the_id_but_not_the_client_class_or_the_question() {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        assert!(AnswerCache::key(&mut a, &request(1), false, 0));
+        assert!(AnswerCache::key(&mut b, &request(2), false, 0));
+        assert_eq!(a, b);
+        assert!(AnswerCache::key(&mut b, &request(1), true, 0));
+        assert_ne!(a, b);
+        assert!(AnswerCache::key(&mut b, &request(1), false, 7));
+        assert_ne!(a, b);
+        let mut other = request(1);
+        *other.last_mut().unwrap() = 3;
+        assert!(AnswerCache::key(&mut b, &other, false, 0));
+        assert_ne!(a, b);
+        // Too short to be a header, and too long to be worth caching.
+        assert!(!AnswerCache::key(&mut b, &[0; 11], false, 0));
+        assert!(!AnswerCache::key(
+            &mut b,
+            &[0; MAX_CACHED_REQUEST_BYTES + 1],
+            false,
+            0
+        ));
+    }
+
+    #[test]
+    fn answers_are_kept_per_rotation_and_per_zone() {
+        let zone = Arc::new(Zone::default());
+        let mut cache = AnswerCache::new(2);
+        cache.follow(&zone);
+        let mut key = Vec::new();
+        assert!(AnswerCache::key(&mut key, &request(1), false, 0));
+        let answer = |b: u8| vec![b; 20].into_boxed_slice();
+        let ok = info(ResponseCode::NoError);
+        assert!(cache.insert(
+            &zone,
+            key.clone().into(),
+            5,
+            3,
+            answer(2),
+            Some(RecordType::A),
+            &ok
+        ));
+        // Rotation 5 is slot 2 of 3; the other slots are still empty.
+        assert_eq!(cache.get(&key, 8).unwrap().answer, &answer(2)[..]);
+        assert!(cache.get(&key, 6).is_none());
+        assert!(cache.insert(
+            &zone,
+            key.clone().into(),
+            6,
+            3,
+            answer(0),
+            Some(RecordType::A),
+            &ok
+        ));
+        assert_eq!(cache.get(&key, 0).unwrap().answer, &answer(0)[..]);
+        // Too many rotations, an empty period, or an answer from another zone: not kept.
+        assert!(!cache.insert(
+            &zone,
+            key.clone().into(),
+            0,
+            MAX_CACHED_ROTATIONS + 1,
+            answer(1),
+            None,
+            &ok
+        ));
+        assert!(!cache.insert(&zone, key.clone().into(), 0, 0, answer(1), None, &ok));
+        let other = Arc::new(Zone::default());
+        assert!(!cache.insert(&other, b"x".to_vec().into(), 0, 1, answer(1), None, &ok));
+        // A new zone empties the cache.
+        cache.follow(&other);
+        assert!(cache.get(&key, 0).is_none());
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_full_cache_starts_over_instead_of_growing() {
+        let zone = Arc::new(Zone::default());
+        let mut cache = AnswerCache::new(2);
+        cache.follow(&zone);
+        let ok = info(ResponseCode::NXDomain);
+        let a = vec![0u8; 12].into_boxed_slice();
+        for k in [b"a", b"b", b"c"] {
+            assert!(cache.insert(&zone, k.to_vec().into(), 0, 1, a.clone(), None, &ok));
+        }
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.get(b"c", 0).unwrap().rcode, ResponseCode::NXDomain);
+        let mut off = AnswerCache::new(0);
+        off.follow(&zone);
+        assert!(!off.insert(&zone, b"a".to_vec().into(), 0, 1, a, None, &ok));
+    }
+
+    #[test]
+    fn answers_go_only_to_addresses_that_can_receive_them() {
+        assert!(answerable("127.0.0.1:5353".parse().unwrap()));
+        assert!(answerable("[::1]:5353".parse().unwrap()));
+        assert!(!answerable("127.0.0.1:0".parse().unwrap()));
+        assert!(!answerable("0.0.0.0:53".parse().unwrap()));
+        assert!(!answerable("255.255.255.255:53".parse().unwrap()));
+        assert!(!answerable("[::]:53".parse().unwrap()));
+    }
+}

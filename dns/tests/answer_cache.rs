@@ -345,3 +345,46 @@ async fn responses_and_runts_are_never_answered() {
             .is_some()
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_of_queries_is_answered_in_full() {
+    let zone = Arc::new(ArcSwap::from_pointee(zone("10.0.0.1")));
+    let server = Server::start(zone, 1024);
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    // Ten bursts of 40 queries, each sent without waiting so that the server reads it in
+    // batches: 40 different questions (first-time ones in the first burst, repeated ones
+    // after), each query with its own ID. A burst is no bigger than the client's receive
+    // buffer holds.
+    let names: Vec<String> = (1..=40).map(|i| format!("web-{i}.big.lain.")).collect();
+    let mut buf = vec![0u8; 4096];
+    for burst in 0..10u16 {
+        let mut expected = std::collections::HashMap::new();
+        for i in 0..40u16 {
+            let id = burst * 40 + i;
+            let q = with_id(
+                query_bytes(&names[usize::from(i)], RecordType::A, Opts::default()),
+                id,
+            );
+            client.send_to(&q, server.addr).await.expect("send");
+            expected.insert(id, format!("10.2.0.{}", i + 1));
+        }
+        while !expected.is_empty() {
+            let (len, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("burst {burst}: {} answers missing", expected.len()))
+                .expect("receive");
+            let m = Message::from_vec(&buf[..len]).expect("decode");
+            let want = expected.remove(&m.metadata.id).unwrap_or_else(|| {
+                panic!("an answer to an unknown or repeated ID {}", m.metadata.id)
+            });
+            assert_eq!(m.answers.len(), 1);
+            assert_eq!(
+                m.answers[0].data.to_string(),
+                want,
+                "answer to ID {}",
+                m.metadata.id
+            );
+        }
+    }
+    assert!(server.metrics.answer_cache_hits() >= 300);
+}

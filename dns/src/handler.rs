@@ -1,11 +1,12 @@
-//! The request handler hickory's server calls for every decoded query: it answers from the
+//! The request handler for every decoded query (from hickory's TCP server and from the UDP
+//! loop in [`crate::udp`] when its cache has no answer yet): it answers from the
 //! current compiled zone (loaded lock-free from an `ArcSwap`), forwards names outside the
 //! zones when the client may recurse, and turns everything else into the right error code.
 //!
-//! hickory's server has already answered FORMERR to packets that do not decode (names over
-//! 255 octets, labels over 63, truncated sections) and dropped responses sent to us; what
-//! reaches this handler is a well-formed request, though possibly an odd one (see
-//! [`requeried`]).
+//! The server in front of it (hickory's for TCP, [`crate::udp`] for UDP) has already
+//! answered FORMERR to packets that do not decode (names over 255 octets, labels over 63,
+//! truncated sections) and dropped responses sent to us; what reaches this handler is a
+//! well-formed request, though possibly an odd one (see [`requeried`]).
 
 use std::borrow::Cow;
 use std::net::IpAddr;

@@ -16,7 +16,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -31,7 +31,7 @@ use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
 use lain_common::Shutdown;
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinSet;
@@ -478,6 +478,105 @@ fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
+/// Answers from the cache waiting to be sent, all at once with one `sendmmsg` call after the
+/// batch they answer: one system call per batch, and a client reading many answers is
+/// woken once for them rather than once per answer.
+struct Sender {
+    headers: MultiHeaders<SockaddrStorage>,
+    answers: Vec<Vec<u8>>,
+    destinations: Vec<Option<SockaddrStorage>>,
+    /// What counting each waiting answer needs, and when its query was read.
+    counted: Vec<(HitInfo, Instant)>,
+    pending: usize,
+}
+
+impl Sender {
+    fn new() -> Sender {
+        Sender {
+            headers: MultiHeaders::preallocate(RECEIVE_BATCH, None),
+            answers: (0..RECEIVE_BATCH).map(|_| Vec::with_capacity(512)).collect(),
+            destinations: vec![None; RECEIVE_BATCH],
+            counted: Vec::with_capacity(RECEIVE_BATCH),
+            pending: 0,
+        }
+    }
+
+    /// The buffer the next answer is written into.
+    fn next(&mut self) -> &mut Vec<u8> {
+        &mut self.answers[self.pending]
+    }
+
+    /// Queues the answer written into [`Sender::next`] for `dst`.
+    fn queue(&mut self, dst: SocketAddr, hit: HitInfo, started: Instant) {
+        self.destinations[self.pending] = Some(SockaddrStorage::from(dst));
+        self.counted.push((hit, started));
+        self.pending += 1;
+    }
+
+    /// Sends the queued answers from the `from`th on, without waiting: how many were sent.
+    fn send_from(&mut self, fd: std::os::fd::RawFd, from: usize) -> io::Result<usize> {
+        let Sender {
+            headers,
+            answers,
+            destinations,
+            pending,
+            ..
+        } = self;
+        let slices: Vec<[IoSlice<'_>; 1]> = answers[from..*pending]
+            .iter()
+            .map(|a| [IoSlice::new(a)])
+            .collect();
+        let sent = sendmmsg(
+            fd,
+            headers,
+            &slices,
+            &destinations[from..*pending],
+            [],
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io::Error::from)?;
+        Ok(sent.count())
+    }
+
+    /// Sends every queued answer, waiting for room in the socket's buffer when it is full;
+    /// an answer the kernel refuses (its destination unreachable) is dropped alone.
+    async fn flush(&mut self, socket: &UdpSocket, metrics: &DnsMetrics) {
+        let fd = socket.as_raw_fd();
+        let mut from = 0;
+        while from < self.pending {
+            match socket.try_io(Interest::WRITABLE, || self.send_from(fd, from)) {
+                Ok(n) => {
+                    for (hit, started) in &self.counted[from..from + n] {
+                        if hit.truncated {
+                            metrics.truncated.inc();
+                        }
+                        metrics.answer_cache_hits.inc();
+                        metrics.query(
+                            hit.qtype,
+                            hit.rcode,
+                            Source::Zone,
+                            started.elapsed().as_secs_f64(),
+                        );
+                    }
+                    from += n.max(1);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = socket.writable().await {
+                        tracing::debug!(error = %e, "UDP socket not writable; answers dropped");
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not send a response");
+                    from += 1;
+                }
+            }
+        }
+        self.pending = 0;
+        self.counted.clear();
+    }
+}
+
 /// Serves `socket` until `shutdown`, then waits at most `drain` for answers in progress.
 /// Must run inside a [`tokio::task::LocalSet`]: first-time questions are answered by local
 /// tasks that share the socket thread's cache.
@@ -495,7 +594,7 @@ pub async fn serve(
     let mut misses = JoinSet::new();
     let mut receiver = Receiver::new();
     let mut key = Vec::with_capacity(MAX_CACHED_REQUEST_BYTES + 16);
-    let mut out = Vec::with_capacity(RECEIVE_BUFFER_BYTES);
+    let mut sender = Sender::new();
     let mut rotation: usize = 0;
     let mut since_yield: u32 = 0;
     let stop = shutdown.wait();
@@ -550,30 +649,17 @@ pub async fn serve(
             rotation = rotation.wrapping_add(1);
             let zone = handler.zone().load();
             let cacheable = match cached(
-                &cache, &handler, &zone, packet, src, rotation, &mut key, &mut out,
+                &cache,
+                &handler,
+                &zone,
+                packet,
+                src,
+                rotation,
+                &mut key,
+                sender.next(),
             ) {
                 Cached::Hit(hit) => {
-                    drop(zone);
-                    let sent = match socket.try_send_to(&out, src) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            socket.send_to(&out, src).await.map(|_| ())
-                        }
-                        r => r.map(|_| ()),
-                    };
-                    if let Err(e) = sent {
-                        tracing::debug!(%src, error = %e, "could not send a response");
-                        continue;
-                    }
-                    if hit.truncated {
-                        metrics.truncated.inc();
-                    }
-                    metrics.answer_cache_hits.inc();
-                    metrics.query(
-                        hit.qtype,
-                        hit.rcode,
-                        Source::Zone,
-                        started.elapsed().as_secs_f64(),
-                    );
+                    sender.queue(src, hit, started);
                     continue;
                 }
                 Cached::Miss { cacheable } => cacheable,
@@ -596,6 +682,7 @@ pub async fn serve(
                 miss,
             ));
         }
+        sender.flush(&socket, &metrics).await;
     }
     if lain_common::shutdown::with_grace(drain, async {
         while misses.join_next().await.is_some() {}

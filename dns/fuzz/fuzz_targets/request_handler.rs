@@ -1,6 +1,6 @@
 //! Fuzz target over `lain dns`'s request handler: any bytes that hickory decodes into a
 //! request are answered from a populated zone, and the answer must encode and decode again.
-//! Bytes that do not decode are what hickory's server answers FORMERR to before the handler.
+//! Bytes that do not decode are what the servers in front of the handler answer FORMERR to.
 
 #![no_main]
 

@@ -494,7 +494,9 @@ impl Sender {
     fn new() -> Sender {
         Sender {
             headers: MultiHeaders::preallocate(RECEIVE_BATCH, None),
-            answers: (0..RECEIVE_BATCH).map(|_| Vec::with_capacity(512)).collect(),
+            answers: (0..RECEIVE_BATCH)
+                .map(|_| Vec::with_capacity(512))
+                .collect(),
             destinations: vec![None; RECEIVE_BATCH],
             counted: Vec::with_capacity(RECEIVE_BATCH),
             pending: 0,

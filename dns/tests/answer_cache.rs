@@ -86,6 +86,14 @@ struct Server {
 
 impl Server {
     fn start(zone: Arc<ArcSwap<lain_dns::zone::Zone>>, cache_entries: usize) -> Server {
+        Server::start_on("127.0.0.1:0", zone, cache_entries)
+    }
+
+    fn start_on(
+        bind: &str,
+        zone: Arc<ArcSwap<lain_dns::zone::Zone>>,
+        cache_entries: usize,
+    ) -> Server {
         let metrics = DnsMetrics::unregistered();
         // A forwarder makes recursion availability depend on the client (allowed only from
         // 127.0.31.2), which the cache must tell apart; nothing here is ever forwarded.
@@ -106,7 +114,7 @@ impl Server {
             },
             metrics.clone(),
         );
-        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let std_socket = std::net::UdpSocket::bind(bind).expect("bind");
         std_socket.set_nonblocking(true).expect("nonblocking");
         let addr = std_socket.local_addr().expect("addr");
         let shutdown = Shutdown::new();
@@ -387,4 +395,24 @@ async fn a_burst_of_queries_is_answered_in_full() {
         }
     }
     assert!(server.metrics.answer_cache_hits() >= 300);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn ipv6_clients_are_answered_from_the_cache_too() {
+    let zone = Arc::new(ArcSwap::from_pointee(zone("10.0.0.1")));
+    let server = Server::start_on("[::1]:0", zone, 1024);
+    let client = UdpSocket::bind("[::1]:0").await.expect("bind");
+    for id in 1..=3u16 {
+        let q = with_id(
+            query_bytes("web-1.hello.lain.", RecordType::A, Opts::default()),
+            id,
+        );
+        let a = ask(&client, server.addr, &q, Duration::from_secs(2))
+            .await
+            .expect("an answer over IPv6");
+        let m = Message::from_vec(&a).expect("decode");
+        assert_eq!(m.metadata.id, id);
+        assert_eq!(m.answers[0].data.to_string(), "10.0.0.1");
+    }
+    assert_eq!(server.metrics.answer_cache_hits(), 2);
 }

@@ -150,20 +150,18 @@ impl AnswerCache {
         })
     }
 
-    /// Keeps `answer`, made from `zone` at `rotation` for a name whose answers repeat every
-    /// `period` rotations. Ignored when `zone` is no longer the one followed; a full cache
-    /// is emptied first, which keeps it bounded without bookkeeping on every hit.
-    #[allow(clippy::too_many_arguments)]
-    pub fn insert(
-        &mut self,
-        zone: &Arc<Zone>,
-        key: Box<[u8]>,
-        rotation: usize,
-        period: usize,
-        answer: Box<[u8]>,
-        qtype: Option<RecordType>,
-        info: &ResponseInfo,
-    ) -> bool {
+    /// Keeps `made`, an answer from `zone`. Ignored when `zone` is no longer the one
+    /// followed; a full cache is emptied first, which keeps it bounded without bookkeeping
+    /// on every hit.
+    pub fn insert(&mut self, zone: &Arc<Zone>, key: Box<[u8]>, made: Made) -> bool {
+        let Made {
+            rotation,
+            period,
+            answer,
+            qtype,
+            rcode,
+            truncated,
+        } = made;
         if !self.enabled()
             || period == 0
             || period > MAX_CACHED_ROTATIONS
@@ -175,25 +173,38 @@ impl AnswerCache {
         if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
             self.entries.clear();
         }
-        let entry = self.entries.entry(key).or_insert_with(|| Entry {
+        let fresh = || Entry {
             answers: vec![None; period].into_boxed_slice(),
             qtype,
-            rcode: info.response_code,
-            truncated: info.truncation,
-        });
+            rcode,
+            truncated,
+        };
+        let entry = self.entries.entry(key).or_insert_with(fresh);
         if entry.answers.len() != period {
             // The same zone gives the same period for the same question; a mismatch means
             // the entry is not what this code believes, so it is replaced rather than mixed.
-            *entry = Entry {
-                answers: vec![None; period].into_boxed_slice(),
-                qtype,
-                rcode: info.response_code,
-                truncated: info.truncation,
-            };
+            *entry = fresh();
         }
         entry.answers[rotation % period] = Some(answer);
         true
     }
+}
+
+/// An answer the handler made, as the cache keeps it.
+#[derive(Debug)]
+pub struct Made {
+    /// The rotation it was made at.
+    pub rotation: usize,
+    /// After how many rotations answers repeat ([`Responded::repeatable`]).
+    pub period: usize,
+    /// The encoded answer.
+    pub answer: Box<[u8]>,
+    /// The question's type.
+    pub qtype: Option<RecordType>,
+    /// The answer's response code.
+    pub rcode: ResponseCode,
+    /// Whether the answer was truncated.
+    pub truncated: bool,
 }
 
 /// Whether an answer may be sent to `src` (hickory's server applies the same rule): never to
@@ -350,11 +361,14 @@ async fn answer_miss(
         cache.borrow_mut().insert(
             &zone,
             key,
-            rotation,
-            period,
-            bytes.into_boxed_slice(),
-            qtype,
-            &info,
+            Made {
+                rotation,
+                period,
+                answer: bytes.into_boxed_slice(),
+                qtype,
+                rcode: info.response_code,
+                truncated: info.truncation,
+            },
         );
     }
 }
@@ -700,17 +714,15 @@ pub async fn serve(
 mod tests {
     use super::*;
 
-    fn info(rcode: ResponseCode) -> ResponseInfo {
-        let mut metadata = hickory_proto::op::Metadata::new(
-            1,
-            MessageType::Response,
-            hickory_proto::op::OpCode::Query,
-        );
-        metadata.response_code = rcode;
-        ResponseInfo::from(Header {
-            metadata,
-            counts: Default::default(),
-        })
+    fn made(rotation: usize, period: usize, byte: u8, rcode: ResponseCode) -> Made {
+        Made {
+            rotation,
+            period,
+            answer: vec![byte; 20].into_boxed_slice(),
+            qtype: Some(RecordType::A),
+            rcode,
+            truncated: false,
+        }
     }
 
     fn request(id: u16) -> Vec<u8> {
@@ -752,43 +764,19 @@ mod tests {
         cache.follow(&zone);
         let mut key = Vec::new();
         assert!(AnswerCache::key(&mut key, &request(1), false, 0));
-        let answer = |b: u8| vec![b; 20].into_boxed_slice();
-        let ok = info(ResponseCode::NoError);
-        assert!(cache.insert(
-            &zone,
-            key.clone().into(),
-            5,
-            3,
-            answer(2),
-            Some(RecordType::A),
-            &ok
-        ));
+        let ok = ResponseCode::NoError;
+        assert!(cache.insert(&zone, key.clone().into(), made(5, 3, 2, ok)));
         // Rotation 5 is slot 2 of 3; the other slots are still empty.
-        assert_eq!(cache.get(&key, 8).unwrap().answer, &answer(2)[..]);
+        assert_eq!(cache.get(&key, 8).unwrap().answer, &[2; 20][..]);
         assert!(cache.get(&key, 6).is_none());
-        assert!(cache.insert(
-            &zone,
-            key.clone().into(),
-            6,
-            3,
-            answer(0),
-            Some(RecordType::A),
-            &ok
-        ));
-        assert_eq!(cache.get(&key, 0).unwrap().answer, &answer(0)[..]);
+        assert!(cache.insert(&zone, key.clone().into(), made(6, 3, 0, ok)));
+        assert_eq!(cache.get(&key, 0).unwrap().answer, &[0; 20][..]);
         // Too many rotations, an empty period, or an answer from another zone: not kept.
-        assert!(!cache.insert(
-            &zone,
-            key.clone().into(),
-            0,
-            MAX_CACHED_ROTATIONS + 1,
-            answer(1),
-            None,
-            &ok
-        ));
-        assert!(!cache.insert(&zone, key.clone().into(), 0, 0, answer(1), None, &ok));
+        let too_many = made(0, MAX_CACHED_ROTATIONS + 1, 1, ok);
+        assert!(!cache.insert(&zone, key.clone().into(), too_many));
+        assert!(!cache.insert(&zone, key.clone().into(), made(0, 0, 1, ok)));
         let other = Arc::new(Zone::default());
-        assert!(!cache.insert(&other, b"x".to_vec().into(), 0, 1, answer(1), None, &ok));
+        assert!(!cache.insert(&other, b"x".to_vec().into(), made(0, 1, 1, ok)));
         // A new zone empties the cache.
         cache.follow(&other);
         assert!(cache.get(&key, 0).is_none());
@@ -800,16 +788,15 @@ mod tests {
         let zone = Arc::new(Zone::default());
         let mut cache = AnswerCache::new(2);
         cache.follow(&zone);
-        let ok = info(ResponseCode::NXDomain);
-        let a = vec![0u8; 12].into_boxed_slice();
+        let nx = ResponseCode::NXDomain;
         for k in [b"a", b"b", b"c"] {
-            assert!(cache.insert(&zone, k.to_vec().into(), 0, 1, a.clone(), None, &ok));
+            assert!(cache.insert(&zone, k.to_vec().into(), made(0, 1, 0, nx)));
         }
         assert_eq!(cache.len(), 1);
-        assert_eq!(cache.get(b"c", 0).unwrap().rcode, ResponseCode::NXDomain);
+        assert_eq!(cache.get(b"c", 0).unwrap().rcode, nx);
         let mut off = AnswerCache::new(0);
         off.follow(&zone);
-        assert!(!off.insert(&zone, b"a".to_vec().into(), 0, 1, a, None, &ok));
+        assert!(!off.insert(&zone, b"a".to_vec().into(), made(0, 1, 0, nx)));
     }
 
     #[test]

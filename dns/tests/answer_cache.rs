@@ -14,10 +14,11 @@ use common::{Opts, query_bytes};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use lain_common::Shutdown;
+use lain_dns::config::ZoneConfig;
 use lain_dns::forward::Forwarder;
 use lain_dns::handler::{DnsHandler, HandlerOptions};
 use lain_dns::metrics::DnsMetrics;
-use lain_dns::zone::{SoaSettings, ZoneSettings, compile};
+use lain_dns::zone::{ZoneSettings, compile};
 use lain_state::{Keyspace, Snapshot, StateDocument};
 use tokio::net::UdpSocket;
 
@@ -59,20 +60,11 @@ fn state(web1: &str) -> String {
 fn zone(web1: &str) -> lain_dns::zone::Zone {
     let doc: StateDocument = serde_json::from_str(&state(web1)).expect("state document");
     let (snap, _): (Snapshot, _) = Snapshot::from_document(&Keyspace::default(), &doc);
-    let settings = ZoneSettings {
-        domains: vec!["lain.".parse().expect("name")],
-        reverse_zones: vec!["10.in-addr.arpa.".parse().expect("name")],
-        ttl: 5,
-        nameserver_addresses: vec![],
-        soa: SoaSettings {
-            rname: None,
-            refresh: 60,
-            retry: 10,
-            expire: 600,
-            minimum: 5,
-            ttl: 5,
-        },
-    };
+    let settings = ZoneSettings::from_config(&ZoneConfig {
+        reverse_zones: vec!["10.in-addr.arpa".into()],
+        ..ZoneConfig::default()
+    })
+    .expect("zone settings");
     compile(&snap, &settings, 1)
 }
 

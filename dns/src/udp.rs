@@ -240,49 +240,36 @@ impl ResponseHandler for UdpResponder {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        let (info, bytes) = encode_udp(response)?;
+        // Encoded as hickory's own response handle does: limited to the EDNS size (512
+        // octets without EDNS), and a bare SERVFAIL header if it cannot be encoded.
+        let id = response.metadata().id;
+        let limit = response.edns().map_or(512, |e| e.max_payload());
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(limit);
+        let info = match response.destructive_emit(&mut encoder) {
+            Ok(info) => info,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode an answer; sending SERVFAIL");
+                bytes.clear();
+                let mut encoder = BinEncoder::new(&mut bytes);
+                let mut metadata = hickory_proto::op::Metadata::new(
+                    id,
+                    MessageType::Response,
+                    hickory_proto::op::OpCode::Query,
+                );
+                metadata.response_code = ResponseCode::ServFail;
+                let header = Header {
+                    metadata,
+                    counts: Default::default(),
+                };
+                header.emit(&mut encoder)?;
+                ResponseInfo::from(header)
+            }
+        };
         self.socket.send_to(&bytes, self.dst).await?;
         let _ = self.sent.set(bytes);
         Ok(info)
-    }
-}
-
-/// Encodes an answer for UDP as hickory's own response handle does: limited to the EDNS
-/// size (512 octets without EDNS), and a bare SERVFAIL header if it cannot be encoded.
-fn encode_udp<'a>(
-    response: MessageResponse<
-        '_,
-        'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-    >,
-) -> Result<(ResponseInfo, Vec<u8>), NetError> {
-    let id = response.metadata().id;
-    let limit = response.edns().map_or(512, |e| e.max_payload());
-    let mut bytes = Vec::with_capacity(512);
-    let mut encoder = BinEncoder::new(&mut bytes);
-    encoder.set_max_size(limit);
-    match response.destructive_emit(&mut encoder) {
-        Ok(info) => Ok((info, bytes)),
-        Err(error) => {
-            tracing::error!(%error, "cannot encode an answer; sending SERVFAIL");
-            bytes.clear();
-            let mut encoder = BinEncoder::new(&mut bytes);
-            let mut metadata = hickory_proto::op::Metadata::new(
-                id,
-                MessageType::Response,
-                hickory_proto::op::OpCode::Query,
-            );
-            metadata.response_code = ResponseCode::ServFail;
-            let header = Header {
-                metadata,
-                counts: Default::default(),
-            };
-            header.emit(&mut encoder)?;
-            Ok((ResponseInfo::from(header), bytes))
-        }
     }
 }
 
@@ -329,9 +316,12 @@ async fn answer_miss(
             };
             let response = MessageResponseBuilder::new(&queries, None)
                 .error_msg(&header.metadata, ResponseCode::FormErr);
-            if let Ok((_, bytes)) = encode_udp(response)
-                && let Err(e) = socket.send_to(&bytes, src).await
-            {
+            let mut responder = UdpResponder {
+                socket,
+                dst: src,
+                sent: Arc::default(),
+            };
+            if let Err(e) = responder.send_response(response).await {
                 tracing::debug!(%src, error = %e, "could not send FORMERR");
             }
             metrics.query(

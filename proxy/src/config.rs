@@ -48,6 +48,15 @@ pub struct Config {
     /// How long a shutdown waits for requests in flight.
     #[serde(default = "default_drain_secs")]
     pub drain_secs: u64,
+    /// Whether plain HTTP/1.1 requests on the http listener are served by lain's own
+    /// HTTP/1.1 path (`h1`), which costs less CPU per request than pingora's; everything
+    /// else (and every request when this is off) goes through pingora.
+    #[serde(default = "default_true")]
+    pub h1_fast_path: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_max_header_bytes() -> usize {
@@ -79,6 +88,7 @@ impl Default for Config {
             max_header_bytes: default_max_header_bytes(),
             header_timeout_secs: default_header_timeout_secs(),
             drain_secs: default_drain_secs(),
+            h1_fast_path: true,
         }
     }
 }

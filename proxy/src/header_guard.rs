@@ -98,6 +98,10 @@ pub struct GuardedStream {
     /// Written bytes not yet handed to `inner`; `wpos` of them already were.
     wbuf: Vec<u8>,
     wpos: usize,
+    /// Bytes read by lain's HTTP/1 path and handed back for pingora to read again, from
+    /// `rpos` on.
+    rbuf: Vec<u8>,
+    rpos: usize,
 }
 
 impl GuardedStream {
@@ -117,8 +121,47 @@ impl GuardedStream {
             sleep: None,
             wbuf: Vec::new(),
             wpos: 0,
+            rbuf: Vec::new(),
+            rpos: 0,
         };
         (guard, next_request)
+    }
+
+    /// Hands back bytes already read (a request header lain's HTTP/1 path leaves to
+    /// pingora): the next reads return them before anything new from the client. The guard
+    /// has seen them, so they pass through as they are.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        // The request these bytes begin has had its header checked; what pingora reads
+        // after them (its body) is not a header.
+        self.next_request.store(false, Ordering::Relaxed);
+        self.phase = Phase::Passing;
+        self.rbuf.drain(..self.rpos);
+        self.rpos = 0;
+        let mut joined = bytes.to_vec();
+        joined.extend_from_slice(&self.rbuf);
+        self.rbuf = joined;
+    }
+
+    /// The client's address, as the accepted socket reports it.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied())
+    }
+
+    /// Copies handed-back bytes into `buf`; true when there were any.
+    fn read_unread(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.rpos >= self.rbuf.len() {
+            return false;
+        }
+        let n = buf.remaining().min(self.rbuf.len() - self.rpos);
+        buf.put_slice(&self.rbuf[self.rpos..self.rpos + n]);
+        self.rpos += n;
+        if self.rpos == self.rbuf.len() {
+            self.rbuf = Vec::new();
+            self.rpos = 0;
+        }
+        true
     }
 
     /// Starts watching a new request if the accept loop announced one.
@@ -231,6 +274,9 @@ impl AsyncRead for GuardedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.read_unread(buf) {
+            return Poll::Ready(Ok(()));
+        }
         this.take_next_request();
         match this.phase {
             Phase::Passing => return Pin::new(&mut this.inner).poll_read(cx, buf),
@@ -416,6 +462,35 @@ impl Peek for GuardedStream {
         // pingora peeks for the HTTP/2 preface (h2c) before reading a request, with no
         // timeout of its own: bound the wait by the header deadline of a first request, or
         // by the keep-alive timeout between requests.
+        if self.rpos < self.rbuf.len() {
+            // Bytes handed back come first; the peek needs as many as it asks for, so the
+            // rest is read (under the header deadline) and kept behind them.
+            let deadline = Instant::now() + self.limits.timeout;
+            while self.rbuf.len() - self.rpos < buf.len() {
+                let mut more = [0u8; 64];
+                let n = match tokio::time::timeout_at(deadline, {
+                    use tokio::io::AsyncReadExt;
+                    self.inner.read(&mut more)
+                })
+                .await
+                {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "request header not received in time",
+                        ));
+                    }
+                };
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                self.rbuf.extend_from_slice(&more[..n]);
+            }
+            let n = buf.len();
+            buf.copy_from_slice(&self.rbuf[self.rpos..self.rpos + n]);
+            return Ok(true);
+        }
         self.take_next_request();
         let deadline = match self.phase {
             Phase::Header { deadline, .. } => deadline,

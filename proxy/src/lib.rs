@@ -4,6 +4,7 @@
 pub mod access_log;
 pub mod cli;
 pub mod config;
+pub mod h1;
 pub mod header_guard;
 pub mod health;
 pub mod metrics;

@@ -32,6 +32,9 @@ pub const REJECTED_CLAIMS: &str = "lain_proxy_route_rejected_claims";
 pub const ACCESS_LOG_DROPPED: &str = "lain_proxy_access_log_dropped_total";
 /// Active health-check transitions, by direction (`down`, `up`).
 pub const HEALTH_TRANSITIONS: &str = "lain_proxy_health_transitions_total";
+/// Requests finished, by the code that served them: `h1` (lain's own HTTP/1.1 path) or
+/// `pingora` (everything else).
+pub const SERVED_BY: &str = "lain_proxy_served_total";
 
 /// The proxy's metrics.
 #[derive(Debug, Clone)]
@@ -62,6 +65,11 @@ pub struct ProxyMetrics {
     pub health_transitions: IntCounterVec,
     /// [`REQUESTS`] for requests that matched no route, resolved once.
     pub unrouted: ClassCounters,
+    /// [`SERVED_BY`] `h1`, resolved once.
+    pub served_by_h1: IntCounter,
+    /// [`SERVED_BY`] `pingora`, resolved once.
+    pub served_by_pingora: IntCounter,
+    served_by: IntCounterVec,
 }
 
 /// The status classes counted, in [`status_class_index`] order.
@@ -95,8 +103,15 @@ impl ProxyMetrics {
             Opts::new(REQUESTS, "requests answered"),
             &["app", "proc", "class"],
         )?;
+        let served_by = IntCounterVec::new(
+            Opts::new(SERVED_BY, "requests finished, by the code that served them"),
+            &["path"],
+        )?;
         let m = ProxyMetrics {
             unrouted: ClassCounters::resolve(&requests, "", ""),
+            served_by_h1: served_by.with_label_values(&["h1"]),
+            served_by_pingora: served_by.with_label_values(&["pingora"]),
+            served_by,
             requests,
             request_seconds: Histogram::with_opts(
                 HistogramOpts::new(REQUEST_SECONDS, "request duration").buckets(BUCKETS.to_vec()),
@@ -133,6 +148,7 @@ impl ProxyMetrics {
         r.register(Box::new(m.rejected_claims.clone()))?;
         r.register(Box::new(m.access_log_dropped.clone()))?;
         r.register(Box::new(m.health_transitions.clone()))?;
+        r.register(Box::new(m.served_by.clone()))?;
         Ok(m)
     }
 

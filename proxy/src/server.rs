@@ -31,6 +31,7 @@ use std::net::SocketAddr;
 
 use crate::access_log::AccessLog;
 use crate::config::{Cidr, Config};
+use crate::h1::{H1, Served};
 use crate::header_guard::{GuardedStream, HeaderLimits};
 use crate::health;
 use crate::metrics::ProxyMetrics;
@@ -110,8 +111,19 @@ impl Workers {
                                 }
                             }
                         }
+                        // Idle upstream connections of lain's HTTP/1.1 path are closed when
+                        // they expire or their upstream closes them.
+                        if let Some(idle) = conns.h1.as_ref().map(|h| h.proxy.keepalive_idle) {
+                            tokio::spawn(async move {
+                                loop {
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                    crate::h1::sweep_pool(idle);
+                                }
+                            });
+                        }
                         drop(conns);
                         stop.wait().await;
+                        crate::h1::clear_pool();
                     });
                     // Connections still open after the drain period are closed here.
                     rt.shutdown_timeout(Duration::from_millis(500));
@@ -303,7 +315,6 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
             Arc::new(proxy)
         })
         .collect();
-    drop(service);
 
     if !handle.wait_ready(FIRST_SNAPSHOT_WAIT).await {
         tracing::warn!("no cluster state yet; serving with an empty route table until it arrives");
@@ -364,6 +375,10 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             header_limits,
+            h1: config.h1_fast_path.then(|| H1 {
+                proxy: service.clone(),
+                pool_size: config.upstream.keepalive_pool_size,
+            }),
         })
         .collect();
     let mut accepts = Vec::new();
@@ -498,6 +513,8 @@ struct Conns {
     tracker: Arc<()>,
     shutdown: Shutdown,
     header_limits: HeaderLimits,
+    /// lain's HTTP/1.1 path, unless it is turned off.
+    h1: Option<H1>,
 }
 
 impl Conns {
@@ -522,6 +539,7 @@ impl Conns {
             let _ = stream.set_nodelay();
             let conns = self.clone();
             let tls = tls.clone();
+            let plain = tls.is_none();
             tokio::spawn(async move {
                 let _guard = conns.tracker.clone();
                 conns.metrics.active_connections.inc();
@@ -547,7 +565,17 @@ impl Conns {
                     // Every request's header arrives through the guard; pingora hands the
                     // stream back after each HTTP/1 request it can reuse.
                     let (guarded, next_request) = GuardedStream::new(stream, conns.header_limits);
-                    let mut next: Option<Stream> = Some(Box::new(guarded));
+                    // Plain connections start on lain's HTTP/1.1 path, which hands them to
+                    // pingora at the first request it does not serve.
+                    let mut next: Option<Stream> = match (&conns.h1, plain) {
+                        (Some(h1), true) => {
+                            match h1.serve(guarded, &next_request, &conns.shutdown_rx).await {
+                                Served::Closed => None,
+                                Served::Pingora(g) => Some(Box::new(g)),
+                            }
+                        }
+                        _ => Some(Box::new(guarded)),
+                    };
                     while let Some(s) = next {
                         next = conns.proxy.process_new(s, &conns.shutdown_rx).await;
                         next_request.store(true, std::sync::atomic::Ordering::Relaxed);

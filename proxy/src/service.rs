@@ -158,15 +158,91 @@ fn valid_request_id(v: &str) -> bool {
     !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// The id of a request: the client's `X-Request-Id` when it is usable, a new one otherwise.
+pub(crate) fn request_id(sent: Option<&str>) -> String {
+    match sent {
+        Some(id) if valid_request_id(id) => id.to_string(),
+        _ => new_request_id(),
+    }
+}
+
+/// The forwarding headers a request carries upstream, apart from the client address that
+/// is appended to `X-Forwarded-For`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Forwarded<'a> {
+    /// The `X-Forwarded-For` list the client address is appended to (a trusted peer's).
+    pub xff_prev: Option<&'a str>,
+    /// `X-Forwarded-Proto`.
+    pub proto: &'a str,
+    /// `X-Forwarded-Host`.
+    pub host: &'a str,
+}
+
+/// The forwarding headers of a request for `host` that arrived over HTTPS or not, given what
+/// the client sent; a peer that is not a trusted proxy has what it sent replaced.
+pub(crate) fn forwarded<'a>(
+    trusted_peer: bool,
+    https: bool,
+    host: &'a str,
+    sent_xff: Option<&'a str>,
+    sent_proto: Option<&'a str>,
+    sent_host: Option<&'a str>,
+) -> Forwarded<'a> {
+    let own_proto = if https { "https" } else { "http" };
+    if trusted_peer {
+        Forwarded {
+            xff_prev: sent_xff.filter(|p| !p.trim().is_empty()),
+            proto: sent_proto.unwrap_or(own_proto),
+            host: sent_host.unwrap_or(host),
+        }
+    } else {
+        Forwarded {
+            xff_prev: None,
+            proto: own_proto,
+            host,
+        }
+    }
+}
+
+/// What the end of one request records: its metrics and its access-log line.
+pub(crate) struct Finished<'a> {
+    pub route: Option<&'a Arc<Route>>,
+    pub status: u16,
+    pub elapsed: Duration,
+    pub upstream_elapsed: Option<Duration>,
+    pub client_ip: Option<IpAddr>,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub bytes_in: usize,
+    pub bytes_out: usize,
+    pub endpoint: Option<SocketAddr>,
+    pub request_id: &'a str,
+    pub user_agent: &'a str,
+    pub error: Option<String>,
+}
+
 /// The value a hashing policy hashes, if the request carries it.
 fn hash_key<'a>(req: &'a RequestHeader, balance: &Balance) -> Option<&'a [u8]> {
+    hash_key_in(
+        req.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
+        balance,
+    )
+}
+
+/// The value a hashing policy hashes, found in a request's headers given as name and value
+/// pairs (names compared without case).
+pub(crate) fn hash_key_in<'a>(
+    mut headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+    balance: &Balance,
+) -> Option<&'a [u8]> {
     match balance {
-        Balance::HashHeader { name } => req.headers.get(name.as_str()).map(|v| v.as_bytes()),
-        Balance::HashCookie { name } => req
-            .headers
-            .get_all("cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+        Balance::HashHeader { name } => headers
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v),
+        Balance::HashCookie { name } => headers
+            .filter(|(k, _)| k.eq_ignore_ascii_case("cookie"))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
             .flat_map(|v| v.split(';'))
             .filter_map(|kv| kv.trim().split_once('='))
             .find(|(k, _)| *k == name)
@@ -176,8 +252,75 @@ fn hash_key<'a>(req: &'a RequestHeader, balance: &Balance) -> Option<&'a [u8]> {
 }
 
 impl LainProxy {
-    fn is_trusted(&self, ip: IpAddr) -> bool {
+    pub(crate) fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|c| c.contains(ip))
+    }
+
+    /// The real client of a request from `peer`: the right-most `X-Forwarded-For` address
+    /// that is not a trusted proxy when the peer is one, the peer otherwise.
+    pub(crate) fn real_client(
+        &self,
+        peer: Option<IpAddr>,
+        trusted_peer: bool,
+        sent_xff: Option<&str>,
+    ) -> Option<IpAddr> {
+        if !trusted_peer {
+            return peer;
+        }
+        let mut real = None;
+        for part in sent_xff.unwrap_or("").rsplit(',') {
+            match part.trim().parse::<IpAddr>() {
+                Ok(ip) if self.is_trusted(ip) => real = Some(ip),
+                Ok(ip) => {
+                    real = Some(ip);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        real.or(peer)
+    }
+
+    /// Counts a finished request and writes its access-log line.
+    pub(crate) fn finish(&self, f: Finished<'_>) {
+        // Pre-resolved counters: an atomic increment, no lock. A table compiled without the
+        // compiler (never the case while serving) falls back to the labelled lookup.
+        match f.route.map(|r| (r, r.upstream.counters())) {
+            None => self.metrics.unrouted.inc(f.status),
+            Some((_, Some(c))) => c.inc(f.status),
+            Some((r, None)) => {
+                ClassCounters::resolve(&self.metrics.requests, &r.app, &r.proc_name).inc(f.status)
+            }
+        }
+        self.metrics
+            .request_seconds
+            .observe(f.elapsed.as_secs_f64());
+        if let Some(u) = f.upstream_elapsed {
+            self.metrics.upstream_seconds.observe(u.as_secs_f64());
+        }
+        if !self.access_log.enabled() {
+            return;
+        }
+        let line = AccessLine {
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            client_ip: f.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            method: f.method.to_string(),
+            host: f.host.to_string(),
+            path: f.path.to_string(),
+            status: f.status,
+            bytes_in: f.bytes_in,
+            bytes_out: f.bytes_out,
+            duration_ms: f.elapsed.as_secs_f64() * 1000.0,
+            upstream: f.endpoint.map(|a| a.to_string()),
+            upstream_ms: f.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
+            app: f.route.map(|r| r.app.to_string()),
+            proc: f.route.map(|r| r.proc_name.to_string()),
+            route: f.route.map(|r| r.name.to_string()),
+            request_id: f.request_id.to_string(),
+            user_agent: f.user_agent.to_string(),
+            error: f.error,
+        };
+        self.access_log.log(line);
     }
 
     async fn respond(
@@ -228,30 +371,12 @@ impl ProxyHttp for LainProxy {
             .map(|a| a.ip());
         ctx.trusted_peer = peer_ip.is_some_and(|ip| self.is_trusted(ip));
         let req = session.req_header();
-        ctx.request_id = match header_str(req, "x-request-id") {
-            Some(id) if valid_request_id(id) => id.to_string(),
-            _ => new_request_id(),
-        };
-        ctx.client_ip = peer_ip;
-        if ctx.trusted_peer {
-            // The real client is the right-most address that is not a trusted proxy.
-            if let Some(xff) = header_str(req, "x-forwarded-for") {
-                let mut real = None;
-                for part in xff.rsplit(',') {
-                    match part.trim().parse::<IpAddr>() {
-                        Ok(ip) if self.is_trusted(ip) => real = Some(ip),
-                        Ok(ip) => {
-                            real = Some(ip);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if real.is_some() {
-                    ctx.client_ip = real;
-                }
-            }
-        }
+        ctx.request_id = request_id(header_str(req, "x-request-id"));
+        ctx.client_ip = self.real_client(
+            peer_ip,
+            ctx.trusted_peer,
+            header_str(req, "x-forwarded-for"),
+        );
 
         if header_bytes(req) > self.max_header_bytes {
             return self
@@ -455,26 +580,24 @@ impl ProxyHttp for LainProxy {
             .map(|a| a.ip().to_string())
             .unwrap_or_default();
         let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let own_proto = if https { "https" } else { "http" };
         let host = request_host(req).to_string();
         let original_uri = req
             .uri
             .path_and_query()
             .map_or("/".to_string(), |p| p.as_str().to_string());
-        let (xff, proto, fwd_host) = if ctx.trusted_peer {
-            let xff = match header_str(req, "x-forwarded-for") {
-                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer}"),
-                _ => peer.clone(),
-            };
-            let proto = header_str(req, "x-forwarded-proto")
-                .unwrap_or(own_proto)
-                .to_string();
-            let fwd_host =
-                header_str(req, "x-forwarded-host").map_or_else(|| host.clone(), str::to_string);
-            (xff, proto, fwd_host)
-        } else {
-            (peer.clone(), own_proto.to_string(), host.clone())
+        let fwd = forwarded(
+            ctx.trusted_peer,
+            https,
+            &host,
+            header_str(req, "x-forwarded-for"),
+            header_str(req, "x-forwarded-proto"),
+            header_str(req, "x-forwarded-host"),
+        );
+        let xff = match fwd.xff_prev {
+            Some(prev) => format!("{prev}, {peer}"),
+            None => peer.clone(),
         };
+        let (proto, fwd_host) = (fwd.proto.to_string(), fwd.host.to_string());
         let real_ip = ctx.client_ip.map(|ip| ip.to_string()).unwrap_or(peer);
         upstream.insert_header("x-forwarded-for", xff)?;
         upstream.insert_header("x-forwarded-proto", proto)?;
@@ -537,62 +660,30 @@ impl ProxyHttp for LainProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         ctx.release();
-        let elapsed = ctx.start.map(|s| s.elapsed()).unwrap_or_default();
-        let upstream_elapsed = ctx
-            .upstream_elapsed
-            .or_else(|| ctx.upstream_start.map(|s| s.elapsed()));
+        self.metrics.served_by_pingora.inc();
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(ctx.status);
-        let (app, proc_name, route) = match &ctx.route {
-            Some(r) => (
-                Some(r.app.to_string()),
-                Some(r.proc_name.to_string()),
-                Some(r.name.to_string()),
-            ),
-            None => (None, None, None),
-        };
-        // Pre-resolved counters: an atomic increment, no lock. A table compiled without the
-        // compiler (never the case while serving) falls back to the labelled lookup.
-        match ctx.route.as_ref().map(|r| (r, r.upstream.counters())) {
-            None => self.metrics.unrouted.inc(status),
-            Some((_, Some(c))) => c.inc(status),
-            Some((r, None)) => {
-                ClassCounters::resolve(&self.metrics.requests, &r.app, &r.proc_name).inc(status)
-            }
-        }
-        self.metrics.request_seconds.observe(elapsed.as_secs_f64());
-        if let Some(u) = upstream_elapsed {
-            self.metrics.upstream_seconds.observe(u.as_secs_f64());
-        }
-        if !self.access_log.enabled() {
-            return;
-        }
         let req = session.req_header();
-        let line = AccessLine {
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            client_ip: ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            method: req.method.as_str().to_string(),
-            host: request_host(req).to_string(),
-            path: req
-                .uri
-                .path_and_query()
-                .map_or_else(String::new, |p| p.as_str().to_string()),
+        self.finish(Finished {
+            route: ctx.route.as_ref(),
             status,
+            elapsed: ctx.start.map(|s| s.elapsed()).unwrap_or_default(),
+            upstream_elapsed: ctx
+                .upstream_elapsed
+                .or_else(|| ctx.upstream_start.map(|s| s.elapsed())),
+            client_ip: ctx.client_ip,
+            method: req.method.as_str(),
+            host: request_host(req),
+            path: req.uri.path_and_query().map_or("", |p| p.as_str()),
             bytes_in: session.body_bytes_read(),
             bytes_out: session.body_bytes_sent(),
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
-            upstream: ctx.endpoint.map(|a| a.to_string()),
-            upstream_ms: upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
-            app,
-            proc: proc_name,
-            route,
-            request_id: ctx.request_id.clone(),
-            user_agent: header_str(req, "user-agent").unwrap_or("").to_string(),
+            endpoint: ctx.endpoint,
+            request_id: &ctx.request_id,
+            user_agent: header_str(req, "user-agent").unwrap_or(""),
             error: e.map(|e| e.to_string()),
-        };
-        self.access_log.log(line);
+        });
     }
 }
 

@@ -1692,3 +1692,483 @@ async fn clients_that_hang_up_mid_request_do_not_eject_the_endpoint() {
     );
     cluster.cleanup().await;
 }
+
+/// An upstream speaking HTTP/1.1 by hand, so that a test chooses every byte of a response:
+/// chunked bodies with extensions and trailers, bodies ended by closing, interim responses,
+/// and connections it closes while they are idle. Counts the connections it accepted.
+struct ScriptedUpstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicU64>,
+    accept: JoinHandle<()>,
+}
+
+impl ScriptedUpstream {
+    async fn start() -> ScriptedUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicU64::new(0));
+        let count = connections.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+                tokio::spawn(ScriptedUpstream::serve(s, n));
+            }
+        });
+        ScriptedUpstream {
+            addr,
+            connections,
+            accept,
+        }
+    }
+
+    async fn serve(mut s: tokio::net::TcpStream, conn: u64) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = Vec::new();
+        loop {
+            // One request: its header, then its body (by length, or chunked).
+            let (method, target, head, length, chunked) = loop {
+                let mut headers = [httparse::EMPTY_HEADER; 64];
+                let mut req = httparse::Request::new(&mut headers);
+                if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
+                    let value = |name: &str| {
+                        req.headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map(|h| std::str::from_utf8(h.value).unwrap().to_string())
+                    };
+                    let length = value("content-length").map_or(0, |v| v.parse().unwrap());
+                    let chunked = value("transfer-encoding").is_some();
+                    break (
+                        req.method.unwrap().to_string(),
+                        req.path.unwrap().to_string(),
+                        n,
+                        length,
+                        chunked,
+                    );
+                }
+                let mut more = [0u8; 65536];
+                match s.read(&mut more).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => buf.extend_from_slice(&more[..k]),
+                }
+            };
+            buf.drain(..head);
+            let mut body = Vec::new();
+            loop {
+                if chunked {
+                    // Decodes whole chunks while they are there; done at the last chunk.
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if let Some((size, rest)) = text.split_once("\r\n") {
+                        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+                        if size == 0 && rest.starts_with("\r\n") {
+                            buf.drain(..text.len() - rest.len() + 2);
+                            break;
+                        }
+                        if size > 0 && rest.len() >= size + 2 {
+                            body.extend_from_slice(&rest.as_bytes()[..size]);
+                            buf.drain(..text.len() - rest.len() + size + 2);
+                            continue;
+                        }
+                    }
+                } else if buf.len() >= length {
+                    body = buf.drain(..length).collect();
+                    break;
+                }
+                let mut more = [0u8; 65536];
+                match s.read(&mut more).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => buf.extend_from_slice(&more[..k]),
+                }
+            }
+            let with_length = |b: &[u8]| {
+                let mut r =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", b.len()).into_bytes();
+                if method != "HEAD" {
+                    r.extend_from_slice(b);
+                }
+                r
+            };
+            let (response, then_close): (Vec<u8>, Option<Duration>) = match target.as_str() {
+                "/chunked" => (
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n\
+                      6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+                        .to_vec(),
+                    None,
+                ),
+                "/close" => (
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nended by closing".to_vec(),
+                    Some(Duration::ZERO),
+                ),
+                "/early" => (
+                    b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n\
+                      HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        .to_vec(),
+                    None,
+                ),
+                "/echo" => {
+                    let sum = body.iter().fold(0u64, |a, b| a.wrapping_add(u64::from(*b)));
+                    (
+                        with_length(format!("{}:{sum}", body.len()).as_bytes()),
+                        None,
+                    )
+                }
+                "/big" => (
+                    with_length(&(0..1 << 20).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
+                    None,
+                ),
+                // Answered, then closed while idle, as an upstream's keep-alive timeout does.
+                "/idle-close" => (with_length(b"soon closed"), Some(Duration::from_millis(50))),
+                _ => (
+                    with_length(format!("{conn}:{method} {target}").as_bytes()),
+                    None,
+                ),
+            };
+            // Written in two pieces, so that the proxy sees a response arrive in parts.
+            let cut = response.len() / 2;
+            if s.write_all(&response[..cut]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if s.write_all(&response[cut..]).await.is_err() {
+                return;
+            }
+            if let Some(after) = then_close {
+                tokio::time::sleep(after).await;
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Reads one response with a `Content-Length` body from a raw connection, keeping what
+/// follows it in `buf`; returns (status, body).
+async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(n)) = resp.parse(buf) {
+            let length: usize = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .map_or(0, |h| {
+                    std::str::from_utf8(h.value).unwrap().parse().unwrap()
+                });
+            if buf.len() >= n + length {
+                let body = String::from_utf8_lossy(&buf[n..n + length]).into_owned();
+                let status = resp.code.unwrap();
+                buf.drain(..n + length);
+                return (status, body);
+            }
+        }
+        let mut more = [0u8; 65536];
+        let k = tokio::time::timeout(Duration::from_secs(5), s.read(&mut more))
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert!(
+            k > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&more[..k]);
+    }
+}
+
+/// A proxy serving one route to a scripted upstream.
+async fn scripted_route(test: &str, host: &str) -> (Cluster, ScriptedUpstream, Proxy) {
+    let mut cluster = Cluster::new(test).await;
+    let up = ScriptedUpstream::start().await;
+    cluster.put_endpoint("scripted", 1, up.addr).await;
+    cluster.put_route(&route(host, "/", "scripted")).await;
+    let proxy = Proxy::start(&cluster, "");
+    wait_status(&client(), &proxy, host, "/", 200).await;
+    (cluster, up, proxy)
+}
+
+fn served_by(m: &str, path: &str) -> f64 {
+    metric_value(m, &format!("lain_proxy_served_total{{path=\"{path}\"}}"))
+}
+
+/// Waits until `path` (h1 or pingora) served `want` requests more than `before` shows. A
+/// request is counted just after its response is sent, so a client can be a moment early.
+async fn wait_served(p: &Proxy, before: &str, path: &str, want: f64) {
+    let start = served_by(before, path);
+    let mut seen = 0.0;
+    for _ in 0..100 {
+        seen = served_by(&metrics(p).await, path) - start;
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{path} served {seen} requests, not {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_path_relays_every_response_framing() {
+    let host = "framing.lain.local";
+    let (cluster, _up, proxy) = scripted_route("proxy-h1-framing", host).await;
+    let c = client();
+    let send = |method: reqwest::Method, path: &str| {
+        c.request(method, proxy.url(path)).header("host", host)
+    };
+    let text = |r: reqwest::Response| async move {
+        assert_eq!(r.status().as_u16(), 200);
+        r.text().await.unwrap()
+    };
+    // A chunked body (with an extension and a trailer) arriving in parts keeps its framing.
+    assert_eq!(
+        text(send(reqwest::Method::GET, "/chunked").send().await.unwrap()).await,
+        "hello world"
+    );
+    // A body ended by the upstream closing reaches its end, and the client is told to close.
+    let r = send(reqwest::Method::GET, "/close").send().await.unwrap();
+    assert_eq!(r.headers()["connection"], "close");
+    assert_eq!(text(r).await, "ended by closing");
+    // An interim response is passed on and the final one follows.
+    assert_eq!(
+        text(send(reqwest::Method::GET, "/early").send().await.unwrap()).await,
+        "ok"
+    );
+    // HEAD: the length of the body that is not sent.
+    let r = send(reqwest::Method::HEAD, "/big").send().await.unwrap();
+    assert_eq!(r.headers()["content-length"], "1048576");
+    assert_eq!(r.bytes().await.unwrap().len(), 0);
+    // A large body each way, streamed through in pieces.
+    let big = send(reqwest::Method::GET, "/big")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(big.len(), 1 << 20);
+    assert!(big.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 7) as u8).collect();
+    let sum = body.iter().fold(0u64, |a, b| a + u64::from(*b));
+    let r = send(reqwest::Method::POST, "/echo")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(text(r).await, format!("3000000:{sum}"));
+    // Every one of these went through lain's own path, none through pingora.
+    let m = metrics(&proxy).await;
+    assert!(served_by(&m, "h1") >= 7.0, "{m}");
+    assert_eq!(served_by(&m, "pingora"), 0.0, "{m}");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_pipelined_requests_then_a_chunked_body_goes_to_pingora() {
+    use tokio::io::AsyncWriteExt;
+    let host = "pipe.lain.local";
+    let (cluster, up, proxy) = scripted_route("proxy-h1-pipe", host).await;
+    // The probe's last request is counted just after its answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = metrics(&proxy).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    // Two requests in one write: answered in order, on one upstream connection.
+    s.write_all(
+        format!(
+            "GET /a HTTP/1.1\r\nHost: {host}\r\n\r\nGET /b?x=1 HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let (s1, a) = read_response(&mut s, &mut buf).await;
+    let (s2, b) = read_response(&mut s, &mut buf).await;
+    assert_eq!((s1, s2), (200, 200));
+    let conn_a = a.strip_suffix(":GET /a").expect(&a);
+    assert_eq!(
+        b,
+        format!("{conn_a}:GET /b?x=1"),
+        "the pooled connection is reused"
+    );
+    wait_served(&proxy, &before, "h1", 2.0).await;
+
+    // A chunked request body is pingora's to read: the request and the next one on the
+    // connection are answered through it. (pingora does not read pipelined requests, so
+    // the next one waits for the answer.)
+    s.write_all(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let sum = b"hello".iter().fold(0u64, |a, b| a + u64::from(*b));
+    assert_eq!(
+        read_response(&mut s, &mut buf).await,
+        (200, format!("5:{sum}"))
+    );
+    s.write_all(format!("GET /c HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (status, c) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    assert!(c.ends_with(":GET /c"), "{c}");
+    wait_served(&proxy, &before, "pingora", 2.0).await;
+    wait_served(&proxy, &before, "h1", 2.0).await;
+    assert!(up.connections.load(Ordering::Relaxed) >= 2);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_pooled_connection_closed_by_the_upstream_is_not_used() {
+    let host = "stale.lain.local";
+    let (cluster, up, proxy) = scripted_route("proxy-h1-stale", host).await;
+    let c = client();
+    for round in 0..5 {
+        // The upstream answers and then closes the connection while it sits in the pool.
+        let r = c
+            .get(proxy.url("/idle-close"))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.text().await.unwrap(), "soon closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A POST may not be sent twice, so it must not go to the closed connection.
+        let r = c
+            .post(proxy.url("/echo"))
+            .header("host", host)
+            .body("abc")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "round {round}");
+        assert_eq!(r.text().await.unwrap(), "3:294");
+    }
+    let m = metrics(&proxy).await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "lain_proxy_requests_total{app=\"scripted\",proc=\"web\",class=\"5xx\"}"
+        ),
+        0.0,
+        "{m}"
+    );
+    assert!(up.connections.load(Ordering::Relaxed) >= 6);
+    cluster.cleanup().await;
+}
+
+/// One request of the differential test, built for a given proxy.
+type Case<'a> = dyn Fn(&Proxy) -> reqwest::RequestBuilder + 'a;
+
+/// The parts of an answer both request paths must agree on: status, body as the upstream
+/// saw the request (minus generated request ids), and whether a request id came back.
+async fn answer(c: &reqwest::Client, r: reqwest::RequestBuilder) -> String {
+    let r = c.execute(r.build().unwrap()).await.unwrap();
+    let status = r.status().as_u16();
+    let id_back = r.headers().contains_key("x-request-id");
+    let mut body = r.text().await.unwrap();
+    if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&body) {
+        let headers = v["headers"].as_object_mut().unwrap();
+        if headers
+            .get("x-request-id")
+            .is_some_and(|id| id.as_str().unwrap().len() == 36)
+        {
+            headers.insert("x-request-id".into(), "(generated)".into());
+        }
+        body = v.to_string();
+    }
+    format!("{status} id:{id_back} {body}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_and_pingora_paths_forward_alike() {
+    let mut cluster = Cluster::new("proxy-h1-diff").await;
+    let up = Upstream::start("diff").await;
+    cluster.put_endpoint("diff", 1, up.addr).await;
+    cluster
+        .put_route(&route("diff.lain.local", "/", "diff"))
+        .await;
+    cluster
+        .put_route(&route("diff.lain.local", "/api", "diff"))
+        .await;
+    let c = client();
+    for trusted in [
+        r#"trusted_proxies = ["10.0.0.0/8"]"#,
+        r#"trusted_proxies = ["127.0.0.0/8"]"#,
+    ] {
+        let own = Proxy::start(&cluster, trusted);
+        let pingora = Proxy::start(&cluster, &format!("{trusted}\nh1_fast_path = false"));
+        for p in [&own, &pingora] {
+            wait_status(&c, p, "diff.lain.local", "/", 200).await;
+        }
+        let cases: Vec<Box<Case>> = vec![
+            Box::new(|p| c.get(p.url("/"))),
+            Box::new(|p| c.get(p.url("/x/y?q=1&r=%20"))),
+            Box::new(|p| c.get(p.url("/api/users?page=2"))),
+            Box::new(|p| c.get(p.url("/api"))),
+            Box::new(|p| {
+                c.get(p.url("/API/Users"))
+                    .header("host", "DIFF.lain.local:8080")
+            }),
+            Box::new(|p| {
+                c.get(p.url("/"))
+                    .header("x-request-id", "abc-123")
+                    .header("user-agent", "differ/1.0")
+            }),
+            Box::new(|p| c.get(p.url("/")).header("x-request-id", "has space")),
+            Box::new(|p| {
+                c.get(p.url("/"))
+                    .header("x-forwarded-for", "203.0.113.9, 127.0.0.5")
+                    .header("x-forwarded-proto", "https")
+                    .header("x-forwarded-host", "outside.example")
+                    .header("x-real-ip", "198.51.100.1")
+                    .header("x-original-uri", "/forged")
+            }),
+            Box::new(|p| {
+                c.get(p.url("/"))
+                    .header("x-forwarded-for", "garbage, 127.0.0.9")
+            }),
+            Box::new(|p| {
+                c.get(p.url("/"))
+                    .header("accept", "a/b")
+                    .header("x-custom", "1")
+                    .header("cookie", "a=1; b=2")
+            }),
+            Box::new(|p| c.get(p.url("/")).header("connection", "close")),
+            Box::new(|p| c.post(p.url("/api/items")).body("payload")),
+            Box::new(|p| c.put(p.url("/p")).body("")),
+            Box::new(|p| c.delete(p.url("/p"))),
+            Box::new(|p| c.head(p.url("/"))),
+            Box::new(|p| c.get(p.url("/")).header("host", "nowhere.lain.local")),
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            let with_host = |p: &Proxy| {
+                let r = case(p);
+                let has_host = r
+                    .try_clone()
+                    .and_then(|r| r.build().ok())
+                    .is_some_and(|r| r.headers().contains_key("host"));
+                if has_host {
+                    r
+                } else {
+                    r.header("host", "diff.lain.local")
+                }
+            };
+            let a = answer(&c, with_host(&own)).await;
+            let b = answer(&c, with_host(&pingora)).await;
+            assert_eq!(a, b, "case {i} ({trusted}): lain's path, then pingora's");
+        }
+        let (m_own, m_pingora) = (metrics(&own).await, metrics(&pingora).await);
+        assert!(served_by(&m_own, "h1") >= 14.0, "{m_own}");
+        assert_eq!(served_by(&m_pingora, "h1"), 0.0, "{m_pingora}");
+    }
+    cluster.cleanup().await;
+}

@@ -1,0 +1,1388 @@
+//! lain's own HTTP/1.1 path: plain kept-alive requests proxied without pingora's pipeline.
+//!
+//! pingora's HTTP/1 proxy path costs about twice nginx's CPU per request on the benchmark
+//! machine (a future per request phase, a channel between the two halves of a request,
+//! header maps, an idle-watcher task for every pooled upstream connection). Most of an edge
+//! proxy's traffic is the simplest kind of request: HTTP/1.1 on a kept-alive connection, a
+//! route match, no body or a `Content-Length` body, and a response framed by a length or by
+//! chunks. This module serves exactly those itself. It parses the header in place
+//! (httparse), loads the route table once, picks an endpoint with the route's balancer,
+//! writes the rewritten header and the body to an upstream connection from the worker's
+//! pool, relays the response as it arrives, and counts and logs the request as pingora's
+//! path does, with the same forwarding headers, request ids, retries and ejections.
+//!
+//! Anything else is handed to pingora, with the bytes already read handed back to the
+//! stream, and pingora then serves the connection to its end: TLS, HTTP/2 (h2c), upgrades,
+//! `Expect`, chunked request bodies, HTTP/1.0, absolute-form targets, `Connection` options
+//! other than `close` and `keep-alive`, and every request lain answers itself (no route,
+//! the redirect to HTTPS, 413, no healthy endpoint), so that those answers have one
+//! implementation.
+//!
+//! The upstream pool belongs to the worker thread (a thread-local; each worker runs a
+//! single-threaded runtime), so taking and returning a connection takes no lock and never
+//! crosses threads. Before a pooled connection is reused, the readiness the runtime already
+//! tracks for it tells, without a system call, whether the upstream closed it meanwhile; an
+//! idempotent request whose reused connection still breaks before any byte of the response
+//! arrives goes to a new connection, as nginx does.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Waker};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::header_guard::GuardedStream;
+use crate::service::{Finished, LainProxy, forwarded, hash_key_in, request_id};
+use crate::table::Route;
+use crate::upstream::EndpointStats;
+
+/// The most request or response headers parsed; a request with more goes to pingora.
+const MAX_HEADERS: usize = 64;
+/// How long a kept-alive client connection may stay idle between requests (pingora's).
+const KEEPALIVE: Duration = Duration::from_secs(60);
+/// The largest upstream response header accepted.
+const MAX_RESPONSE_HEAD: usize = 64 << 10;
+/// The most bytes moved by one read of a body.
+const CHUNK: usize = 16 << 10;
+
+/// How a connection left this path.
+pub enum Served {
+    /// The connection is finished: closed by either side, or failed.
+    Closed,
+    /// A request this path does not serve arrived. Its bytes were handed back to the
+    /// stream, which goes to pingora.
+    Pingora(GuardedStream),
+}
+
+/// The lain HTTP/1.1 path of one worker.
+#[derive(Clone)]
+pub struct H1 {
+    /// The proxy whose routes, metrics and access log requests use.
+    pub proxy: LainProxy,
+    /// The most idle upstream connections the worker keeps.
+    pub pool_size: usize,
+}
+
+/// What this path needs from a request's header; everything borrows the read buffer.
+struct Req<'a> {
+    method: &'a str,
+    target: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+    host: &'a str,
+    length: u64,
+    close: bool,
+    idempotent: bool,
+    request_id: Option<&'a str>,
+    xff: Option<&'a str>,
+    xfp: Option<&'a str>,
+    xfh: Option<&'a str>,
+    user_agent: &'a str,
+}
+
+/// A header value as `http` would give it (`HeaderValue::to_str`): visible ASCII and tabs.
+fn text(v: &[u8]) -> Option<&str> {
+    v.iter()
+        .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
+        .then(|| std::str::from_utf8(v).ok())
+        .flatten()
+}
+
+/// Whether a request target is an origin-form path (and query) made only of characters a
+/// URI allows unescaped; anything else goes to pingora, which validates it fully.
+fn plain_target(t: &str) -> bool {
+    t.starts_with('/')
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b))
+}
+
+/// Request headers that are not forwarded: hop-by-hop headers, and those lain sets itself.
+fn not_forwarded(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "x-original-uri",
+        "x-request-id",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Reads what this path needs from a parsed request header; `None` when the request is
+/// one for pingora.
+fn facts<'a>(
+    method: &'a str,
+    target: &'a str,
+    version: u8,
+    headers: &[httparse::Header<'a>],
+) -> Option<Req<'a>> {
+    if version != 1 || method == "CONNECT" || !plain_target(target) {
+        return None;
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let mut req = Req {
+        method,
+        target,
+        path,
+        query,
+        host: "",
+        length: 0,
+        close: false,
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE"
+        ),
+        request_id: None,
+        xff: None,
+        xfp: None,
+        xfh: None,
+        user_agent: "",
+    };
+    let (mut host, mut length) = (None, None);
+    for h in headers {
+        let name = h.name;
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        if is("host") {
+            if host.is_some() {
+                return None;
+            }
+            host = Some(text(h.value)?);
+        } else if is("content-length") {
+            let v = text(h.value)?;
+            if length.is_some() || v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            length = Some(v.parse::<u64>().ok()?);
+        } else if is("transfer-encoding") || is("upgrade") || is("expect") {
+            return None;
+        } else if is("connection") {
+            for token in text(h.value)?.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    req.close = true;
+                } else if !(token.is_empty() || token.eq_ignore_ascii_case("keep-alive")) {
+                    return None;
+                }
+            }
+        } else if is("x-request-id") {
+            req.request_id = req.request_id.or(text(h.value));
+        } else if is("x-forwarded-for") {
+            req.xff = req.xff.or(text(h.value));
+        } else if is("x-forwarded-proto") {
+            req.xfp = req.xfp.or(text(h.value));
+        } else if is("x-forwarded-host") {
+            req.xfh = req.xfh.or(text(h.value));
+        } else if is("user-agent") && req.user_agent.is_empty() {
+            req.user_agent = text(h.value).unwrap_or("");
+        }
+    }
+    req.host = host?;
+    req.length = length.unwrap_or(0);
+    Some(req)
+}
+
+/// How the body of an upstream response ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body.
+    Empty,
+    /// This many bytes.
+    Length(u64),
+    /// Chunked; the relay watches for the last chunk.
+    Chunked,
+    /// Whatever comes until the upstream closes.
+    Close,
+}
+
+/// Where a chunked body passing through is, so that its end is found without changing a
+/// byte of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum ChunkState {
+    /// Reading a chunk-size line's hex digits (`digits` of them so far).
+    #[default]
+    Size,
+    /// Skipping a chunk extension.
+    Extension,
+    /// After the size line's `\r`.
+    SizeLf,
+    /// Inside a chunk's data.
+    Data,
+    /// After a chunk's data, before `\r\n`.
+    DataCr,
+    /// After a chunk's data and `\r`.
+    DataLf,
+    /// At the start of a trailer line (or of the final empty line).
+    TrailerStart,
+    /// Inside a trailer line.
+    Trailer,
+    /// After the final empty line's `\r`.
+    EndLf,
+    /// The body is complete.
+    Done,
+}
+
+/// Tracks a chunked body through any split into reads.
+#[derive(Debug, Default)]
+struct Chunks {
+    state: ChunkState,
+    size: u64,
+    digits: u32,
+}
+
+impl Chunks {
+    /// Follows `bytes`; returns how many of them belong to the body when it ends among them.
+    fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, &'static str> {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            match self.state {
+                ChunkState::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        if self.digits >= 15 {
+                            return Err("chunk size too large");
+                        }
+                        let d = (b as char).to_digit(16).unwrap_or(0);
+                        self.size = self.size * 16 + u64::from(d);
+                        self.digits += 1;
+                    }
+                    _ if self.digits == 0 => return Err("chunk size missing"),
+                    b';' | b' ' | b'\t' => self.state = ChunkState::Extension,
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    b'\n' => self.end_of_size(),
+                    _ => return Err("bad chunk size"),
+                },
+                ChunkState::Extension => match b {
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    b'\n' => self.end_of_size(),
+                    _ => {}
+                },
+                ChunkState::SizeLf => {
+                    if b != b'\n' {
+                        return Err("bad chunk size line");
+                    }
+                    self.end_of_size();
+                }
+                ChunkState::Data => {
+                    let n = (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    self.size -= n as u64;
+                    i += n;
+                    if self.size == 0 {
+                        self.state = ChunkState::DataCr;
+                    }
+                    continue;
+                }
+                ChunkState::DataCr => match b {
+                    b'\r' => self.state = ChunkState::DataLf,
+                    b'\n' => self.state = ChunkState::Size,
+                    _ => return Err("chunk data longer than its size"),
+                },
+                ChunkState::DataLf => {
+                    if b != b'\n' {
+                        return Err("chunk data longer than its size");
+                    }
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::TrailerStart => match b {
+                    b'\r' => self.state = ChunkState::EndLf,
+                    b'\n' => self.state = ChunkState::Done,
+                    _ => self.state = ChunkState::Trailer,
+                },
+                ChunkState::Trailer => {
+                    if b == b'\n' {
+                        self.state = ChunkState::TrailerStart;
+                    }
+                }
+                ChunkState::EndLf => {
+                    if b != b'\n' {
+                        return Err("bad end of chunked body");
+                    }
+                    self.state = ChunkState::Done;
+                }
+                ChunkState::Done => return Ok(Some(i)),
+            }
+            i += 1;
+            if self.state == ChunkState::Done {
+                return Ok(Some(i));
+            }
+        }
+        Ok((self.state == ChunkState::Done).then_some(i))
+    }
+
+    fn end_of_size(&mut self) {
+        self.state = if self.size == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        };
+        self.digits = 0;
+    }
+}
+
+/// An idle upstream connection.
+struct Idle {
+    conn: TcpStream,
+    since: Instant,
+}
+
+/// The worker's idle upstream connections, by endpoint.
+#[derive(Default)]
+struct Pool {
+    idle: HashMap<SocketAddr, Vec<Idle>>,
+    count: usize,
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+/// Whether an idle connection is still usable: the runtime has seen nothing arrive on it
+/// (an upstream that closes or sends out of turn makes it readable).
+fn quiet(conn: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    conn.poll_read_ready(&mut cx).is_pending()
+}
+
+/// Takes the most recently used idle connection to `addr` that is still usable.
+fn take(addr: SocketAddr, max_idle: Duration) -> Option<TcpStream> {
+    POOL.with_borrow_mut(|Pool { idle, count }| {
+        let list = idle.get_mut(&addr)?;
+        while let Some(i) = list.pop() {
+            *count -= 1;
+            if i.since.elapsed() < max_idle && quiet(&i.conn) {
+                return Some(i.conn);
+            }
+        }
+        None
+    })
+}
+
+/// Keeps a connection whose last exchange ended cleanly, if the pool has room.
+fn put(addr: SocketAddr, conn: TcpStream, limit: usize) {
+    POOL.with_borrow_mut(|Pool { idle, count }| {
+        if *count < limit {
+            *count += 1;
+            idle.entry(addr).or_default().push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    });
+}
+
+/// Closes the worker's idle connections that expired or that their upstream closed.
+pub fn sweep_pool(max_idle: Duration) {
+    POOL.with_borrow_mut(|Pool { idle, count }| {
+        for list in idle.values_mut() {
+            list.retain(|i| i.since.elapsed() < max_idle && quiet(&i.conn));
+        }
+        idle.retain(|_, l| !l.is_empty());
+        *count = idle.values().map(Vec::len).sum();
+    });
+}
+
+/// Closes every idle connection of the worker (at shutdown, while its runtime still runs).
+pub fn clear_pool() {
+    POOL.with_borrow_mut(|p| *p = Pool::default());
+}
+
+/// Writes all of `bytes`, failing after `limit` without progress.
+async fn send(
+    w: &mut (impl AsyncWrite + Unpin),
+    bytes: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, async {
+        w.write_all(bytes).await?;
+        w.flush().await
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Reads into the spare room of `buf` (at most `max` bytes), failing after `limit`.
+async fn receive(
+    r: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    max: usize,
+    limit: Duration,
+) -> std::io::Result<usize> {
+    buf.reserve(max);
+    let room = max.min(buf.capacity() - buf.len());
+    let mut limited = (&mut *r).take(room as u64);
+    match tokio::time::timeout(limit, limited.read_buf(buf)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Why a request failed, for its status, its access-log line and what happens next.
+#[derive(Debug)]
+enum Failure {
+    /// The client went away or broke off; nobody is left to answer.
+    Client(String),
+    /// Nothing usable came from upstream before the response started: answered with this
+    /// status.
+    Upstream(u16, String),
+    /// The upstream failed after the response started: the client connection is cut.
+    Midway(String),
+}
+
+/// What the end of one request leaves for the connection.
+enum Outcome {
+    /// The request is for pingora; nothing was read past its header or written.
+    Pingora,
+    /// The request is done: `consumed` bytes of the read buffer were its own.
+    Done { consumed: usize, keep_alive: bool },
+}
+
+/// Reusable buffers of one client connection.
+struct Buffers {
+    /// What is written next, to the upstream or to the client.
+    out: Vec<u8>,
+    /// What was read from the upstream (or a piece of the request body).
+    rbuf: Vec<u8>,
+}
+
+/// The client side of a connection, fixed for its lifetime.
+struct Client {
+    peer: Option<IpAddr>,
+    peer_text: String,
+    trusted: bool,
+}
+
+impl H1 {
+    /// Serves requests on a plain HTTP/1 connection until it closes or a request for
+    /// pingora arrives. `next_request` is the guard's flag announcing each new request.
+    pub async fn serve(
+        &self,
+        mut stream: GuardedStream,
+        next_request: &AtomicBool,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Served {
+        let peer = stream.peer_addr().map(|a| a.ip());
+        let client = Client {
+            peer,
+            peer_text: peer.map(|ip| ip.to_string()).unwrap_or_default(),
+            trusted: peer.is_some_and(|ip| self.proxy.is_trusted(ip)),
+        };
+        let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        let mut bufs = Buffers {
+            out: Vec::with_capacity(4096),
+            rbuf: Vec::with_capacity(CHUNK),
+        };
+        let mut first = true;
+        loop {
+            let outcome = if buf.is_empty() {
+                None
+            } else {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut req = httparse::Request::new(&mut headers);
+                match req.parse(&buf) {
+                    Ok(httparse::Status::Complete(head)) => {
+                        let found = match (req.method, req.path, req.version) {
+                            (Some(m), Some(t), Some(v)) => facts(m, t, v, req.headers),
+                            _ => None,
+                        };
+                        let shutting_down = *shutdown.borrow();
+                        Some(match found {
+                            None => Outcome::Pingora,
+                            Some(facts) => {
+                                self.request(
+                                    &mut stream,
+                                    &client,
+                                    &facts,
+                                    req.headers,
+                                    head,
+                                    &buf[head..],
+                                    &mut bufs,
+                                    shutting_down,
+                                )
+                                .await
+                            }
+                        })
+                    }
+                    Ok(httparse::Status::Partial) => None,
+                    Err(_) => Some(Outcome::Pingora),
+                }
+            };
+            match outcome {
+                Some(Outcome::Pingora) => {
+                    stream.unread(&buf);
+                    return Served::Pingora(stream);
+                }
+                Some(Outcome::Done {
+                    consumed,
+                    keep_alive,
+                }) => {
+                    buf.drain(..consumed);
+                    if !keep_alive {
+                        let _ = stream.shutdown().await;
+                        return Served::Closed;
+                    }
+                    next_request.store(true, Ordering::Relaxed);
+                    first = false;
+                    if buf.capacity() > 64 << 10 && buf.is_empty() {
+                        buf = Vec::with_capacity(4096);
+                    }
+                }
+                None => {
+                    // More of the header is needed. The guard bounds its size and the time
+                    // it takes to arrive; an idle kept-alive connection has `KEEPALIVE`.
+                    let read = if buf.is_empty() && !first {
+                        tokio::time::timeout(KEEPALIVE, stream.read_buf(&mut buf)).await
+                    } else {
+                        buf.reserve(4096);
+                        Ok(stream.read_buf(&mut buf).await)
+                    };
+                    match read {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return Served::Closed,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Proxies one request whose header ends at `head` in the read buffer, of which `after`
+    /// is the rest.
+    #[allow(clippy::too_many_arguments)]
+    async fn request(
+        &self,
+        stream: &mut GuardedStream,
+        client: &Client,
+        req: &Req<'_>,
+        headers: &[httparse::Header<'_>],
+        head: usize,
+        after: &[u8],
+        bufs: &mut Buffers,
+        shutting_down: bool,
+    ) -> Outcome {
+        let start = Instant::now();
+        let proxy = &self.proxy;
+        let table = proxy.table.load();
+        let Some(m) = table.lookup(req.host, req.path) else {
+            return Outcome::Pingora;
+        };
+        let route = m.route.clone();
+        if route.https_only
+            || route.max_body_bytes.is_some_and(|max| req.length > max)
+            || !route.upstream.any_healthy()
+        {
+            return Outcome::Pingora;
+        }
+        // The target is rewritten only when the route stripped a prefix.
+        let stripped = (m.upstream_path.len() != req.path.len()).then_some(m.upstream_path);
+
+        let id = request_id(req.request_id);
+        let client_ip = proxy.real_client(client.peer, client.trusted, req.xff);
+        let fwd = forwarded(client.trusted, false, req.host, req.xff, req.xfp, req.xfh);
+        let out = &mut bufs.out;
+        out.clear();
+        out.extend_from_slice(req.method.as_bytes());
+        out.push(b' ');
+        match stripped {
+            Some(p) => {
+                out.extend_from_slice(p.as_bytes());
+                if let Some(q) = req.query {
+                    out.push(b'?');
+                    out.extend_from_slice(q.as_bytes());
+                }
+            }
+            None => out.extend_from_slice(req.target.as_bytes()),
+        }
+        drop(table);
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for h in headers {
+            if !not_forwarded(h.name) {
+                put_header(out, h.name, h.value);
+            }
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(prev) = fwd.xff_prev {
+            out.extend_from_slice(prev.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(client.peer_text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        put_header(out, "x-forwarded-proto", fwd.proto.as_bytes());
+        put_header(out, "x-forwarded-host", fwd.host.as_bytes());
+        match client_ip {
+            Some(ip) => put_header(out, "x-real-ip", ip.to_string().as_bytes()),
+            None => put_header(out, "x-real-ip", client.peer_text.as_bytes()),
+        }
+        put_header(out, "x-original-uri", req.target.as_bytes());
+        put_header(out, "x-request-id", id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let in_buf = after
+            .len()
+            .min(usize::try_from(req.length).unwrap_or(usize::MAX));
+        let rest = req.length - in_buf as u64;
+        out.extend_from_slice(&after[..in_buf]);
+
+        let mut record = Record {
+            status: 0,
+            endpoint: None,
+            upstream_start: None,
+            upstream_elapsed: None,
+            bytes_out: 0,
+            error: None,
+        };
+        let result = self
+            .exchange(
+                stream,
+                Exchange {
+                    req,
+                    headers,
+                    route: &route,
+                    id: &id,
+                    rest,
+                    shutting_down,
+                },
+                bufs,
+                &mut record,
+            )
+            .await;
+        let keep_alive = match &result {
+            Ok(keep) => *keep,
+            Err(Failure::Upstream(status, why)) => {
+                record.status = *status;
+                record.error = Some(why.clone());
+                // The whole request was read, so the connection can carry the next one.
+                let close = rest > 0 || req.close || shutting_down;
+                error_response(&mut bufs.out, *status, &id, close);
+                let sent = send(stream, &bufs.out, KEEPALIVE).await.is_ok();
+                sent && !close
+            }
+            Err(Failure::Client(why) | Failure::Midway(why)) => {
+                record.error = Some(why.clone());
+                false
+            }
+        };
+        proxy.metrics.served_by_h1.inc();
+        proxy.finish(Finished {
+            route: Some(&route),
+            status: record.status,
+            elapsed: start.elapsed(),
+            upstream_elapsed: record
+                .upstream_elapsed
+                .or_else(|| record.upstream_start.map(|s| s.elapsed())),
+            client_ip,
+            method: req.method,
+            host: req.host,
+            path: req.target,
+            bytes_in: usize::try_from(req.length).unwrap_or(usize::MAX),
+            bytes_out: record.bytes_out,
+            endpoint: record.endpoint,
+            request_id: &id,
+            user_agent: req.user_agent,
+            error: record.error,
+        });
+        Outcome::Done {
+            consumed: head + in_buf,
+            keep_alive,
+        }
+    }
+
+    /// Sends the request (its header and the body in `bufs.out`, `rest` more body bytes to
+    /// come from the client) to an endpoint and relays the response. Returns whether the
+    /// client connection stays open.
+    async fn exchange(
+        &self,
+        stream: &mut GuardedStream,
+        x: Exchange<'_>,
+        bufs: &mut Buffers,
+        record: &mut Record,
+    ) -> Result<bool, Failure> {
+        let Exchange {
+            req,
+            headers,
+            route,
+            id,
+            rest,
+            shutting_down,
+        } = x;
+        let proxy = &self.proxy;
+        let t = route.timeouts;
+        let (connect_t, read_t, write_t) = (
+            Duration::from_millis(t.connect_ms),
+            Duration::from_millis(t.read_ms),
+            Duration::from_millis(t.write_ms),
+        );
+        let key = hash_key_in(headers.iter().map(|h| (h.name, h.value)), &route.balance);
+        // A request is sent again only when nothing of it can have been acted on twice.
+        let replayable = req.idempotent && rest == 0;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let (mut up, addr, stats) = loop {
+            let Some(ep) = route.upstream.select(&route.balance, key, &tried) else {
+                return Err(Failure::Upstream(503, "no healthy endpoint".into()));
+            };
+            let (addr, stats) = (ep.addr, InFlight::new(ep.stats.clone()));
+            tried.push(addr);
+            record.endpoint = Some(addr);
+            let (mut up, reused) = match take(addr, proxy.keepalive_idle) {
+                Some(c) => (c, true),
+                None => match connect(addr, connect_t).await {
+                    Ok(c) => (c, false),
+                    Err(e) => {
+                        proxy.metrics.connect_errors.inc();
+                        self.blame(&stats, addr);
+                        if tried.len() <= proxy.max_retries {
+                            continue;
+                        }
+                        let status = if e.kind() == std::io::ErrorKind::TimedOut {
+                            504
+                        } else {
+                            502
+                        };
+                        return Err(Failure::Upstream(
+                            status,
+                            format!("connecting to {addr}: {e}"),
+                        ));
+                    }
+                },
+            };
+            record.upstream_start = Some(Instant::now());
+            let sent = send(&mut up, &bufs.out, write_t).await;
+            let stale = |e: &std::io::Error| {
+                reused && replayable && e.kind() != std::io::ErrorKind::TimedOut
+            };
+            if let Err(e) = sent {
+                if stale(&e) {
+                    // A pooled connection the upstream had closed: not the endpoint's fault.
+                    tried.pop();
+                    continue;
+                }
+                self.blame(&stats, addr);
+                return Err(Failure::Upstream(502, format!("sending to {addr}: {e}")));
+            }
+            if rest > 0 {
+                self.forward_body(stream, &mut up, rest, &mut bufs.rbuf, write_t)
+                    .await
+                    .inspect_err(|f| {
+                        if matches!(f, Failure::Upstream(..)) {
+                            self.blame(&stats, addr);
+                        }
+                    })?;
+            }
+            bufs.rbuf.clear();
+            match read_head(&mut up, &mut bufs.rbuf, read_t).await {
+                Ok(()) => break (up, addr, stats),
+                Err(e) if bufs.rbuf.is_empty() && stale(&e) => {
+                    tried.pop();
+                    continue;
+                }
+                Err(e) => {
+                    self.blame(&stats, addr);
+                    let status = if e.kind() == std::io::ErrorKind::TimedOut {
+                        504
+                    } else {
+                        502
+                    };
+                    return Err(Failure::Upstream(
+                        status,
+                        format!("reading from {addr}: {e}"),
+                    ));
+                }
+            }
+        };
+
+        // Interim responses (103 Early Hints and the like) go to the client as they are.
+        let (head, resp_status, framing, upstream_keep) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            let head = match resp.parse(&bufs.rbuf) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => {
+                    read_head(&mut up, &mut bufs.rbuf, read_t)
+                        .await
+                        .map_err(|e| {
+                            self.blame(&stats, addr);
+                            Failure::Upstream(502, format!("reading from {addr}: {e}"))
+                        })?;
+                    continue;
+                }
+                Err(e) => {
+                    self.blame(&stats, addr);
+                    return Err(Failure::Upstream(
+                        502,
+                        format!("bad response from {addr}: {e}"),
+                    ));
+                }
+            };
+            let code = resp.code.unwrap_or(0);
+            if code == 101 {
+                self.blame(&stats, addr);
+                return Err(Failure::Upstream(
+                    502,
+                    format!("{addr} switched protocols unasked"),
+                ));
+            }
+            if (100..200).contains(&code) {
+                send(stream, &bufs.rbuf[..head], write_t)
+                    .await
+                    .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
+                bufs.rbuf.drain(..head);
+                continue;
+            }
+            let shape = response_shape(req, &resp).map_err(|why| {
+                self.blame(&stats, addr);
+                Failure::Upstream(502, format!("bad response from {addr}: {why}"))
+            })?;
+            // The response header is complete: from here on the client sees what happens.
+            let close = req.close || shutting_down || shape.framing == Framing::Close;
+            let add_id = (!shape.has_id).then_some(id);
+            write_response_head(&mut bufs.out, &resp, close, add_id);
+            break (head, code, shape.framing, shape.keep_alive);
+        };
+        record.status = resp_status;
+        if (500..600).contains(&resp_status) {
+            self.blame(&stats, addr);
+        } else {
+            stats.stats.record_success();
+        }
+        let close = req.close || shutting_down || framing == Framing::Close;
+
+        // The first part of the body came with the header; it leaves with the header.
+        let mut chunks = Chunks::default();
+        let mut remaining = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let mut done = framing == Framing::Empty;
+        let mut clean = true;
+        let first = &bufs.rbuf[head..];
+        let take = body_part(framing, first, &mut remaining, &mut chunks, &mut done)
+            .map_err(|why| Failure::Midway(format!("bad body from {addr}: {why}")))?;
+        if take < first.len() {
+            // Bytes after the end of the response: the connection is out of step.
+            clean = false;
+        }
+        bufs.out.extend_from_slice(&first[..take]);
+        record.bytes_out += take;
+        send(stream, &bufs.out, write_t)
+            .await
+            .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
+        while !done {
+            bufs.rbuf.clear();
+            let n = receive(&mut up, &mut bufs.rbuf, CHUNK, read_t)
+                .await
+                .map_err(|e| Failure::Midway(format!("reading the body from {addr}: {e}")))?;
+            if n == 0 {
+                if framing == Framing::Close {
+                    clean = false;
+                    break;
+                }
+                return Err(Failure::Midway(format!(
+                    "{addr} closed before the body ended"
+                )));
+            }
+            let got = &bufs.rbuf[..n];
+            let take = body_part(framing, got, &mut remaining, &mut chunks, &mut done)
+                .map_err(|why| Failure::Midway(format!("bad body from {addr}: {why}")))?;
+            if take < got.len() {
+                clean = false;
+            }
+            send(stream, &got[..take], write_t)
+                .await
+                .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
+            record.bytes_out += take;
+        }
+        record.upstream_elapsed = record.upstream_start.map(|s| s.elapsed());
+        if clean && upstream_keep && quiet(&up) {
+            put(addr, up, self.pool_size);
+        }
+        drop(stats);
+        Ok(!close)
+    }
+
+    /// Copies `rest` more request body bytes from the client to the upstream.
+    async fn forward_body(
+        &self,
+        stream: &mut GuardedStream,
+        up: &mut TcpStream,
+        mut rest: u64,
+        piece: &mut Vec<u8>,
+        write_t: Duration,
+    ) -> Result<(), Failure> {
+        while rest > 0 {
+            piece.clear();
+            let want = usize::try_from(rest).unwrap_or(usize::MAX).min(CHUNK);
+            let n = receive(stream, piece, want, KEEPALIVE)
+                .await
+                .map_err(|e| Failure::Client(format!("reading the request body: {e}")))?;
+            if n == 0 {
+                return Err(Failure::Client(
+                    "the client closed before its body ended".into(),
+                ));
+            }
+            send(up, &piece[..n], write_t)
+                .await
+                .map_err(|e| Failure::Upstream(502, format!("sending the body: {e}")))?;
+            rest -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Counts a failure against an endpoint, ejecting it after enough in a row.
+    fn blame(&self, stats: &InFlight, addr: SocketAddr) {
+        let p = &self.proxy;
+        if stats
+            .stats
+            .record_failure(p.eject_after_failures, p.eject_ms)
+        {
+            p.metrics.ejections.inc();
+            tracing::warn!(endpoint = %addr, "endpoint ejected after consecutive failures");
+        }
+    }
+}
+
+/// One request as the exchange with its upstream sees it.
+struct Exchange<'a> {
+    req: &'a Req<'a>,
+    headers: &'a [httparse::Header<'a>],
+    route: &'a Arc<Route>,
+    id: &'a str,
+    /// Request body bytes still to come from the client.
+    rest: u64,
+    shutting_down: bool,
+}
+
+/// A request counted in flight at an endpoint (for least-connections) until dropped.
+struct InFlight {
+    stats: Arc<EndpointStats>,
+}
+
+impl InFlight {
+    fn new(stats: Arc<EndpointStats>) -> InFlight {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { stats }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a request's access-log line and metrics need from its exchange.
+struct Record {
+    status: u16,
+    endpoint: Option<SocketAddr>,
+    upstream_start: Option<Instant>,
+    upstream_elapsed: Option<Duration>,
+    bytes_out: usize,
+    error: Option<String>,
+}
+
+async fn connect(addr: SocketAddr, limit: Duration) -> std::io::Result<TcpStream> {
+    let conn = match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
+        Ok(r) => r?,
+        Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+    };
+    conn.set_nodelay(true)?;
+    Ok(conn)
+}
+
+/// Reads from the upstream until `buf` holds more than before, within `limit`; a closed
+/// connection is an error, since a response header is still due.
+async fn read_head(up: &mut TcpStream, buf: &mut Vec<u8>, limit: Duration) -> std::io::Result<()> {
+    if buf.len() >= MAX_RESPONSE_HEAD {
+        return Err(std::io::Error::other("response header too large"));
+    }
+    let n = receive(up, buf, CHUNK.min(MAX_RESPONSE_HEAD - buf.len()), limit).await?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// How a response is framed and whether its connection can be reused.
+struct Shape {
+    framing: Framing,
+    keep_alive: bool,
+    has_id: bool,
+}
+
+/// Reads the framing of a response to `req` (RFC 9112, section 6.3).
+fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Shape, String> {
+    let code = resp.code.unwrap_or(0);
+    let mut keep_alive = resp.version == Some(1);
+    let (mut length, mut chunked, mut coded, mut has_id) = (None::<u64>, false, false, false);
+    for h in resp.headers.iter() {
+        let is = |n: &str| h.name.eq_ignore_ascii_case(n);
+        if is("content-length") {
+            let v = text(h.value)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or("invalid content-length")?;
+            if length.is_some_and(|l| l != v) {
+                return Err("conflicting content-length".into());
+            }
+            length = Some(v);
+        } else if is("transfer-encoding") {
+            coded = true;
+            let last = text(h.value)
+                .and_then(|v| v.rsplit(',').next())
+                .map(str::trim);
+            chunked = last.is_some_and(|l| l.eq_ignore_ascii_case("chunked"));
+        } else if is("connection") {
+            let v = text(h.value).unwrap_or("");
+            if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
+                keep_alive = false;
+            }
+        } else if is("x-request-id") {
+            has_id = true;
+        }
+    }
+    let framing = if req.method == "HEAD" || code == 204 || code == 304 {
+        Framing::Empty
+    } else if coded {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    // A body ended by closing, or a response framed two ways (RFC 9112, section 6.3: the
+    // connection is closed after it), leaves the connection unusable.
+    if framing == Framing::Close || (coded && length.is_some()) {
+        keep_alive = false;
+    }
+    Ok(Shape {
+        framing,
+        keep_alive,
+        has_id,
+    })
+}
+
+/// Response headers that are not relayed: hop-by-hop ones.
+fn not_relayed(name: &str) -> bool {
+    ["connection", "keep-alive", "proxy-connection"]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the response header the client gets.
+fn write_response_head(
+    out: &mut Vec<u8>,
+    resp: &httparse::Response<'_, '_>,
+    close: bool,
+    add_id: Option<&str>,
+) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(resp.code.unwrap_or(0).to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        if !not_relayed(h.name) {
+            put_header(out, h.name, h.value);
+        }
+    }
+    if let Some(id) = add_id {
+        put_header(out, "x-request-id", id.as_bytes());
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How many of `bytes` (the next body bytes from upstream) belong to the body; sets `done`
+/// when the body ended among them.
+fn body_part(
+    framing: Framing,
+    bytes: &[u8],
+    remaining: &mut u64,
+    chunks: &mut Chunks,
+    done: &mut bool,
+) -> Result<usize, &'static str> {
+    match framing {
+        Framing::Empty => Ok(0),
+        Framing::Close => Ok(bytes.len()),
+        Framing::Length(_) => {
+            let n = bytes
+                .len()
+                .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+            *remaining -= n as u64;
+            *done = *remaining == 0;
+            Ok(n)
+        }
+        Framing::Chunked => match chunks.feed(bytes)? {
+            Some(n) => {
+                *done = true;
+                Ok(n)
+            }
+            None => Ok(bytes.len()),
+        },
+    }
+}
+
+/// Writes the answer to a request whose upstream failed before its response began.
+fn error_response(out: &mut Vec<u8>, status: u16, id: &str, close: bool) {
+    let (reason, body): (&str, &[u8]) = match status {
+        503 => ("Service Unavailable", b"no healthy endpoint\n"),
+        504 => ("Gateway Timeout", b"upstream timed out\n"),
+        _ => ("Bad Gateway", b"bad gateway\n"),
+    };
+    out.clear();
+    out.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    put_header(out, "content-type", b"text/plain; charset=utf-8");
+    put_header(out, "content-length", body.len().to_string().as_bytes());
+    put_header(out, "x-request-id", id.as_bytes());
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `body` to a tracker in pieces of `step` bytes; returns where it says the body
+    /// ends.
+    fn end_of(body: &[u8], step: usize) -> Result<Option<usize>, &'static str> {
+        let mut c = Chunks::default();
+        let mut at = 0;
+        for piece in body.chunks(step) {
+            if let Some(n) = c.feed(piece)? {
+                return Ok(Some(at + n));
+            }
+            at += piece.len();
+        }
+        Ok(None)
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_they_end_however_they_are_split() {
+        let bodies: [&[u8]; 5] = [
+            b"5\r\nhello\r\n0\r\n\r\n",
+            b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+            b"A\r\n0123456789\r\n0\r\nX-Trailer: t\r\nY: u\r\n\r\n",
+            b"3\nabc\n0\n\n",
+            b"0\r\n\r\n",
+        ];
+        for body in bodies {
+            let mut with_next = body.to_vec();
+            with_next.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            for step in 1..=with_next.len() {
+                assert_eq!(
+                    end_of(&with_next, step),
+                    Ok(Some(body.len())),
+                    "{:?} in pieces of {step}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        assert_eq!(end_of(b"5\r\nhel", 2), Ok(None));
+        assert_eq!(end_of(b"5\r\nhello\r\n0\r\nX: y\r\n", 3), Ok(None));
+    }
+
+    #[test]
+    fn broken_chunked_bodies_are_errors() {
+        for bad in [
+            &b"\r\n"[..],
+            b"zz\r\n",
+            b"5\r\nhello!\r\n",
+            b"5\rx",
+            b"1234567890abcdef0\r\n",
+            b"0\r\n\rx",
+        ] {
+            assert!(
+                end_of(bad, 1).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    fn parse<T>(raw: &[u8], f: impl FnOnce(Option<Req<'_>>) -> T) -> T {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        assert!(matches!(req.parse(raw), Ok(httparse::Status::Complete(_))));
+        f(facts(
+            req.method.unwrap(),
+            req.path.unwrap(),
+            req.version.unwrap(),
+            req.headers,
+        ))
+    }
+
+    #[test]
+    fn only_plain_requests_stay_on_this_path() {
+        let ok = |raw: &[u8]| parse(raw, |r| r.is_some());
+        assert!(ok(b"GET /a?b=c HTTP/1.1\r\nHost: h\r\n\r\n"));
+        assert!(ok(
+            b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n"
+        ));
+        assert!(ok(
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, close\r\n\r\n"
+        ));
+        for pingora in [
+            &b"GET / HTTP/1.0\r\nHost: h\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET /a\"b HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: x-secret\r\n\r\n",
+        ] {
+            assert!(!ok(pingora), "{}", String::from_utf8_lossy(pingora));
+        }
+    }
+
+    #[test]
+    fn request_facts() {
+        parse(
+            b"PUT /p?q HTTP/1.1\r\nhost: H.example\r\ncontent-length: 12\r\nConnection: close\r\n\
+              X-Request-Id: one\r\nx-request-id: two\r\nUser-Agent: ua\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+            |r| {
+                let r = r.unwrap();
+                assert_eq!((r.method, r.path, r.query), ("PUT", "/p", Some("q")));
+                assert_eq!((r.host, r.length, r.close, r.idempotent), ("H.example", 12, true, true));
+                assert_eq!((r.request_id, r.user_agent, r.xff), (Some("one"), "ua", Some("1.2.3.4")));
+            },
+        );
+        parse(b"POST / HTTP/1.1\r\nHost: h\r\n\r\n", |r| {
+            let r = r.unwrap();
+            assert!(!r.idempotent && !r.close);
+            assert_eq!(r.length, 0);
+        });
+    }
+
+    fn shape(method: &str, raw: &[u8]) -> Result<(Framing, bool), String> {
+        let req_raw = format!("{method} / HTTP/1.1\r\nHost: h\r\n\r\n");
+        parse(req_raw.as_bytes(), |req| {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            assert!(matches!(resp.parse(raw), Ok(httparse::Status::Complete(_))));
+            response_shape(&req.unwrap(), &resp).map(|s| (s.framing, s.keep_alive))
+        })
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let ok = |m: &str, raw: &[u8]| shape(m, raw).unwrap();
+        assert_eq!(
+            ok("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        assert_eq!(
+            ok("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            ok("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            ok("GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            ok(
+                "GET",
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"
+            ),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            ok(
+                "GET",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n"
+            ),
+            (Framing::Chunked, false)
+        );
+        assert_eq!(
+            ok("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            (Framing::Close, false)
+        );
+        assert_eq!(
+            ok("GET", b"HTTP/1.1 200 OK\r\n\r\n"),
+            (Framing::Close, false)
+        );
+        assert_eq!(
+            ok("GET", b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            ok(
+                "GET",
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n"
+            ),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            ok(
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n"
+            ),
+            (Framing::Length(2), true)
+        );
+        assert!(
+            shape(
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"
+            )
+            .is_err()
+        );
+        assert!(shape("GET", b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn response_heads_drop_hop_by_hop_headers_and_add_what_is_missing() {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let raw = b"HTTP/1.1 201 Created\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+                    X-A: 1\r\nContent-Length: 0\r\n\r\n";
+        assert!(resp.parse(raw).is_ok());
+        let mut out = Vec::new();
+        write_response_head(&mut out, &resp, true, Some("id-1"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 201 Created\r\nX-A: 1\r\nContent-Length: 0\r\nx-request-id: id-1\r\n\
+             connection: close\r\n\r\n"
+        );
+    }
+}

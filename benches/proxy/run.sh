@@ -3,7 +3,8 @@
 # upstream (an nginx `return 200`), wrk with keep-alive, the same worker threads for every
 # proxy (1, then 2), alternating targets over several rounds and reporting each figure's
 # median. A bare pingora proxy (proxy/examples/bare_pingora.rs) runs alongside as the floor
-# lain is built on. Also route churn and propagation latency against real etcd, and
+# of pingora's own pipeline, and lain with its HTTP/1.1 path turned off (every request
+# through pingora) shows what that path saves. Also route churn and propagation latency against real etcd, and
 # criterion's route lookup times. Prints a markdown table and writes target/bench/proxy.json.
 #
 # Knobs: BENCH_DURATION (s per wrk run, default 10), BENCH_ROUNDS (default 3),
@@ -156,10 +157,13 @@ run_wrk() {
   fi
 }
 
+# start_lain THREADS NAME [EXTRA]: a lain proxy with EXTRA top-level config; sets lain_addr
+# and lain_pid.
 start_lain() {
-  local threads=$1
-  cat >"$work/lain.toml" <<EOF
+  local threads=$1 name=$2 extra=${3:-}
+  cat >"$work/$name.toml" <<EOF
 threads = $threads
+$extra
 [listen]
 http = "127.0.0.1:0"
 admin = "127.0.0.1:0"
@@ -169,15 +173,15 @@ prefix = "$prefix"
 [access_log]
 path = ""
 EOF
-  LAIN_LOG=warn "$lain" proxy --config "$work/lain.toml" >"$work/lain.out" 2>"$work/lain.err" &
+  LAIN_LOG=warn "$lain" proxy --config "$work/$name.toml" >"$work/$name.out" 2>"$work/$name.err" &
   lain_pid=$!
   pids+=($lain_pid)
   for _ in $(seq 1 100); do
-    lain_addr=$(jq -r 'select(.listening.name == "http") | .listening.addr' "$work/lain.out" 2>/dev/null | head -1)
+    lain_addr=$(jq -r 'select(.listening.name == "http") | .listening.addr' "$work/$name.out" 2>/dev/null | head -1)
     [ -n "$lain_addr" ] && break
     sleep 0.1
   done
-  [ -n "$lain_addr" ] || { log "lain proxy did not start"; cat "$work/lain.err" >&2; exit 1; }
+  [ -n "$lain_addr" ] || { log "lain proxy did not start"; cat "$work/$name.err" >&2; exit 1; }
 }
 
 start_nginx() {
@@ -251,7 +255,9 @@ start_pingora() {
 stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 declare -A R
-targets="direct lain pingora nginx haproxy"
+# lain-pingora is lain with its own HTTP/1.1 path turned off: every request through
+# pingora's pipeline, as before that path existed.
+targets="direct lain lain-pingora pingora nginx haproxy"
 # add KEY VALUE: one more round's value; med KEY: the median of the rounds.
 add() { R[$1]="${R[$1]:-} $2"; }
 med() {
@@ -259,7 +265,9 @@ med() {
     awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 for threads in 1 2; do
-  start_lain "$threads"
+  start_lain "$threads" lain-pingora "h1_fast_path = false"
+  lp_addr=$lain_addr lp_pid=$lain_pid
+  start_lain "$threads" lain
   # The route lain serves: written by bench_churn's set-up and kept for the whole run.
   BENCH_PROXY="$lain_addr" BENCH_UPSTREAM="127.0.0.1:$up_port" BENCH_PREFIX="$prefix" \
     BENCH_CHURN_SECS=0 BENCH_PROPAGATIONS=0 BENCH_KEEP=1 "$churn" >/dev/null
@@ -272,6 +280,7 @@ for threads in 1 2; do
       case $target in
         direct) run_wrk direct "127.0.0.1:$up_port" 0 "$threads" ;;
         lain) run_wrk lain "$lain_addr" "$lain_pid" "$threads" ;;
+        lain-pingora) run_wrk lain-pingora "$lp_addr" "$lp_pid" "$threads" ;;
         pingora) run_wrk pingora "127.0.0.1:$pg_port" "$pg_pid" "$threads" ;;
         nginx) run_wrk nginx "127.0.0.1:$ng_port" "$ng_pid" "$threads" ;;
         haproxy) run_wrk haproxy "127.0.0.1:$hp_port" "$hp_pid" "$threads" ;;
@@ -288,7 +297,7 @@ for threads in 1 2; do
     log "route churn and propagation"
     churn_json=$(BENCH_PROXY="$lain_addr" BENCH_UPSTREAM="127.0.0.1:$up_port" BENCH_PREFIX="$prefix" "$churn")
   fi
-  stop_pid "$lain_pid"; stop_pid "$pg_pid"; stop_pid "$ng_pid"; stop_pid "$hp_pid"
+  stop_pid "$lain_pid"; stop_pid "$lp_pid"; stop_pid "$pg_pid"; stop_pid "$ng_pid"; stop_pid "$hp_pid"
 done
 
 log "route lookup (criterion)"
@@ -296,10 +305,10 @@ cargo bench -p lain-proxy --bench lookup -- --warm-up-time 1 --measurement-time 
 crit="$target_dir/criterion"
 lookup_ns() { jq -r '.mean.point_estimate' "$crit/lookup/$1/new/estimates.json" 2>/dev/null || echo 0; }
 
-obj() { # obj THREADS KEY -> {"direct":..,"lain":..,"pingora":..,"nginx":..,"haproxy":..}
-  printf '{"direct":%s,"lain":%s,"pingora":%s,"nginx":%s,"haproxy":%s}' \
-    "${R[$1,direct,$2]:-0}" "${R[$1,lain,$2]:-0}" "${R[$1,pingora,$2]:-0}" \
-    "${R[$1,nginx,$2]:-0}" "${R[$1,haproxy,$2]:-0}"
+obj() { # obj THREADS KEY -> {"direct":..,"lain":..,"lain_pingora":..,"pingora":..,"nginx":..,"haproxy":..}
+  printf '{"direct":%s,"lain":%s,"lain_pingora":%s,"pingora":%s,"nginx":%s,"haproxy":%s}' \
+    "${R[$1,direct,$2]:-0}" "${R[$1,lain,$2]:-0}" "${R[$1,lain-pingora,$2]:-0}" \
+    "${R[$1,pingora,$2]:-0}" "${R[$1,nginx,$2]:-0}" "${R[$1,haproxy,$2]:-0}"
 }
 group() {
   printf '"rps":%s,"p50_ms":%s,"p99_ms":%s,"cpu_us_per_req":%s,"rss_mib":%s' \

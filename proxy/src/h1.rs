@@ -459,6 +459,9 @@ struct Buffers {
     out: Vec<u8>,
     /// What was read from the upstream (or a piece of the request body).
     rbuf: Vec<u8>,
+    /// What the client sent while its request waited for the upstream: the start of its
+    /// next request.
+    early: Vec<u8>,
 }
 
 /// The client side of a connection, fixed for its lifetime.
@@ -487,6 +490,7 @@ impl H1 {
         let mut bufs = Buffers {
             out: Vec::with_capacity(4096),
             rbuf: Vec::with_capacity(CHUNK),
+            early: Vec::new(),
         };
         let mut first = true;
         loop {
@@ -533,6 +537,7 @@ impl H1 {
                     keep_alive,
                 }) => {
                     buf.drain(..consumed);
+                    buf.append(&mut bufs.early);
                     if !keep_alive {
                         let _ = stream.shutdown().await;
                         return Served::Closed;
@@ -783,13 +788,19 @@ impl H1 {
                     })?;
             }
             bufs.rbuf.clear();
-            match read_head(&mut up, &mut bufs.rbuf, read_t).await {
+            let waited = first_bytes(stream, &mut up, &mut bufs.rbuf, &mut bufs.early, read_t);
+            match waited.await {
                 Ok(()) => break (up, addr, stats),
-                Err(e) if bufs.rbuf.is_empty() && stale(&e) => {
+                Err(Waited::ClientGone) => {
+                    return Err(Failure::Client(
+                        "the client closed its connection before the response".into(),
+                    ));
+                }
+                Err(Waited::Upstream(e)) if bufs.rbuf.is_empty() && stale(&e) => {
                     tried.pop();
                     continue;
                 }
-                Err(e) => {
+                Err(Waited::Upstream(e)) => {
                     self.blame(&stats, addr);
                     let status = if e.kind() == std::io::ErrorKind::TimedOut {
                         504
@@ -1000,6 +1011,48 @@ async fn connect(addr: SocketAddr, limit: Duration) -> std::io::Result<TcpStream
     };
     conn.set_nodelay(true)?;
     Ok(conn)
+}
+
+/// How waiting for the first bytes of a response ended, when it did not end with them.
+enum Waited {
+    /// The upstream failed or timed out.
+    Upstream(std::io::Error),
+    /// The client closed its connection: nobody is left to answer.
+    ClientGone,
+}
+
+/// The most bytes a client may send ahead (a pipelined request) while its request waits
+/// for the upstream; past this the client is no longer watched until the answer.
+const MAX_EARLY: usize = 64 << 10;
+
+/// Waits for the upstream's first response bytes into `buf`. Meanwhile the client is
+/// watched, as nginx and pingora do: one that closes its connection abandons its request
+/// (the upstream connection is then dropped), and what it sends ahead is kept in `early`
+/// for its next request. Watching costs no system call while the client is quiet: the
+/// runtime's readiness for its socket is clear after the request was read.
+async fn first_bytes(
+    client: &mut GuardedStream,
+    up: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    early: &mut Vec<u8>,
+    limit: Duration,
+) -> Result<(), Waited> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::select! {
+            biased;
+            r = read_head(up, buf, left) => return r.map_err(Waited::Upstream),
+            r = async {
+                early.reserve(4096);
+                let room = (early.capacity() - early.len()).min(MAX_EARLY - early.len());
+                (&mut *client).take(room as u64).read_buf(early).await
+            }, if early.len() < MAX_EARLY => match r {
+                Ok(n) if n > 0 => {}
+                _ => return Err(Waited::ClientGone),
+            },
+        }
+    }
 }
 
 /// Reads from the upstream until `buf` holds more than before, within `limit`; a closed

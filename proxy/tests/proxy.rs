@@ -574,14 +574,17 @@ async fn access_log_line_and_metrics() {
     assert_eq!(v["client_ip"], "127.0.0.1");
     assert!(v["bytes_out"].as_u64().unwrap() > 0);
 
-    let m = metrics(&proxy).await;
-    assert!(
-        metric_value(
+    // A request is counted just after its answer is sent: give the last one a moment.
+    let m = eventually(Duration::from_secs(2), "the requests counted", || async {
+        let m = metrics(&proxy).await;
+        let ok = metric_value(
             &m,
-            r#"lain_proxy_requests_total{app="logapp",class="2xx",proc="web"}"#
-        ) >= 2.0,
-        "{m}"
-    );
+            r#"lain_proxy_requests_total{app="logapp",class="2xx",proc="web"}"#,
+        ) >= 2.0
+            && metric_value(&m, "lain_proxy_request_duration_seconds_count") >= 3.0;
+        ok.then_some(m)
+    })
+    .await;
     assert!(
         metric_value(
             &m,
@@ -1699,6 +1702,8 @@ async fn clients_that_hang_up_mid_request_do_not_eject_the_endpoint() {
 struct ScriptedUpstream {
     addr: SocketAddr,
     connections: Arc<AtomicU64>,
+    /// Requests for `/hang` whose connection the proxy closed before they were answered.
+    abandoned: Arc<AtomicU64>,
     accept: JoinHandle<()>,
 }
 
@@ -1707,21 +1712,23 @@ impl ScriptedUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicU64::new(0));
-        let count = connections.clone();
+        let abandoned = Arc::new(AtomicU64::new(0));
+        let (count, gone) = (connections.clone(), abandoned.clone());
         let accept = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 let n = count.fetch_add(1, Ordering::Relaxed) + 1;
-                tokio::spawn(ScriptedUpstream::serve(s, n));
+                tokio::spawn(ScriptedUpstream::serve(s, n, gone.clone()));
             }
         });
         ScriptedUpstream {
             addr,
             connections,
+            abandoned,
             accept,
         }
     }
 
-    async fn serve(mut s: tokio::net::TcpStream, conn: u64) {
+    async fn serve(mut s: tokio::net::TcpStream, conn: u64, abandoned: Arc<AtomicU64>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = Vec::new();
         loop {
@@ -1818,6 +1825,24 @@ impl ScriptedUpstream {
                 ),
                 // Answered, then closed while idle, as an upstream's keep-alive timeout does.
                 "/idle-close" => (with_length(b"soon closed"), Some(Duration::from_millis(50))),
+                // Answered late, unless the proxy gives up on the request first.
+                "/hang" => {
+                    let mut probe = [0u8; 1];
+                    match tokio::time::timeout(Duration::from_secs(3), s.read(&mut probe)).await {
+                        Ok(Ok(0) | Err(_)) => {
+                            abandoned.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        _ => (with_length(b"late"), None),
+                    }
+                }
+                "/slowish" => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    (
+                        with_length(format!("{conn}:{method} {target}").as_bytes()),
+                        None,
+                    )
+                }
                 _ => (
                     with_length(format!("{conn}:{method} {target}").as_bytes()),
                     None,
@@ -2170,5 +2195,45 @@ async fn h1_and_pingora_paths_forward_alike() {
         assert!(served_by(&m_own, "h1") >= 14.0, "{m_own}");
         assert_eq!(served_by(&m_pingora, "h1"), 0.0, "{m_pingora}");
     }
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_client_leaving_abandons_its_request_and_early_bytes_are_kept() {
+    use tokio::io::AsyncWriteExt;
+    let host = "leave.lain.local";
+    let (cluster, up, proxy) = scripted_route("proxy-h1-leave", host).await;
+    // A client that goes away while the upstream has not answered: its request is
+    // abandoned and the upstream connection closed, as nginx and pingora do.
+    let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    s.write_all(format!("GET /hang HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(s);
+    eventually(
+        Duration::from_secs(2),
+        "the upstream connection closed",
+        || async { (up.abandoned.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await;
+    // A client that sends its next request while the first waits for the upstream gets
+    // both answers, in order.
+    let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    s.write_all(format!("GET /slowish HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(format!("GET /next HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (s1, first) = read_response(&mut s, &mut buf).await;
+    let (s2, second) = read_response(&mut s, &mut buf).await;
+    assert_eq!((s1, s2), (200, 200));
+    assert!(first.ends_with(":GET /slowish"), "{first}");
+    assert!(second.ends_with(":GET /next"), "{second}");
+    let m = metrics(&proxy).await;
+    assert_eq!(served_by(&m, "pingora"), 0.0, "{m}");
     cluster.cleanup().await;
 }

@@ -27,6 +27,8 @@ use crate::checkpoint::Ack;
 use crate::event::{Event, Meta};
 use crate::pipeline::{Batch, BatchReceiver, SinkAck};
 
+/// A replayed record the sink has not confirmed for this long is logged.
+const SLOW_REPLAY: Duration = Duration::from_secs(60);
 /// Bytes of a record's header: payload length and CRC-32.
 const HEADER_BYTES: u64 = 8;
 /// A segment is closed and a new one started past this size.
@@ -527,8 +529,11 @@ pub async fn run_stage(
     };
     // Batches handed straight to the sink and not yet confirmed by it, oldest first.
     let mut passed: VecDeque<Arc<Batch>> = VecDeque::new();
-    // Records replayed to the sink and not yet confirmed by it.
-    let mut replayed: Vec<(RecordId, Arc<Batch>)> = Vec::new();
+    // Records replayed to the sink and not yet confirmed by it, oldest first, with when they
+    // were handed out.
+    let mut replayed: Vec<(RecordId, Arc<Batch>, Instant)> = Vec::new();
+    // When a replayed record the sink holds for long was last reported.
+    let mut slow_reported: Option<Instant> = None;
     let mut pending: Option<Arc<Batch>> = None;
     let mut stalled_since: Option<Instant> = None;
     let mut input_open = true;
@@ -542,11 +547,11 @@ pub async fn run_stage(
         // Retire replayed records the sink confirmed.
         let done: Vec<RecordId> = replayed
             .iter()
-            .filter(|(_, b)| b.ack.is_done())
-            .map(|(id, _)| *id)
+            .filter(|(_, b, _)| b.ack.is_done())
+            .map(|(id, _, _)| *id)
             .collect();
         if !done.is_empty() {
-            replayed.retain(|(_, b)| !b.ack.is_done());
+            replayed.retain(|(_, b, _)| !b.ack.is_done());
             let r = on_disk(&buffer, move |b| {
                 for id in done {
                     b.ack(id)?;
@@ -557,6 +562,20 @@ pub async fn run_stage(
             if let Err(e) = r {
                 tracing::error!(error = %e, "disk buffer: cannot delete a replayed segment");
             }
+        }
+        if let Some((id, b, since)) = replayed.first()
+            && since.elapsed() >= SLOW_REPLAY
+            && slow_reported.is_none_or(|t| t.elapsed() >= SLOW_REPLAY)
+        {
+            // Its segment stays on disk until the sink confirms it.
+            slow_reported = Some(Instant::now());
+            tracing::warn!(
+                segment = id.segment,
+                events = b.events.len(),
+                waited_secs = since.elapsed().as_secs(),
+                unconfirmed = replayed.len(),
+                "disk buffer: a replayed record is still not confirmed by the sink"
+            );
         }
         let (unsent, room, bytes, unsent_events) = state(&buffer);
         gauges.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
@@ -625,7 +644,7 @@ pub async fn run_stage(
                                 events: Arc::new(events),
                                 ack: SinkAck::new(source),
                             });
-                            replayed.push((id, batch.clone()));
+                            replayed.push((id, batch.clone(), Instant::now()));
                             permit.send(batch);
                         }
                         Ok(None) => {}

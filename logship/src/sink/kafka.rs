@@ -22,6 +22,11 @@ use crate::pipeline::{Batch, BatchReceiver};
 /// A permanent error is retried this many times before the event goes to the dead letters.
 const MAX_ATTEMPTS: u32 = 5;
 
+/// A batch waiting this long for its delivery reports is logged (and again at each further
+/// interval), so that a batch that never completes, and so keeps its disk-buffer segment,
+/// can be told apart from a slow broker.
+const SLOW_REPORTS: Duration = Duration::from_secs(30);
+
 /// Settings of the Kafka sink.
 #[derive(Debug, Clone)]
 pub struct KafkaSinkSettings {
@@ -206,7 +211,7 @@ impl Shared {
     async fn complete(&self, batch: &Batch, mut tracker: Arc<Tracker>) {
         let mut attempt = 0;
         loop {
-            let mut retry = tracker.wait().await;
+            let mut retry = self.wait_reports(batch, &tracker).await;
             if retry.is_empty() {
                 break;
             }
@@ -237,6 +242,25 @@ impl Shared {
             .with_label_values(&["kafka"])
             .inc_by(bytes as u64);
         batch.ack.ack();
+    }
+
+    /// Waits for the delivery reports of one attempt at a batch, warning while they are late.
+    async fn wait_reports(&self, batch: &Batch, tracker: &Tracker) -> Vec<(usize, String)> {
+        let started = std::time::Instant::now();
+        loop {
+            // `wait` re-checks the count each time it is entered, so cancelling it on the
+            // timeout loses no report.
+            match tokio::time::timeout(SLOW_REPORTS, tracker.wait()).await {
+                Ok(failed) => return failed,
+                Err(_) => tracing::warn!(
+                    events = batch.events.len(),
+                    outstanding = tracker.remaining.load(Ordering::Acquire),
+                    producer_in_flight = self.producer.in_flight_count(),
+                    waited_secs = started.elapsed().as_secs(),
+                    "kafka batch still waiting for delivery reports"
+                ),
+            }
+        }
     }
 
     async fn dead_letter(&self, reason: &str, body: &[u8]) {

@@ -2,8 +2,9 @@
 # Installs the Debian packages lain's build, tests and local cluster need, if any are missing.
 set -euo pipefail
 
-# Build: rdkafka compiles librdkafka with cmake; the rest link against system libraries.
-BUILD=(cmake g++ make pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev libzstd-dev)
+# Build: rdkafka compiles librdkafka with cmake; etcd-client compiles etcd's protobuf files
+# with protoc (and the well-known types in libprotobuf-dev); the rest link against system libraries.
+BUILD=(cmake g++ make pkg-config protobuf-compiler libprotobuf-dev libcurl4-openssl-dev libssl-dev zlib1g-dev libzstd-dev)
 # Services the tests run for real (the tests/services scripts would install them too).
 SERVICES=(etcd-server etcd-client docker.io busybox-static)
 # Clients and peers the tests talk to; python3-venv holds the API fuzzer (tests/api_fuzz.sh).

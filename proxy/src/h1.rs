@@ -1356,71 +1356,80 @@ mod tests {
 
     #[test]
     fn response_framing_follows_rfc_9112() {
-        let ok = |m: &str, raw: &[u8]| shape(m, raw).unwrap();
-        assert_eq!(
-            ok("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
-            (Framing::Length(5), true)
-        );
-        assert_eq!(
-            ok("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
-            (Framing::Empty, true)
-        );
-        assert_eq!(
-            ok("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
-            (Framing::Empty, true)
-        );
-        assert_eq!(
-            ok("GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
-            (Framing::Empty, true)
-        );
-        assert_eq!(
-            ok(
+        use Framing::{Chunked, Close, Empty, Length};
+        let table: [(&str, &[u8], Framing, bool); 11] = [
+            (
                 "GET",
-                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                Length(5),
+                true,
             ),
-            (Framing::Empty, true)
-        );
-        assert_eq!(
-            ok(
+            (
                 "GET",
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                Empty,
+                true,
             ),
-            (Framing::Chunked, false)
-        );
-        assert_eq!(
-            ok("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
-            (Framing::Close, false)
-        );
-        assert_eq!(
-            ok("GET", b"HTTP/1.1 200 OK\r\n\r\n"),
-            (Framing::Close, false)
-        );
-        assert_eq!(
-            ok("GET", b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"),
-            (Framing::Length(1), false)
-        );
-        assert_eq!(
-            ok(
-                "GET",
-                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n"
+            (
+                "HEAD",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                Empty,
+                true,
             ),
-            (Framing::Length(1), false)
-        );
-        assert_eq!(
-            ok(
+            ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", Empty, true),
+            (
                 "GET",
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n"
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                Empty,
+                true,
             ),
-            (Framing::Length(2), true)
-        );
-        assert!(
-            shape(
+            // Framed two ways: chunked wins, and the connection is not reused.
+            (
                 "GET",
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"
-            )
-            .is_err()
-        );
-        assert!(shape("GET", b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n").is_err());
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+                Chunked,
+                false,
+            ),
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                Close,
+                false,
+            ),
+            ("GET", b"HTTP/1.1 200 OK\r\n\r\n", Close, false),
+            (
+                "GET",
+                b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+                Length(1),
+                false,
+            ),
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+                Length(1),
+                false,
+            ),
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
+                Length(2),
+                true,
+            ),
+        ];
+        for (method, raw, framing, keep_alive) in table {
+            assert_eq!(
+                shape(method, raw),
+                Ok((framing, keep_alive)),
+                "{method} {}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n",
+        ] {
+            assert!(shape("GET", bad).is_err());
+        }
     }
 
     #[test]

@@ -769,6 +769,16 @@ impl H1 {
             let stale = |e: &std::io::Error| {
                 reused && replayable && e.kind() != std::io::ErrorKind::TimedOut
             };
+            // An endpoint that dies after taking a request but before answering it (a
+            // killed instance behind a port forwarder that still accepts) fails a request
+            // this way. As the pingora path and nginx's `proxy_next_upstream error` do, a
+            // replayable request then goes to another endpoint; a timeout is not retried,
+            // since sending more work to a slow endpoint's peers only spreads the slowness.
+            let elsewhere = |e: &std::io::Error, tried: &[SocketAddr]| {
+                replayable
+                    && e.kind() != std::io::ErrorKind::TimedOut
+                    && tried.len() <= proxy.max_retries
+            };
             if let Err(e) = sent {
                 if stale(&e) {
                     // A pooled connection the upstream had closed: not the endpoint's fault.
@@ -776,6 +786,9 @@ impl H1 {
                     continue;
                 }
                 self.blame(&stats, addr);
+                if elsewhere(&e, &tried) {
+                    continue;
+                }
                 return Err(Failure::Upstream(502, format!("sending to {addr}: {e}")));
             }
             if rest > 0 {
@@ -802,6 +815,9 @@ impl H1 {
                 }
                 Err(Waited::Upstream(e)) => {
                     self.blame(&stats, addr);
+                    if bufs.rbuf.is_empty() && elsewhere(&e, &tried) {
+                        continue;
+                    }
                     let status = if e.kind() == std::io::ErrorKind::TimedOut {
                         504
                     } else {

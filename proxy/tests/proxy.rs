@@ -2237,3 +2237,62 @@ async fn h1_client_leaving_abandons_its_request_and_early_bytes_are_kept() {
     assert_eq!(served_by(&m, "pingora"), 0.0, "{m}");
     cluster.cleanup().await;
 }
+
+/// An endpoint that accepts a connection, reads the request and closes without a word, as
+/// a port forwarder does once the instance behind it was killed.
+async fn hang_up_upstream() -> (SocketAddr, Arc<AtomicU64>, JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let task = tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+            }
+        }
+    });
+    (addr, accepted, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_hangs_up_unanswered_sends_idempotent_requests_elsewhere() {
+    let mut cluster = Cluster::new("proxy-hangup").await;
+    let good = Upstream::start("good").await;
+    let (dead, accepted, task) = hang_up_upstream().await;
+    cluster.put_endpoint("hangup", 1, good.addr).await;
+    cluster.put_endpoint("hangup", 2, dead).await;
+    cluster
+        .put_route(&route("hangup.lain.local", "/", "hangup"))
+        .await;
+    let c = client();
+    for config in ["", "h1_fast_path = false"] {
+        let proxy = Proxy::start(&cluster, config);
+        wait_status(&c, &proxy, "hangup.lain.local", "/", 200).await;
+        let before = accepted.load(Ordering::Relaxed);
+        // Fresh client connections each time, so that round robin alternates over both
+        // endpoints until the silent one is ejected.
+        for i in 0..20 {
+            let (status, body) = get(&client(), &proxy, "hangup.lain.local", "/").await;
+            assert_eq!(status, 200, "request {i} with {config:?}: {body}");
+        }
+        assert!(
+            accepted.load(Ordering::Relaxed) > before,
+            "the silent endpoint was never tried with {config:?}"
+        );
+        let m = metrics(&proxy).await;
+        assert_eq!(
+            metric_value(
+                &m,
+                "lain_proxy_requests_total{app=\"hangup\",proc=\"web\",class=\"5xx\"}"
+            ),
+            0.0,
+            "{m}"
+        );
+    }
+    task.abort();
+    cluster.cleanup().await;
+}

@@ -433,6 +433,17 @@ async fn receive(
     }
 }
 
+/// The failure of an exchange with an upstream that never answered: 504 when it timed out,
+/// 502 otherwise.
+fn upstream_failure(doing: &str, addr: SocketAddr, e: &std::io::Error) -> Failure {
+    let status = if e.kind() == std::io::ErrorKind::TimedOut {
+        504
+    } else {
+        502
+    };
+    Failure::Upstream(status, format!("{doing} {addr}: {e}"))
+}
+
 /// Why a request failed, for its status, its access-log line and what happens next.
 #[derive(Debug)]
 enum Failure {
@@ -752,15 +763,7 @@ impl H1 {
                         if tried.len() <= proxy.max_retries {
                             continue;
                         }
-                        let status = if e.kind() == std::io::ErrorKind::TimedOut {
-                            504
-                        } else {
-                            502
-                        };
-                        return Err(Failure::Upstream(
-                            status,
-                            format!("connecting to {addr}: {e}"),
-                        ));
+                        return Err(upstream_failure("connecting to", addr, &e));
                     }
                 },
             };
@@ -818,15 +821,7 @@ impl H1 {
                     if bufs.rbuf.is_empty() && elsewhere(&e, &tried) {
                         continue;
                     }
-                    let status = if e.kind() == std::io::ErrorKind::TimedOut {
-                        504
-                    } else {
-                        502
-                    };
-                    return Err(Failure::Upstream(
-                        status,
-                        format!("reading from {addr}: {e}"),
-                    ));
+                    return Err(upstream_failure("reading from", addr, &e));
                 }
             }
         };

@@ -1070,6 +1070,9 @@ impl State {
             },
         };
         self.apps.insert(app.clone(), spec);
+        // Written now, not at the next pass, so that listing apps right after registering
+        // one shows it.
+        self.persist_app(&app).await?;
         self.event(
             &app,
             "registered",

@@ -806,6 +806,16 @@ async fn an_oom_kill_is_recorded_and_crashes_back_off() {
                 \"sleep 0.5; x=$(head -c 67108864 /dev/zero | tr '\\\\0' a); echo ${#x}\"]\n  \
                 memory: 32m\n";
     h.engine.register("lain.yaml", yaml).await.unwrap();
+    // A registered app is in etcd when `register` returns, so that a listing shows it.
+    let stored = h
+        .etcd
+        .clone()
+        .get(h.ks.app(app), None)
+        .await
+        .unwrap()
+        .kvs()
+        .len();
+    assert_eq!(stored, 1, "the app record right after registering");
     h.engine.deploy(app, "1", IMAGE).await.unwrap();
     let ooms = eventually(Duration::from_secs(90), "three OOM kills", || async {
         let events = h.engine.events(app).await.ok()?;

@@ -16,7 +16,7 @@ use lain_state::Balance;
 use pingora_core::prelude::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{ProxyHttp, Session};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::{AccessLine, AccessLog};
 use crate::config::Cidr;
@@ -353,6 +353,26 @@ impl LainProxy {
     }
 }
 
+/// The status a failed request is answered with (0: the client is gone, nothing to send).
+/// An upstream that timed out gives 504, as nginx and lain's HTTP/1.1 path answer; any other
+/// upstream failure 502.
+fn failure_status(e: &Error) -> u16 {
+    match (e.esource(), e.etype()) {
+        (_, ErrorType::HTTPStatus(code)) => *code,
+        (
+            ErrorSource::Upstream,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
+        ) => 504,
+        (ErrorSource::Upstream, _) => 502,
+        (
+            ErrorSource::Downstream,
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+        ) => 0,
+        (ErrorSource::Downstream, _) => 400,
+        (ErrorSource::Internal | ErrorSource::Unset, _) => 500,
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for LainProxy {
     type CTX = Ctx;
@@ -543,10 +563,13 @@ impl ProxyHttp for LainProxy {
         // An endpoint that dies after taking a request but before answering it (a killed
         // instance) looks like this. As nginx's `proxy_next_upstream error` does, an
         // idempotent request whose body is still buffered goes to another endpoint, provided
-        // no byte of the failed answer reached the client; anything else fails as it is.
+        // no byte of the failed answer reached the client; anything else fails as it is. A
+        // timeout is not retried, since sending more work to a slow endpoint's peers only
+        // spreads the slowness (lain's HTTP/1.1 path decides alike).
         let replayable = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
-            && !ctx.upstream_responded;
+            && !ctx.upstream_responded
+            && !matches!(e.etype, ErrorType::ReadTimedout | ErrorType::WriteTimedout);
         if replayable && ctx.tried.len() <= self.max_retries {
             if let Some(stats) = &ctx.in_flight
                 && stats.record_failure(self.eject_after_failures, self.eject_ms)
@@ -658,6 +681,36 @@ impl ProxyHttp for LainProxy {
         Ok(None)
     }
 
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = failure_status(e);
+        // Once a final response has started, the client connection can only be cut.
+        let started = session
+            .response_written()
+            .is_some_and(|r| !r.status.is_informational());
+        if code > 0 && !started {
+            // The same answers as lain's HTTP/1.1 path gives, request id included.
+            let body: &'static [u8] = match code {
+                502 => b"bad gateway\n",
+                504 => b"upstream timed out\n",
+                _ => b"",
+            };
+            session.set_keepalive(None);
+            let sent = if body.is_empty() {
+                ctx.status = code;
+                session.respond_error(code).await.map(|()| true)
+            } else {
+                self.respond(session, ctx, code, &[], body).await
+            };
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "cannot send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         ctx.release();
         self.metrics.served_by_pingora.inc();
@@ -697,6 +750,28 @@ mod tests {
             r.append_header(k.to_string(), *v).unwrap();
         }
         r
+    }
+
+    #[test]
+    fn failure_statuses() {
+        let cases = [
+            (ErrorType::ReadTimedout, ErrorSource::Upstream, 504),
+            (ErrorType::WriteTimedout, ErrorSource::Upstream, 504),
+            (ErrorType::ConnectTimedout, ErrorSource::Upstream, 504),
+            (ErrorType::ConnectRefused, ErrorSource::Upstream, 502),
+            (ErrorType::ConnectionClosed, ErrorSource::Upstream, 502),
+            (ErrorType::InvalidHTTPHeader, ErrorSource::Upstream, 502),
+            (ErrorType::HTTPStatus(413), ErrorSource::Downstream, 413),
+            (ErrorType::ConnectionClosed, ErrorSource::Downstream, 0),
+            (ErrorType::ReadError, ErrorSource::Downstream, 0),
+            (ErrorType::InvalidHTTPHeader, ErrorSource::Downstream, 400),
+            (ErrorType::InternalError, ErrorSource::Internal, 500),
+        ];
+        for (etype, source, want) in cases {
+            let mut e = Error::new(etype.clone());
+            e.esource = source.clone();
+            assert_eq!(failure_status(&e), want, "{etype:?} from {source:?}");
+        }
     }
 
     #[test]

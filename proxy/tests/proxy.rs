@@ -2238,9 +2238,10 @@ async fn h1_client_leaving_abandons_its_request_and_early_bytes_are_kept() {
     cluster.cleanup().await;
 }
 
-/// An endpoint that accepts a connection, reads the request and closes without a word, as
-/// a port forwarder does once the instance behind it was killed.
-async fn hang_up_upstream() -> (SocketAddr, Arc<AtomicU64>, JoinHandle<()>) {
+/// An endpoint that accepts a connection, reads the request and then either closes without
+/// a word, as a port forwarder does once the instance behind it was killed, or (`hold`)
+/// keeps the connection open without answering.
+async fn silent_upstream(hold: bool) -> (SocketAddr, Arc<AtomicU64>, JoinHandle<()>) {
     use tokio::io::AsyncReadExt;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -2252,6 +2253,12 @@ async fn hang_up_upstream() -> (SocketAddr, Arc<AtomicU64>, JoinHandle<()>) {
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
+                if hold {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        drop(s);
+                    });
+                }
             }
         }
     });
@@ -2262,7 +2269,7 @@ async fn hang_up_upstream() -> (SocketAddr, Arc<AtomicU64>, JoinHandle<()>) {
 async fn an_endpoint_that_hangs_up_unanswered_sends_idempotent_requests_elsewhere() {
     let mut cluster = Cluster::new("proxy-hangup").await;
     let good = Upstream::start("good").await;
-    let (dead, accepted, task) = hang_up_upstream().await;
+    let (dead, accepted, task) = silent_upstream(false).await;
     cluster.put_endpoint("hangup", 1, good.addr).await;
     cluster.put_endpoint("hangup", 2, dead).await;
     cluster
@@ -2291,6 +2298,51 @@ async fn an_endpoint_that_hangs_up_unanswered_sends_idempotent_requests_elsewher
             ),
             0.0,
             "{m}"
+        );
+    }
+    task.abort();
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_endpoint_times_out_is_not_sent_elsewhere() {
+    let mut cluster = Cluster::new("proxy-slow").await;
+    let good = Upstream::start("good").await;
+    let (slow, accepted, task) = silent_upstream(true).await;
+    cluster.put_endpoint("slow", 1, good.addr).await;
+    cluster.put_endpoint("slow", 2, slow).await;
+    let mut r = route("slow.lain.local", "/", "slow");
+    r.timeouts.read_ms = 300;
+    cluster.put_route(&r).await;
+    let c = client();
+    for config in ["", "h1_fast_path = false"] {
+        let proxy = Proxy::start(&cluster, config);
+        wait_status(&c, &proxy, "slow.lain.local", "/", 200).await;
+        let before = accepted.load(Ordering::Relaxed);
+        let hits_before = good.hits.load(Ordering::Relaxed);
+        let mut timed_out = 0;
+        for i in 0..4 {
+            let (status, body) = get(&client(), &proxy, "slow.lain.local", "/").await;
+            match status {
+                200 => {}
+                504 => {
+                    assert_eq!(body, "upstream timed out\n", "with {config:?}");
+                    timed_out += 1;
+                }
+                other => panic!("request {i} with {config:?}: {other} {body}"),
+            }
+        }
+        // Every request the silent endpoint took timed out there and was not tried again.
+        let taken = accepted.load(Ordering::Relaxed) - before;
+        assert!(
+            taken >= 1,
+            "round robin never chose the silent endpoint ({config:?})"
+        );
+        assert_eq!(timed_out, taken, "with {config:?}");
+        assert_eq!(
+            good.hits.load(Ordering::Relaxed) - hits_before,
+            4 - taken,
+            "with {config:?}"
         );
     }
     task.abort();

@@ -5,7 +5,9 @@
 //! request path never does it: the counters of every (app, proc) are resolved into a
 //! [`ClassCounters`] when a route table is compiled, and a request only increments an atomic.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Requests answered, by app, proc and status class (`2xx`..`5xx`, `err` when no status).
 pub const REQUESTS: &str = "lain_proxy_requests_total";
@@ -19,6 +21,9 @@ pub const CONNECT_ERRORS: &str = "lain_proxy_upstream_connect_errors_total";
 pub const EJECTIONS: &str = "lain_proxy_upstream_ejections_total";
 /// Client connections open now.
 pub const ACTIVE_CONNECTIONS: &str = "lain_proxy_active_connections";
+/// Client connections open now, by the worker thread serving them (label `worker`, one value
+/// per configured thread).
+pub const WORKER_CONNECTIONS: &str = "lain_proxy_worker_connections";
 /// The version of the route table serving requests.
 pub const TABLE_VERSION: &str = "lain_proxy_route_table_version";
 /// Routes in the table serving requests.
@@ -51,6 +56,8 @@ pub struct ProxyMetrics {
     pub ejections: IntCounter,
     /// See [`ACTIVE_CONNECTIONS`].
     pub active_connections: IntGauge,
+    /// See [`WORKER_CONNECTIONS`].
+    pub worker_connections: IntGaugeVec,
     /// See [`TABLE_VERSION`].
     pub table_version: IntGauge,
     /// See [`TABLE_ROUTES`].
@@ -123,6 +130,10 @@ impl ProxyMetrics {
             connect_errors: IntCounter::new(CONNECT_ERRORS, "failed upstream connects")?,
             ejections: IntCounter::new(EJECTIONS, "endpoints passively ejected")?,
             active_connections: IntGauge::new(ACTIVE_CONNECTIONS, "client connections open")?,
+            worker_connections: IntGaugeVec::new(
+                Opts::new(WORKER_CONNECTIONS, "client connections open, by worker"),
+                &["worker"],
+            )?,
             table_version: IntGauge::new(TABLE_VERSION, "route table version")?,
             table_routes: IntGauge::new(TABLE_ROUTES, "routes in the table")?,
             table_swaps: IntCounter::new(TABLE_SWAPS, "route tables published")?,
@@ -142,6 +153,7 @@ impl ProxyMetrics {
         r.register(Box::new(m.connect_errors.clone()))?;
         r.register(Box::new(m.ejections.clone()))?;
         r.register(Box::new(m.active_connections.clone()))?;
+        r.register(Box::new(m.worker_connections.clone()))?;
         r.register(Box::new(m.table_version.clone()))?;
         r.register(Box::new(m.table_routes.clone()))?;
         r.register(Box::new(m.table_swaps.clone()))?;

@@ -2348,3 +2348,57 @@ async fn a_request_whose_endpoint_times_out_is_not_sent_elsewhere() {
     task.abort();
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_are_spread_evenly_over_the_workers() {
+    use tokio::io::AsyncWriteExt;
+    let (cluster, _up, proxy, c) =
+        one_route("proxy-spread", "spread", "spread.lain.local", "/", "/", "").await;
+    drop(c);
+    let worker = |m: &str, w: u32| {
+        metric_value(
+            m,
+            &format!("lain_proxy_worker_connections{{worker=\"{w}\"}}"),
+        )
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the probe's connection closed",
+        || {
+            let p = &proxy;
+            async move {
+                let m = metrics(p).await;
+                (worker(&m, 0) + worker(&m, 1) == 0.0).then_some(())
+            }
+        },
+    )
+    .await;
+    // Twenty connections opened at once: the kernel queues them all before a worker wakes,
+    // and the first worker to wake would accept every one it finds.
+    let opened =
+        futures::future::join_all((0..20).map(|_| tokio::net::TcpStream::connect(proxy.http)))
+            .await;
+    let mut conns = Vec::new();
+    for s in opened {
+        let mut s = s.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: spread.lain.local\r\n\r\n")
+            .await
+            .unwrap();
+        conns.push(s);
+    }
+    // Every connection is answered, so every one is being served by some worker.
+    for s in &mut conns {
+        let mut buf = Vec::new();
+        let (status, _) = read_response(s, &mut buf).await;
+        assert_eq!(status, 200);
+    }
+    let m = metrics(&proxy).await;
+    let (a, b) = (worker(&m, 0), worker(&m, 1));
+    assert_eq!(a + b, 20.0, "{m}");
+    assert!(
+        (a - b).abs() <= 2.0,
+        "worker 0 serves {a}, worker 1 serves {b}"
+    );
+    drop(conns);
+    cluster.cleanup().await;
+}

@@ -14,14 +14,24 @@ cd "$root"
 mkdir -p "$root/target/bench"
 log() { echo "bench: $*" >&2; }
 
-# The harness's etcd and Docker engines; started if they are not running (idempotent).
+# The harness's etcd and Docker engines; started if they are not running (idempotent), and
+# stopped at the end only when this run started them.
+stop_services=()
+stop_started() {
+  for s in "${stop_services[@]:-}"; do
+    [ -n "$s" ] && { tests/services/$s >&2 || true; }
+  done
+}
+trap stop_started EXIT
 if [ -f tests/services/env.sh ]; then . tests/services/env.sh >/dev/null 2>&1 || true; fi
 if [ -z "${LAIN_ETCD:-}" ]; then
   log "starting etcd"
+  stop_services+=("etcd.sh stop-single")
   eval "$(tests/services/etcd.sh start)"
 fi
 if [ -z "${LAIN_DOCKER_NODES:-}" ]; then
   log "starting the Docker engines"
+  stop_services+=("docker.sh stop")
   eval "$(tests/services/docker.sh start)"
 fi
 

@@ -16,9 +16,12 @@ out_dir="$root/target/bench"
 mkdir -p "$out_dir"
 work=$(mktemp -d /var/tmp/lain-bench-logship.XXXXXX)
 pids=()
+stop_kafka=
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   rm -rf "$work"
+  # Kafka is stopped again only when this run started it.
+  if [ -n "$stop_kafka" ]; then tests/services/kafka.sh stop >&2 || true; fi
 }
 trap cleanup EXIT
 
@@ -31,6 +34,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y "${need[@]}" >&2 || { apt-get update >&2 && apt-get install -y "${need[@]}" >&2; }
 fi
 if [ -z "${LAIN_KAFKA:-}" ]; then
+  stop_kafka=1
   eval "$(tests/services/kafka.sh start)"
 fi
 

@@ -22,10 +22,13 @@ conns=${BENCH_CONNECTIONS:-64}
 work=$(mktemp -d /tmp/lain-bench-proxy.XXXXXX)
 pids=()
 
+stop_etcd=
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$work"
+  # etcd is stopped again only when this run started it.
+  if [ -n "$stop_etcd" ]; then tests/services/etcd.sh stop-single >&2 || true; fi
 }
 trap cleanup EXIT
 
@@ -47,6 +50,7 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 # etcd for churn and propagation.
 if [ -f tests/services/env.sh ]; then . tests/services/env.sh >/dev/null 2>&1 || true; fi
 if [ -z "${LAIN_ETCD:-}" ]; then
+  stop_etcd=1
   eval "$(tests/services/etcd.sh start)"
 fi
 

@@ -21,8 +21,8 @@ pub const CONNECT_ERRORS: &str = "lain_proxy_upstream_connect_errors_total";
 pub const EJECTIONS: &str = "lain_proxy_upstream_ejections_total";
 /// Client connections open now.
 pub const ACTIVE_CONNECTIONS: &str = "lain_proxy_active_connections";
-/// Client connections open now, by the worker thread serving them (label `worker`, one value
-/// per configured thread).
+/// Client connections open now, by the worker thread they are assigned to (label `worker`, one
+/// value per configured thread).
 pub const WORKER_CONNECTIONS: &str = "lain_proxy_worker_connections";
 /// The version of the route table serving requests.
 pub const TABLE_VERSION: &str = "lain_proxy_route_table_version";

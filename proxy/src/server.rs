@@ -16,7 +16,6 @@
 use std::collections::HashSet;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -30,7 +29,7 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{GetSocketDigest, SocketDigest};
 use pingora_core::server::configuration::ServerConf;
 use pingora_rustls::ServerConfig;
-use prometheus::Registry;
+use prometheus::{IntGauge, Registry};
 use std::net::SocketAddr;
 
 use crate::access_log::AccessLog;
@@ -375,7 +374,7 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
         timeout: Duration::from_secs(config.header_timeout_secs),
         max_bytes: config.max_header_bytes,
     };
-    let (spread, inboxes) = Spread::new(proxies.len());
+    let (spread, inboxes) = Spread::new(proxies.len(), &metrics);
     let conns: Vec<Conns> = proxies
         .iter()
         .enumerate()
@@ -392,9 +391,6 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
             }),
             me,
             spread: spread.clone(),
-            worker_connections: metrics
-                .worker_connections
-                .with_label_values(&[me.to_string()]),
         })
         .collect();
     let mut accepts = Vec::new();
@@ -535,8 +531,6 @@ struct Conns {
     me: usize,
     /// How many connections each worker serves, and how to hand one to it.
     spread: Arc<Spread>,
-    /// This worker's series of `lain_proxy_worker_connections`.
-    worker_connections: prometheus::IntGauge,
 }
 
 /// Keeps the workers' shares of client connections even. All workers accept from the same
@@ -546,8 +540,9 @@ struct Conns {
 /// as high again as with an even split). A worker that accepts a connection while another
 /// serves fewer hands it over, once, at accept time; requests never move.
 struct Spread {
-    /// Open client connections per worker, counted from the moment one is assigned.
-    open: Vec<AtomicUsize>,
+    /// Open client connections per worker, counted from the moment one is assigned: each
+    /// worker's series of `lain_proxy_worker_connections`.
+    open: Vec<IntGauge>,
     /// Each worker's inbox of connections other workers accepted for it.
     inbox: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>,
 }
@@ -563,6 +558,7 @@ impl Spread {
     /// A spread over `n` workers, with the receiving end of each worker's inbox.
     fn new(
         n: usize,
+        metrics: &ProxyMetrics,
     ) -> (
         Arc<Spread>,
         Vec<tokio::sync::mpsc::UnboundedReceiver<Handoff>>,
@@ -570,28 +566,28 @@ impl Spread {
         let (inbox, rx) = (0..n)
             .map(|_| tokio::sync::mpsc::unbounded_channel())
             .unzip();
-        let open = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        let open = (0..n)
+            .map(|i| {
+                metrics
+                    .worker_connections
+                    .with_label_values(&[i.to_string()])
+            })
+            .collect();
         (Arc::new(Spread { open, inbox }), rx)
     }
 
     /// The worker a connection accepted by `me` should go to, counted as assigned to it:
     /// `me` unless another worker serves at least two fewer.
     fn assign(&self, me: usize) -> usize {
-        let load = |i: usize| self.open[i].load(Ordering::Relaxed);
+        let load = |i: usize| self.open[i].get();
         let least = (0..self.open.len()).min_by_key(|&i| load(i)).unwrap_or(me);
         let to = if load(least) + 1 < load(me) {
             least
         } else {
             me
         };
-        self.open[to].fetch_add(1, Ordering::Relaxed);
+        self.open[to].inc();
         to
-    }
-
-    /// Moves one assigned connection from worker `from` to worker `to`.
-    fn reassign(&self, from: usize, to: usize) {
-        self.open[from].fetch_sub(1, Ordering::Relaxed);
-        self.open[to].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -623,7 +619,7 @@ impl Conns {
             let tcp = match sock.into_std() {
                 Ok(t) => t,
                 Err(e) => {
-                    self.spread.open[to].fetch_sub(1, Ordering::Relaxed);
+                    self.spread.open[to].dec();
                     tracing::warn!(error = %e, "cannot hand a connection to another worker");
                     continue;
                 }
@@ -635,7 +631,8 @@ impl Conns {
             };
             if let Err(back) = self.spread.inbox[to].send(handoff) {
                 // That worker has stopped: this one serves the connection after all.
-                self.spread.reassign(to, self.me);
+                self.spread.open[to].dec();
+                self.spread.open[self.me].inc();
                 self.take(back.0);
             }
         }
@@ -663,7 +660,7 @@ impl Conns {
         match tokio::net::TcpStream::from_std(h.tcp) {
             Ok(sock) => self.clone().serve(sock, h.peer, h.tls),
             Err(e) => {
-                self.spread.open[self.me].fetch_sub(1, Ordering::Relaxed);
+                self.spread.open[self.me].dec();
                 tracing::warn!(error = %e, "cannot take a connection from another worker");
             }
         }
@@ -681,7 +678,6 @@ impl Conns {
         tokio::spawn(async move {
             let _guard = conns.tracker.clone();
             conns.metrics.active_connections.inc();
-            conns.worker_connections.inc();
             let first: Option<Stream> = match tls {
                 None => Some(Box::new(stream)),
                 Some(tls) => {
@@ -721,8 +717,7 @@ impl Conns {
                 }
             }
             conns.metrics.active_connections.dec();
-            conns.worker_connections.dec();
-            conns.spread.open[conns.me].fetch_sub(1, Ordering::Relaxed);
+            conns.spread.open[conns.me].dec();
         });
     }
 }

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -38,6 +38,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::header_guard::GuardedStream;
+
+/// A client connection on this path: the guarded bare socket.
+type ClientConn = GuardedStream<TcpStream>;
 use crate::service::{Finished, LainProxy, forwarded, hash_key_in, request_id};
 use crate::table::Route;
 use crate::upstream::EndpointStats;
@@ -57,7 +60,7 @@ pub enum Served {
     Closed,
     /// A request this path does not serve arrived. Its bytes were handed back to the
     /// stream, which goes to pingora.
-    Pingora(GuardedStream),
+    Pingora(ClientConn),
 }
 
 /// The lain HTTP/1.1 path of one worker.
@@ -357,13 +360,13 @@ fn quiet(conn: &TcpStream) -> bool {
     conn.poll_read_ready(&mut cx).is_pending()
 }
 
-/// Takes the most recently used idle connection to `addr` that is still usable.
-fn take(addr: SocketAddr, max_idle: Duration) -> Option<TcpStream> {
+/// Takes the most recently used idle connection to `addr` that is still usable at `now`.
+fn take(addr: SocketAddr, max_idle: Duration, now: Instant) -> Option<TcpStream> {
     POOL.with_borrow_mut(|Pool { idle, count }| {
         let list = idle.get_mut(&addr)?;
         while let Some(i) = list.pop() {
             *count -= 1;
-            if i.since.elapsed() < max_idle && quiet(&i.conn) {
+            if now.saturating_duration_since(i.since) < max_idle && quiet(&i.conn) {
                 return Some(i.conn);
             }
         }
@@ -371,15 +374,14 @@ fn take(addr: SocketAddr, max_idle: Duration) -> Option<TcpStream> {
     })
 }
 
-/// Keeps a connection whose last exchange ended cleanly, if the pool has room.
-fn put(addr: SocketAddr, conn: TcpStream, limit: usize) {
+/// Keeps a connection whose last exchange ended cleanly at `now`, if the pool has room.
+fn put(addr: SocketAddr, conn: TcpStream, limit: usize, now: Instant) {
     POOL.with_borrow_mut(|Pool { idle, count }| {
         if *count < limit {
             *count += 1;
-            idle.entry(addr).or_default().push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.entry(addr)
+                .or_default()
+                .push(Idle { conn, since: now });
         }
     });
 }
@@ -400,21 +402,40 @@ pub fn clear_pool() {
     POOL.with_borrow_mut(|p| *p = Pool::default());
 }
 
-/// Writes all of `bytes`, failing after `limit` without progress.
+/// Runs `fut` for at most `limit`; `None` when the time ran out. The timer is armed only
+/// when the first poll finds `fut` waiting: most writes, and reads of bytes that already
+/// arrived, complete at once, and every timer costs a clock read and an insertion into and
+/// a removal from the runtime's timer wheel.
+async fn within<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep(limit)));
+        }
+        match timer.as_mut().as_pin_mut() {
+            Some(t) => t.poll(cx).map(|()| None),
+            None => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Writes all of `bytes`, failing after `limit`.
 async fn send(
     w: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
     limit: Duration,
 ) -> std::io::Result<()> {
-    match tokio::time::timeout(limit, async {
+    within(limit, async {
         w.write_all(bytes).await?;
         w.flush().await
     })
     .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-    }
+    .unwrap_or_else(|| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Reads into the spare room of `buf` (at most `max` bytes), failing after `limit`.
@@ -427,10 +448,9 @@ async fn receive(
     buf.reserve(max);
     let room = max.min(buf.capacity() - buf.len());
     let mut limited = (&mut *r).take(room as u64);
-    match tokio::time::timeout(limit, limited.read_buf(buf)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-    }
+    within(limit, limited.read_buf(buf))
+        .await
+        .unwrap_or_else(|| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// The failure of an exchange with an upstream that never answered: 504 when it timed out,
@@ -484,14 +504,16 @@ struct Client {
 
 impl H1 {
     /// Serves requests on a plain HTTP/1 connection until it closes or a request for
-    /// pingora arrives. `next_request` is the guard's flag announcing each new request.
+    /// pingora arrives. `peer` is the client's address as the listener accepted it;
+    /// `next_request` is the guard's flag announcing each new request.
     pub async fn serve(
         &self,
-        mut stream: GuardedStream,
+        mut stream: ClientConn,
+        peer: SocketAddr,
         next_request: &AtomicBool,
         shutdown: &watch::Receiver<bool>,
     ) -> Served {
-        let peer = stream.peer_addr().map(|a| a.ip());
+        let peer = Some(peer.ip());
         let client = Client {
             peer,
             peer_text: peer.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -563,13 +585,13 @@ impl H1 {
                     // More of the header is needed. The guard bounds its size and the time
                     // it takes to arrive; an idle kept-alive connection has `KEEPALIVE`.
                     let read = if buf.is_empty() && !first {
-                        tokio::time::timeout(KEEPALIVE, stream.read_buf(&mut buf)).await
+                        within(KEEPALIVE, stream.read_buf(&mut buf)).await
                     } else {
                         buf.reserve(4096);
-                        Ok(stream.read_buf(&mut buf).await)
+                        Some(stream.read_buf(&mut buf).await)
                     };
                     match read {
-                        Ok(Ok(n)) if n > 0 => {}
+                        Some(Ok(n)) if n > 0 => {}
                         _ => return Served::Closed,
                     }
                 }
@@ -582,7 +604,7 @@ impl H1 {
     #[allow(clippy::too_many_arguments)]
     async fn request(
         &self,
-        stream: &mut GuardedStream,
+        stream: &mut ClientConn,
         client: &Client,
         req: &Req<'_>,
         headers: &[httparse::Header<'_>],
@@ -657,6 +679,7 @@ impl H1 {
             status: 0,
             endpoint: None,
             upstream_start: None,
+            end: None,
             upstream_elapsed: None,
             bytes_out: 0,
             error: None,
@@ -671,6 +694,7 @@ impl H1 {
                     id: &id,
                     rest,
                     shutting_down,
+                    start,
                 },
                 bufs,
                 &mut record,
@@ -696,7 +720,7 @@ impl H1 {
         proxy.finish(Finished {
             route: Some(&route),
             status: record.status,
-            elapsed: start.elapsed(),
+            elapsed: record.end.unwrap_or_else(Instant::now) - start,
             upstream_elapsed: record
                 .upstream_elapsed
                 .or_else(|| record.upstream_start.map(|s| s.elapsed())),
@@ -722,7 +746,7 @@ impl H1 {
     /// client connection stays open.
     async fn exchange(
         &self,
-        stream: &mut GuardedStream,
+        stream: &mut ClientConn,
         x: Exchange<'_>,
         bufs: &mut Buffers,
         record: &mut Record,
@@ -734,6 +758,7 @@ impl H1 {
             id,
             rest,
             shutting_down,
+            start,
         } = x;
         let proxy = &self.proxy;
         let t = route.timeouts;
@@ -753,7 +778,15 @@ impl H1 {
             let (addr, stats) = (ep.addr, InFlight::new(ep.stats.clone()));
             tried.push(addr);
             record.endpoint = Some(addr);
-            let (mut up, reused) = match take(addr, proxy.keepalive_idle) {
+            // The request's own start stands for the first attempt's: one clock read fewer,
+            // and nothing but building the upstream header happened in between.
+            let now = if tried.len() == 1 {
+                start
+            } else {
+                Instant::now()
+            };
+            record.upstream_start = Some(now);
+            let (mut up, reused) = match take(addr, proxy.keepalive_idle, now) {
                 Some(c) => (c, true),
                 None => match connect(addr, connect_t).await {
                     Ok(c) => (c, false),
@@ -767,7 +800,6 @@ impl H1 {
                     }
                 },
             };
-            record.upstream_start = Some(Instant::now());
             let sent = send(&mut up, &bufs.out, write_t).await;
             let stale = |e: &std::io::Error| {
                 reused && replayable && e.kind() != std::io::ErrorKind::TimedOut
@@ -927,9 +959,11 @@ impl H1 {
                 .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
             record.bytes_out += take;
         }
-        record.upstream_elapsed = record.upstream_start.map(|s| s.elapsed());
+        let end = Instant::now();
+        record.end = Some(end);
+        record.upstream_elapsed = record.upstream_start.map(|s| end - s);
         if clean && upstream_keep && quiet(&up) {
-            put(addr, up, self.pool_size);
+            put(addr, up, self.pool_size, end);
         }
         drop(stats);
         Ok(!close)
@@ -938,7 +972,7 @@ impl H1 {
     /// Copies `rest` more request body bytes from the client to the upstream.
     async fn forward_body(
         &self,
-        stream: &mut GuardedStream,
+        stream: &mut ClientConn,
         up: &mut TcpStream,
         mut rest: u64,
         piece: &mut Vec<u8>,
@@ -985,6 +1019,8 @@ struct Exchange<'a> {
     /// Request body bytes still to come from the client.
     rest: u64,
     shutting_down: bool,
+    /// When the request's header had arrived.
+    start: Instant,
 }
 
 /// A request counted in flight at an endpoint (for least-connections) until dropped.
@@ -1011,6 +1047,8 @@ struct Record {
     endpoint: Option<SocketAddr>,
     upstream_start: Option<Instant>,
     upstream_elapsed: Option<Duration>,
+    /// When the response had been relayed whole, if it was.
+    end: Option<Instant>,
     bytes_out: usize,
     error: Option<String>,
 }
@@ -1042,37 +1080,50 @@ const MAX_EARLY: usize = 64 << 10;
 /// for its next request. Watching costs no system call while the client is quiet: the
 /// runtime's readiness for its socket is clear after the request was read.
 async fn first_bytes(
-    client: &mut GuardedStream,
+    client: &mut ClientConn,
     up: &mut TcpStream,
     buf: &mut Vec<u8>,
     early: &mut Vec<u8>,
     limit: Duration,
 ) -> Result<(), Waited> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        tokio::select! {
-            biased;
-            r = read_head(up, buf, left) => return r.map_err(Waited::Upstream),
-            r = async {
-                early.reserve(4096);
-                let room = (early.capacity() - early.len()).min(MAX_EARLY - early.len());
-                (&mut *client).take(room as u64).read_buf(early).await
-            }, if early.len() < MAX_EARLY => match r {
-                Ok(n) if n > 0 => {}
-                _ => return Err(Waited::ClientGone),
-            },
+    let waited = within(limit, async {
+        loop {
+            tokio::select! {
+                biased;
+                r = read_more(up, buf) => return r.map_err(Waited::Upstream),
+                r = async {
+                    early.reserve(4096);
+                    let room = (early.capacity() - early.len()).min(MAX_EARLY - early.len());
+                    (&mut *client).take(room as u64).read_buf(early).await
+                }, if early.len() < MAX_EARLY => match r {
+                    Ok(n) if n > 0 => {}
+                    _ => return Err(Waited::ClientGone),
+                },
+            }
         }
-    }
+    });
+    waited
+        .await
+        .unwrap_or_else(|| Err(Waited::Upstream(std::io::ErrorKind::TimedOut.into())))
 }
 
 /// Reads from the upstream until `buf` holds more than before, within `limit`; a closed
 /// connection is an error, since a response header is still due.
 async fn read_head(up: &mut TcpStream, buf: &mut Vec<u8>, limit: Duration) -> std::io::Result<()> {
+    within(limit, read_more(up, buf))
+        .await
+        .unwrap_or_else(|| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Reads more of a response header from the upstream into `buf`, with no time limit of its
+/// own; a closed connection is an error, since the header is still due.
+async fn read_more(up: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
     if buf.len() >= MAX_RESPONSE_HEAD {
         return Err(std::io::Error::other("response header too large"));
     }
-    let n = receive(up, buf, CHUNK.min(MAX_RESPONSE_HEAD - buf.len()), limit).await?;
+    let room = CHUNK.min(MAX_RESPONSE_HEAD - buf.len());
+    buf.reserve(room);
+    let n = (&mut *up).take(room as u64).read_buf(buf).await?;
     if n == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
@@ -1237,6 +1288,25 @@ fn error_response(out: &mut Vec<u8>, status: u16, id: &str, close: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn within_times_out_only_what_waits_past_its_limit() {
+        let limit = Duration::from_secs(5);
+        assert_eq!(within(limit, async { 7 }).await, Some(7));
+        let late = tokio::time::sleep(Duration::from_secs(6));
+        assert_eq!(within(limit, late).await, None);
+        let t0 = tokio::time::Instant::now();
+        let in_time = tokio::time::sleep(Duration::from_secs(4));
+        assert_eq!(within(limit, in_time).await, Some(()));
+        assert_eq!(t0.elapsed(), Duration::from_secs(4));
+        // A future that waits, then finishes after being woken, is not cut short.
+        let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = tx.send(3);
+        });
+        assert_eq!(within(limit, rx).await.map(Result::ok), Some(Some(3)));
+    }
 
     /// Feeds `body` to a tracker in pieces of `step` bytes; returns where it says the body
     /// ends.

@@ -87,10 +87,14 @@ enum Phase {
     Lingering { until: Instant, discarded: usize },
 }
 
-/// A client stream with the header guard in front of pingora.
+/// A client stream with the header guard in front of pingora. `S` is pingora's stream
+/// once pingora serves the connection; lain's HTTP/1.1 path guards the bare socket, which
+/// spares every read and write pingora's layers (its buffered stream, and two clock reads
+/// per request for its read-timing digest), and wraps it for pingora only if it hands the
+/// connection over ([`GuardedStream::map_inner`]).
 #[derive(Debug)]
-pub struct GuardedStream {
-    inner: Stream,
+pub struct GuardedStream<S = Stream> {
+    inner: S,
     limits: HeaderLimits,
     phase: Phase,
     next_request: Arc<AtomicBool>,
@@ -104,10 +108,10 @@ pub struct GuardedStream {
     rpos: usize,
 }
 
-impl GuardedStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> GuardedStream<S> {
     /// Guards `inner`; the first request's header clock starts now. Store `true` in the
     /// returned flag before handing the stream to pingora for each later request.
-    pub fn new(inner: Stream, limits: HeaderLimits) -> (GuardedStream, Arc<AtomicBool>) {
+    pub fn new(inner: S, limits: HeaderLimits) -> (GuardedStream<S>, Arc<AtomicBool>) {
         let next_request = Arc::new(AtomicBool::new(false));
         let guard = GuardedStream {
             inner,
@@ -142,11 +146,19 @@ impl GuardedStream {
         self.rbuf = joined;
     }
 
-    /// The client's address, as the accepted socket reports it.
-    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
-        self.inner
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied())
+    /// The same guard, in the same state, around `f(inner)`.
+    pub fn map_inner<T>(self, f: impl FnOnce(S) -> T) -> GuardedStream<T> {
+        GuardedStream {
+            inner: f(self.inner),
+            limits: self.limits,
+            phase: self.phase,
+            next_request: self.next_request,
+            sleep: self.sleep,
+            wbuf: self.wbuf,
+            wpos: self.wpos,
+            rbuf: self.rbuf,
+            rpos: self.rpos,
+        }
     }
 
     /// Copies handed-back bytes into `buf`; true when there were any.
@@ -267,7 +279,7 @@ fn scan(bytes: &[u8], newline: &mut bool) -> Option<usize> {
     None
 }
 
-impl AsyncRead for GuardedStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -290,13 +302,14 @@ impl AsyncRead for GuardedStream {
                 if new.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
+                // The clock is read only for a header that does not arrive in one read.
                 let (deadline, seen, mut newline) = match this.phase {
                     Phase::Header {
                         deadline,
                         seen,
                         newline,
-                    } => (deadline, seen, newline),
-                    _ => (Instant::now() + this.limits.timeout, 0, false),
+                    } => (Some(deadline), seen, newline),
+                    _ => (None, 0, false),
                 };
                 match scan(new, &mut newline) {
                     Some(n) if seen + n <= this.limits.max_bytes => {
@@ -305,7 +318,8 @@ impl AsyncRead for GuardedStream {
                     }
                     None if seen + new.len() <= this.limits.max_bytes => {
                         this.phase = Phase::Header {
-                            deadline,
+                            deadline: deadline
+                                .unwrap_or_else(|| Instant::now() + this.limits.timeout),
                             seen: seen + new.len(),
                             newline,
                         };
@@ -334,7 +348,7 @@ impl AsyncRead for GuardedStream {
     }
 }
 
-impl AsyncWrite for GuardedStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

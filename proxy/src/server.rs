@@ -668,23 +668,41 @@ impl Conns {
 
     /// Serves one client connection on this worker, for its whole life.
     fn serve(self, sock: tokio::net::TcpStream, peer: SocketAddr, tls: Option<Arc<TlsAcceptor>>) {
-        // The stream pingora's own listener would make of it, with the client's address.
-        let mut stream = L4Stream::from(sock);
-        let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
-        let _ = digest.peer_addr.set(Some(peer.into()));
-        stream.set_socket_digest(digest);
         let conns = self;
-        let plain = tls.is_none();
         tokio::spawn(async move {
             let _guard = conns.tracker.clone();
             conns.metrics.active_connections.inc();
-            let first: Option<Stream> = match tls {
-                None => Some(Box::new(stream)),
-                Some(tls) => {
+            // Every request's header arrives through the guard; pingora hands the stream
+            // back after each HTTP/1 request it can reuse.
+            let first = match (tls, &conns.h1) {
+                // Plain connections start on lain's HTTP/1.1 path, on the bare socket, and
+                // go to pingora at the first request that path does not serve.
+                (None, Some(h1)) => {
+                    let (guarded, next_request) = GuardedStream::new(sock, conns.header_limits);
+                    match h1
+                        .serve(guarded, peer, &next_request, &conns.shutdown_rx)
+                        .await
+                    {
+                        Served::Closed => None,
+                        Served::Pingora(g) => Some((
+                            g.map_inner(|sock| Box::new(pingora_stream(sock, peer)) as Stream),
+                            next_request,
+                        )),
+                    }
+                }
+                (None, None) => Some(GuardedStream::new(
+                    Box::new(pingora_stream(sock, peer)) as Stream,
+                    conns.header_limits,
+                )),
+                (Some(tls), _) => {
+                    let stream = pingora_stream(sock, peer);
                     match tokio::time::timeout(tls.timeout, tls.acceptor.tls_handshake(stream))
                         .await
                     {
-                        Ok(Ok(s)) => Some(Box::new(s)),
+                        Ok(Ok(s)) => Some(GuardedStream::new(
+                            Box::new(s) as Stream,
+                            conns.header_limits,
+                        )),
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "TLS handshake failed");
                             None
@@ -696,21 +714,8 @@ impl Conns {
                     }
                 }
             };
-            if let Some(stream) = first {
-                // Every request's header arrives through the guard; pingora hands the
-                // stream back after each HTTP/1 request it can reuse.
-                let (guarded, next_request) = GuardedStream::new(stream, conns.header_limits);
-                // Plain connections start on lain's HTTP/1.1 path, which hands them to
-                // pingora at the first request it does not serve.
-                let mut next: Option<Stream> = match (&conns.h1, plain) {
-                    (Some(h1), true) => {
-                        match h1.serve(guarded, &next_request, &conns.shutdown_rx).await {
-                            Served::Closed => None,
-                            Served::Pingora(g) => Some(Box::new(g)),
-                        }
-                    }
-                    _ => Some(Box::new(guarded)),
-                };
+            if let Some((guarded, next_request)) = first {
+                let mut next: Option<Stream> = Some(Box::new(guarded));
                 while let Some(s) = next {
                     next = conns.proxy.process_new(s, &conns.shutdown_rx).await;
                     next_request.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -720,4 +725,14 @@ impl Conns {
             conns.spread.open[conns.me].dec();
         });
     }
+}
+
+/// The stream pingora's own listener would make of an accepted socket, with the client's
+/// address.
+fn pingora_stream(sock: tokio::net::TcpStream, peer: SocketAddr) -> L4Stream {
+    let mut stream = L4Stream::from(sock);
+    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+    let _ = digest.peer_addr.set(Some(peer.into()));
+    stream.set_socket_digest(digest);
+    stream
 }

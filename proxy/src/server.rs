@@ -88,6 +88,7 @@ impl Workers {
         conns: Vec<Conns>,
         inboxes: Vec<tokio::sync::mpsc::UnboundedReceiver<Handoff>>,
         accepts: &[Accept],
+        event_interval: u32,
     ) -> Result<Workers, RunError> {
         let stop = Shutdown::new();
         let mut threads = Vec::with_capacity(conns.len());
@@ -100,6 +101,7 @@ impl Workers {
                 mine.push((listener, a.tls.clone()));
             }
             let rt = tokio::runtime::Builder::new_current_thread()
+                .event_interval(event_interval)
                 .enable_all()
                 .build()
                 .map_err(|e| RunError::Failed(format!("cannot start worker {i}: {e}")))?;
@@ -451,7 +453,7 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
             shutdown.clone(),
         ));
     }
-    let workers = Workers::start(conns, inboxes, &accepts)?;
+    let workers = Workers::start(conns, inboxes, &accepts, config.event_interval)?;
     drop(accepts);
     tracing::info!(admin = %admin_addr, threads = proxies.len(), "lain proxy serving");
     if let Some(handover) = handover {

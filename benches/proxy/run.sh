@@ -261,9 +261,7 @@ stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 declare -A R
 # lain-pingora is lain with its own HTTP/1.1 path turned off: every request through
 # pingora's pipeline, as before that path existed.
-# lain-ei61 is lain with tokio's default event interval (61 tasks between looks for network
-# events) instead of lain's 1: less CPU per request, a longer tail under saturation.
-targets="direct lain lain-ei61 lain-pingora pingora nginx haproxy"
+targets="direct lain lain-pingora pingora nginx haproxy"
 # add KEY VALUE: one more round's value; med KEY: the median of the rounds.
 add() { R[$1]="${R[$1]:-} $2"; }
 med() {
@@ -273,8 +271,6 @@ med() {
 for threads in 1 2; do
   start_lain "$threads" lain-pingora "h1_fast_path = false"
   lp_addr=$lain_addr lp_pid=$lain_pid
-  start_lain "$threads" lain-ei61 "event_interval = 61"
-  le_addr=$lain_addr le_pid=$lain_pid
   start_lain "$threads" lain
   # The route lain serves: written by bench_churn's set-up and kept for the whole run.
   BENCH_PROXY="$lain_addr" BENCH_UPSTREAM="127.0.0.1:$up_port" BENCH_PREFIX="$prefix" \
@@ -289,7 +285,6 @@ for threads in 1 2; do
         direct) run_wrk direct "127.0.0.1:$up_port" 0 "$threads" ;;
         lain) run_wrk lain "$lain_addr" "$lain_pid" "$threads" ;;
         lain-pingora) run_wrk lain-pingora "$lp_addr" "$lp_pid" "$threads" ;;
-        lain-ei61) run_wrk lain-ei61 "$le_addr" "$le_pid" "$threads" ;;
         pingora) run_wrk pingora "127.0.0.1:$pg_port" "$pg_pid" "$threads" ;;
         nginx) run_wrk nginx "127.0.0.1:$ng_port" "$ng_pid" "$threads" ;;
         haproxy) run_wrk haproxy "127.0.0.1:$hp_port" "$hp_pid" "$threads" ;;
@@ -306,7 +301,7 @@ for threads in 1 2; do
     log "route churn and propagation"
     churn_json=$(BENCH_PROXY="$lain_addr" BENCH_UPSTREAM="127.0.0.1:$up_port" BENCH_PREFIX="$prefix" "$churn")
   fi
-  stop_pid "$lain_pid"; stop_pid "$lp_pid"; stop_pid "$le_pid"; stop_pid "$pg_pid"; stop_pid "$ng_pid"; stop_pid "$hp_pid"
+  stop_pid "$lain_pid"; stop_pid "$lp_pid"; stop_pid "$pg_pid"; stop_pid "$ng_pid"; stop_pid "$hp_pid"
 done
 
 log "route lookup (criterion)"
@@ -314,9 +309,9 @@ cargo bench -p lain-proxy --bench lookup -- --warm-up-time 1 --measurement-time 
 crit="$target_dir/criterion"
 lookup_ns() { jq -r '.mean.point_estimate' "$crit/lookup/$1/new/estimates.json" 2>/dev/null || echo 0; }
 
-obj() { # obj THREADS KEY -> {"direct":..,"lain":..,"lain_ei61":..,"lain_pingora":..,"pingora":..,"nginx":..,"haproxy":..}
-  printf '{"direct":%s,"lain":%s,"lain_ei61":%s,"lain_pingora":%s,"pingora":%s,"nginx":%s,"haproxy":%s}' \
-    "${R[$1,direct,$2]:-0}" "${R[$1,lain,$2]:-0}" "${R[$1,lain-ei61,$2]:-0}" "${R[$1,lain-pingora,$2]:-0}" \
+obj() { # obj THREADS KEY -> {"direct":..,"lain":..,"lain_pingora":..,"pingora":..,"nginx":..,"haproxy":..}
+  printf '{"direct":%s,"lain":%s,"lain_pingora":%s,"pingora":%s,"nginx":%s,"haproxy":%s}' \
+    "${R[$1,direct,$2]:-0}" "${R[$1,lain,$2]:-0}" "${R[$1,lain-pingora,$2]:-0}" \
     "${R[$1,pingora,$2]:-0}" "${R[$1,nginx,$2]:-0}" "${R[$1,haproxy,$2]:-0}"
 }
 group() {

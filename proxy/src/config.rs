@@ -54,16 +54,16 @@ pub struct Config {
     #[serde(default = "default_true")]
     pub h1_fast_path: bool,
     /// How many tasks (one step of one connection each) a worker runs before it looks for
-    /// new network events again. 1 looks after every step, which costs a non-blocking
-    /// `epoll_wait` per step (about 8 % more CPU per request on the benchmark machine) and
-    /// serves requests in a steadier order: at one worker under saturation, p99 latency
-    /// about a tenth lower. tokio's own default is 61.
+    /// new network events again; tokio's own default, 61, unless set. 1 looks after every
+    /// step, which costs a non-blocking `epoll_wait` per step: on the benchmark machine,
+    /// at one saturated worker, about 8 % more CPU per request for a p99 about a tenth
+    /// lower in side-by-side runs, a difference the full benchmark's noise hid.
     #[serde(default = "default_event_interval")]
     pub event_interval: u32,
 }
 
 fn default_event_interval() -> u32 {
-    1
+    61
 }
 
 fn default_true() -> bool {
@@ -509,6 +509,6 @@ mod tests {
         .unwrap();
         assert_eq!(c.upstream.max_retries, 3);
         assert_eq!(c.access_log.path, "-");
-        assert_eq!(c.event_interval, 1);
+        assert_eq!(c.event_interval, 61);
     }
 }

@@ -38,12 +38,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::header_guard::GuardedStream;
-
-/// A client connection on this path: the guarded bare socket.
-type ClientConn = GuardedStream<TcpStream>;
 use crate::service::{Finished, LainProxy, forwarded, hash_key_in, request_id};
 use crate::table::Route;
 use crate::upstream::EndpointStats;
+
+/// A client connection on this path: the guarded bare socket.
+type ClientConn = GuardedStream<TcpStream>;
 
 /// The most request or response headers parsed; a request with more goes to pingora. The
 /// header arrays are left uninitialised: httparse fills what it parses, and clearing 2 KiB
@@ -427,18 +427,27 @@ async fn within<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
     .await
 }
 
+/// [`within`] for I/O: running out of time is a `TimedOut` error.
+async fn within_io<T>(
+    limit: Duration,
+    fut: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    within(limit, fut)
+        .await
+        .unwrap_or_else(|| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 /// Writes all of `bytes`, failing after `limit`.
 async fn send(
     w: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
     limit: Duration,
 ) -> std::io::Result<()> {
-    within(limit, async {
+    within_io(limit, async {
         w.write_all(bytes).await?;
         w.flush().await
     })
     .await
-    .unwrap_or_else(|| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Reads into the spare room of `buf` (at most `max` bytes), failing after `limit`.
@@ -448,12 +457,18 @@ async fn receive(
     max: usize,
     limit: Duration,
 ) -> std::io::Result<usize> {
+    within_io(limit, read_into(r, buf, max)).await
+}
+
+/// Reads into the spare room of `buf` (at most `max` bytes), with no time limit of its own.
+async fn read_into(
+    r: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<usize> {
     buf.reserve(max);
     let room = max.min(buf.capacity() - buf.len());
-    let mut limited = (&mut *r).take(room as u64);
-    within(limit, limited.read_buf(buf))
-        .await
-        .unwrap_or_else(|| Err(std::io::ErrorKind::TimedOut.into()))
+    (&mut *r).take(room as u64).read_buf(buf).await
 }
 
 /// The failure of an exchange with an upstream that never answered: 504 when it timed out,
@@ -780,6 +795,9 @@ impl H1 {
         let replayable = req.idempotent && rest == 0;
         let tried = &mut bufs.tried;
         tried.clear();
+        // The request's own start stands for the first attempt's: one clock read fewer, and
+        // nothing but building the upstream header happened in between.
+        let mut first_attempt = Some(start);
         let (mut up, addr, stats) = loop {
             let Some(ep) = route.upstream.select(&route.balance, key, tried) else {
                 return Err(Failure::Upstream(503, "no healthy endpoint".into()));
@@ -787,13 +805,7 @@ impl H1 {
             let (addr, stats) = (ep.addr, InFlight::new(ep.stats.clone()));
             tried.push(addr);
             record.endpoint = Some(addr);
-            // The request's own start stands for the first attempt's: one clock read fewer,
-            // and nothing but building the upstream header happened in between.
-            let now = if tried.len() == 1 {
-                start
-            } else {
-                Instant::now()
-            };
+            let now = first_attempt.take().unwrap_or_else(Instant::now);
             record.upstream_start = Some(now);
             let (mut up, reused) = match take(addr, proxy.keepalive_idle, now) {
                 Some(c) => (c, true),
@@ -1124,9 +1136,7 @@ async fn first_bytes(
 /// Reads from the upstream until `buf` holds more than before, within `limit`; a closed
 /// connection is an error, since a response header is still due.
 async fn read_head(up: &mut TcpStream, buf: &mut Vec<u8>, limit: Duration) -> std::io::Result<()> {
-    within(limit, read_more(up, buf))
-        .await
-        .unwrap_or_else(|| Err(std::io::ErrorKind::TimedOut.into()))
+    within_io(limit, read_more(up, buf)).await
 }
 
 /// Reads more of a response header from the upstream into `buf`, with no time limit of its
@@ -1135,9 +1145,7 @@ async fn read_more(up: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()>
     if buf.len() >= MAX_RESPONSE_HEAD {
         return Err(std::io::Error::other("response header too large"));
     }
-    let room = CHUNK.min(MAX_RESPONSE_HEAD - buf.len());
-    buf.reserve(room);
-    let n = (&mut *up).take(room as u64).read_buf(buf).await?;
+    let n = read_into(up, buf, CHUNK.min(MAX_RESPONSE_HEAD - buf.len())).await?;
     if n == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }

@@ -9,7 +9,8 @@
 #
 # Knobs: BENCH_DURATION (s per wrk run, default 10), BENCH_ROUNDS (default 5),
 # BENCH_CONNECTIONS (default 64), BENCH_CHURN_SECS (default 10), BENCH_UPDATES_PER_SEC
-# (default 200).
+# (default 200), BENCH_LAIN_CONFIG (top-level lines added to both lain targets' config, for
+# example "event_interval = 1").
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -168,6 +169,7 @@ start_lain() {
   cat >"$work/$name.toml" <<EOF
 threads = $threads
 $extra
+${BENCH_LAIN_CONFIG:-}
 [listen]
 http = "127.0.0.1:0"
 admin = "127.0.0.1:0"
@@ -323,6 +325,7 @@ echo "$json" | jq . >"$out/proxy.json"
 
 {
   echo "Medians of $rounds rounds of ${duration} s, $conns connections."
+  [ -z "${BENCH_LAIN_CONFIG:-}" ] || echo "lain's extra config: ${BENCH_LAIN_CONFIG//$'\n'/; }"
   echo
   echo "| threads | target | req/s | p50 ms | p99 ms | CPU µs/req | lain ÷ target (CPU) | RSS MiB |"
   echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"

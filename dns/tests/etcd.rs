@@ -349,6 +349,17 @@ async fn services_static_records_ingress_and_per_client_views() {
         WAIT,
     )
     .await;
+    // The TXT and ingress records were written after it; the zone takes etcd's changes in
+    // order, so once the last of them (the ingress) answers, every record above is served.
+    wait_answer(
+        dns.addr,
+        "client.lain.",
+        RecordType::A,
+        ResponseCode::NoError,
+        &["127.0.14.100"],
+        WAIT,
+    )
+    .await;
     let q = query_bytes("redis.client.lain.", RecordType::A, Opts::default());
     // From the client's own instance, and from an unknown address: the service resolves.
     for from in ["127.0.14.2", "127.0.0.1"] {

@@ -105,6 +105,7 @@ pub async fn run_config(config: Config, indexer: bool) -> Result<(), RunError> {
             topic: k.topic.clone(),
             compression: k.compression.clone(),
             linger_ms: k.linger_ms,
+            message_timeout_secs: k.message_timeout_secs,
             inflight_batches: k.inflight_batches,
             dead_letter_path: k
                 .dead_letter_path

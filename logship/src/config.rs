@@ -261,6 +261,11 @@ pub struct KafkaSink {
     /// `linger.ms`.
     #[serde(default = "default_linger")]
     pub linger_ms: u64,
+    /// How long the producer holds a message it cannot deliver before it reports it timed
+    /// out (`message.timeout.ms`); the sink then sends it again, however long the broker
+    /// is away.
+    #[serde(default = "default_message_timeout_secs")]
+    pub message_timeout_secs: u64,
     /// Batches awaiting delivery reports at once.
     #[serde(default = "default_inflight")]
     pub inflight_batches: usize,
@@ -284,6 +289,9 @@ fn default_compression() -> String {
 }
 fn default_linger() -> u64 {
     20
+}
+fn default_message_timeout_secs() -> u64 {
+    120
 }
 fn default_inflight() -> usize {
     8
@@ -457,6 +465,14 @@ impl Validate for Config {
                     "must be greater than 0",
                 ));
             }
+            // librdkafka takes at most 2^31 - 1 ms; 0 would mean never, which is what the
+            // retries already give without leaving a message inside librdkafka for good.
+            if !(1..=2_147_483).contains(&k.message_timeout_secs) {
+                errors.push(ConfigError::at(
+                    "sinks.kafka.message_timeout_secs",
+                    "must be between 1 and 2147483",
+                ));
+            }
         }
         if let Some(e) = &self.sinks.elasticsearch {
             if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
@@ -504,7 +520,7 @@ mod tests {
 
     #[test]
     fn every_error_is_reported() {
-        let text = "state_dir = \"/tmp/x\"\n[admin]\nlisten = \"nope\"\n[[files]]\nname = \"a\"\npaths = [\"rel/*.log\", \"/a/*/b.log\"]\nmultiline_start = \"(\"\n[sinks.kafka]\nbrokers = \"\"\ncompression = \"brotli\"\n";
+        let text = "state_dir = \"/tmp/x\"\n[admin]\nlisten = \"nope\"\n[[files]]\nname = \"a\"\npaths = [\"rel/*.log\", \"/a/*/b.log\"]\nmultiline_start = \"(\"\n[sinks.kafka]\nbrokers = \"\"\ncompression = \"brotli\"\nmessage_timeout_secs = 0\n";
         let e = lain_common::parse_config::<Config>("l.toml", text).unwrap_err();
         let paths: Vec<_> = e.errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
@@ -515,7 +531,8 @@ mod tests {
                 "files[0].paths[1]",
                 "files[0].multiline_start",
                 "sinks.kafka.brokers",
-                "sinks.kafka.compression"
+                "sinks.kafka.compression",
+                "sinks.kafka.message_timeout_secs"
             ],
             "{e}"
         );

@@ -15,6 +15,8 @@ use lain_test_support::{LainProcess, eventually, require_es, require_kafka, temp
 
 const KAFKA_OUT: &str = "lain_logship_lines_out_total{sink=\"kafka\"}";
 const KAFKA_BUFFER: &str = "lain_logship_disk_buffer_bytes{sink=\"kafka\"}";
+const KAFKA_RETRIES: &str = "lain_logship_retries_total{sink=\"kafka\"}";
+const KAFKA_DEAD: &str = "lain_logship_dead_letters_total{sink=\"kafka\"}";
 
 fn write_numbered(path: &std::path::Path, from: usize, to: usize) {
     let mut f = std::fs::OpenOptions::new()
@@ -156,8 +158,9 @@ async fn kafka_absent_then_crashed_loses_nothing() {
     // The crash comes once delivery is under way (2,000 lines in), with the producer's
     // idempotence id settled. A kill in the first moments after the broker appears, while
     // the id is still being acquired, once left a replayed batch without delivery reports
-    // (every line was in Kafka, but its disk-buffer segment stayed): see the warnings the
-    // Kafka sink and the disk buffer log for that case.
+    // (every line was in Kafka, but its disk-buffer segment stayed). The message timeout
+    // bounds that case: what the producer holds comes back timed out and is sent again
+    // (`kafka_timeouts_are_sent_again_until_the_broker_returns`).
     common::wait_metric(
         admin,
         KAFKA_OUT,
@@ -210,6 +213,76 @@ async fn kafka_absent_then_crashed_loses_nothing() {
         common::metric(&page, "lain_logship_dead_letters_total{sink=\"kafka\"}"),
         0
     );
+    drop(p);
+}
+
+/// A message the producer holds longer than `message_timeout_secs` (in flight when the
+/// broker crashed, or queued while it is away) comes back timed out and is sent again, for as
+/// long as the broker stays away: a broker outage never turns lines into dead letters, and
+/// nothing the producer holds can wait forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_timeouts_are_sent_again_until_the_broker_returns() {
+    let _ = require_kafka();
+    let dir = temp_dir();
+    let port = lain_test_support::free_port();
+    let topic = common::unique("timeout");
+    let (cfg, logs) = kafka_outage_config(dir.path(), port, &topic, "message_timeout_secs = 2");
+    let log = logs.join("app.log");
+    const FIRST: usize = 2_000;
+    const TOTAL: usize = 6_000;
+    write_numbered(&log, 0, FIRST);
+    let p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    let admin = p.addr("admin");
+
+    let kdir = dir.path().join("kafka");
+    std::fs::create_dir_all(&kdir).unwrap();
+    let mut kafka = PrivateKafka::prepare(&kdir, port);
+    kafka.start();
+    let brokers = kafka.brokers.clone();
+    common::wait_metric(
+        admin,
+        KAFKA_OUT,
+        Duration::from_secs(120),
+        "delivery under way",
+        |v| v >= 500,
+    )
+    .await;
+    kafka.kill();
+    let down = std::time::Instant::now();
+    write_numbered(&log, FIRST, TOTAL);
+    common::wait_metric(
+        admin,
+        KAFKA_RETRIES,
+        Duration::from_secs(20),
+        "timed-out messages sent again",
+        |v| v > 0,
+    )
+    .await;
+    // Away for 20 s: ten message timeouts, more than the five attempts an event the broker
+    // refuses gets before it becomes a dead letter.
+    tokio::time::sleep_until((down + Duration::from_secs(20)).into()).await;
+    let page = common::metrics_page(admin).await;
+    assert_eq!(
+        common::metric(&page, KAFKA_DEAD),
+        0,
+        "timed-out lines became dead letters while the broker was away"
+    );
+    let retries = common::metric(&page, KAFKA_RETRIES);
+    kafka.start();
+
+    let duplicates = all_lines_in_kafka(brokers, topic, TOTAL).await;
+    println!("{TOTAL} lines, {duplicates} duplicates, {retries} retries while the broker was away");
+    common::wait_metric(
+        admin,
+        KAFKA_BUFFER,
+        Duration::from_secs(30),
+        "the disk buffer empty",
+        |v| v == 0,
+    )
+    .await;
+    let page = common::metrics_page(admin).await;
+    assert_eq!(common::metric(&page, KAFKA_DEAD), 0);
+    assert_eq!(common::metric(&page, "lain_logship_dropped_total"), 0);
     drop(p);
 }
 

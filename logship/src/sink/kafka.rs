@@ -3,6 +3,7 @@
 //! `{host}.access` for access logs); the key is the instance, so one instance's lines stay in
 //! order within a partition.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,8 +20,13 @@ use crate::event::Meta;
 use crate::metrics::Metrics;
 use crate::pipeline::{Batch, BatchReceiver};
 
-/// A permanent error is retried this many times before the event goes to the dead letters.
+/// An event the broker refuses (a permanent error) is tried this many times before it goes
+/// to the dead letters. Timeouts and an absent broker are not refusals: those events are
+/// sent again however long the broker is away.
 const MAX_ATTEMPTS: u32 = 5;
+
+/// Rounds of retries back off up to `backoff(MAX_BACKOFF_STEP)` (6.4 s) apart.
+const MAX_BACKOFF_STEP: u32 = 6;
 
 /// A batch waiting this long for its delivery reports is logged (and again at each further
 /// interval), so that a batch that never completes, and so keeps its disk-buffer segment,
@@ -38,6 +44,9 @@ pub struct KafkaSinkSettings {
     pub compression: String,
     /// `linger.ms`.
     pub linger_ms: u64,
+    /// `message.timeout.ms` in seconds: how long the producer holds a message before it
+    /// reports it timed out (and the sink sends it again).
+    pub message_timeout_secs: u64,
     /// Batches being delivered at once.
     pub inflight_batches: usize,
     /// Where refused events go.
@@ -46,12 +55,59 @@ pub struct KafkaSinkSettings {
     pub properties: Vec<(String, String)>,
 }
 
+/// One event of a batch that was not delivered.
+#[derive(Debug)]
+struct Failure {
+    /// The event's index in its batch.
+    index: usize,
+    reason: String,
+    /// Whether the failure says nothing about the event itself (it timed out, or no broker
+    /// took it), so that it is sent again without counting as an attempt.
+    transient: bool,
+}
+
+impl Failure {
+    fn new(index: usize, err: &KafkaError) -> Failure {
+        Failure {
+            index,
+            reason: err.to_string(),
+            transient: err.rdkafka_error_code().is_some_and(is_transient),
+        }
+    }
+}
+
+/// Errors that come from the broker being away, slow or moving partitions, not from the
+/// message: librdkafka gives up on such a message only when `message.timeout.ms` expired
+/// (or a request timed out), and the same message is expected to succeed later.
+fn is_transient(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageTimedOut
+            | C::OperationTimedOut
+            | C::RequestTimedOut
+            | C::TimedOutQueue
+            | C::AllBrokersDown
+            | C::BrokerTransportFailure
+            | C::NetworkException
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::PreferredLeaderNotAvailable
+            | C::FencedLeaderEpoch
+            | C::UnknownLeaderEpoch
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+            | C::KafkaStorageError
+            | C::ThrottlingQuotaExceeded
+    )
+}
+
 /// The delivery reports of one batch (one attempt at it): how many are outstanding, and
 /// which events failed with what reason.
 #[derive(Debug)]
 struct Tracker {
     remaining: AtomicUsize,
-    failed: Mutex<Vec<(usize, String)>>,
+    failed: Mutex<Vec<Failure>>,
     done: Notify,
 }
 
@@ -64,7 +120,7 @@ impl Tracker {
         })
     }
 
-    fn report(&self, failure: Option<(usize, String)>) {
+    fn report(&self, failure: Option<Failure>) {
         if let Some(f) = failure {
             self.failed
                 .lock()
@@ -77,7 +133,7 @@ impl Tracker {
         }
     }
 
-    async fn wait(&self) -> Vec<(usize, String)> {
+    async fn wait(&self) -> Vec<Failure> {
         while self.remaining.load(Ordering::Acquire) > 0 {
             self.done.notified().await;
         }
@@ -111,7 +167,7 @@ impl ProducerContext for Reports {
         let failure = result
             .as_ref()
             .err()
-            .map(|(e, _)| (slot.index, e.to_string()));
+            .map(|(e, _)| Failure::new(slot.index, e));
         slot.tracker.report(failure);
     }
 }
@@ -127,9 +183,13 @@ pub fn producer(s: &KafkaSinkSettings) -> Result<KafkaProducer, KafkaError> {
         .set("acks", "all")
         .set("compression.type", &s.compression)
         .set("linger.ms", s.linger_ms.to_string())
-        // Never give up on a message because the broker is away: lines wait (and reading
-        // pauses through backpressure) until it is back. Permanent errors still fail.
-        .set("message.timeout.ms", "0")
+        // A message the producer cannot deliver in this time comes back as timed out and
+        // the sink sends it again, however long the broker is away: nothing waits inside
+        // librdkafka without bound, and a timeout never makes a dead letter.
+        .set(
+            "message.timeout.ms",
+            s.message_timeout_secs.saturating_mul(1000).to_string(),
+        )
         .set("queue.buffering.max.messages", "200000");
     for (k, v) in &s.properties {
         c.set(k, v);
@@ -194,7 +254,11 @@ impl Shared {
                         attempt += 1;
                         self.metrics.retries.with_label_values(&["kafka"]).inc();
                         if attempt >= MAX_ATTEMPTS {
-                            r.delivery_opaque.tracker.report(Some((i, err.to_string())));
+                            // Reported as a failure of this attempt; `complete` decides
+                            // whether the event is tried again.
+                            r.delivery_opaque
+                                .tracker
+                                .report(Some(Failure::new(i, &err)));
                             break;
                         }
                         record = r;
@@ -207,29 +271,50 @@ impl Shared {
     }
 
     /// Waits for the delivery reports of a batch, re-sending failures; acknowledges the
-    /// batch when every event is delivered or dead-lettered.
+    /// batch when every event is delivered or dead-lettered. An event goes to the dead
+    /// letters after [`MAX_ATTEMPTS`] refusals; timeouts and an absent broker are retried
+    /// until the event is delivered.
     async fn complete(&self, batch: &Batch, mut tracker: Arc<Tracker>) {
-        let mut attempt = 0;
+        let mut refusals: HashMap<usize, u32> = HashMap::new();
+        let mut round = 0;
         loop {
-            let mut retry = self.wait_reports(batch, &tracker).await;
-            if retry.is_empty() {
+            let mut failed = self.wait_reports(batch, &tracker).await;
+            if failed.is_empty() {
                 break;
             }
-            retry.sort_by_key(|(i, _)| *i);
-            attempt += 1;
+            failed.sort_by_key(|f| f.index);
+            round += 1;
             self.metrics
                 .retries
                 .with_label_values(&["kafka"])
-                .inc_by(retry.len() as u64);
-            if attempt >= MAX_ATTEMPTS {
-                for (i, reason) in &retry {
-                    self.dead_letter(reason, &batch.events[*i].body).await;
+                .inc_by(failed.len() as u64);
+            let mut retry = Vec::with_capacity(failed.len());
+            for f in failed {
+                if f.transient {
+                    retry.push(f);
+                    continue;
                 }
-                break;
+                let n = refusals.entry(f.index).or_default();
+                *n += 1;
+                if *n >= MAX_ATTEMPTS {
+                    self.dead_letter(&f.reason, &batch.events[f.index].body)
+                        .await;
+                } else {
+                    retry.push(f);
+                }
             }
-            tracing::warn!(events = retry.len(), reason = %retry[0].1, "kafka delivery failed; retrying");
-            super::backoff(attempt).await;
-            let todo: Vec<usize> = retry.into_iter().map(|(i, _)| i).collect();
+            let Some(first) = retry.first() else {
+                break;
+            };
+            tracing::warn!(
+                events = retry.len(),
+                reason = %first.reason,
+                transient = first.transient,
+                round,
+                "kafka delivery failed; sending again"
+            );
+            super::backoff(round.min(MAX_BACKOFF_STEP)).await;
+            let todo: Vec<usize> = retry.into_iter().map(|f| f.index).collect();
             tracker = self.enqueue_all(batch, &todo).await;
         }
         let bytes: usize = batch.events.iter().map(|e| e.body.len()).sum();
@@ -245,7 +330,7 @@ impl Shared {
     }
 
     /// Waits for the delivery reports of one attempt at a batch, warning while they are late.
-    async fn wait_reports(&self, batch: &Batch, tracker: &Tracker) -> Vec<(usize, String)> {
+    async fn wait_reports(&self, batch: &Batch, tracker: &Tracker) -> Vec<Failure> {
         let started = std::time::Instant::now();
         loop {
             // `wait` re-checks the count each time it is entered, so cancelling it on the
@@ -311,4 +396,23 @@ pub async fn run(
     }
     while tasks.join_next().await.is_some() {}
     let _ = shared.producer.flush(Duration::from_secs(10));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_and_broker_outages_are_transient_refusals_are_not() {
+        let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        let no_broker = KafkaError::MessageProduction(RDKafkaErrorCode::AllBrokersDown);
+        let bad_topic = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
+        assert!(Failure::new(0, &timed_out).transient);
+        assert!(Failure::new(0, &no_broker).transient);
+        assert!(!Failure::new(0, &too_large).transient);
+        assert!(!Failure::new(0, &bad_topic).transient);
+        // An error without a librdkafka code is not known to pass by itself.
+        assert!(!Failure::new(0, &KafkaError::Canceled).transient);
+    }
 }

@@ -137,7 +137,8 @@ run_wrk() {
   local c0=0
   [ "$pid" != 0 ] && c0=$(cpu_ticks "$pid")
   local txt
-  txt=$(wrk -t "$threads" -c "$conns" -d "$duration" --latency -H "Host: $host" "http://$addr/")
+  txt=$(wrk -t "$threads" -c "$conns" -d "$duration" --latency -s "$root/benches/proxy/percentiles.lua" \
+    -H "Host: $host" "http://$addr/")
   local c1=0
   [ "$pid" != 0 ] && c1=$(cpu_ticks "$pid")
   local reqs
@@ -154,6 +155,7 @@ run_wrk() {
   local errors
   errors=$(echo "$txt" | awk '/Non-2xx|Socket errors/' | tr '\n' ' ')
   log "$name threads=$threads rps=$rps p50=${p50}ms p99=${p99}ms cpu=${cpu}us/req rss=${rss}MiB $errors"
+  log "$name threads=$threads $(echo "$txt" | grep '^percentiles_us' || true)"
   # Figures of a run that did not answer 200 measure something else; stop instead.
   if echo "$txt" | grep -q "Non-2xx"; then
     log "$name answered errors under load; no figures are reported. One request now:"

@@ -55,9 +55,9 @@ pub struct Config {
     pub h1_fast_path: bool,
     /// How many tasks (one step of one connection each) a worker runs before it looks for
     /// new network events again; tokio's own default, 61, unless set. 1 looks after every
-    /// step, which costs a non-blocking `epoll_wait` per step: on the benchmark machine,
-    /// at one saturated worker, about 8 % more CPU per request for a p99 about a tenth
-    /// lower in side-by-side runs, a difference the full benchmark's noise hid.
+    /// step, which costs a non-blocking `epoll_wait` per step: on the benchmark machine, at
+    /// one saturated worker, about 10 % more CPU per request, and in 18 paired rounds no
+    /// lower p99 than 61 (see the README's proxy benchmark).
     #[serde(default = "default_event_interval")]
     pub event_interval: u32,
 }

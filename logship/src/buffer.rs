@@ -12,7 +12,7 @@
 //! middle of a write) was never acknowledged to its source and is cut off with a warning
 //! naming the file and the byte.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -67,10 +67,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BufferError + '_ {
     }
 }
 
-/// Identifies a record for acknowledging it: its segment.
+/// Identifies a record for acknowledging it: its segment, and its number in write order
+/// since the buffer was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordId {
     segment: u64,
+    number: u64,
 }
 
 #[derive(Debug)]
@@ -99,6 +101,10 @@ pub struct DiskBuffer {
     segments: VecDeque<Segment>,
     writer: Option<File>,
     next_seq: u64,
+    /// Records written since opened, counting those found at opening first.
+    written: u64,
+    /// Records handed out since opened; the number of the next one.
+    served: u64,
 }
 
 impl DiskBuffer {
@@ -131,6 +137,7 @@ impl DiskBuffer {
             }
         }
         let next_seq = segments.back().map_or(0, |s| s.seq + 1);
+        let written = segments.iter().map(|s| s.records).sum();
         Ok(DiskBuffer {
             dir: dir.to_path_buf(),
             max_bytes,
@@ -138,6 +145,8 @@ impl DiskBuffer {
             segments,
             writer: None,
             next_seq,
+            written,
+            served: 0,
         })
     }
 
@@ -161,8 +170,15 @@ impl DiskBuffer {
         self.bytes() < self.max_bytes
     }
 
+    /// The number [`DiskBuffer::next_record`] gives the record it hands out next (records
+    /// are handed out in write order).
+    pub fn next_number(&self) -> u64 {
+        self.served
+    }
+
     /// Writes one batch and syncs it to disk; once this returns, the batch survives a crash.
-    pub fn append(&mut self, events: &[Event]) -> Result<(), BufferError> {
+    /// Returns the record's number.
+    pub fn append(&mut self, events: &[Event]) -> Result<u64, BufferError> {
         let payload = encode_batch(events);
         let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
         let record_bytes = HEADER_BYTES + payload.len() as u64;
@@ -189,7 +205,8 @@ impl DiskBuffer {
         seg.bytes += record_bytes;
         seg.records += 1;
         seg.unsent_events += events.len() as u64;
-        Ok(())
+        self.written += 1;
+        Ok(self.written - 1)
     }
 
     fn start_segment(&mut self) -> Result<(), BufferError> {
@@ -246,7 +263,12 @@ impl DiskBuffer {
         seg.read_at += HEADER_BYTES + payload.len() as u64;
         seg.sent += 1;
         seg.unsent_events = seg.unsent_events.saturating_sub(events.len() as u64);
-        Ok(Some((RecordId { segment: seg.seq }, events)))
+        let id = RecordId {
+            segment: seg.seq,
+            number: self.served,
+        };
+        self.served += 1;
+        Ok(Some((id, events)))
     }
 
     /// The sink acknowledged a record; segments whose every record is acknowledged are
@@ -525,10 +547,20 @@ pub async fn run_stage(
     let buffer = Arc::new(Mutex::new(buffer));
     let state = |b: &Arc<Mutex<DiskBuffer>>| {
         let g = b.lock().unwrap_or_else(|e| e.into_inner());
-        (g.unsent(), g.has_room(), g.bytes(), g.unsent_events())
+        (
+            g.unsent(),
+            g.has_room(),
+            g.bytes(),
+            g.unsent_events(),
+            g.next_number(),
+        )
     };
     // Batches handed straight to the sink and not yet confirmed by it, oldest first.
     let mut passed: VecDeque<Arc<Batch>> = VecDeque::new();
+    // Copies on disk of batches the sink held when the stall began, by record number. The
+    // sink still delivers those batches itself; a copy is replayed only if this process
+    // stops first, so an outage does not send them twice.
+    let mut copies: HashMap<u64, Arc<SinkAck>> = HashMap::new();
     // Records replayed to the sink and not yet confirmed by it, oldest first, with when they
     // were handed out.
     let mut replayed: Vec<(RecordId, Arc<Batch>, Instant)> = Vec::new();
@@ -577,7 +609,7 @@ pub async fn run_stage(
                 "disk buffer: a replayed record is still not confirmed by the sink"
             );
         }
-        let (unsent, room, bytes, unsent_events) = state(&buffer);
+        let (unsent, room, bytes, unsent_events, next) = state(&buffer);
         gauges.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         gauges
             .events
@@ -624,7 +656,10 @@ pub async fn run_stage(
             }
             _ => None,
         };
-        let replay = unsent > 0 && input_open;
+        // The next record is a copy of a batch the sink still holds: wait for the sink to
+        // finish it (the record is then skipped) rather than send it twice.
+        let original_pending = copies.get(&next).is_some_and(|a| !a.is_delivered());
+        let replay = unsent > 0 && input_open && !original_pending;
         tokio::select! {
             biased;
             permit = output.reserve(), if replay || (pending.is_some() && unsent == 0) => {
@@ -638,7 +673,18 @@ pub async fn run_stage(
                     .await
                     .unwrap_or_else(|e| Err(io(Path::new(""))(std::io::Error::other(e.to_string()))));
                     match got {
+                        Ok(Some((id, _)))
+                            if copies.get(&id.number).is_some_and(|a| a.is_delivered()) =>
+                        {
+                            // The sink delivered the original of this copy itself.
+                            copies.remove(&id.number);
+                            let r = on_disk(&buffer, move |b| b.ack(id)).await;
+                            if let Err(e) = r {
+                                tracing::error!(error = %e, "disk buffer: cannot delete a delivered segment");
+                            }
+                        }
                         Ok(Some((id, events))) => {
+                            copies.remove(&id.number);
                             let source = Ack::new(1, events.len(), in_memory.clone());
                             let batch = Arc::new(Batch {
                                 events: Arc::new(events),
@@ -670,10 +716,14 @@ pub async fn run_stage(
                 // the waiting batch, so the replay keeps the read order.
                 if let Some(b) = pending.take() {
                     let mut all: Vec<Arc<Batch>> = passed.drain(..).filter(|b| !b.ack.is_done()).collect();
+                    let held: Vec<Arc<SinkAck>> = all.iter().map(|b| b.ack.clone()).collect();
                     all.push(b);
-                    if let Err(b) = spill(&buffer, all, &gauges).await {
-                        disk_failed = true;
-                        pending = Some(b);
+                    match spill(&buffer, all, &gauges).await {
+                        Ok(numbers) => copies.extend(numbers.into_iter().zip(held)),
+                        Err(b) => {
+                            disk_failed = true;
+                            pending = Some(b);
+                        }
                     }
                 }
                 stalled_since = None;
@@ -701,18 +751,21 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Writes batches to disk, in order, and confirms them to their sources. On a disk error
-/// the last batch is handed back to wait for the sink (the ones before it still reach the
-/// sink, which holds them).
+/// Writes batches to disk, in order, and confirms them to their sources; returns their
+/// record numbers. On a disk error the last batch is handed back to wait for the sink (the
+/// ones before it still reach the sink, which holds them).
 async fn spill(
     buffer: &Arc<Mutex<DiskBuffer>>,
     batches: Vec<Arc<Batch>>,
     gauges: &BufferGauges,
-) -> Result<(), Arc<Batch>> {
+) -> Result<Vec<u64>, Arc<Batch>> {
     let copies: Vec<Arc<Batch>> = batches.clone();
+    let numbers = Arc::new(Mutex::new(Vec::with_capacity(batches.len())));
+    let out = numbers.clone();
     let written = on_disk(buffer, move |d| {
+        let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
         for b in &copies {
-            d.append(&b.events)?;
+            out.push(d.append(&b.events)?);
         }
         Ok(())
     })
@@ -721,15 +774,17 @@ async fn spill(
         Ok(()) => {
             for b in &batches {
                 gauges.spilled.inc_by(b.events.len() as u64);
-                b.ack.ack();
+                b.ack.buffered();
             }
-            Ok(())
+            Ok(std::mem::take(
+                &mut *numbers.lock().unwrap_or_else(|e| e.into_inner()),
+            ))
         }
         Err(e) => {
             tracing::error!(error = %e, "disk buffer: cannot write; batches wait for the sink");
             match batches.into_iter().last() {
                 Some(b) => Err(b),
-                None => Ok(()),
+                None => Ok(Vec::new()),
             }
         }
     }
@@ -1034,11 +1089,11 @@ mod tests {
         }
         assert_eq!(g.spilled.get(), 50);
         assert!(std::fs::read_dir(dir.path()).unwrap().count() > 0);
-        // The sink comes back: it delivers the two batches it held, then gets every event
-        // from disk in order (those two again: at least once), and the disk empties as it
-        // confirms.
+        // The sink comes back: it delivers the two batches it held, then gets every later
+        // event from disk in order (not those two again: their copies are only for a
+        // restart), and the disk empties as it confirms.
         let mut got = Vec::new();
-        while got.len() < 60 {
+        while got.len() < 50 {
             let b = tokio::time::timeout(Duration::from_secs(10), out_rx.recv())
                 .await
                 .expect("the sink gets the rest")
@@ -1046,8 +1101,14 @@ mod tests {
             got.extend(ids(&b.events));
             b.ack.ack();
         }
-        let want: Vec<String> = (0..10).chain(0..50).map(|i| format!("id-{i}")).collect();
+        let want: Vec<String> = (0..50).map(|i| format!("id-{i}")).collect();
         assert_eq!(got, want);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), out_rx.recv())
+                .await
+                .is_err(),
+            "nothing more reaches the sink"
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::fs::read_dir(dir.path()).unwrap().count() > 0 {
             assert!(Instant::now() < deadline, "replayed segments not deleted");
@@ -1061,6 +1122,46 @@ mod tests {
         assert_eq!(g.spilled.get(), 50);
         drop(in_tx);
         stage.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn copies_of_held_batches_the_sink_did_not_finish_are_replayed_after_a_restart() {
+        let TestStage {
+            dir,
+            m,
+            mem,
+            in_tx,
+            mut out_rx,
+            task,
+            ..
+        } = stage(1 << 30, 100, 2);
+        let mut sent = Vec::new();
+        for i in 0..4 {
+            let b = batch(&m, i * 5, 5, &mem);
+            sent.push(b.ack.clone());
+            in_tx.send(b).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sent.iter().all(|a| a.is_done()) {
+            assert!(Instant::now() < deadline, "spilled batches not confirmed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The sink takes the two batches it held but never finishes them; logship stops.
+        let held = [out_rx.recv().await.unwrap(), out_rx.recv().await.unwrap()];
+        drop(in_tx);
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the stage ends")
+            .unwrap();
+        drop(held);
+        // Their copies are still on disk, ahead of the later batches, for the next start.
+        let mut left = DiskBuffer::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+        let mut got = Vec::new();
+        while let Some((_, e)) = left.next_record().unwrap() {
+            got.extend(ids(&e));
+        }
+        let want: Vec<String> = (0..20).map(|i| format!("id-{i}")).collect();
+        assert_eq!(got, want);
     }
 
     #[tokio::test]

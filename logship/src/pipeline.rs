@@ -28,6 +28,7 @@ pub struct Batch {
 pub struct SinkAck {
     source: Arc<Ack>,
     done: AtomicBool,
+    delivered: AtomicBool,
 }
 
 impl SinkAck {
@@ -36,19 +37,36 @@ impl SinkAck {
         Arc::new(SinkAck {
             source,
             done: AtomicBool::new(false),
+            delivered: AtomicBool::new(false),
         })
     }
 
-    /// The batch is durably delivered (or durably buffered).
+    /// The sink is done with the batch: delivered, or dead-lettered where it refused.
     pub fn ack(&self) {
+        self.delivered.store(true, Ordering::Release);
+        self.confirm();
+    }
+
+    /// A disk buffer wrote a copy of the batch, which the sink may still hold: the source
+    /// may move on, and the copy is replayed unless the sink finishes the batch first.
+    pub fn buffered(&self) {
+        self.confirm();
+    }
+
+    fn confirm(&self) {
         if !self.done.swap(true, Ordering::AcqRel) {
             self.source.ack();
         }
     }
 
-    /// Whether this sink confirmed the batch.
+    /// Whether the batch is confirmed to its source (by the sink or its disk buffer).
     pub fn is_done(&self) -> bool {
         self.done.load(Ordering::Acquire)
+    }
+
+    /// Whether the sink itself is done with the batch.
+    pub fn is_delivered(&self) -> bool {
+        self.delivered.load(Ordering::Acquire)
     }
 }
 

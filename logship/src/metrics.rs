@@ -31,6 +31,8 @@ pub const DISK_BUFFER_BYTES: &str = "lain_logship_disk_buffer_bytes";
 pub const DISK_BUFFER_EVENTS: &str = "lain_logship_disk_buffer_events";
 /// Events written to a sink's disk buffer.
 pub const DISK_BUFFER_SPILLED: &str = "lain_logship_disk_buffer_spilled_total";
+/// Kafka producers replaced after a fatal error made them unusable.
+pub const KAFKA_PRODUCER_REPLACED: &str = "lain_logship_kafka_producers_replaced_total";
 
 /// The metric handles, registered in one registry.
 #[derive(Debug, Clone)]
@@ -63,6 +65,8 @@ pub struct Metrics {
     pub disk_buffer_events: IntGaugeVec,
     /// See [`DISK_BUFFER_SPILLED`].
     pub disk_buffer_spilled: IntCounterVec,
+    /// See [`KAFKA_PRODUCER_REPLACED`].
+    pub kafka_producer_replaced: IntCounter,
 }
 
 impl Metrics {
@@ -115,6 +119,10 @@ impl Metrics {
                 DISK_BUFFER_SPILLED,
                 "Events written to a sink's disk buffer",
                 "sink",
+            ),
+            kafka_producer_replaced: c(
+                KAFKA_PRODUCER_REPLACED,
+                "Kafka producers replaced after a fatal error",
             ),
         }
     }

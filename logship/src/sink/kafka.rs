@@ -4,9 +4,9 @@
 //! order within a partition.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -32,6 +32,14 @@ const MAX_BACKOFF_STEP: u32 = 6;
 /// interval), so that a batch that never completes, and so keeps its disk-buffer segment,
 /// can be told apart from a slow broker.
 const SLOW_REPORTS: Duration = Duration::from_secs(30);
+
+/// How often a batch waiting for its delivery reports checks the producer for a fatal
+/// error.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long after its producer was replaced a batch still waits for reports the old one
+/// flushes while it is dropped.
+const REPORTS_AFTER_REPLACE: Duration = Duration::from_secs(3);
 
 /// Settings of the Kafka sink.
 #[derive(Debug, Clone)]
@@ -76,14 +84,19 @@ impl Failure {
     }
 }
 
-/// Errors that come from the broker being away, slow or moving partitions, not from the
-/// message: librdkafka gives up on such a message only when `message.timeout.ms` expired
-/// (or a request timed out), and the same message is expected to succeed later.
+/// Errors that come from the broker being away, slow or moving partitions, or from the
+/// producer instance, not from the message: librdkafka gives up on such a message only when
+/// `message.timeout.ms` expired, a request timed out, or the producer hit a fatal error
+/// (which fails or purges what it holds; the sink then replaces the producer), and the same
+/// message is expected to succeed later.
 fn is_transient(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode as C;
     matches!(
         code,
-        C::MessageTimedOut
+        C::Fatal
+            | C::PurgeQueue
+            | C::PurgeInflight
+            | C::MessageTimedOut
             | C::OperationTimedOut
             | C::RequestTimedOut
             | C::TimedOutQueue
@@ -102,25 +115,39 @@ fn is_transient(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// The delivery reports of one batch (one attempt at it): how many are outstanding, and
-/// which events failed with what reason.
+/// The delivery reports of one batch (one attempt at it): how many are outstanding, which
+/// events were reported, and which failed with what reason.
 #[derive(Debug)]
 struct Tracker {
     remaining: AtomicUsize,
+    /// The events of this attempt (indices in the batch).
+    todo: Vec<usize>,
+    /// By index in the batch: whether the event's report came.
+    reported: Vec<AtomicBool>,
     failed: Mutex<Vec<Failure>>,
     done: Notify,
+    /// The producer the events were given to; once it is gone (replaced after a fatal
+    /// error), a report that has not come never will.
+    producer: Weak<KafkaProducer>,
 }
 
 impl Tracker {
-    fn new(n: usize) -> Arc<Tracker> {
+    fn new(events: usize, todo: &[usize], producer: &Arc<KafkaProducer>) -> Arc<Tracker> {
         Arc::new(Tracker {
-            remaining: AtomicUsize::new(n),
+            remaining: AtomicUsize::new(todo.len()),
+            todo: todo.to_vec(),
+            reported: (0..events).map(|_| AtomicBool::new(false)).collect(),
             failed: Mutex::new(Vec::new()),
             done: Notify::new(),
+            producer: Arc::downgrade(producer),
         })
     }
 
-    fn report(&self, failure: Option<Failure>) {
+    /// The report of the event at `index` in the batch.
+    fn report(&self, index: usize, failure: Option<Failure>) {
+        if let Some(r) = self.reported.get(index) {
+            r.store(true, Ordering::Release);
+        }
         if let Some(f) = failure {
             self.failed
                 .lock()
@@ -143,6 +170,27 @@ impl Tracker {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
+    }
+
+    /// The failures so far plus every event whose report has not come, as transient
+    /// failures: for when the producer that held them is gone.
+    fn abandon(&self) -> Vec<Failure> {
+        let mut failed = std::mem::take(
+            &mut *self
+                .failed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for &i in &self.todo {
+            if !self.reported[i].load(Ordering::Acquire) {
+                failed.push(Failure {
+                    index: i,
+                    reason: "no delivery report from a replaced producer".into(),
+                    transient: true,
+                });
+            }
+        }
+        failed
     }
 }
 
@@ -168,7 +216,7 @@ impl ProducerContext for Reports {
             .as_ref()
             .err()
             .map(|(e, _)| Failure::new(slot.index, e));
-        slot.tracker.report(failure);
+        slot.tracker.report(slot.index, failure);
     }
 }
 
@@ -198,13 +246,55 @@ pub fn producer(s: &KafkaSinkSettings) -> Result<KafkaProducer, KafkaError> {
 }
 
 struct Shared {
-    producer: KafkaProducer,
+    /// Replaced when a fatal error makes it unusable.
+    producer: Mutex<Arc<KafkaProducer>>,
     settings: KafkaSinkSettings,
     metrics: Metrics,
     dead: DeadLetters,
 }
 
 impl Shared {
+    fn producer(&self) -> Arc<KafkaProducer> {
+        self.producer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the producer when it hit a fatal error: an idempotent producer that cannot
+    /// keep its guarantees stops producing for good, and every later line would otherwise
+    /// fail. Dropping the old one purges what it still holds, whose delivery reports then
+    /// send it again through the new one.
+    async fn replace_if_fatal(&self) {
+        let current = self.producer();
+        let Some((code, reason)) = current.client().fatal_error() else {
+            return;
+        };
+        let new = match producer(&self.settings) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a new kafka producer; retrying");
+                return;
+            }
+        };
+        let old = {
+            let mut slot = self
+                .producer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Another batch may have replaced it meanwhile.
+            if !Arc::ptr_eq(&slot, &current) {
+                return;
+            }
+            std::mem::replace(&mut *slot, new)
+        };
+        drop(current);
+        self.metrics.kafka_producer_replaced.inc();
+        tracing::error!(code = ?code, reason = %reason, "kafka producer hit a fatal error; replaced it, its messages are sent again");
+        // Dropping purges and flushes (up to half a second) and joins its polling thread.
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+    }
+
     fn topic(&self, meta: &Meta) -> String {
         meta.render_topic(meta.topic.as_deref().unwrap_or(&self.settings.topic))
     }
@@ -213,7 +303,8 @@ impl Shared {
     /// full; returns the tracker of their delivery reports. An event the producer refuses
     /// outright is reported as failed at once.
     async fn enqueue_all(&self, batch: &Batch, todo: &[usize]) -> Arc<Tracker> {
-        let tracker = Tracker::new(todo.len());
+        let producer = self.producer();
+        let tracker = Tracker::new(batch.events.len(), todo, &producer);
         // Consecutive events mostly share their metadata; render topic and key once per run.
         let mut last: Option<(Arc<Meta>, String, String)> = None;
         for &i in todo {
@@ -244,11 +335,18 @@ impl Shared {
             .headers(headers);
             let mut attempt = 0;
             loop {
-                match self.producer.send(record) {
+                match producer.send(record) {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         record = r;
                         tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((err @ KafkaError::MessageProduction(RDKafkaErrorCode::Fatal), r)) => {
+                        // The producer is unusable: no point trying it again.
+                        r.delivery_opaque
+                            .tracker
+                            .report(i, Some(Failure::new(i, &err)));
+                        break;
                     }
                     Err((err, r)) => {
                         attempt += 1;
@@ -258,7 +356,7 @@ impl Shared {
                             // whether the event is tried again.
                             r.delivery_opaque
                                 .tracker
-                                .report(Some(Failure::new(i, &err)));
+                                .report(i, Some(Failure::new(i, &err)));
                             break;
                         }
                         record = r;
@@ -306,6 +404,7 @@ impl Shared {
             let Some(first) = retry.first() else {
                 break;
             };
+            self.replace_if_fatal().await;
             tracing::warn!(
                 events = retry.len(),
                 reason = %first.reason,
@@ -331,19 +430,39 @@ impl Shared {
 
     /// Waits for the delivery reports of one attempt at a batch, warning while they are late.
     async fn wait_reports(&self, batch: &Batch, tracker: &Tracker) -> Vec<Failure> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
+        let mut warn_at = started + SLOW_REPORTS;
+        let mut gone_since: Option<Instant> = None;
         loop {
             // `wait` re-checks the count each time it is entered, so cancelling it on the
             // timeout loses no report.
-            match tokio::time::timeout(SLOW_REPORTS, tracker.wait()).await {
-                Ok(failed) => return failed,
-                Err(_) => tracing::warn!(
+            if let Ok(failed) = tokio::time::timeout(CHECK_INTERVAL, tracker.wait()).await {
+                return failed;
+            }
+            // A producer that hit a fatal error neither sends nor reports what it holds
+            // until it is dropped.
+            self.replace_if_fatal().await;
+            if tracker.producer.strong_count() == 0 {
+                // Dropping a replaced producer purges what it holds and flushes the reports
+                // for half a second; a report not out soon after is lost with it.
+                let since = *gone_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= REPORTS_AFTER_REPLACE {
+                    tracing::warn!(
+                        outstanding = tracker.remaining.load(Ordering::Acquire),
+                        "kafka reports lost with a replaced producer; sending those events again"
+                    );
+                    return tracker.abandon();
+                }
+            }
+            if Instant::now() >= warn_at {
+                warn_at += SLOW_REPORTS;
+                tracing::warn!(
                     events = batch.events.len(),
                     outstanding = tracker.remaining.load(Ordering::Acquire),
-                    producer_in_flight = self.producer.in_flight_count(),
+                    producer_in_flight = self.producer().in_flight_count(),
                     waited_secs = started.elapsed().as_secs(),
                     "kafka batch still waiting for delivery reports"
-                ),
+                );
             }
         }
     }
@@ -373,7 +492,7 @@ pub async fn run(
 ) {
     let sem = Arc::new(Semaphore::new(settings.inflight_batches.max(1)));
     let shared = Arc::new(Shared {
-        producer,
+        producer: Mutex::new(Arc::new(producer)),
         dead: DeadLetters::new(&settings.dead_letter_path),
         settings,
         metrics,
@@ -395,7 +514,7 @@ pub async fn run(
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
-    let _ = shared.producer.flush(Duration::from_secs(10));
+    let _ = shared.producer().flush(Duration::from_secs(10));
 }
 
 #[cfg(test)]
@@ -410,6 +529,11 @@ mod tests {
         let bad_topic = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
         assert!(Failure::new(0, &timed_out).transient);
         assert!(Failure::new(0, &no_broker).transient);
+        // A fatal producer error says nothing about the message: the producer is replaced.
+        let fatal = KafkaError::MessageProduction(RDKafkaErrorCode::Fatal);
+        let purged = KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue);
+        assert!(Failure::new(0, &fatal).transient);
+        assert!(Failure::new(0, &purged).transient);
         assert!(!Failure::new(0, &too_large).transient);
         assert!(!Failure::new(0, &bad_topic).transient);
         // An error without a librdkafka code is not known to pass by itself.

@@ -1062,6 +1062,27 @@ mod tests {
         }
     }
 
+    /// Sends `n` batches of 5 events (ids from 0) to a stage whose sink takes nothing, and
+    /// waits until every one is confirmed to its source (spilled).
+    async fn send_until_confirmed(
+        in_tx: &mpsc::Sender<Arc<Batch>>,
+        m: &Arc<Meta>,
+        mem: &IntGauge,
+        n: usize,
+    ) {
+        let mut sent = Vec::new();
+        for i in 0..n {
+            let b = batch(m, i * 5, 5, mem);
+            sent.push(b.ack.clone());
+            in_tx.send(b).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sent.iter().all(|a| a.is_done()) {
+            assert!(Instant::now() < deadline, "spilled batches not confirmed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_stalled_sink_gets_everything_in_order_after_it_went_to_disk() {
         let TestStage {
@@ -1076,17 +1097,7 @@ mod tests {
         // The sink takes nothing: two batches fill its queue; once it has taken nothing
         // for the spill delay, copies of those two and every later batch go to disk and are
         // confirmed to their sources although the sink has delivered none of them.
-        let mut sent = Vec::new();
-        for i in 0..10 {
-            let b = batch(&m, i * 5, 5, &mem);
-            sent.push(b.ack.clone());
-            in_tx.send(b).await.unwrap();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sent.iter().all(|a| a.is_done()) {
-            assert!(Instant::now() < deadline, "spilled batches not confirmed");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        send_until_confirmed(&in_tx, &m, &mem, 10).await;
         assert_eq!(g.spilled.get(), 50);
         assert!(std::fs::read_dir(dir.path()).unwrap().count() > 0);
         // The sink comes back: it delivers the two batches it held, then gets every later
@@ -1135,17 +1146,7 @@ mod tests {
             task,
             ..
         } = stage(1 << 30, 100, 2);
-        let mut sent = Vec::new();
-        for i in 0..4 {
-            let b = batch(&m, i * 5, 5, &mem);
-            sent.push(b.ack.clone());
-            in_tx.send(b).await.unwrap();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sent.iter().all(|a| a.is_done()) {
-            assert!(Instant::now() < deadline, "spilled batches not confirmed");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        send_until_confirmed(&in_tx, &m, &mem, 4).await;
         // The sink takes the two batches it held but never finishes them; logship stops.
         let held = [out_rx.recv().await.unwrap(), out_rx.recv().await.unwrap()];
         drop(in_tx);

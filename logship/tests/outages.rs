@@ -80,6 +80,31 @@ linger_ms = 5
     (cfg, logs)
 }
 
+/// Starts a private broker on `port` (in `dir/kafka`), waits until the Kafka sink
+/// acknowledged `delivered` lines, and SIGKILLs it; returns the broker, to start again, and
+/// when it went down.
+async fn broker_crashing_after(
+    dir: &std::path::Path,
+    port: u16,
+    admin: std::net::SocketAddr,
+    delivered: u64,
+) -> (PrivateKafka, std::time::Instant) {
+    let kdir = dir.join("kafka");
+    std::fs::create_dir_all(&kdir).unwrap();
+    let mut kafka = PrivateKafka::prepare(&kdir, port);
+    kafka.start();
+    common::wait_metric(
+        admin,
+        KAFKA_OUT,
+        Duration::from_secs(120),
+        "delivery under way",
+        move |v| v >= delivered,
+    )
+    .await;
+    kafka.kill();
+    (kafka, std::time::Instant::now())
+}
+
 /// Consumes `topic` until the `total` numbered lines were seen (or 180 s passed), asserts
 /// none is missing, and returns how many arrived more than once.
 async fn all_lines_in_kafka(brokers: String, topic: String, total: usize) -> u32 {
@@ -150,27 +175,14 @@ async fn kafka_absent_then_crashed_loses_nothing() {
     );
 
     // Phase 2: the broker appears on that port; then it crashes mid-run and comes back.
-    let kdir = dir.path().join("kafka");
-    std::fs::create_dir_all(&kdir).unwrap();
-    let mut kafka = PrivateKafka::prepare(&kdir, port);
-    kafka.start();
-    let brokers = kafka.brokers.clone();
     // The crash comes once delivery is under way (2,000 lines in), with the producer's
     // idempotence id settled. A kill in the first moments after the broker appears, while
     // the id is still being acquired, once left a replayed batch without delivery reports
     // (every line was in Kafka, but its disk-buffer segment stayed). The message timeout
     // bounds that case: what the producer holds comes back timed out and is sent again
     // (`kafka_timeouts_are_sent_again_until_the_broker_returns`).
-    common::wait_metric(
-        admin,
-        KAFKA_OUT,
-        Duration::from_secs(120),
-        "delivery under way",
-        |v| v >= 2_000,
-    )
-    .await;
-    kafka.kill();
-    let down = std::time::Instant::now();
+    let (mut kafka, down) = broker_crashing_after(dir.path(), port, admin, 2_000).await;
+    let brokers = kafka.brokers.clone();
     write_numbered(&log, FIRST, TOTAL);
     let stalled = common::metric(&common::metrics_page(admin).await, KAFKA_OUT);
     // The broker stays away for 20 s: the disk buffer fills again, then reading pauses.
@@ -241,21 +253,8 @@ async fn kafka_timeouts_are_sent_again_until_the_broker_returns() {
     let p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
     let admin = p.addr("admin");
 
-    let kdir = dir.path().join("kafka");
-    std::fs::create_dir_all(&kdir).unwrap();
-    let mut kafka = PrivateKafka::prepare(&kdir, port);
-    kafka.start();
+    let (mut kafka, down) = broker_crashing_after(dir.path(), port, admin, 500).await;
     let brokers = kafka.brokers.clone();
-    common::wait_metric(
-        admin,
-        KAFKA_OUT,
-        Duration::from_secs(120),
-        "delivery under way",
-        |v| v >= 500,
-    )
-    .await;
-    kafka.kill();
-    let down = std::time::Instant::now();
     write_numbered(&log, FIRST, TOTAL);
     common::wait_metric(
         admin,

@@ -666,12 +666,7 @@ pub async fn run_stage(
                 let Ok(permit) = permit else { return };
                 stalled_since = None;
                 if replay {
-                    let b = buffer.clone();
-                    let got = tokio::task::spawn_blocking(move || {
-                        b.lock().unwrap_or_else(|e| e.into_inner()).next_record()
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(io(Path::new(""))(std::io::Error::other(e.to_string()))));
+                    let got = on_disk(&buffer, DiskBuffer::next_record).await;
                     match got {
                         Ok(Some((id, _)))
                             if copies.get(&id.number).is_some_and(|a| a.is_delivered()) =>
@@ -734,10 +729,10 @@ pub async fn run_stage(
 }
 
 /// Runs blocking file IO on the buffer off the async threads; only the stage touches it.
-async fn on_disk(
+async fn on_disk<T: Send + 'static>(
     buffer: &Arc<Mutex<DiskBuffer>>,
-    f: impl FnOnce(&mut DiskBuffer) -> Result<(), BufferError> + Send + 'static,
-) -> Result<(), BufferError> {
+    f: impl FnOnce(&mut DiskBuffer) -> Result<T, BufferError> + Send + 'static,
+) -> Result<T, BufferError> {
     let b = buffer.clone();
     tokio::task::spawn_blocking(move || f(&mut b.lock().unwrap_or_else(|e| e.into_inner())))
         .await
@@ -760,25 +755,17 @@ async fn spill(
     gauges: &BufferGauges,
 ) -> Result<Vec<u64>, Arc<Batch>> {
     let copies: Vec<Arc<Batch>> = batches.clone();
-    let numbers = Arc::new(Mutex::new(Vec::with_capacity(batches.len())));
-    let out = numbers.clone();
     let written = on_disk(buffer, move |d| {
-        let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
-        for b in &copies {
-            out.push(d.append(&b.events)?);
-        }
-        Ok(())
+        copies.iter().map(|b| d.append(&b.events)).collect()
     })
     .await;
     match written {
-        Ok(()) => {
+        Ok(numbers) => {
             for b in &batches {
                 gauges.spilled.inc_by(b.events.len() as u64);
                 b.ack.buffered();
             }
-            Ok(std::mem::take(
-                &mut *numbers.lock().unwrap_or_else(|e| e.into_inner()),
-            ))
+            Ok(numbers)
         }
         Err(e) => {
             tracing::error!(error = %e, "disk buffer: cannot write; batches wait for the sink");

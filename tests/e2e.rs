@@ -236,6 +236,19 @@ impl Traffic {
         }
     }
 
+    /// Waits (at most `limit`) until the loop itself received a body containing `text`.
+    /// A probe of the test's own can see a new version first; the loop, which sleeps between
+    /// requests, must then get its turn before it is stopped, or it never saw that version.
+    fn wait_for_body(&self, text: &str, limit: Duration) {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if self.bodies.lock().unwrap().iter().any(|b| b.contains(text)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the loop; returns (requests sent, failures, distinct bodies).
     fn finish(mut self) -> (u64, Vec<String>, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
@@ -614,6 +627,7 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
                 .filter(|(s, b)| *s == 200 && b.contains("version two"))
         },
     );
+    traffic.wait_for_body("version two", Duration::from_secs(10));
     let (sent, failed, bodies) = traffic.finish();
     assert!(
         failed.is_empty(),

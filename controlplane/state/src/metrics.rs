@@ -70,6 +70,11 @@ impl StateMetrics {
         StateMetrics::register(&Registry::new()).unwrap_or_else(|e| unreachable!("{e}"))
     }
 
+    /// Watch streams lost and started again so far.
+    pub fn reconnect_count(&self) -> u64 {
+        self.reconnects.get()
+    }
+
     /// The number of invalid records seen for a kind label (`unknown` for none).
     pub fn invalid_count(&self, kind: Option<Kind>) -> u64 {
         self.invalid

@@ -97,8 +97,13 @@ pub struct EtcdConfig {
     pub backoff_initial: Duration,
     /// Longest delay between attempts.
     pub backoff_max: Duration,
-    /// HTTP/2 keep-alive interval, which is how a dead member is noticed.
-    pub keepalive: Duration,
+    /// HTTP/2 keep-alive ping interval while a watch is open, which is how a member that
+    /// stopped answering without closing the connection is noticed. etcd closes the
+    /// connection of a client that pings more often than its `--grpc-keepalive-min-time`
+    /// (5 s by default) three times without data in between, so this must stay above it.
+    pub keepalive_interval: Duration,
+    /// How long a keep-alive ping may go unanswered before the connection is dropped.
+    pub keepalive_timeout: Duration,
 }
 
 impl EtcdConfig {
@@ -110,7 +115,10 @@ impl EtcdConfig {
             connect_timeout: Duration::from_secs(3),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
-            keepalive: Duration::from_secs(2),
+            // Twice etcd's default minimum ping interval, so timer jitter never makes a
+            // ping look early to the server; an idle watch is otherwise cut every ~8 s.
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
         }
     }
 
@@ -119,8 +127,10 @@ impl EtcdConfig {
         ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(self.keepalive, self.keepalive)
-            .with_keep_alive_while_idle(true)
+            .with_keep_alive(self.keepalive_interval, self.keepalive_timeout)
+            // etcd counts a ping on a connection without an open stream as abuse whatever the
+            // interval; a client with no watch open finds a dead member on its next request.
+            .with_keep_alive_while_idle(false)
             .with_require_leader(true)
     }
 

@@ -1,5 +1,5 @@
 //! The cluster-state watcher against a real etcd: puts and deletes reach the snapshot,
-//! malformed values are skipped and counted, a compacted resume point re-lists, and a
+//! a quiet watch stays open, malformed values are skipped and counted, a compacted resume point re-lists, and a
 //! three-member cluster losing its leader loses no update.
 
 use std::process::Command;
@@ -140,6 +140,49 @@ async fn put_and_delete_reach_the_snapshot_quickly() {
         !s.endpoints.contains_key(&key)
     })
     .await;
+    client
+        .delete(
+            prefix.clone(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+}
+
+/// etcd closes the connection of a client that pings more often than its minimum ping
+/// interval (5 s) three times without data in between; a watch on a quiet cluster must
+/// survive that long and longer, and still deliver the next change at once.
+#[tokio::test]
+async fn a_quiet_watch_stays_open() {
+    let endpoints = require_etcd();
+    let prefix = unique_prefix("watch-quiet");
+    let ks = Keyspace::new(&prefix);
+    let w = watch(endpoints.clone(), &prefix);
+    assert!(
+        w.handle.wait_ready(Duration::from_secs(10)).await,
+        "watcher never listed"
+    );
+    // Three of etcd's minimum ping intervals and then some: with pings every 2 s the watch
+    // was cut after about 8 s.
+    tokio::time::sleep(Duration::from_secs(17)).await;
+    assert_eq!(
+        w.metrics.reconnect_count(),
+        0,
+        "the watch was lost while nothing changed"
+    );
+    let mut client = etcd_client(&endpoints).await;
+    let key = ks.endpoint("q", "web", 1);
+    let t0 = Instant::now();
+    client
+        .put(key.clone(), encode(&endpoint("q", 1, 8080)), None)
+        .await
+        .unwrap();
+    wait_for(&w.handle, "endpoint put after the quiet time", |s| {
+        s.endpoints.contains_key(&key)
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(w.metrics.reconnect_count(), 0);
     client
         .delete(
             prefix.clone(),

@@ -8,6 +8,15 @@
 //! under a new inode with a full-length fingerprint equal to a known one is a copy (the
 //! copy half of copytruncate rotation) and resumes from that checkpoint, so lines already
 //! acknowledged are not read again.
+//!
+//! Each entry also keeps the identity its events' ids are derived from (with the line's
+//! offset), so that a sink that deduplicates by id (Elasticsearch `create`) drops a line sent
+//! twice but never a line of another file. It is chosen once, when the entry is created, and
+//! kept through restarts and renames: the full fingerprint for a file that already has
+//! `FP_MAX` bytes, the original's identity for a copy, and for a younger file its device,
+//! inode and the time it was first seen. Device and inode alone are not enough: a file
+//! deleted and a new one created get the same inode, and the new file's lines would take
+//! the old file's ids and be dropped as already indexed.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -115,6 +124,10 @@ pub struct Stored {
     pub path: String,
     /// Unix seconds of the last change.
     pub updated: i64,
+    /// What the ids of this file's events are derived from. Empty in entries written
+    /// before it existed; such an entry gets one when the file is next opened.
+    #[serde(default)]
+    pub identity: String,
 }
 
 #[derive(Debug)]
@@ -141,16 +154,27 @@ pub struct Checkpoints {
 }
 
 /// Where a newly opened file starts reading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
     /// The entry id to register batches under.
     pub id: u64,
     /// The offset to read from.
     pub offset: u64,
+    /// What the ids of the file's events are derived from.
+    pub identity: String,
 }
 
 fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
+}
+
+/// The identity of a file too young to have a full fingerprint: its device and inode, and
+/// when it was first seen, which tells apart the files that get the same inode in turn.
+fn young_identity(dev: u64, ino: u64) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{dev}:{ino}:{nanos}")
 }
 
 impl Checkpoints {
@@ -223,37 +247,61 @@ impl Checkpoints {
                 break;
             }
         }
-        if let Some(id) = resume
-            && let Some(e) = inner.entries.get_mut(&id)
-        {
-            e.open = true;
-            e.source = source.to_string();
-            e.stored.path = path.to_string();
-            e.size = size;
-            if e.stored.offset > size {
-                // Shorter than what was delivered: truncated while nobody watched.
-                e.stored.offset = 0;
+        if let Some(id) = resume {
+            // An entry written before identities were kept gets one now.
+            let missing = inner
+                .entries
+                .get(&id)
+                .is_some_and(|e| e.stored.identity.is_empty());
+            let fresh = if missing {
+                Some(match fingerprint(file, FP_MAX)? {
+                    Some(full) => full,
+                    None => young_identity(dev, ino),
+                })
+            } else {
+                None
+            };
+            if let Some(e) = inner.entries.get_mut(&id) {
+                e.open = true;
+                e.source = source.to_string();
+                e.stored.path = path.to_string();
+                e.size = size;
+                if e.stored.offset > size {
+                    // Shorter than what was delivered: truncated while nobody watched.
+                    e.stored.offset = 0;
+                }
+                if let Some(identity) = fresh {
+                    e.stored.identity = identity;
+                }
+                let opened = Opened {
+                    id,
+                    offset: e.stored.offset,
+                    identity: e.stored.identity.clone(),
+                };
+                inner.dirty |= missing;
+                return Ok(opened);
             }
-            return Ok(Opened {
-                id,
-                offset: e.stored.offset,
-            });
         }
-        // A copy of a known file: the full fingerprint matches.
+        // A copy of a known file: the full fingerprint matches. It continues the original's
+        // offset and ids, so lines the original already delivered are recognised as such.
         let full = fingerprint(file, FP_MAX)?;
         let mut offset = if at_end { size } else { 0 };
+        let mut identity = full.clone();
         if let Some(full) = &full {
             let best = inner
                 .entries
                 .values()
                 .filter(|e| e.stored.fp_len == FP_MAX && &e.stored.fp == full)
-                .map(|e| e.stored.offset)
-                .filter(|o| *o <= size)
-                .max();
-            if let Some(o) = best {
-                offset = o;
+                .filter(|e| e.stored.offset <= size)
+                .max_by_key(|e| e.stored.offset);
+            if let Some(e) = best {
+                offset = e.stored.offset;
+                if !e.stored.identity.is_empty() {
+                    identity = Some(e.stored.identity.clone());
+                }
             }
         }
+        let identity = identity.unwrap_or_else(|| young_identity(dev, ino));
         let fp_len = size.min(FP_MAX);
         let fp = match &full {
             Some(f) => f.clone(),
@@ -272,6 +320,7 @@ impl Checkpoints {
                     offset,
                     path: path.to_string(),
                     updated: now_secs(),
+                    identity: identity.clone(),
                 },
                 source: source.to_string(),
                 open: true,
@@ -280,7 +329,11 @@ impl Checkpoints {
             },
         );
         inner.dirty = true;
-        Ok(Opened { id, offset })
+        Ok(Opened {
+            id,
+            offset,
+            identity,
+        })
     }
 
     /// Re-checks a growing file's fingerprint. Returns `false` when the file no longer starts
@@ -502,6 +555,91 @@ mod tests {
         let f = File::open(&log).unwrap();
         assert!(!c.refresh(o.id, &f, 0).unwrap(), "truncation is noticed");
         assert_eq!(open(&c, &copy).offset, 1100);
+    }
+
+    #[test]
+    fn a_new_file_on_a_reused_inode_gets_a_new_identity() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("a.log");
+        let store = dir.path().join("c.json");
+        let c = Checkpoints::load(&store).unwrap();
+        std::fs::write(&log, "one\n").unwrap();
+        let ino = std::fs::metadata(&log).unwrap().ino();
+        let first = open(&c, &log);
+        c.close(first.id);
+        // Reopened, and after a restart, the same file keeps its identity.
+        let again = open(&c, &log);
+        assert_eq!(again.identity, first.identity);
+        c.close(again.id);
+        c.write().unwrap();
+        let c = Checkpoints::load(&store).unwrap();
+        let reloaded = open(&c, &log);
+        assert_eq!(reloaded.identity, first.identity);
+        c.close(reloaded.id);
+        // Deleted, and another file created under the same name: ext4 and most file
+        // systems hand out the freed inode again. Keep trying for one that does.
+        std::fs::remove_file(&log).unwrap();
+        let mut reused = false;
+        for _ in 0..100 {
+            std::fs::write(&log, "two\n").unwrap();
+            if std::fs::metadata(&log).unwrap().ino() == ino {
+                reused = true;
+                break;
+            }
+            std::fs::rename(&log, dir.path().join(format!("keep-{}", rand_suffix()))).unwrap();
+        }
+        assert!(reused, "the file system never reused inode {ino}");
+        let second = open(&c, &log);
+        assert_eq!(second.offset, 0);
+        assert_ne!(
+            second.identity, first.identity,
+            "the new file would take the old file's event ids"
+        );
+    }
+
+    fn rand_suffix() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    }
+
+    #[test]
+    fn a_copy_keeps_the_original_identity_and_old_entries_get_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("a.log");
+        // Young when first seen: its identity is not its fingerprint.
+        std::fs::write(&log, "line 00000\n").unwrap();
+        let store = dir.path().join("c.json");
+        let c = Checkpoints::load(&store).unwrap();
+        let o = open(&c, &log);
+        let body: String = (0..200).map(|i| format!("line {i:05}\n")).collect();
+        std::fs::write(&log, &body).unwrap();
+        let f = File::open(&log).unwrap();
+        assert!(c.refresh(o.id, &f, body.len() as u64).unwrap());
+        let copy = dir.path().join("a.log.1");
+        std::fs::copy(&log, &copy).unwrap();
+        assert_eq!(open(&c, &copy).identity, o.identity);
+        // A store written before identities existed: the entry is resumed and given one.
+        c.close(o.id);
+        c.write().unwrap();
+        let text = std::fs::read_to_string(&store).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for e in v.as_array_mut().unwrap() {
+            e.as_object_mut().unwrap().remove("identity");
+        }
+        std::fs::write(&store, v.to_string()).unwrap();
+        let c = Checkpoints::load(&store).unwrap();
+        let old = open(&c, &log);
+        assert!(!old.identity.is_empty());
+        assert_eq!(
+            c.entries()
+                .iter()
+                .filter(|e| e.identity == old.identity)
+                .count(),
+            1
+        );
     }
 
     #[test]

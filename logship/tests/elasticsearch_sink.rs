@@ -1,6 +1,6 @@
 //! `lain logship` to OpenSearch/Elasticsearch: lines arrive with ECS and LAIN fields, are
 //! found by a Discover-shaped search, and a line conflicting with the mapping goes to the
-//! dead-letter file while the rest are indexed.
+//! dead-letter file while the rest are indexed; a new file on a reused inode loses no line.
 
 mod common;
 
@@ -135,6 +135,103 @@ flush_interval_ms = 200
         metrics.contains("lain_logship_dead_letters_total{sink=\"elasticsearch\"} 1"),
         "{metrics}"
     );
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
+    let _ = http
+        .delete(format!("{es}/_index_template/{prefix}"))
+        .send()
+        .await;
+}
+
+/// A log file deleted and a new one created take the same inode on ext4. Event ids come
+/// from the file's identity and the line's offset, and Elasticsearch's `create` drops an id
+/// it already holds; with the inode as a young file's identity, the new file's lines took
+/// the old file's ids and were silently dropped as already indexed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_file_on_a_reused_inode_is_indexed_in_full() {
+    use std::os::unix::fs::MetadataExt;
+    let es = require_es();
+    let dir = temp_dir();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let prefix = common::unique("inode");
+    let cfg = common::agent_config(
+        dir.path(),
+        "node1",
+        &format!(
+            r#"
+scan_interval_ms = 100
+multiline_timeout_ms = 100
+[[files]]
+name = "app"
+paths = ["{logs}/*.log"]
+app = "hello"
+proc = "web"
+[sinks.elasticsearch]
+url = "{es}"
+index_prefix = "{prefix}"
+flush_interval_ms = 200
+"#,
+            logs = logs.display(),
+        ),
+    );
+    let http = reqwest::Client::new();
+    let base = format!("{es}/{prefix}-*");
+    let count = |word: &'static str| {
+        let q = lain_logship::discover_query("hello", None, Duration::from_secs(900), Some(word));
+        search(http.clone(), base.clone(), q)
+    };
+    // Lines of equal length in both files, so every line of the second starts at an offset
+    // where a line of the first started.
+    let write = |word: &str| {
+        let body: String = (0..20).map(|i| format!("{word} line {i:02}\n")).collect();
+        std::fs::write(logs.join("app.log"), body).unwrap();
+    };
+    write("alpha");
+    let ino = std::fs::metadata(logs.join("app.log")).unwrap().ino();
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    eventually(Duration::from_secs(60), "the first file's 20 lines", || {
+        let s = count("alpha");
+        async move { s.await.filter(|h| h.len() == 20) }
+    })
+    .await;
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+
+    // The file is replaced while the agent is down, as when a container is replaced.
+    std::fs::remove_file(logs.join("app.log")).unwrap();
+    let mut reused = false;
+    for i in 0..100 {
+        write("bravo");
+        if std::fs::metadata(logs.join("app.log")).unwrap().ino() == ino {
+            reused = true;
+            break;
+        }
+        // Park the file that got another inode outside the watched pattern and try again.
+        std::fs::rename(logs.join("app.log"), dir.path().join(format!("parked-{i}"))).unwrap();
+    }
+    assert!(reused, "the file system never gave inode {ino} out again");
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    let hits = eventually(
+        Duration::from_secs(30),
+        "the second file's 20 lines",
+        || {
+            let s = count("bravo");
+            async move { s.await.filter(|h| h.len() == 20) }
+        },
+    )
+    .await;
+    assert!(hits.iter().all(|h| {
+        h["_source"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("bravo line "))
+    }));
+    assert_eq!(count("alpha").await.map(|h| h.len()), Some(20));
     assert!(
         p.terminate(Duration::from_secs(20))
             .is_some_and(|s| s.success())

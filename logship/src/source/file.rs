@@ -21,7 +21,7 @@ use lain_common::Shutdown;
 use regex::bytes::Regex;
 use tokio::task::JoinHandle;
 
-use crate::checkpoint::{Checkpoints, FP_MAX};
+use crate::checkpoint::Checkpoints;
 use crate::event::{Event, Joiner, LineSplitter, Meta, Processing, RawLine, render};
 use crate::metrics::Metrics;
 use crate::pipeline::Dispatcher;
@@ -319,7 +319,7 @@ impl Reader {
                 s.multiline_timeout,
             ),
             docker: DockerRecords::new(docker_max),
-            identity: identity(file, &m),
+            identity: opened.identity,
         })
     }
 
@@ -467,15 +467,6 @@ impl Reader {
         if let Some(ack) = self.dispatcher.send(events).await {
             self.checkpoints.register(id, ack, end);
         }
-    }
-}
-
-/// The identity used in event ids: the full fingerprint when the file is long enough (so
-/// ids survive a rename, a copy and a restart), else device and inode.
-fn identity(file: &File, m: &std::fs::Metadata) -> String {
-    match crate::checkpoint::fingerprint(file, FP_MAX) {
-        Ok(Some(fp)) => fp,
-        _ => format!("{}:{}", m.dev(), m.ino()),
     }
 }
 

@@ -34,6 +34,11 @@ pub struct Config {
     /// Time between reconcile passes when nothing happens.
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
+    /// How often a healthy instance is probed. An instance not yet healthy, or one whose
+    /// last probe failed, is probed on every pass, so rollouts and failures are seen within
+    /// a tick or two while a steady app is not probed several times a second.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
     /// How long a new version may take to become healthy before it is rolled back.
     #[serde(default = "default_health_deadline_secs")]
     pub health_deadline_secs: u64,
@@ -105,6 +110,9 @@ fn default_port_max() -> u16 {
 }
 fn default_tick_ms() -> u64 {
     250
+}
+fn default_probe_interval_ms() -> u64 {
+    1000
 }
 fn default_health_deadline_secs() -> u64 {
     60
@@ -188,6 +196,9 @@ impl lain_common::Validate for Config {
         if self.tick_ms == 0 {
             errors.push(ConfigError::at("tick_ms", "must be positive"));
         }
+        if self.probe_interval_ms == 0 {
+            errors.push(ConfigError::at("probe_interval_ms", "must be positive"));
+        }
         if self.health_deadline_secs == 0 {
             errors.push(ConfigError::at("health_deadline_secs", "must be positive"));
         }
@@ -257,6 +268,7 @@ impl Config {
         );
         s.port_range = (self.port_min, self.port_max);
         s.tick = Duration::from_millis(self.tick_ms);
+        s.probe_interval = Duration::from_millis(self.probe_interval_ms);
         s.health_deadline = Duration::from_secs(self.health_deadline_secs);
         s.node_down_grace = Duration::from_secs(self.node_down_grace_secs);
         s.node_lease_ttl = Duration::from_secs(self.node_lease_ttl_secs);
@@ -296,12 +308,13 @@ volume_root = "relative"
 port_min = 9
 port_max = 8
 tick_ms = 0
+probe_interval_ms = 0
 [[nodes]]
 name = "n1"
 docker_host = "ssh://x"
 "#;
         let e = lain_common::parse_config::<Config>("cp.toml", text).unwrap_err();
-        assert_eq!(e.errors.len(), 6, "{e}");
+        assert_eq!(e.errors.len(), 7, "{e}");
         let ok = lain_common::parse_config::<Config>(
             "cp.toml",
             "etcd_endpoints = [\"http://127.0.0.1:2379\"]\ncluster_domains = [\"lain.local\"]\nvolume_root = \"/tmp/v\"\n",

@@ -42,6 +42,9 @@ pub struct EngineSettings {
     pub health_deadline: Duration,
     /// Time allowed for one probe.
     pub probe_timeout: Duration,
+    /// How often an instance that passed its last probe is probed again; the others are
+    /// probed on every pass.
+    pub probe_interval: Duration,
     /// How long a node may fail to answer before its stateless instances move (sooner when
     /// its lease expires first).
     pub node_down_grace: Duration,
@@ -78,6 +81,7 @@ impl EngineSettings {
             tick: Duration::from_millis(250),
             health_deadline: Duration::from_secs(60),
             probe_timeout: Duration::from_millis(500),
+            probe_interval: Duration::from_secs(1),
             node_down_grace: Duration::from_secs(5),
             node_lease_ttl: Duration::from_secs(10),
             network: Network::Host,
@@ -498,6 +502,8 @@ struct Health {
     healthy: bool,
     fails: u32,
     announced: bool,
+    /// When the last probe was sent.
+    probed: Option<Instant>,
 }
 
 struct Rollout {
@@ -2041,6 +2047,7 @@ impl State {
                             healthy: false,
                             fails: 0,
                             announced: false,
+                            probed: None,
                         },
                     );
                     let kind = if st.restarted { "restarted" } else { "started" };
@@ -2244,7 +2251,24 @@ impl State {
                     healthy: false,
                     fails: 0,
                     announced: false,
+                    probed: None,
                 });
+                // An instance on a node that does not answer fails its probes, even one
+                // whose only check is its setup time.
+                let node_down = self
+                    .nodes
+                    .get(&a.node)
+                    .is_none_or(|n| n.down_since.is_some());
+                // A steady instance is probed once per interval, not on every pass: each
+                // probe is a request the app serves (and usually logs).
+                let steady = h.healthy && h.fails == 0 && !node_down;
+                if steady
+                    && h.probed
+                        .is_some_and(|t| t.elapsed() < self.settings.probe_interval)
+                {
+                    continue;
+                }
+                h.probed = Some(Instant::now());
                 let check = match (&p.healthcheck, a.port, p.proc_type) {
                     (Some(path), Some(port), _) => {
                         Probe::Http(SocketAddr::new(address, port), path.clone())
@@ -2259,12 +2283,6 @@ impl State {
                 };
                 let started = h.started;
                 let timeout = self.settings.probe_timeout;
-                // An instance on a node that does not answer fails its probes, even one
-                // whose only check is its setup time.
-                let node_down = self
-                    .nodes
-                    .get(&a.node)
-                    .is_none_or(|n| n.down_since.is_some());
                 jobs.push(async move {
                     let ok = !node_down && check.run(started, timeout).await;
                     (a.clone(), ok)

@@ -1,5 +1,6 @@
 //! The engine against real etcd and the two real Docker engines of the test harness:
-//! deploy, publish, self-heal, scale, failed deploys, adoption after restart and rollouts.
+//! deploy, publish, self-heal, scale, failed deploys, adoption after restart, rollouts and
+//! how often a steady instance is probed.
 //!
 //! Each test uses its own etcd prefix, which also labels its containers, and removes every
 //! container carrying that label when it ends.
@@ -541,6 +542,68 @@ async fn draining_a_node_moves_its_instances() {
         moved.0.ends_with("-d1"),
         "a moved instance's drift grows: {}",
         moved.0
+    );
+    h.stop().await;
+}
+
+/// A steady instance is probed once per `probe_interval`, not on every reconcile pass: each
+/// probe is a request the app serves and usually logs (it was four a second, one per pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_instance_is_probed_once_per_interval() {
+    use futures::StreamExt;
+    let h = start("cp-probe").await;
+    assert_eq!(h.settings.tick, Duration::from_millis(250));
+    assert_eq!(h.settings.probe_interval, Duration::from_secs(1));
+    let app = "probed";
+    // busybox httpd -vv writes one line per request to stderr, which Docker keeps.
+    let yaml = format!(
+        "appname: {app}\nweb:\n  cmd: [\"/bin/busybox\", \"sh\", \"-c\", \
+         \"mkdir -p /tmp/www && echo ok > /tmp/www/healthz && exec /bin/busybox httpd -f -vv -p $PORT -h /tmp/www\"]\n  \
+         num_instances: 1\n  memory: 32m\n  healthcheck: /healthz\n"
+    );
+    h.engine.register("lain.yaml", &yaml).await.unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    h.wait_serving(app, 1, "1").await;
+    eventually(Duration::from_secs(30), "the instance healthy", || async {
+        h.endpoints(app)
+            .await
+            .first()
+            .is_some_and(|e| e.healthy)
+            .then_some(())
+    })
+    .await;
+    let (_, id, _, _) = h
+        .containers()
+        .await
+        .into_iter()
+        .next()
+        .expect("a container");
+    let probes = || async {
+        for d in &h.docker {
+            let opts = bollard::query_parameters::LogsOptionsBuilder::new()
+                .stdout(true)
+                .stderr(true)
+                .build();
+            let chunks: Vec<_> = d.logs(&id, Some(opts)).collect().await;
+            if chunks.first().is_some_and(|c| c.is_err()) {
+                continue;
+            }
+            let text: String = chunks
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|c| String::from_utf8_lossy(&c.into_bytes()).into_owned())
+                .collect();
+            return text.matches("url:/healthz").count();
+        }
+        panic!("container {id} is on no engine");
+    };
+    let before = probes().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = probes().await - before;
+    // One a second, give or take the pass that comes due a tick late; it was about 24.
+    assert!(
+        (3..=8).contains(&during),
+        "{during} probes of a steady instance in 6 s"
     );
     h.stop().await;
 }

@@ -264,12 +264,15 @@ impl Traffic {
 }
 
 /// Cleans up what the test leaves on the shared services, also when it fails: the second
-/// Docker engine is started again, containers of this cluster are removed, its keys deleted.
+/// Docker engine is started again, containers of this cluster are removed, its keys and its
+/// log indices deleted.
 struct Cleanup {
     root: PathBuf,
     prefix: String,
     nodes: Vec<String>,
     etcd: String,
+    es: SocketAddr,
+    index_prefix: String,
 }
 
 impl Drop for Cleanup {
@@ -285,6 +288,16 @@ impl Drop for Cleanup {
             .env("ETCDCTL_API", "3")
             .env("ETCDCTL_ENDPOINTS", &self.etcd)
             .output();
+        let p = &self.index_prefix;
+        let _ = http(self.es, "DELETE", &format!("/{p}-*"), "es", &[], b"");
+        let _ = http(
+            self.es,
+            "DELETE",
+            &format!("/_index_template/{p}"),
+            "es",
+            &[],
+            b"",
+        );
     }
 }
 
@@ -312,7 +325,11 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
     let registry = require_registry();
     let kafka = require_kafka();
     let es = require_es();
+    let es_addr = es_addr(&es);
     let prefix = unique_prefix("e2e");
+    // Its own indices: the day's shared `lain-logs-*` holds whatever else ran today, whose
+    // mappings are not this test's business.
+    let index_prefix = format!("lain-e2e-{}-{:08x}", std::process::id(), rand_u32());
     let dir = temp_dir();
     let d = dir.path();
     let _cleanup = Cleanup {
@@ -320,6 +337,8 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
         prefix: prefix.clone(),
         nodes: nodes.clone(),
         etcd: etcd[0].clone(),
+        es: es_addr,
+        index_prefix: index_prefix.clone(),
     };
     let app = format!("e2e{}", std::process::id());
     let podgroup = format!("{app}.web.web");
@@ -394,13 +413,13 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
         let cfg = d.join(format!("logship{i}.toml"));
         let mut t = format!(
             "node = \"node{}\"\nstate_dir = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[docker]\nhost = \"{n}\"\nonly_lain = true\n\
-             [sinks.kafka]\nbrokers = \"{kafka}\"\n[sinks.elasticsearch]\nurl = \"{es}\"\n",
+             [sinks.kafka]\nbrokers = \"{kafka}\"\n[sinks.elasticsearch]\nurl = \"{es}\"\nindex_prefix = \"{index_prefix}\"\n",
             i + 1,
             d.join(format!("logship{i}")).display(),
         );
         if i == 0 {
             t.push_str(&format!(
-                "[[files]]\nname = \"access\"\npaths = [\"{}\"]\ndataset = \"lain.access\"\nparse_json = true\n",
+                "[[files]]\nname = \"access\"\npaths = [\"{}\"]\nformat = \"proxy_access\"\n",
                 access_log.display()
             ));
         }
@@ -535,8 +554,30 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
     );
     wait_for(
         Duration::from_secs(60),
+        "the request's access line in Kafka (topic {node}.access, as LAIN named it)",
+        || kafka_has(&kafka, "node1.access", &marker).then_some(()),
+    );
+    wait_for(
+        Duration::from_secs(60),
         "the request's log line in Elasticsearch",
-        || es_has(&es, &marker, &app).then_some(()),
+        || {
+            let dataset = serde_json::json!({"term": {"event.dataset": podgroup}});
+            es_has(es_addr, &index_prefix, &marker, &app, dataset).then_some(())
+        },
+    );
+    // The proxy's access line of the same request, mapped to ECS as Kibana filters on it.
+    wait_for(
+        Duration::from_secs(60),
+        "the request's access line in Elasticsearch",
+        || {
+            let access = serde_json::json!({"bool": {"filter": [
+                {"term": {"event.dataset": "lain.access"}},
+                {"term": {"url.path": format!("/{marker}")}},
+                {"term": {"http.response.status_code": 404}},
+                {"term": {"lain.proc": "web"}}
+            ]}});
+            es_has(es_addr, &index_prefix, &marker, &app, access).then_some(())
+        },
     );
     wait_for(
         Duration::from_secs(30),
@@ -544,7 +585,16 @@ fn a_lain_cluster_serves_resolves_logs_heals_and_rolls_out_an_app() {
         || {
             let (code, out, _) = lain(
                 &config,
-                &["logs", &app, "--es", &es, "-n", "200"],
+                &[
+                    "logs",
+                    &app,
+                    "--es",
+                    &es,
+                    "--index-prefix",
+                    &index_prefix,
+                    "-n",
+                    "200",
+                ],
                 &[],
                 None,
             );
@@ -776,25 +826,43 @@ fn kafka_has(brokers: &str, topic: &str, needle: &str) -> bool {
     false
 }
 
-/// Whether Elasticsearch holds a document of `app` whose message contains `needle`.
-fn es_has(es: &str, needle: &str, app: &str) -> bool {
-    let addr: SocketAddr = es
-        .trim_start_matches("http://")
+/// The address of `LAIN_ES`.
+fn es_addr(es: &str) -> SocketAddr {
+    es.trim_start_matches("http://")
         .trim_end_matches('/')
         .parse()
-        .expect("LAIN_ES is http://IP:PORT");
-    let _ = http(addr, "POST", "/_refresh", "es", &[], b"");
+        .expect("LAIN_ES is http://IP:PORT")
+}
+
+/// Whether the indices `{index_prefix}-*` hold a document of `app` whose message contains
+/// `needle` and that matches the query `filter`.
+fn es_has(
+    addr: SocketAddr,
+    index_prefix: &str,
+    needle: &str,
+    app: &str,
+    filter: serde_json::Value,
+) -> bool {
+    let _ = http(
+        addr,
+        "POST",
+        &format!("/{index_prefix}-*/_refresh"),
+        "es",
+        &[],
+        b"",
+    );
     let query = serde_json::json!({
         "query": {"bool": {"filter": [
             {"match_phrase": {"message": needle}},
-            {"term": {"lain.app": app}}
+            {"term": {"lain.app": app}},
+            filter
         ]}}
     })
     .to_string();
     match http(
         addr,
         "POST",
-        "/_search",
+        &format!("/{index_prefix}-*/_search"),
         "es",
         &[("Content-Type", "application/json")],
         query.as_bytes(),

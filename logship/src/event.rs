@@ -131,8 +131,17 @@ const MESSAGE_KEYS: &[&str] = &["message", "msg", "log"];
 const LEVEL_KEYS: &[&str] = &["level", "lvl", "severity", "loglevel", "log.level"];
 const TIME_KEYS: &[&str] = &["@timestamp", "timestamp", "time", "ts"];
 /// Top-level fields lain sets; a JSON line's own fields of these names move under `json.`.
+/// The access log's ECS objects are among them: every event of a day shares one index, and
+/// an app line's `"error": "..."` or `"url": "..."` indexed first would fix those names as
+/// strings, after which every access line of that day would be refused (and the other way
+/// round).
 const RESERVED: &[&str] = &[
     "@timestamp",
+    "source",
+    "http",
+    "url",
+    "user_agent",
+    "error",
     "message",
     "log",
     "stream",
@@ -823,9 +832,15 @@ mod tests {
     #[test]
     fn json_line_keeps_fields_and_reserved_names_move() {
         let l = line(
-            br#"{"msg":"hi","level":"ERROR","user":"bob","n":3,"host":"x","time":"2024-05-01T10:00:00Z"}"#,
+            br#"{"msg":"hi","level":"ERROR","user":"bob","n":3,"host":"x","time":"2024-05-01T10:00:00Z","error":"boom","url":"/a","user_agent":"ua","http":1,"source":"s"}"#,
         );
         let d = doc(&render(&meta(), "fp", &l, &opts(), Utc::now()));
+        // The names the access log's ECS objects use never arrive as scalars.
+        for k in ["error", "url", "user_agent", "http", "source"] {
+            assert!(d.get(k).is_none(), "{k} at the top: {d}");
+        }
+        assert_eq!(d["json"]["error"], "boom");
+        assert_eq!(d["json"]["url"], "/a");
         assert_eq!(d["message"], "hi");
         assert_eq!(d["log"]["level"], "error");
         assert_eq!(d["user"], "bob");

@@ -1,6 +1,7 @@
 //! `lain logship` to OpenSearch/Elasticsearch: lines arrive with ECS and LAIN fields, are
 //! found by a Discover-shaped search, and a line conflicting with the mapping goes to the
-//! dead-letter file while the rest are indexed; a new file on a reused inode loses no line.
+//! dead-letter file while the rest are indexed; a new file on a reused inode loses no line;
+//! an app's JSON fields never block the access lines that share its index.
 
 mod common;
 
@@ -232,6 +233,138 @@ flush_interval_ms = 200
             .is_some_and(|m| m.starts_with("bravo line "))
     }));
     assert_eq!(count("alpha").await.map(|h| h.len()), Some(20));
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
+    let _ = http
+        .delete(format!("{es}/_index_template/{prefix}"))
+        .send()
+        .await;
+}
+
+/// App lines and the proxy's access lines share each day's index. An app's JSON line with
+/// its own `error`, `url` or `user_agent` string, indexed first, used to fix those names as
+/// strings for the day, and every access line (which has them as ECS objects) was then
+/// refused into the dead-letter file. The access fields are also typed for Kibana: status
+/// codes as numbers, client addresses as IPs.
+#[tokio::test(flavor = "multi_thread")]
+async fn app_json_fields_never_block_access_lines_in_the_shared_index() {
+    use lain_proxy::access_log::AccessLine;
+    let es = require_es();
+    let dir = temp_dir();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let prefix = common::unique("shared");
+    let cfg = common::agent_config(
+        dir.path(),
+        "node1",
+        &format!(
+            r#"
+scan_interval_ms = 100
+[[files]]
+name = "app"
+paths = ["{logs}/app.log"]
+app = "hello"
+proc = "web"
+parse_json = true
+[[files]]
+name = "access"
+paths = ["{logs}/access.log"]
+format = "proxy_access"
+[sinks.elasticsearch]
+url = "{es}"
+index_prefix = "{prefix}"
+flush_interval_ms = 200
+"#,
+            logs = logs.display(),
+        ),
+    );
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    std::fs::write(
+        logs.join("app.log"),
+        format!(
+            "{{\"time\":\"{now}\",\"msg\":\"app line\",\"error\":\"boom\",\"url\":\"/u\",\"user_agent\":\"ua\",\"http\":\"x\",\"source\":\"s\"}}\n"
+        ),
+    )
+    .unwrap();
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    let http = reqwest::Client::new();
+    let base = format!("{es}/{prefix}-*");
+    let find = |query: serde_json::Value| {
+        search(
+            http.clone(),
+            base.clone(),
+            serde_json::json!({"query": query}),
+        )
+    };
+    let app = eventually(Duration::from_secs(60), "the app line", || {
+        let s = find(serde_json::json!({"term": {"event.dataset": "app"}}));
+        async move { s.await.filter(|h| h.len() == 1) }
+    })
+    .await;
+    assert_eq!(app[0]["_source"]["json"]["error"], "boom");
+
+    // Only now the access lines, after the app line had its say about the mapping.
+    let mut body = String::new();
+    for (i, status) in [200u16, 404, 502].into_iter().enumerate() {
+        let line = AccessLine {
+            time: now.clone(),
+            client_ip: format!("10.1.2.{i}"),
+            method: "GET".into(),
+            host: "hello.lain.local".into(),
+            path: format!("/p/{i}?q=1"),
+            status,
+            bytes_in: 0,
+            bytes_out: 10,
+            duration_ms: 1.5,
+            upstream: Some("127.0.0.1:9000".into()),
+            upstream_ms: Some(1.0),
+            app: Some("hello".into()),
+            proc: Some("web".into()),
+            route: Some("hello.lain.local/".into()),
+            request_id: format!("r{i}"),
+            user_agent: "curl/8".into(),
+            error: (status == 502).then(|| "upstream refused".to_string()),
+        };
+        body.push_str(&serde_json::to_string(&line).unwrap());
+        body.push('\n');
+    }
+    std::fs::write(logs.join("access.log"), body).unwrap();
+    eventually(Duration::from_secs(30), "the three access lines", || {
+        let s = find(serde_json::json!({"term": {"event.dataset": "lain.access"}}));
+        async move { s.await.filter(|h| h.len() == 3) }
+    })
+    .await;
+    // What Kibana sends for "status 400 and up from 10.1.2.0/24".
+    let errors = find(serde_json::json!({"bool": {"filter": [
+        {"range": {"http.response.status_code": {"gte": 400}}},
+        {"term": {"source.ip": "10.1.2.0/24"}},
+        {"term": {"lain.app": "hello"}}
+    ]}}))
+    .await
+    .unwrap();
+    let mut ids: Vec<String> = errors
+        .iter()
+        .map(|h| {
+            h["_source"]["http"]["request"]["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["r1", "r2"]);
+    let metrics = common::metrics_page(p.addr("admin")).await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "lain_logship_dead_letters_total{sink=\"elasticsearch\"}"
+        ),
+        0,
+        "{metrics}"
+    );
     assert!(
         p.terminate(Duration::from_secs(20))
             .is_some_and(|s| s.success())

@@ -83,12 +83,33 @@ pub fn index_template(prefix: &str) -> Value {
                     }},
                     "service": {"properties": {"name": kw}},
                     "host": {"properties": {"name": kw}},
-                    "event": {"properties": {"dataset": kw}},
+                    "event": {"properties": {"dataset": kw, "duration": {"type": "long"}}},
+                    // The proxy's access lines (`format = "proxy_access"`), typed so that
+                    // Kibana can filter on status ranges and client networks.
+                    "source": {"properties": {"ip": {"type": "ip", "ignore_malformed": true}}},
+                    "http": {"properties": {
+                        "request": {"properties": {
+                            "method": kw, "id": kw,
+                            "body": {"properties": {"bytes": {"type": "long"}}}
+                        }},
+                        "response": {"properties": {
+                            "status_code": {"type": "long"},
+                            "body": {"properties": {"bytes": {"type": "long"}}}
+                        }}
+                    }},
+                    "url": {"properties": {
+                        "domain": kw, "original": kw, "path": kw, "query": kw
+                    }},
+                    "user_agent": {"properties": {"original": kw}},
+                    "error": {"properties": {"message": {"type": "text"}}},
                     "container": {"properties": {
                         "id": kw, "name": kw, "image": {"properties": {"name": kw}}
                     }},
                     "lain": {"properties": {
-                        "app": kw, "proc": kw, "podgroup": kw, "instance": kw, "version": kw
+                        "app": kw, "proc": kw, "podgroup": kw, "instance": kw, "version": kw,
+                        "proxy": {"properties": {
+                            "upstream": kw, "route": kw, "upstream_ms": {"type": "double"}
+                        }}
                     }}
                 }
             }

@@ -400,6 +400,7 @@ impl EsSink {
             .dead_letters
             .with_label_values(&["elasticsearch"])
             .inc();
+        self.dead.warn("elasticsearch", reason);
     }
 }
 

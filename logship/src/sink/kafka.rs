@@ -480,6 +480,7 @@ impl Shared {
             .dead_letters
             .with_label_values(&["kafka"])
             .inc();
+        self.dead.warn("kafka", reason);
     }
 }
 

@@ -12,6 +12,33 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct DeadLetters {
     path: PathBuf,
+    warned: std::sync::Mutex<Limiter>,
+}
+
+/// How often a sink says it is writing dead letters; the count says how many there were.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Lets one warning through per [`WARN_EVERY`] and counts the ones held back.
+#[derive(Debug, Default)]
+pub struct Limiter {
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl Limiter {
+    /// Counts one occurrence at `now`; returns how many occurred since the last warning
+    /// (this one included) when a warning is due.
+    pub fn hit(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.held += 1;
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < WARN_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
 }
 
 impl DeadLetters {
@@ -19,6 +46,28 @@ impl DeadLetters {
     pub fn new(path: &Path) -> DeadLetters {
         DeadLetters {
             path: path.to_path_buf(),
+            warned: std::sync::Mutex::new(Limiter::default()),
+        }
+    }
+
+    /// Warns that `sink` refused an event for good, with the reason and where it went; at
+    /// most once per 10 s, counting the events since the last warning. The metric counts
+    /// every one, but a refusal (a mapping conflict, a record too large) is usually a
+    /// configuration problem someone has to see in the log.
+    pub fn warn(&self, sink: &str, reason: &str) {
+        let due = self
+            .warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .hit(std::time::Instant::now());
+        if let Some(events) = due {
+            tracing::warn!(
+                sink,
+                events,
+                reason,
+                file = %self.path.display(),
+                "events refused for good were written to the dead-letter file"
+            );
         }
     }
 
@@ -49,4 +98,26 @@ impl DeadLetters {
 pub async fn backoff(attempt: u32) {
     let ms = 100u64.saturating_mul(1 << attempt.min(7)).min(10_000);
     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn dead_letter_warnings_are_limited_and_counted() {
+        let mut l = Limiter::default();
+        let t = Instant::now();
+        assert_eq!(l.hit(t), Some(1), "the first one is reported at once");
+        assert_eq!(l.hit(t + Duration::from_secs(1)), None);
+        assert_eq!(l.hit(t + Duration::from_secs(9)), None);
+        assert_eq!(
+            l.hit(t + Duration::from_secs(10)),
+            Some(3),
+            "the next warning counts the two held back and itself"
+        );
+        assert_eq!(l.hit(t + Duration::from_secs(11)), None);
+        assert_eq!(l.hit(t + Duration::from_secs(25)), Some(2));
+    }
 }

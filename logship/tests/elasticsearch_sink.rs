@@ -26,20 +26,81 @@ async fn search(
     v["hits"]["hits"].as_array().cloned()
 }
 
+/// One test's agent: a `logs/` directory, an index prefix of its own and a config with
+/// `files` (TOML `[[files]]` tables, `{logs}` standing for the directory) shipping to it.
+struct Setup {
+    dir: tempfile::TempDir,
+    logs: std::path::PathBuf,
+    es: String,
+    prefix: String,
+    cfg: String,
+    http: reqwest::Client,
+}
+
+impl Setup {
+    fn new(what: &str, files: &str) -> Setup {
+        let es = require_es();
+        let dir = temp_dir();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let prefix = common::unique(what);
+        let files = files.replace("{logs}", &logs.display().to_string());
+        let cfg = common::agent_config(
+            dir.path(),
+            "node1",
+            &format!(
+                "scan_interval_ms = 100\nmultiline_timeout_ms = 100\n{files}\n\
+                 [sinks.elasticsearch]\nurl = \"{es}\"\nindex_prefix = \"{prefix}\"\n\
+                 flush_interval_ms = 200\n"
+            ),
+        );
+        Setup {
+            dir,
+            logs,
+            es,
+            prefix,
+            cfg,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn spawn(&self) -> LainProcess {
+        LainProcess::spawn(&["logship", "--config", &self.cfg], &[], &["admin"])
+    }
+
+    /// The hits of a search body over this test's indices.
+    fn search(
+        &self,
+        body: serde_json::Value,
+    ) -> impl Future<Output = Option<Vec<serde_json::Value>>> + use<> {
+        search(
+            self.http.clone(),
+            format!("{}/{}-*", self.es, self.prefix),
+            body,
+        )
+    }
+
+    /// Stops the agent (it must exit cleanly) and deletes this test's indices and template.
+    async fn finish(self, mut p: LainProcess) {
+        assert!(
+            p.terminate(Duration::from_secs(20))
+                .is_some_and(|s| s.success())
+        );
+        let (es, prefix) = (&self.es, &self.prefix);
+        let _ = self.http.delete(format!("{es}/{prefix}-*")).send().await;
+        let _ = self
+            .http
+            .delete(format!("{es}/_index_template/{prefix}"))
+            .send()
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn lines_are_indexed_searchable_and_conflicts_dead_lettered() {
-    let es = require_es();
-    let dir = temp_dir();
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let prefix = common::unique("es");
-    let cfg = common::agent_config(
-        dir.path(),
-        "node1",
-        &format!(
-            r#"
-scan_interval_ms = 100
-multiline_timeout_ms = 100
+    let t = Setup::new(
+        "es",
+        r#"
 [[files]]
 name = "app"
 paths = ["{logs}/*.log"]
@@ -48,14 +109,9 @@ proc = "web"
 podgroup = "hello.web.web"
 instance = "1"
 version = "v3"
-[sinks.elasticsearch]
-url = "{es}"
-index_prefix = "{prefix}"
-flush_interval_ms = 200
 "#,
-            logs = logs.display(),
-        ),
     );
+    let logs = &t.logs;
     let log = logs.join("app.log");
     let mut f = std::fs::File::create(&log).unwrap();
     for i in 0..50 {
@@ -63,10 +119,8 @@ flush_interval_ms = 200
     }
     writeln!(f, r#"{{"msg":"typed","n":5}}"#).unwrap();
     f.flush().unwrap();
-    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
-    let http = reqwest::Client::new();
-    let base = format!("{es}/{prefix}-*");
-    let search = |body: serde_json::Value| search(http.clone(), base.clone(), body);
+    let p = t.spawn();
+    let search = |body: serde_json::Value| t.search(body);
     let all = lain_logship::discover_query("hello", Some("web"), Duration::from_secs(900), None);
     eventually(Duration::from_secs(60), "51 documents", || {
         let s = search(all.clone());
@@ -77,7 +131,7 @@ flush_interval_ms = 200
     writeln!(f, r#"{{"msg":"conflict","n":"not a number"}}"#).unwrap();
     writeln!(f, "after the conflict needle-9").unwrap();
     f.flush().unwrap();
-    let dead = dir.path().join("state/dead-letters/elasticsearch.ndjson");
+    let dead = t.dir.path().join("state/dead-letters/elasticsearch.ndjson");
     let dead_text = eventually(Duration::from_secs(60), "a dead letter", || {
         let t = std::fs::read_to_string(&dead).unwrap_or_default();
         async move { (!t.is_empty()).then_some(t) }
@@ -136,15 +190,7 @@ flush_interval_ms = 200
         metrics.contains("lain_logship_dead_letters_total{sink=\"elasticsearch\"} 1"),
         "{metrics}"
     );
-    assert!(
-        p.terminate(Duration::from_secs(20))
-            .is_some_and(|s| s.success())
-    );
-    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
-    let _ = http
-        .delete(format!("{es}/_index_template/{prefix}"))
-        .send()
-        .await;
+    t.finish(p).await;
 }
 
 /// A log file deleted and a new one created take the same inode on ext4. Event ids come
@@ -154,36 +200,24 @@ flush_interval_ms = 200
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_file_on_a_reused_inode_is_indexed_in_full() {
     use std::os::unix::fs::MetadataExt;
-    let es = require_es();
-    let dir = temp_dir();
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let prefix = common::unique("inode");
-    let cfg = common::agent_config(
-        dir.path(),
-        "node1",
-        &format!(
-            r#"
-scan_interval_ms = 100
-multiline_timeout_ms = 100
+    let t = Setup::new(
+        "inode",
+        r#"
 [[files]]
 name = "app"
 paths = ["{logs}/*.log"]
 app = "hello"
 proc = "web"
-[sinks.elasticsearch]
-url = "{es}"
-index_prefix = "{prefix}"
-flush_interval_ms = 200
 "#,
-            logs = logs.display(),
-        ),
     );
-    let http = reqwest::Client::new();
-    let base = format!("{es}/{prefix}-*");
+    let logs = &t.logs;
     let count = |word: &'static str| {
-        let q = lain_logship::discover_query("hello", None, Duration::from_secs(900), Some(word));
-        search(http.clone(), base.clone(), q)
+        t.search(lain_logship::discover_query(
+            "hello",
+            None,
+            Duration::from_secs(900),
+            Some(word),
+        ))
     };
     // Lines of equal length in both files, so every line of the second starts at an offset
     // where a line of the first started.
@@ -193,7 +227,7 @@ flush_interval_ms = 200
     };
     write("alpha");
     let ino = std::fs::metadata(logs.join("app.log")).unwrap().ino();
-    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    let mut p = t.spawn();
     eventually(Duration::from_secs(60), "the first file's 20 lines", || {
         let s = count("alpha");
         async move { s.await.filter(|h| h.len() == 20) }
@@ -214,10 +248,14 @@ flush_interval_ms = 200
             break;
         }
         // Park the file that got another inode outside the watched pattern and try again.
-        std::fs::rename(logs.join("app.log"), dir.path().join(format!("parked-{i}"))).unwrap();
+        std::fs::rename(
+            logs.join("app.log"),
+            t.dir.path().join(format!("parked-{i}")),
+        )
+        .unwrap();
     }
     assert!(reused, "the file system never gave inode {ino} out again");
-    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    let p = t.spawn();
     let hits = eventually(
         Duration::from_secs(30),
         "the second file's 20 lines",
@@ -233,15 +271,7 @@ flush_interval_ms = 200
             .is_some_and(|m| m.starts_with("bravo line "))
     }));
     assert_eq!(count("alpha").await.map(|h| h.len()), Some(20));
-    assert!(
-        p.terminate(Duration::from_secs(20))
-            .is_some_and(|s| s.success())
-    );
-    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
-    let _ = http
-        .delete(format!("{es}/_index_template/{prefix}"))
-        .send()
-        .await;
+    t.finish(p).await;
 }
 
 /// App lines and the proxy's access lines share each day's index. An app's JSON line with
@@ -252,17 +282,9 @@ flush_interval_ms = 200
 #[tokio::test(flavor = "multi_thread")]
 async fn app_json_fields_never_block_access_lines_in_the_shared_index() {
     use lain_proxy::access_log::AccessLine;
-    let es = require_es();
-    let dir = temp_dir();
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let prefix = common::unique("shared");
-    let cfg = common::agent_config(
-        dir.path(),
-        "node1",
-        &format!(
-            r#"
-scan_interval_ms = 100
+    let t = Setup::new(
+        "shared",
+        r#"
 [[files]]
 name = "app"
 paths = ["{logs}/app.log"]
@@ -273,14 +295,9 @@ parse_json = true
 name = "access"
 paths = ["{logs}/access.log"]
 format = "proxy_access"
-[sinks.elasticsearch]
-url = "{es}"
-index_prefix = "{prefix}"
-flush_interval_ms = 200
 "#,
-            logs = logs.display(),
-        ),
     );
+    let logs = &t.logs;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     std::fs::write(
         logs.join("app.log"),
@@ -289,16 +306,8 @@ flush_interval_ms = 200
         ),
     )
     .unwrap();
-    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
-    let http = reqwest::Client::new();
-    let base = format!("{es}/{prefix}-*");
-    let find = |query: serde_json::Value| {
-        search(
-            http.clone(),
-            base.clone(),
-            serde_json::json!({"query": query}),
-        )
-    };
+    let p = t.spawn();
+    let find = |query: serde_json::Value| t.search(serde_json::json!({"query": query}));
     let app = eventually(Duration::from_secs(60), "the app line", || {
         let s = find(serde_json::json!({"term": {"event.dataset": "app"}}));
         async move { s.await.filter(|h| h.len() == 1) }
@@ -365,13 +374,5 @@ flush_interval_ms = 200
         0,
         "{metrics}"
     );
-    assert!(
-        p.terminate(Duration::from_secs(20))
-            .is_some_and(|s| s.success())
-    );
-    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
-    let _ = http
-        .delete(format!("{es}/_index_template/{prefix}"))
-        .send()
-        .await;
+    t.finish(p).await;
 }

@@ -85,6 +85,32 @@ async fn wait_for(handle: &StateHandle, what: &str, check: impl Fn(&Snapshot) ->
     .await
 }
 
+/// Puts instance 1 of `app`'s endpoint and waits for the watcher to publish it, which must
+/// take less than a second; returns its key.
+async fn put_endpoint_quickly(
+    client: &mut etcd_client::Client,
+    w: &Running,
+    ks: &Keyspace,
+    app: &str,
+) -> String {
+    let key = ks.endpoint(app, "web", 1);
+    let t0 = Instant::now();
+    client
+        .put(key.clone(), encode(&endpoint(app, 1, 8080)), None)
+        .await
+        .unwrap();
+    wait_for(&w.handle, "endpoint put", |s| {
+        s.endpoints.contains_key(&key)
+    })
+    .await;
+    let latency = t0.elapsed();
+    assert!(
+        latency < Duration::from_secs(1),
+        "propagation took {latency:?}"
+    );
+    key
+}
+
 #[tokio::test]
 async fn put_and_delete_reach_the_snapshot_quickly() {
     let endpoints = require_etcd();
@@ -116,21 +142,7 @@ async fn put_and_delete_reach_the_snapshot_quickly() {
     assert_eq!(w.handle.load().routes.len(), 1);
 
     // A key written afterwards arrives through the watch, within milliseconds.
-    let key = ks.endpoint("a", "web", 1);
-    let t0 = Instant::now();
-    client
-        .put(key.clone(), encode(&endpoint("a", 1, 8080)), None)
-        .await
-        .unwrap();
-    wait_for(&w.handle, "endpoint put", |s| {
-        s.endpoints.contains_key(&key)
-    })
-    .await;
-    let latency = t0.elapsed();
-    assert!(
-        latency < Duration::from_secs(1),
-        "propagation took {latency:?}"
-    );
+    let key = put_endpoint_quickly(&mut client, &w, &ks, "a").await;
     let snap = w.handle.load();
     assert_eq!(snap.endpoints[&key].value.port, 8080);
     assert!(snap.revision > 0);
@@ -171,17 +183,7 @@ async fn a_quiet_watch_stays_open() {
         "the watch was lost while nothing changed"
     );
     let mut client = etcd_client(&endpoints).await;
-    let key = ks.endpoint("q", "web", 1);
-    let t0 = Instant::now();
-    client
-        .put(key.clone(), encode(&endpoint("q", 1, 8080)), None)
-        .await
-        .unwrap();
-    wait_for(&w.handle, "endpoint put after the quiet time", |s| {
-        s.endpoints.contains_key(&key)
-    })
-    .await;
-    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    put_endpoint_quickly(&mut client, &w, &ks, "q").await;
     assert_eq!(w.metrics.reconnect_count(), 0);
     client
         .delete(

@@ -112,7 +112,8 @@ pub fn metric(page: &str, name_and_labels: &str) -> u64 {
 }
 
 /// Waits up to `timeout` until `check` holds for `name_and_labels` on the metrics page of
-/// the logship at `admin`; returns the value.
+/// the logship at `admin`; returns the value. On a timeout the failure shows logship's own
+/// metrics as last read (what the sinks and the disk buffer were doing).
 pub async fn wait_metric(
     admin: std::net::SocketAddr,
     name_and_labels: &str,
@@ -120,12 +121,25 @@ pub async fn wait_metric(
     what: &str,
     check: impl Fn(u64) -> bool,
 ) -> u64 {
-    let check = &check;
-    lain_test_support::eventually(timeout, what, || async move {
-        let v = metric(&metrics_page(admin).await, name_and_labels);
-        check(v).then_some(v)
-    })
-    .await
+    let deadline = Instant::now() + timeout;
+    loop {
+        let page = metrics_page(admin).await;
+        let v = metric(&page, name_and_labels);
+        if check(v) {
+            return v;
+        }
+        if Instant::now() > deadline {
+            let own: Vec<&str> = page
+                .lines()
+                .filter(|l| l.starts_with("lain_logship_"))
+                .collect();
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; last metrics:\n{}",
+                own.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Fetches the `/metrics` page of a running logship.

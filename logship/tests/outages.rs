@@ -424,8 +424,8 @@ async fn a_file_deleted_while_kafka_is_away_loses_nothing_even_across_a_crash() 
     let port = lain_test_support::free_port();
     let topic = common::unique("deleted");
     // A delivery report librdkafka does not hand back holds its batch until the message
-    // timeout. That is the likely cause of one run whose buffer had not drained after
-    // 30 s with every line in Kafka (the fresh broker had answered "coordinator load in
+    // timeout. That is one possible cause of a run whose buffer had not drained after 30 s
+    // with every line in Kafka (the fresh broker had answered "coordinator load in
     // progress"); 10 s instead of the default 120 s keeps it within this test's waits, and
     // the message is then sent again.
     let (cfg, logs) = kafka_outage_config(dir.path(), port, &topic, "message_timeout_secs = 10");

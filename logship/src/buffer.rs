@@ -577,13 +577,18 @@ pub async fn run_stage(
     loop {
         passed.retain(|b| !b.ack.is_done());
         // Retire replayed records the sink confirmed.
-        let done: Vec<RecordId> = replayed
-            .iter()
-            .filter(|(_, b, _)| b.ack.is_done())
-            .map(|(id, _, _)| *id)
-            .collect();
+        // One pass decides both: the sink confirms from other threads, and a record
+        // confirmed between a look for the done ones and a separate removal would leave the
+        // list without its segment ever hearing of it.
+        let mut done: Vec<RecordId> = Vec::new();
+        replayed.retain(|(id, b, _)| {
+            let finished = b.ack.is_done();
+            if finished {
+                done.push(*id);
+            }
+            !finished
+        });
         if !done.is_empty() {
-            replayed.retain(|(_, b, _)| !b.ack.is_done());
             let r = on_disk(&buffer, move |b| {
                 for id in done {
                     b.ack(id)?;
@@ -1265,5 +1270,59 @@ mod tests {
             !acks.last().unwrap().is_done(),
             "a refused batch was confirmed"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replayed_records_the_sink_confirms_concurrently_all_leave_the_disk() {
+        // Records left by an earlier run, one event each.
+        const RECORDS: usize = 4000;
+        let dir = tempfile::tempdir().unwrap();
+        let m = meta("a");
+        {
+            let mut buf = DiskBuffer::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+            for i in 0..RECORDS {
+                buf.append(&events(&m, i, 1)).unwrap();
+            }
+        }
+        let (g, mem) = gauges();
+        let (in_tx, in_rx) = mpsc::channel(1);
+        let (out_tx, mut out_rx) = mpsc::channel(64);
+        let disk = DiskBuffer::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+        let settings = StageSettings {
+            spill_after: Duration::from_secs(60),
+            drain: Duration::from_secs(1),
+        };
+        let task = tokio::spawn(run_stage(in_rx, out_tx, disk, settings, mem, g.clone()));
+        // The sink confirms from another thread while the stage goes on replaying, as the
+        // Kafka sink's delivery reports do: a record confirmed while the stage looks over
+        // the ones it handed out must still leave the disk.
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel::<Arc<Batch>>();
+        let acker = std::thread::spawn(move || {
+            for b in ack_rx {
+                b.ack.ack();
+            }
+        });
+        let mut got = 0;
+        while got < RECORDS {
+            let b = tokio::time::timeout(Duration::from_secs(10), out_rx.recv())
+                .await
+                .expect("the sink gets every record")
+                .unwrap();
+            got += b.events.len();
+            ack_tx.send(b).unwrap();
+        }
+        drop(ack_tx);
+        acker.join().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while g.bytes.get() > 0 || std::fs::read_dir(dir.path()).unwrap().count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} bytes left on disk after every record was confirmed",
+                g.bytes.get()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(in_tx);
+        task.await.unwrap();
     }
 }

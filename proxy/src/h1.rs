@@ -37,7 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::header_guard::GuardedStream;
+use crate::header_guard::{CLOSE_FLUSH, GuardedStream};
 use crate::service::{Finished, LainProxy, forwarded, hash_key_in, request_id};
 use crate::table::Route;
 use crate::upstream::EndpointStats;
@@ -187,7 +187,12 @@ fn facts<'a>(
         } else if is("x-request-id") {
             req.request_id = req.request_id.or(text(h.value));
         } else if is("x-forwarded-for") {
-            req.xff = req.xff.or(text(h.value));
+            // Several lines (a proxy that adds its own) are one list, read in order; pingora's
+            // path joins them.
+            if req.xff.is_some() {
+                return None;
+            }
+            req.xff = text(h.value);
         } else if is("x-forwarded-proto") {
             req.xfp = req.xfp.or(text(h.value));
         } else if is("x-forwarded-host") {
@@ -548,6 +553,8 @@ impl H1 {
         };
         let mut first = true;
         loop {
+            // Whether httparse saw the whole header; a parse error can come before its end.
+            let mut complete = true;
             let outcome = if buf.is_empty() {
                 None
             } else {
@@ -578,12 +585,15 @@ impl H1 {
                         })
                     }
                     Ok(httparse::Status::Partial) => None,
-                    Err(_) => Some(Outcome::Pingora),
+                    Err(_) => {
+                        complete = false;
+                        Some(Outcome::Pingora)
+                    }
                 }
             };
             match outcome {
                 Some(Outcome::Pingora) => {
-                    stream.unread(&buf);
+                    stream.unread(&buf, complete);
                     return Served::Pingora(stream);
                 }
                 Some(Outcome::Done {
@@ -593,10 +603,16 @@ impl H1 {
                     buf.drain(..consumed);
                     buf.append(&mut bufs.early);
                     if !keep_alive {
-                        let _ = stream.shutdown().await;
+                        let _ = within(CLOSE_FLUSH, stream.shutdown()).await;
                         return Served::Closed;
                     }
-                    next_request.store(true, Ordering::Relaxed);
+                    if buf.is_empty() {
+                        next_request.store(true, Ordering::Relaxed);
+                    } else {
+                        // The client already sent part of its next request: its header
+                        // clock starts now, as nothing more may ever come.
+                        stream.begin_header(&buf);
+                    }
                     first = false;
                     if buf.capacity() > 64 << 10 && buf.is_empty() {
                         buf = Vec::with_capacity(4096);
@@ -929,7 +945,7 @@ impl H1 {
             // The response header is complete: from here on the client sees what happens.
             let close = req.close || shutting_down || shape.framing == Framing::Close;
             let add_id = (!shape.has_id).then_some(id);
-            write_response_head(&mut bufs.out, &resp, close, add_id);
+            write_response_head(&mut bufs.out, &resp, close, shape.coded, add_id);
             break (head, code, shape.framing, shape.keep_alive);
         };
         record.status = resp_status;
@@ -1157,6 +1173,8 @@ struct Shape {
     framing: Framing,
     keep_alive: bool,
     has_id: bool,
+    /// Framed by Transfer-Encoding; a Content-Length beside it is not relayed.
+    coded: bool,
 }
 
 /// Reads the framing of a response to `req` (RFC 9112, section 6.3).
@@ -1214,6 +1232,7 @@ fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Sh
         framing,
         keep_alive,
         has_id,
+        coded,
     })
 }
 
@@ -1231,11 +1250,15 @@ fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes the response header the client gets.
+/// Writes the response header the client gets. `coded`: the response is framed by
+/// Transfer-Encoding, so a Content-Length it also has is dropped (RFC 9112, section 6.3: an
+/// intermediary must remove it; a client or cache behind that trusted it would lose track
+/// of where the response ends).
 fn write_response_head(
     out: &mut Vec<u8>,
     resp: &httparse::Response<'_, '_>,
     close: bool,
+    coded: bool,
     add_id: Option<&str>,
 ) {
     out.clear();
@@ -1245,7 +1268,8 @@ fn write_response_head(
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
-        if !not_relayed(h.name) {
+        let superseded = coded && h.name.eq_ignore_ascii_case("content-length");
+        if !(not_relayed(h.name) || superseded) {
             put_header(out, h.name, h.value);
         }
     }
@@ -1543,11 +1567,21 @@ mod tests {
                     X-A: 1\r\nContent-Length: 0\r\n\r\n";
         assert!(resp.parse(raw).is_ok());
         let mut out = Vec::new();
-        write_response_head(&mut out, &resp, true, Some("id-1"));
+        write_response_head(&mut out, &resp, true, false, Some("id-1"));
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.clone()).unwrap(),
             "HTTP/1.1 201 Created\r\nX-A: 1\r\nContent-Length: 0\r\nx-request-id: id-1\r\n\
              connection: close\r\n\r\n"
+        );
+        // Framed both ways: the chunked framing is what counts, and the length goes.
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(resp.parse(raw).is_ok());
+        write_response_head(&mut out, &resp, true, true, None);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nconnection: close\r\n\r\n"
         );
     }
 }

@@ -55,6 +55,11 @@ const LINGER_BYTES: usize = 8 << 20;
 /// pingora's own L4 write buffer.
 const WRITE_BUFFER: usize = 1460;
 
+/// How long closing a connection waits for what is still buffered to reach the client. A
+/// client that stopped reading (the reason a write may have just timed out) would
+/// otherwise hold the connection, and its task, for good.
+pub const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+
 /// How long a peek for the next request on a kept-alive connection may wait; pingora's own
 /// keep-alive timeout, which its peek (done when h2c is enabled) does not apply.
 const IDLE_PEEK: Duration = Duration::from_secs(60);
@@ -76,8 +81,8 @@ enum Phase {
     Header {
         deadline: Instant,
         seen: usize,
-        /// The last byte other than `\r` was a `\n`.
-        newline: bool,
+        /// Where the scan for the blank line stands.
+        scan: Scan,
     },
     /// The header is complete; everything passes through until the next request.
     Passing,
@@ -119,7 +124,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> GuardedStream<S> {
             phase: Phase::Header {
                 deadline: Instant::now() + limits.timeout,
                 seen: 0,
-                newline: false,
+                scan: Scan::Start,
             },
             next_request: next_request.clone(),
             sleep: None,
@@ -133,17 +138,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> GuardedStream<S> {
 
     /// Hands back bytes already read (a request header lain's HTTP/1 path leaves to
     /// pingora): the next reads return them before anything new from the client. The guard
-    /// has seen them, so they pass through as they are.
-    pub fn unread(&mut self, bytes: &[u8]) {
-        // The request these bytes begin has had its header checked; what pingora reads
-        // after them (its body) is not a header.
+    /// has seen them, so they pass through as they are. `complete` says the header ends
+    /// among them; otherwise (a parse error before its end) the guard goes on bounding the
+    /// rest of the header as pingora reads it.
+    pub fn unread(&mut self, bytes: &[u8], complete: bool) {
         self.next_request.store(false, Ordering::Relaxed);
-        self.phase = Phase::Passing;
+        if complete {
+            // What pingora reads after these bytes (the request's body) is not a header.
+            self.phase = Phase::Passing;
+        }
         self.rbuf.drain(..self.rpos);
         self.rpos = 0;
         let mut joined = bytes.to_vec();
         joined.extend_from_slice(&self.rbuf);
         self.rbuf = joined;
+    }
+
+    /// The next request began in bytes already read (`already`, sent behind the previous
+    /// request): its header clock starts now and counts them. Without this a client that
+    /// stops after the first bytes of a pipelined request would hold the connection, as the
+    /// clock otherwise starts only with a new read.
+    pub fn begin_header(&mut self, already: &[u8]) {
+        self.next_request.store(false, Ordering::Relaxed);
+        let mut state = Scan::Start;
+        self.phase = match scan(already, &mut state) {
+            Some(_) => Phase::Passing,
+            None => Phase::Header {
+                deadline: Instant::now() + self.limits.timeout,
+                seen: already.len(),
+                scan: state,
+            },
+        };
     }
 
     /// The same guard, in the same state, around `f(inner)`.
@@ -265,15 +290,29 @@ fn too_large() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, "request header too large")
 }
 
-/// Scans newly read header bytes for the end of the header (an empty line, `\r` ignored as
-/// httparse does). Returns how many of the bytes belong to the header if it ended in them.
-fn scan(bytes: &[u8], newline: &mut bool) -> Option<usize> {
+/// Where a scan for the end of a header stands between reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Nothing but empty lines so far. httparse skips empty lines before a request line, so
+    /// they neither start nor end a header; counting them as its end would pass the rest of
+    /// the header through unguarded.
+    Start,
+    /// Inside a line.
+    Line,
+    /// The last byte other than `\r` ended a line.
+    Newline,
+}
+
+/// Scans newly read header bytes for the end of the header (an empty line after the request
+/// line, `\r` ignored as httparse does). Returns how many of the bytes belong to the header
+/// if it ended in them.
+fn scan(bytes: &[u8], state: &mut Scan) -> Option<usize> {
     for (i, b) in bytes.iter().enumerate() {
-        match b {
-            b'\n' if *newline => return Some(i + 1),
-            b'\n' => *newline = true,
-            b'\r' => {}
-            _ => *newline = false,
+        match (b, *state) {
+            (b'\r' | b'\n', Scan::Start) | (b'\r', _) => {}
+            (b'\n', Scan::Newline) => return Some(i + 1),
+            (b'\n', Scan::Line) => *state = Scan::Newline,
+            _ => *state = Scan::Line,
         }
     }
     None
@@ -303,15 +342,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedStream<S> {
                     return Poll::Ready(Ok(()));
                 }
                 // The clock is read only for a header that does not arrive in one read.
-                let (deadline, seen, mut newline) = match this.phase {
+                let (deadline, seen, mut state) = match this.phase {
                     Phase::Header {
                         deadline,
                         seen,
-                        newline,
-                    } => (Some(deadline), seen, newline),
-                    _ => (None, 0, false),
+                        scan,
+                    } => (Some(deadline), seen, scan),
+                    _ => (None, 0, Scan::Start),
                 };
-                match scan(new, &mut newline) {
+                match scan(new, &mut state) {
                     Some(n) if seen + n <= this.limits.max_bytes => {
                         this.phase = Phase::Passing;
                         Poll::Ready(Ok(()))
@@ -321,7 +360,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedStream<S> {
                             deadline: deadline
                                 .unwrap_or_else(|| Instant::now() + this.limits.timeout),
                             seen: seen + new.len(),
-                            newline,
+                            scan: state,
                         };
                         Poll::Ready(Ok(()))
                     }
@@ -410,9 +449,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedStream<S> {
 #[async_trait]
 impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
-        // What is still buffered belongs before the close.
-        let _ = std::future::poll_fn(|cx| self.poll_write_buffered(cx)).await;
-        self.inner.shutdown().await
+        // What is still buffered belongs before the close, if the client takes it soon.
+        let flushed = tokio::time::timeout(
+            CLOSE_FLUSH,
+            std::future::poll_fn(|cx| self.poll_write_buffered(cx)),
+        )
+        .await;
+        if flushed.is_ok() {
+            let _ = tokio::time::timeout(CLOSE_FLUSH, self.inner.shutdown()).await;
+        }
     }
 }
 
@@ -526,17 +571,24 @@ mod tests {
 
     #[test]
     fn scan_finds_the_blank_line_across_reads() {
-        let mut nl = false;
-        assert_eq!(scan(b"GET / HTTP/1.1\r\nHost: a\r\n", &mut nl), None);
-        assert!(nl);
-        assert_eq!(scan(b"\r\nbody", &mut nl), Some(2));
-        let mut nl = false;
-        assert_eq!(scan(b"GET / HTTP/1.1\nHost: a\n\nrest", &mut nl), Some(24));
-        let mut nl = false;
-        assert_eq!(scan(b"\r\nGET / HTTP/1.1\r\nX: y\r", &mut nl), None);
-        assert!(!nl);
-        assert_eq!(scan(b"\n", &mut nl), None);
-        assert_eq!(scan(b"\r\n", &mut nl), Some(2));
+        let mut st = Scan::Start;
+        assert_eq!(scan(b"GET / HTTP/1.1\r\nHost: a\r\n", &mut st), None);
+        assert_eq!(st, Scan::Newline);
+        assert_eq!(scan(b"\r\nbody", &mut st), Some(2));
+        let mut st = Scan::Start;
+        assert_eq!(scan(b"GET / HTTP/1.1\nHost: a\n\nrest", &mut st), Some(24));
+        let mut st = Scan::Start;
+        assert_eq!(scan(b"\r\nGET / HTTP/1.1\r\nX: y\r", &mut st), None);
+        assert_eq!(st, Scan::Line);
+        assert_eq!(scan(b"\n", &mut st), None);
+        assert_eq!(scan(b"\r\n", &mut st), Some(2));
+        // Empty lines before the request line (which httparse skips) do not end a header,
+        // however many there are and however they are split.
+        let mut st = Scan::Start;
+        assert_eq!(scan(b"\r\n\r\n\n\n\r\n", &mut st), None);
+        assert_eq!(scan(b"\r\n", &mut st), None);
+        assert_eq!(st, Scan::Start);
+        assert_eq!(scan(b"GET / HTTP/1.1\r\n\r\n", &mut st), Some(18));
     }
 
     /// A connected pair: the guarded server side and the raw client side.

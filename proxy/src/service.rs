@@ -83,6 +83,24 @@ fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// Every `X-Forwarded-For` line of a request as one list, in order: a proxy may add its
+/// own line rather than extend the client's, and the last addresses are the ones to trust.
+fn forwarded_for(req: &RequestHeader) -> Option<std::borrow::Cow<'_, str>> {
+    let mut lines = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let first = lines.next()?;
+    let mut joined: Option<String> = None;
+    for more in lines {
+        let j = joined.get_or_insert_with(|| first.to_string());
+        j.push_str(", ");
+        j.push_str(more);
+    }
+    Some(joined.map_or(std::borrow::Cow::Borrowed(first), std::borrow::Cow::Owned))
+}
+
 /// The Host of a request: the Host header, or the authority of an HTTP/2 request.
 fn request_host(req: &RequestHeader) -> &str {
     header_str(req, "host")
@@ -392,11 +410,7 @@ impl ProxyHttp for LainProxy {
         ctx.trusted_peer = peer_ip.is_some_and(|ip| self.is_trusted(ip));
         let req = session.req_header();
         ctx.request_id = request_id(header_str(req, "x-request-id"));
-        ctx.client_ip = self.real_client(
-            peer_ip,
-            ctx.trusted_peer,
-            header_str(req, "x-forwarded-for"),
-        );
+        ctx.client_ip = self.real_client(peer_ip, ctx.trusted_peer, forwarded_for(req).as_deref());
 
         if header_bytes(req) > self.max_header_bytes {
             return self
@@ -608,11 +622,12 @@ impl ProxyHttp for LainProxy {
             .uri
             .path_and_query()
             .map_or("/".to_string(), |p| p.as_str().to_string());
+        let sent_xff = forwarded_for(req);
         let fwd = forwarded(
             ctx.trusted_peer,
             https,
             &host,
-            header_str(req, "x-forwarded-for"),
+            sent_xff.as_deref(),
             header_str(req, "x-forwarded-proto"),
             header_str(req, "x-forwarded-host"),
         );

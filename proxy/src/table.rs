@@ -23,6 +23,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use lain_state::{Balance, Snapshot, Timeouts};
 use serde::Serialize;
@@ -243,6 +244,17 @@ impl RouteTable {
         for h in hosts.values_mut() {
             h.routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
         }
+        // Active health state belongs to a check. Once no route of a proc declares one,
+        // nothing checks its endpoints any more, and one the last check took out would stay
+        // out for good.
+        for g in groups.values() {
+            if g.healthcheck().is_none() {
+                for e in g.endpoints.iter() {
+                    e.stats.active_down.store(false, Ordering::Relaxed);
+                    e.stats.check_streak.store(0, Ordering::Relaxed);
+                }
+            }
+        }
         RouteTable {
             version,
             revision: snap.revision,
@@ -272,6 +284,14 @@ impl RouteTable {
         }
         if let Some(e) = self.hosts.get(host) {
             return Some(e);
+        }
+        // Only a host name can be a subdomain of a route's host. Anything else (`a@b/.host`,
+        // spaces, quotes) would otherwise match by its tail and be echoed into redirects.
+        if !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        {
+            return None;
         }
         // Walk the suffixes from the longest: `a.b.c` tries `b.c`, then `c`.
         let mut rest = host;
@@ -415,6 +435,23 @@ mod tests {
                 ("hello.lain.local.", "/", Some(("hello", "/"))),
                 ("WWW.hello.lain.local:443", "/a", Some(("hello", "/a"))),
                 ("hello.lain.local:", "/", Some(("hello", "/"))),
+            ],
+        );
+    }
+
+    #[test]
+    fn only_host_names_match_as_subdomains() {
+        let t = table(&doc(&[("lain.local", "/", "hello")]));
+        check(
+            &t,
+            &[
+                ("a-b_c.9.lain.local", "/", Some(("hello", "/"))),
+                // Shapes that end in the route's host but are no host name.
+                ("a@evil.example/.lain.local", "/", None),
+                ("evil.example/x.lain.local", "/", None),
+                ("a b.lain.local", "/", None),
+                ("\"x\".lain.local", "/", None),
+                ("a%2f.lain.local", "/", None),
             ],
         );
     }
@@ -582,5 +619,43 @@ mod tests {
             &m2.route.upstream.endpoints[0].stats
         ));
         assert_eq!(t2.to_json()["routes"][0]["endpoints"][0]["healthy"], false);
+    }
+
+    #[test]
+    fn removing_a_health_check_brings_the_endpoints_it_took_out_back() {
+        let with = |check: &str| {
+            let text = format!(
+                r#"{{"routes":[{{"host":"a.lain","app":"a","proc":"web"{check}}}],
+                "endpoints":[{{"app":"a","proc":"web","instance":1,"address":"127.0.0.1","port":8001}}]}}"#
+            );
+            let doc: StateDocument = serde_json::from_str(&text).unwrap();
+            Snapshot::from_document(&Keyspace::default(), &doc).0
+        };
+        let checked = with(r#","healthcheck":{"path":"/health"}"#);
+        let t1 = RouteTable::compile(&checked, &RouteTable::default(), 1);
+        let up = &t1.lookup("a.lain", "/").unwrap().route.upstream;
+        up.endpoints[0]
+            .stats
+            .active_down
+            .store(true, Ordering::Relaxed);
+        assert!(!up.any_healthy());
+        // While the check is declared, its verdict survives a recompile.
+        let t2 = RouteTable::compile(&checked, &t1, 2);
+        assert!(
+            !t2.lookup("a.lain", "/")
+                .unwrap()
+                .route
+                .upstream
+                .any_healthy()
+        );
+        // Without it, nothing would ever bring the endpoint back.
+        let t3 = RouteTable::compile(&with(""), &t2, 3);
+        assert!(
+            t3.lookup("a.lain", "/")
+                .unwrap()
+                .route
+                .upstream
+                .any_healthy()
+        );
     }
 }

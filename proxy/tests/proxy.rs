@@ -518,6 +518,23 @@ async fn forwarding_headers_and_request_id() {
     assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.5, 127.0.0.1");
     assert_eq!(h["x-real-ip"], "203.0.113.9");
     assert_eq!(h["x-forwarded-proto"], "https");
+    // A proxy in front may add its own line instead of extending the client's: the lines
+    // are one list, in order, and the real client is still taken from its trusted end.
+    let r = c
+        .get(trusting.url("/"))
+        .header("host", "h.lain.local")
+        .header("x-forwarded-for", "198.51.100.1")
+        .header("x-forwarded-for", "203.0.113.9, 127.0.0.5")
+        .send()
+        .await
+        .unwrap();
+    let v = json(&r.text().await.unwrap());
+    let h = &v["headers"];
+    assert_eq!(
+        h["x-forwarded-for"],
+        "198.51.100.1, 203.0.113.9, 127.0.0.5, 127.0.0.1"
+    );
+    assert_eq!(h["x-real-ip"], "203.0.113.9");
     cluster.cleanup().await;
 }
 
@@ -759,6 +776,54 @@ async fn oversized_headers_get_431_and_slow_headers_are_cut_off() {
         took >= Duration::from_millis(900) && took < Duration::from_millis(2_500),
         "idle first request closed after {took:?}"
     );
+    // Empty lines before the request line do not count as the end of a header (httparse
+    // skips them): the header behind them is still bounded in size and in time.
+    let big = format!(
+        "\r\n\r\nGET / HTTP/1.1\r\nHost: h.lain.local\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(5_000)
+    );
+    let (raw, _) = dribble(proxy.http, &[big.as_bytes()], Duration::ZERO).await;
+    assert!(
+        raw.starts_with("HTTP/1.1 431"),
+        "{}",
+        &raw[..raw.len().min(200)]
+    );
+    let stalled: &[(&str, &[u8])] = &[
+        ("empty lines first", b"\r\n\r\nGET / HTTP/1.1\r\nX: "),
+        // More header lines than the fast path parses: the guard still times the rest.
+        (
+            "many header lines",
+            &b"GET / HTTP/1.1\r\nHost: h.lain.local\r\n"
+                .iter()
+                .chain(b"a: b\r\n".repeat(70).iter())
+                .copied()
+                .collect::<Vec<u8>>(),
+        ),
+    ];
+    for (what, start) in stalled {
+        let (raw, took) = dribble(proxy.http, &[start], Duration::ZERO).await;
+        assert!(!raw.starts_with("HTTP/1.1 200"), "{what}: {raw}");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_millis(2_500),
+            "{what}: closed after {took:?}"
+        );
+    }
+    // A request followed by the start of another that never ends: the first is answered,
+    // and the second's header clock starts with the bytes already sent.
+    let (raw, took) = dribble(
+        proxy.http,
+        &[b"GET /1 HTTP/1.1\r\nHost: h.lain.local\r\n\r\nG"],
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(raw.matches("HTTP/1.1 200").count(), 1, "{raw}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2_500),
+        "a started pipelined request closed after {took:?}"
+    );
+    assert_eq!(up.hits.load(Ordering::Relaxed), hits + 2);
+    let hits = hits + 1;
+
     // A header in three parts within the limit is served.
     let (raw, _) = dribble(
         proxy.http,
@@ -2400,5 +2465,92 @@ async fn client_connections_are_spread_evenly_over_the_workers() {
         "worker 0 serves {a}, worker 1 serves {b}"
     );
     drop(conns);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_stream_is_let_go() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that streams small chunks (a server-sent-events feed, say) for at most
+    // 40 s, so the proxy relays many small writes that its write buffer collects.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let feed = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let _ = s.read(&mut head).await;
+                let reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+                if s.write_all(reply).await.is_err() {
+                    return;
+                }
+                let chunk = format!("3e8\r\n{}\r\n", "e".repeat(1000));
+                let until = Instant::now() + Duration::from_secs(40);
+                while Instant::now() < until {
+                    let sent =
+                        tokio::time::timeout(Duration::from_secs(1), s.write_all(chunk.as_bytes()))
+                            .await;
+                    if matches!(sent, Ok(Err(_))) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+        }
+    });
+    let mut cluster = Cluster::new("proxy-stuck-reader").await;
+    cluster.put_endpoint("feed", 1, up_addr).await;
+    let mut r = route("feed.lain.local", "/", "feed");
+    r.timeouts.write_ms = 1_000;
+    cluster.put_route(&r).await;
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    // The route is live once a request gets the stream's head.
+    eventually(Duration::from_secs(10), "the feed route", || async {
+        let r = c
+            .get(proxy.url("/"))
+            .header("host", "feed.lain.local")
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "no client connection", || async {
+        let m = metrics(&proxy).await;
+        (metric_value(&m, "lain_proxy_active_connections ") == 0.0).then_some(())
+    })
+    .await;
+
+    // A client with a small receive window asks for the feed and never reads it.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = sock.connect(proxy.http).await.unwrap();
+    stuck
+        .write_all(b"GET / HTTP/1.1\r\nHost: feed.lain.local\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the stuck client counted",
+        || async {
+            let m = metrics(&proxy).await;
+            (metric_value(&m, "lain_proxy_active_connections ") == 1.0).then_some(())
+        },
+    )
+    .await;
+    // Once a write has waited the route's write timeout, the proxy gives the connection up
+    // although the client still holds it open.
+    eventually(
+        Duration::from_secs(15),
+        "the stuck client let go",
+        || async {
+            let m = metrics(&proxy).await;
+            (metric_value(&m, "lain_proxy_active_connections ") == 0.0).then_some(())
+        },
+    )
+    .await;
+    drop(stuck);
+    feed.abort();
     cluster.cleanup().await;
 }

@@ -7,7 +7,7 @@
 //! they match, probes health, and publishes the result. Nothing depends on having seen an
 //! earlier event, so a restarted control plane adopts the containers it finds.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -328,6 +328,7 @@ impl Engine {
             client: client.clone(),
             nodes: BTreeMap::new(),
             apps: BTreeMap::new(),
+            unreadable: BTreeSet::new(),
             previous: HashMap::new(),
             rollouts: HashMap::new(),
             slots: HashMap::new(),
@@ -560,6 +561,11 @@ struct State {
     client: Client,
     nodes: BTreeMap<String, NodeEntry>,
     apps: BTreeMap<String, AppSpec>,
+    /// Apps whose stored record this control plane cannot read (written by another
+    /// release, or damaged). What they want is unknown, so their containers and published
+    /// records are left exactly as they are until the app is registered or removed again;
+    /// taking them for apps nobody wants would stop them all.
+    unreadable: BTreeSet<String>,
     /// The version each app ran before its current deploy, for rollbacks.
     previous: HashMap<String, (String, String)>,
     rollouts: HashMap<String, Rollout>,
@@ -593,17 +599,34 @@ impl State {
             .await
             .map_err(crate::publish::PublishError)?;
         for kv in resp.kvs() {
-            let Ok(rec) = decode::<AppRecord>(kv.value()) else {
-                continue;
-            };
-            match serde_json::from_value::<AppSpec>(rec.spec) {
-                Ok(spec) => {
-                    self.apps.insert(rec.name, spec);
-                }
+            let key = String::from_utf8_lossy(kv.key());
+            let (name, error) = match decode::<AppRecord>(kv.value()) {
+                Ok(rec) => match serde_json::from_value::<AppSpec>(rec.spec) {
+                    Ok(spec) => {
+                        self.apps.insert(rec.name, spec);
+                        continue;
+                    }
+                    Err(e) => (rec.name, e.to_string()),
+                },
                 Err(e) => {
-                    tracing::warn!(app = %rec.name, error = %e, "ignoring unreadable app spec")
+                    let parsed = self.settings.keyspace.parse(&key);
+                    match parsed.ok().and_then(|k| k.parts.into_iter().next()) {
+                        Some(name) => (name, e.to_string()),
+                        None => {
+                            tracing::error!(%key, error = %e, "unreadable app record under an unreadable key");
+                            continue;
+                        }
+                    }
                 }
-            }
+            };
+            tracing::error!(
+                app = %name,
+                %key,
+                %error,
+                "unreadable app record: its containers and records are left as they are \
+                 until the app is registered or removed again"
+            );
+            self.unreadable.insert(name);
         }
         // The previous versions come from the deploy history.
         for app in self.apps.keys().cloned().collect::<Vec<_>>() {
@@ -1009,7 +1032,10 @@ impl State {
                 let _ = reply.send(r);
             }
             Command::Remove(app, reply) => {
-                let r = if self.apps.remove(&app).is_some() {
+                // Removing an unreadable app hands its containers and records over to the
+                // usual clean-up.
+                let unreadable = self.unreadable.remove(&app);
+                let r = if self.apps.remove(&app).is_some() || unreadable {
                     self.event(&app, "removed", None, None, "app removed".into())
                         .await;
                     Ok(())
@@ -1076,6 +1102,7 @@ impl State {
             },
         };
         self.apps.insert(app.clone(), spec);
+        self.unreadable.remove(&app);
         // Written now, not at the next pass, so that listing apps right after registering
         // one shows it.
         self.persist_app(&app).await?;
@@ -1161,6 +1188,7 @@ impl State {
             .get(&name)
             .map(|s| (s.version.clone(), s.image.clone()))
             .unwrap_or_default();
+        self.unreadable.remove(&name);
         self.apps.insert(
             name.clone(),
             AppSpec {
@@ -1530,7 +1558,7 @@ impl State {
         let mut by_slot: BTreeMap<SlotKey, Vec<Actual>> = BTreeMap::new();
         let mut to_remove: Vec<(Actual, &'static str)> = Vec::new();
         for a in actual {
-            if self.retiring.contains(&a.id) {
+            if self.retiring.contains(&a.id) || self.unreadable.contains(&a.app) {
                 continue;
             }
             let wanted = self.apps.get(&a.app).and_then(|s| {
@@ -2356,7 +2384,7 @@ impl State {
                 views.get(app).unwrap_or(&empty),
             ));
         }
-        let stats = self.publisher.sync(&desired).await?;
+        let stats = self.publisher.sync(&desired, &self.unreadable).await?;
         self.metrics
             .published
             .with_label_values(&["put"])

@@ -316,7 +316,8 @@ pub struct LainConf {
 
 /// Parses `memory` strings (`32m`, `1g`) into bytes.
 pub fn parse_memory(s: &str) -> Option<u64> {
-    let (digits, unit) = s.split_at(s.len().checked_sub(1)?);
+    // The unit is the last character, which need not be one byte long.
+    let (digits, unit) = s.split_at(s.char_indices().last()?.0);
     if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -1635,6 +1636,9 @@ mod tests {
         assert_eq!(parse_memory("m"), None);
         assert_eq!(parse_memory(""), None);
         assert_eq!(parse_memory("99999999999999999g"), None);
+        assert_eq!(parse_memory("1é"), None);
+        assert_eq!(parse_memory("é"), None);
+        assert_eq!(parse_memory("32mé"), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! ranges the control plane owns, writing what changed and deleting what is stale.
 //! Node records are written separately, each bound to a lease that a heartbeat keeps alive.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -285,11 +285,40 @@ impl Publisher {
             .unwrap_or(false)
     }
 
+    /// Whether the stored record `key` (holding `value`) belongs to one of `apps`: by the
+    /// app in its key, by a label of its DNS name, or by the `app` field of its value.
+    /// Errs on the side of yes for DNS names, as a name kept too long harms less than one
+    /// deleted under a running app.
+    pub fn belongs_to(&self, key: &str, value: &[u8], apps: &BTreeSet<String>) -> bool {
+        if apps.is_empty() {
+            return false;
+        }
+        let Ok(k) = self.ks.parse(key) else {
+            return false;
+        };
+        match k.kind {
+            Kind::App | Kind::Route | Kind::Endpoint | Kind::Service => {
+                k.parts.first().is_some_and(|a| apps.contains(a))
+            }
+            Kind::Dns => k
+                .parts
+                .first()
+                .is_some_and(|n| n.split('.').any(|label| apps.contains(label))),
+            _ => serde_json::from_slice::<serde_json::Value>(value)
+                .ok()
+                .and_then(|v| v.get("app")?.as_str().map(|a| apps.contains(a)))
+                .unwrap_or(false),
+        }
+    }
+
     /// Makes the owned ranges hold exactly `desired`: changed keys are written, keys no
-    /// longer desired are deleted. Puts go first so a moved record never disappears briefly.
+    /// longer desired are deleted, except those of the apps in `untouchable` (apps whose
+    /// stored definition this control plane cannot read, so it cannot know what they
+    /// want). Puts go first so a moved record never disappears briefly.
     pub async fn sync(
         &self,
         desired: &BTreeMap<String, Vec<u8>>,
+        untouchable: &BTreeSet<String>,
     ) -> Result<SyncStats, PublishError> {
         let current = self.current().await?;
         let mut ops = Vec::new();
@@ -300,8 +329,8 @@ impl Publisher {
                 stats.put += 1;
             }
         }
-        for k in current.keys() {
-            if !desired.contains_key(k) {
+        for (k, v) in &current {
+            if !desired.contains_key(k) && !self.belongs_to(k, v, untouchable) {
                 ops.push(TxnOp::delete(k.as_str(), None));
                 stats.deleted += 1;
             }

@@ -471,6 +471,60 @@ async fn a_restarted_engine_adopts_its_containers_and_rolls_forward() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_record_the_engine_cannot_read_leaves_the_app_running() {
+    let mut h = start("cp-unreadable").await;
+    let app = "future";
+    h.engine
+        .register("lain.yaml", &web_app(app, 2))
+        .await
+        .unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let before = h.wait_serving(app, 2, "1").await;
+
+    // The engine stops; the app's record is rewritten in a schema this release does not
+    // know (as a newer release would write it), and an engine starts on it.
+    h.shutdown.trigger();
+    let _ = (&mut h.task).await;
+    let key = h.ks.app(app);
+    let mut kv = h.etcd.kv_client();
+    let stored = kv.get(key.as_str(), None).await.unwrap();
+    let mut record: serde_json::Value = serde_json::from_slice(stored.kvs()[0].value()).unwrap();
+    record["v"] = serde_json::json!(99);
+    let future = serde_json::to_vec(&record).unwrap();
+    kv.put(key.as_str(), future.clone(), None).await.unwrap();
+    let (engine, task, shutdown) = spawn_engine(&h.settings, &h.etcd, &h.nodes).await;
+    h.engine = engine;
+    h.task = task;
+    h.shutdown = shutdown;
+
+    // Many passes later, the app is as it was: its containers run, its endpoints and its
+    // record are still published.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let running = h.containers().await.iter().filter(|c| c.2).count();
+    assert_eq!(running, 2, "{:?}", h.containers().await);
+    let after = h.endpoints(app).await;
+    assert_eq!(after.len(), before.len(), "{after:?}");
+    let stored = kv.get(key.as_str(), None).await.unwrap();
+    assert_eq!(stored.kvs()[0].value(), future.as_slice());
+
+    // Removing it hands it to the usual clean-up.
+    h.engine.remove_app(app).await.unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the app's containers gone",
+        || async { (h.containers().await.is_empty()).then_some(()) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the app's endpoints gone",
+        || async { h.endpoints(app).await.is_empty().then_some(()) },
+    )
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_honours_filters_and_reports_pending() {
     let h = start("cp-place").await;
     let app = "placed";

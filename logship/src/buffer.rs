@@ -27,6 +27,10 @@ use crate::checkpoint::Ack;
 use crate::event::{Event, Meta};
 use crate::pipeline::{Batch, BatchReceiver, SinkAck};
 
+/// The first wait before reading a record that could not be read back again; it doubles
+/// up to [`REPLAY_RETRY_MAX`].
+const REPLAY_RETRY_FIRST: Duration = Duration::from_millis(500);
+const REPLAY_RETRY_MAX: Duration = Duration::from_secs(30);
 /// A replayed record the sink has not confirmed for this long is logged.
 const SLOW_REPLAY: Duration = Duration::from_secs(60);
 /// Bytes of a record's header: payload length and CRC-32.
@@ -572,6 +576,8 @@ pub async fn run_stage(
     let mut closed_at: Option<Instant> = None;
     // After a write error the buffer takes nothing more: batches wait for the sink instead.
     let mut disk_failed = false;
+    // After a record could not be read back: when to try it again, and the wait after that.
+    let mut replay_retry: Option<(Instant, Duration)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -590,10 +596,16 @@ pub async fn run_stage(
         });
         if !done.is_empty() {
             let r = on_disk(&buffer, move |b| {
+                // Every id is acknowledged even if deleting one segment fails: the ids are
+                // no longer listed anywhere else, and one skipped would keep its segment,
+                // and every later one, on disk.
+                let mut first_error = None;
                 for id in done {
-                    b.ack(id)?;
+                    if let Err(e) = b.ack(id) {
+                        first_error.get_or_insert(e);
+                    }
                 }
-                Ok(())
+                first_error.map_or(Ok(()), Err)
             })
             .await;
             if let Err(e) = r {
@@ -664,7 +676,8 @@ pub async fn run_stage(
         // The next record is a copy of a batch the sink still holds: wait for the sink to
         // finish it (the record is then skipped) rather than send it twice.
         let original_pending = copies.get(&next).is_some_and(|a| !a.is_delivered());
-        let replay = unsent > 0 && input_open && !original_pending;
+        let replay_due = replay_retry.is_none_or(|(at, _)| Instant::now() >= at);
+        let replay = unsent > 0 && input_open && !original_pending && replay_due;
         tokio::select! {
             biased;
             permit = output.reserve(), if replay || (pending.is_some() && unsent == 0) => {
@@ -684,6 +697,7 @@ pub async fn run_stage(
                             }
                         }
                         Ok(Some((id, events))) => {
+                            replay_retry = None;
                             copies.remove(&id.number);
                             let source = Ack::new(1, events.len(), in_memory.clone());
                             let batch = Arc::new(Batch {
@@ -695,11 +709,21 @@ pub async fn run_stage(
                         }
                         Ok(None) => {}
                         Err(e) => {
-                            // A record that passed its checksum cannot be read back: the disk
-                            // is failing. Stopping keeps every record for the next start
-                            // instead of skipping it; the sources pause.
-                            tracing::error!(error = %e, "disk buffer: cannot replay; the sink stops");
-                            return;
+                            // A record that passed its checksum cannot be read back (the disk
+                            // is failing, or its file was removed). It is tried again, later
+                            // and later, rather than skipped; meanwhile new batches still go
+                            // to disk behind it until the buffer is full, which pauses the
+                            // sources. Ending the stage instead would make every source's
+                            // send fail, and lines read after that would be lost.
+                            let wait = replay_retry.map_or(REPLAY_RETRY_FIRST, |(_, w)| {
+                                (w * 2).min(REPLAY_RETRY_MAX)
+                            });
+                            tracing::error!(
+                                error = %e,
+                                retry_secs = wait.as_secs_f64(),
+                                "disk buffer: cannot read a record back; the sink waits for it"
+                            );
+                            replay_retry = Some((Instant::now() + wait, wait));
                         }
                     }
                 } else if let Some(b) = pending.take() {
@@ -1270,6 +1294,59 @@ mod tests {
             !acks.last().unwrap().is_done(),
             "a refused batch was confirmed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_record_that_cannot_be_read_back_is_waited_for_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = meta("a");
+        {
+            let mut buf = DiskBuffer::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+            buf.append(&events(&m, 0, 3)).unwrap();
+        }
+        let disk = DiskBuffer::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+        // The segment goes away after the buffer was opened, as on a failing disk.
+        let seg = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let saved = std::fs::read(&seg).unwrap();
+        std::fs::remove_file(&seg).unwrap();
+        let (g, mem) = gauges();
+        let (in_tx, in_rx) = mpsc::channel(1);
+        let (out_tx, mut out_rx) = mpsc::channel(4);
+        let settings = StageSettings {
+            spill_after: Duration::from_millis(100),
+            drain: Duration::from_secs(1),
+        };
+        let task = tokio::spawn(run_stage(in_rx, out_tx, disk, settings, mem.clone(), g));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The stage still takes batches (behind the record on disk), so no source's send
+        // fails and nothing read is thrown away.
+        assert!(!task.is_finished(), "the stage ended");
+        let b = batch(&m, 3, 2, &mem);
+        let ack = b.ack.clone();
+        tokio::time::timeout(Duration::from_secs(2), in_tx.send(b))
+            .await
+            .expect("the stage takes a batch")
+            .expect("the stage is there");
+        // Once the record can be read again, everything reaches the sink in order.
+        std::fs::write(&seg, saved).unwrap();
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let b = tokio::time::timeout(Duration::from_secs(10), out_rx.recv())
+                .await
+                .expect("the sink gets the records")
+                .unwrap();
+            got.extend(ids(&b.events));
+            b.ack.ack();
+        }
+        assert_eq!(got, ["id-0", "id-1", "id-2", "id-3", "id-4"]);
+        assert!(ack.is_done());
+        drop(in_tx);
+        task.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -672,6 +672,26 @@ impl LineSplitter {
     pub fn pending(&self) -> u64 {
         self.pos - self.start
     }
+
+    /// Ends the unfinished line, if any, as it is: for a file nothing more will be written
+    /// to, whose last line has no newline.
+    pub fn finish(&mut self) -> Option<RawLine> {
+        if self.pending() == 0 {
+            return None;
+        }
+        let bytes = std::mem::take(&mut self.buf);
+        let line = RawLine {
+            bytes,
+            start: self.start,
+            end: self.pos,
+            truncated: std::mem::take(&mut self.truncated),
+            lines: 1,
+            time: None,
+            stream: None,
+        };
+        self.start = self.pos;
+        Some(line)
+    }
 }
 
 fn memchr_nl(b: &[u8]) -> Option<usize> {

@@ -189,6 +189,95 @@ async fn restart_resumes_from_checkpoint_and_deleted_files_are_finished() {
     );
 }
 
+fn messages(dir: &std::path::Path) -> Vec<String> {
+    output(dir)
+        .iter()
+        .map(|v| v["message"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copytruncate_keeps_the_line_being_joined() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    // The joiner holds each line until the next one starts, or for 30 s: far longer than
+    // this test waits, so only the truncation can let the held line go.
+    let cfg = common::agent_config(
+        dir.path(),
+        "node1",
+        &format!(
+            r#"
+scan_interval_ms = 100
+multiline_timeout_ms = 30000
+[[files]]
+name = "app"
+paths = ["{logs}/app.log"]
+[sinks.file]
+path = "{out}"
+"#,
+            logs = dir.path().join("logs").display(),
+            out = dir.path().join("out.ndjson").display(),
+        ),
+    );
+    let log = dir.path().join("logs/app.log");
+    std::fs::write(&log, "one\ntwo\n").unwrap();
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    eventually(Duration::from_secs(10), "the first line", || {
+        let m = messages(dir.path());
+        async move { (m == ["one"]).then_some(()) }
+    })
+    .await;
+    // copytruncate: the content was copied elsewhere (not watched), the file cut to zero,
+    // and the writer goes on at its start.
+    let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    f.set_len(0).unwrap();
+    drop(f);
+    std::fs::write(&log, "three\nfour\n").unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the held line and the new one",
+        || {
+            let m = messages(dir.path());
+            async move { (m == ["one", "two", "three"]).then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_line_of_a_finished_file_needs_no_newline() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let cfg = config(dir.path(), "");
+    let log = dir.path().join("logs/a.log");
+    std::fs::write(&log, "first\nlast without newline").unwrap();
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    eventually(Duration::from_secs(10), "the first line", || {
+        let m = messages(dir.path());
+        async move { (m == ["first"]).then_some(()) }
+    })
+    .await;
+    // While the file may still grow, an unfinished line waits for its newline.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(messages(dir.path()), ["first"]);
+    // Rotated away (no longer matched): nothing more will come, and the line is sent as
+    // it is.
+    std::fs::rename(&log, dir.path().join("logs/a.log.1")).unwrap();
+    eventually(Duration::from_secs(10), "the unfinished last line", || {
+        let m = messages(dir.path());
+        async move { (m == ["first", "last without newline"]).then_some(()) }
+    })
+    .await;
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+}
+
 #[test]
 fn check_config_exits_0_or_64_with_every_error() {
     let dir = temp_dir();

@@ -422,6 +422,21 @@ impl Reader {
                 size >= cur.splitter.position() && self.checkpoints.refresh(cur.id, &file, size)?;
             if !intact {
                 tracing::info!(path = %self.path.display(), "file truncated; reading it from the start");
+                // What the old content still holds back (a line being joined, a partial
+                // Docker record) is sent under the old entry first: the new content cannot
+                // bring it back, and the old entry's checkpoint stops before it.
+                cur.joiner.flush(true, &mut done);
+                while let Some(l) = cur.docker.take() {
+                    done.push(l);
+                }
+                for l in done.drain(..) {
+                    batch_end = batch_end.max(l.end);
+                    batch.push(render(&meta, &cur.identity, &l, &s.processing, now));
+                }
+                if !batch.is_empty() {
+                    self.send(cur.id, &mut batch, batch_end).await;
+                    batch_bytes = 0;
+                }
                 self.checkpoints.close(cur.id);
                 cur = self.cursor(&mut file, false)?;
                 if cur.splitter.position() > 0 {
@@ -430,6 +445,8 @@ impl Reader {
                     file.seek(SeekFrom::Start(0))?;
                     cur.splitter = LineSplitter::new(self.splitter_max(), 0);
                 }
+                // Offsets of the old content mean nothing in the new one.
+                batch_end = cur.splitter.position();
                 continue;
             }
             if size > cur.splitter.position() {
@@ -440,15 +457,23 @@ impl Reader {
                 && idle_since.elapsed() >= s.rotate_wait
                 && !cur.joiner.has_pending()
             {
-                // A partial Docker record whose continuation never came (the container is
-                // gone) is still a line.
-                let mut ended = false;
+                // Nothing more will be written here. A last line without its newline, and a
+                // partial Docker record whose continuation never came (the container is
+                // gone), are still lines.
+                if matches!(s.format, Format::Plain)
+                    && let Some(l) = cur.splitter.finish()
+                {
+                    cur.joiner.push(l, &mut done);
+                    cur.joiner.flush(true, &mut done);
+                }
                 while let Some(l) = cur.docker.take() {
+                    done.push(l);
+                }
+                for l in done.drain(..) {
                     batch_end = batch_end.max(l.end);
                     batch.push(render(&meta, &cur.identity, &l, &s.processing, now));
-                    ended = true;
                 }
-                if ended {
+                if !batch.is_empty() {
                     self.send(cur.id, &mut batch, batch_end).await;
                 }
                 break;
@@ -464,8 +489,12 @@ impl Reader {
 
     async fn send(&self, id: u64, batch: &mut Vec<Event>, end: u64) {
         let events = std::mem::take(batch);
-        if let Some(ack) = self.dispatcher.send(events).await {
-            self.checkpoints.register(id, ack, end);
+        match self.dispatcher.send(events).await {
+            Some(ack) => self.checkpoints.register(id, ack, end),
+            // A sink's stage is gone, which is meant to happen only at shutdown. Reading on
+            // would drop every later batch while the checkpoint stays behind; the lines are
+            // read again after a restart instead.
+            None => self.shutdown.wait().await,
         }
     }
 }

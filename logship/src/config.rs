@@ -138,7 +138,8 @@ pub struct FileSource {
     /// Decode lines that are JSON objects.
     #[serde(default = "yes")]
     pub parse_json: bool,
-    /// Files never seen before start at their end.
+    /// Files there at start and never seen before start at their end; files that appear
+    /// later (a rotation's new file) are read from their beginning.
     #[serde(default)]
     pub read_from_end: bool,
     /// `plain` (the default), or `proxy_access`: the JSON access log of `lain proxy`, mapped
@@ -196,7 +197,8 @@ pub struct DockerSource {
     /// Ship only containers labelled `lain.app`.
     #[serde(default)]
     pub only_lain: bool,
-    /// Containers never seen before are read from the end of their log.
+    /// Containers there at start and never seen before are read from the end of their log;
+    /// containers started later are read whole.
     #[serde(default)]
     pub read_from_end: bool,
 }

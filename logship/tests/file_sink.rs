@@ -278,6 +278,45 @@ async fn the_last_line_of_a_finished_file_needs_no_newline() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn read_from_end_skips_only_what_was_there_at_start() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let cfg = config(dir.path(), "read_from_end = true");
+    let log = dir.path().join("logs/a.log");
+    std::fs::write(&log, "old 1\nold 2\n").unwrap();
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
+    let metrics_url = format!("http://{}/metrics", p.addr("admin"));
+    eventually(Duration::from_secs(10), "the file to be open", || {
+        let url = metrics_url.clone();
+        async move {
+            let m = reqwest::get(url).await.ok()?.text().await.ok()?;
+            m.contains("lain_logship_files_open 1").then_some(())
+        }
+    })
+    .await;
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    f.write_all(b"new 1\n").unwrap();
+    eventually(Duration::from_secs(10), "the appended line", || {
+        let m = messages(dir.path());
+        async move { (m == ["new 1"]).then_some(()) }
+    })
+    .await;
+    // A rotation: the file found next was written after logship started, so all of it is
+    // shipped, although it is found a scan interval after its first line was written.
+    std::fs::rename(&log, dir.path().join("logs/a.log.1")).unwrap();
+    std::fs::write(&log, "fresh 1\nfresh 2\n").unwrap();
+    eventually(Duration::from_secs(10), "the new file whole", || {
+        let m = messages(dir.path());
+        async move { (m == ["new 1", "fresh 1", "fresh 2"]).then_some(()) }
+    })
+    .await;
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+}
+
 #[test]
 fn check_config_exits_0_or_64_with_every_error() {
     let dir = temp_dir();

@@ -85,6 +85,7 @@ pub async fn run(
     let mut tails: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut dirs: HashMap<String, LogDirTail> = HashMap::new();
     let mut attempt = 0;
+    let mut first_listing = true;
     while !shutdown.is_triggered() {
         let docker = match Docker::connect_with_unix(
             &settings.host,
@@ -127,12 +128,15 @@ pub async fn run(
         match listed {
             Ok(list) => {
                 attempt = 0;
+                // Only containers there when logship starts may start at the end of their
+                // logs (`read_from_end`); later ones were started since and are read whole.
                 for c in list {
                     if let Some(id) = c.id {
                         start(
                             &docker,
                             &id,
                             &settings,
+                            first_listing,
                             &mut tails,
                             &mut dirs,
                             &dispatcher,
@@ -143,6 +147,7 @@ pub async fn run(
                         .await;
                     }
                 }
+                first_listing = false;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list containers; retrying");
@@ -163,6 +168,7 @@ pub async fn run(
                             &docker,
                             &id,
                             &settings,
+                            false,
                             &mut tails,
                             &mut dirs,
                             &dispatcher,
@@ -225,6 +231,7 @@ async fn start(
     docker: &Docker,
     id: &str,
     settings: &DockerSettings,
+    from_end: bool,
     tails: &mut HashMap<String, JoinHandle<()>>,
     dirs: &mut HashMap<String, LogDirTail>,
     dispatcher: &Dispatcher,
@@ -279,6 +286,7 @@ async fn start(
             .is_none_or(|d| d.container != id || d.task.is_finished())
     {
         let mut s = settings.template.clone();
+        s.read_from_end = from_end;
         s.meta = meta.clone();
         s.meta.source = LOG_DIR_SOURCE.into();
         s.paths = log_dir_paths(&dir, labels.get(LABEL_LOGS).map(String::as_str));
@@ -318,6 +326,7 @@ async fn start(
         return;
     };
     let mut s = settings.template.clone();
+    s.read_from_end = from_end;
     s.meta = meta;
     // The live log and the copies Docker's rotation renames it to.
     s.paths = vec![log_path.clone(), format!("{log_path}.*")];

@@ -44,7 +44,9 @@ pub struct FileSourceSettings {
     pub max_line_bytes: usize,
     /// Processing options.
     pub processing: Processing,
-    /// Files never seen before start at their end instead of their beginning.
+    /// Files never seen before that are there at the first scan start at their end instead
+    /// of their beginning. Files that appear later (a rotation's new file) are read whole:
+    /// their first lines were written after this source started.
     pub read_from_end: bool,
     /// Events per batch at most.
     pub batch_max_events: usize,
@@ -238,6 +240,7 @@ pub async fn run(
     let settings = Arc::new(settings);
     let mut readers: HashMap<(u64, u64), ReaderHandle> = HashMap::new();
     let mut idle_since = Instant::now();
+    let mut first_scan = true;
     loop {
         let mut seen = HashMap::new();
         for p in expand(&settings.paths) {
@@ -262,10 +265,12 @@ pub async fn run(
                 metrics: metrics.clone(),
                 matched: matched.clone(),
                 shutdown: shutdown.clone(),
+                at_end: settings.read_from_end && first_scan,
             };
             let task = tokio::spawn(reader.run());
             readers.insert(key, ReaderHandle { matched, task });
         }
+        first_scan = false;
         if !readers.is_empty() {
             idle_since = Instant::now();
         } else if settings.exit_when_idle && idle_since.elapsed() >= settings.rotate_wait {
@@ -289,6 +294,8 @@ struct Reader {
     metrics: Metrics,
     matched: Arc<AtomicBool>,
     shutdown: Shutdown,
+    /// A file never seen before starts at its end (`read_from_end`, first scan only).
+    at_end: bool,
 }
 
 /// The per-file reading state that restarts when the file is truncated.
@@ -344,7 +351,7 @@ impl Reader {
     async fn read(&self) -> std::io::Result<()> {
         let s = self.settings.clone();
         let mut file = File::open(&self.path)?;
-        let mut cur = self.cursor(&mut file, s.read_from_end)?;
+        let mut cur = self.cursor(&mut file, self.at_end)?;
         let mut meta = s.meta.clone();
         meta.path = Some(self.path.display().to_string());
         let meta = Arc::new(meta);

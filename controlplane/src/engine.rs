@@ -532,6 +532,11 @@ const DEFAULT_BRIDGE_PORT: u16 = 80;
 /// How many containers one pass creates at the same time.
 const CONCURRENT_STARTS: usize = 8;
 
+/// How long a retired instance on a reachable node keeps running after the pass that
+/// withdraws its endpoint, so the proxies and DNS servers watching etcd stop sending to it
+/// before it stops.
+const WITHDRAW_DELAY: Duration = Duration::from_secs(1);
+
 /// The containers one pass decided to start, and the host ports taken so far.
 struct Starts {
     used_ports: HashSet<u16>,
@@ -1665,8 +1670,11 @@ impl State {
                 }
             }
         }
+        // Published before the starts, which may wait for image pulls: the retirements of
+        // this pass are withdrawn before their containers stop.
+        let published = self.publish(&views).await;
         self.run_starts(starts.planned).await;
-        self.publish(&views).await
+        published
     }
 
     /// Brings one slot to its desired state; returns whether it serves the desired version.
@@ -1726,7 +1734,10 @@ impl State {
             .await;
         }
         let healthy = |s: &State, a: &Actual| s.health.get(&a.id).is_some_and(|h| h.healthy);
-        let desired: Vec<&Actual> = list.iter().filter(|a| a.version == spec.version).collect();
+        let mut desired: Vec<&Actual> = list.iter().filter(|a| a.version == spec.version).collect();
+        // Of several (a lost node came back with its container after the slot moved on),
+        // the healthy one stays; the order is otherwise kept.
+        desired.sort_by_key(|a| !healthy(self, a));
         let current = desired.first().map(|a| (*a).clone());
         // Duplicates of the desired version (e.g. after a crash mid-create) are retired.
         for extra in desired.iter().skip(1) {
@@ -1793,7 +1804,14 @@ impl State {
             return;
         };
         let client = node.client.clone();
-        let info = client.exit_info(&a.id).await.ok();
+        // A container last seen stopped on a node that no longer answers: asking that node
+        // would wait for its timeouts on every pass.
+        let node_down = node.down_since.is_some();
+        let info = if node_down {
+            None
+        } else {
+            client.exit_info(&a.id).await.ok()
+        };
         let (kind, reason) = match &info {
             Some(i) if i.oom_killed => ("oom-killed", format!("OOM-killed (exit {})", i.code)),
             Some(i) if !i.error.is_empty() => ("crashed", format!("exit {}: {}", i.code, i.error)),
@@ -1827,21 +1845,31 @@ impl State {
             ),
         )
         .await;
-        let _ = client.remove(&a.id).await;
+        if node_down {
+            // Recorded once and forgotten, as a retired container there is: remembered, it
+            // would crash again on every pass and hold its slot's replacement back. If the
+            // node returns, its own listing shows the container, which is removed then as
+            // one left behind.
+            if let Some(seen) = self.last_seen.get_mut(&a.node) {
+                seen.retain(|c| c.id != a.id);
+            }
+        } else {
+            let _ = client.remove(&a.id).await;
+        }
         self.health.remove(&a.id);
     }
 
-    /// Withdraws a container (it is already unpublished by the next sync) and stops it in
-    /// the background after `grace`, so in-flight requests drain.
+    /// Withdraws a container (this pass's sync unpublishes it) and stops it in the
+    /// background once the proxies have seen that ([`WITHDRAW_DELAY`], or up to 2 s of
+    /// `grace`), with its proc's `kill_timeout`, so in-flight requests drain.
     async fn retire(&mut self, a: &Actual, why: &str, grace: Duration) {
-        // A container on a node that does not answer is forgotten at once: it is gone with
-        // its node, and remembering it would retire it again on every pass.
-        if self
+        let node_down = self
             .nodes
             .get(&a.node)
-            .is_none_or(|n| n.down_since.is_some())
-            && let Some(seen) = self.last_seen.get_mut(&a.node)
-        {
+            .is_none_or(|n| n.down_since.is_some());
+        // A container on a node that does not answer is forgotten at once: it is gone with
+        // its node, and remembering it would retire it again on every pass.
+        if node_down && let Some(seen) = self.last_seen.get_mut(&a.node) {
             seen.retain(|c| c.id != a.id);
         }
         if !self.retiring.insert(a.id.clone()) {
@@ -1868,12 +1896,16 @@ impl State {
             .and_then(|s| s.conf.procs.get(&a.proc_name))
             .map(|p| p.kill_timeout_secs)
             .unwrap_or(10);
+        // Nothing is sent to a container on a node that does not answer.
+        let withdraw = if node_down {
+            Duration::ZERO
+        } else {
+            grace.min(Duration::from_secs(2)).max(WITHDRAW_DELAY)
+        };
         tokio::spawn(async move {
             // Wait for the proxies to see the endpoint withdrawn before stopping it.
-            tokio::time::sleep(grace.min(Duration::from_secs(2))).await;
-            let _ = client
-                .stop(&id, if grace.is_zero() { 1 } else { kill_timeout })
-                .await;
+            tokio::time::sleep(withdraw).await;
+            let _ = client.stop(&id, kill_timeout).await;
             let _ = client.remove(&id).await;
             let _ = tx.send(Event::Retired(id)).await;
         });

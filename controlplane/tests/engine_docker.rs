@@ -661,3 +661,78 @@ async fn a_steady_instance_is_probed_once_per_interval() {
     );
     h.stop().await;
 }
+
+/// A scaled-down instance leaves the published endpoints before it is stopped, so the
+/// proxies stop sending to it first. The app here exits at once on SIGTERM, so the stop's
+/// timing shows in when it dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaled_down_instance_is_withdrawn_before_it_stops() {
+    use futures::StreamExt;
+    let h = start("cp-withdraw").await;
+    let app = "withdrawn";
+    let yaml = format!(
+        "appname: {app}\nweb:\n  cmd: [\"/bin/busybox\", \"sh\", \"-c\", \
+         \"trap 'exit 0' TERM; /bin/busybox httpd -f -p $PORT -h /tmp & wait\"]\n  \
+         num_instances: 2\n  memory: 32m\n  kill_timeout: 10\n"
+    );
+    h.engine.register("lain.yaml", &yaml).await.unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let eps = h.wait_serving(app, 2, "1").await;
+    let second = eps.iter().find(|e| e.instance == 2).unwrap().clone();
+
+    // Watch both: the endpoint's key in etcd, and the container's death on every engine.
+    let key = h.ks.endpoint(app, "web", 2);
+    let mut watch = h
+        .etcd
+        .watch_client()
+        .watch(key.as_str(), None)
+        .await
+        .unwrap();
+    let (died_tx, mut died_rx) = tokio::sync::mpsc::unbounded_channel();
+    for d in &h.docker {
+        let filters = std::collections::HashMap::from([
+            ("container".to_string(), vec![second.container_id.clone()]),
+            ("event".to_string(), vec!["die".to_string()]),
+        ]);
+        let mut events = d.events(Some(bollard::query_parameters::EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }));
+        let tx = died_tx.clone();
+        tokio::spawn(async move {
+            if let Some(Ok(_)) = events.next().await {
+                let _ = tx.send(std::time::Instant::now());
+            }
+        });
+    }
+
+    h.engine.scale(app, "web", 1).await.unwrap();
+    let withdrawn = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let resp = watch
+                .message()
+                .await
+                .unwrap()
+                .expect("the watch stays open");
+            if resp
+                .events()
+                .iter()
+                .any(|e| e.event_type() == etcd_client::EventType::Delete)
+            {
+                return std::time::Instant::now();
+            }
+        }
+    })
+    .await
+    .expect("the endpoint withdrawn");
+    let died = tokio::time::timeout(Duration::from_secs(30), died_rx.recv())
+        .await
+        .expect("the container stopped")
+        .unwrap();
+    assert!(
+        died >= withdrawn + Duration::from_millis(500),
+        "the container died {:?} after its endpoint was withdrawn",
+        died.checked_duration_since(withdrawn)
+    );
+    h.stop().await;
+}

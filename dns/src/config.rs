@@ -246,6 +246,11 @@ pub struct ForwardConfig {
     /// Entries of the answer cache.
     #[serde(default = "default_cache_entries")]
     pub cache_entries: u64,
+    /// Queries waiting for an upstream at once; beyond that, names not in the cache get
+    /// SERVFAIL at once (a flood of new names towards a slow upstream would otherwise hold
+    /// one task and its query each for `timeout_ms`, without bound).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
 }
 
 fn default_allowed() -> Vec<IpNet> {
@@ -266,6 +271,9 @@ fn default_forward_timeout_ms() -> u64 {
 fn default_cache_entries() -> u64 {
     4_096
 }
+fn default_max_in_flight() -> usize {
+    1_024
+}
 
 impl Default for ForwardConfig {
     fn default() -> Self {
@@ -274,6 +282,7 @@ impl Default for ForwardConfig {
             allowed_networks: default_allowed(),
             timeout_ms: default_forward_timeout_ms(),
             cache_entries: default_cache_entries(),
+            max_in_flight: default_max_in_flight(),
         }
     }
 }
@@ -368,6 +377,9 @@ impl Validate for Config {
         }
         if self.forward.timeout_ms == 0 {
             errors.push(ConfigError::at("forward.timeout_ms", "must be positive"));
+        }
+        if self.forward.max_in_flight == 0 {
+            errors.push(ConfigError::at("forward.max_in_flight", "must be positive"));
         }
         if self.state.file.is_none() && self.state.etcd_endpoints.is_empty() {
             errors.push(ConfigError::at(

@@ -36,10 +36,24 @@ struct Entry {
 /// Forwards queries to the configured upstreams.
 pub struct Forwarder {
     resolver: Resolver<TokioRuntimeProvider>,
-    cache: Mutex<HashMap<(LowerName, RecordType), Entry>>,
+    cache: Mutex<Cache>,
     max_entries: usize,
+    /// Permits for queries waiting for an upstream.
+    in_flight: tokio::sync::Semaphore,
     metrics: DnsMetrics,
 }
+
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<(LowerName, RecordType), Entry>,
+    /// When expired entries were last swept out of a full cache.
+    swept: Option<Instant>,
+}
+
+/// A full cache is swept of expired entries at most this often; in between, a new entry
+/// takes the place of an arbitrary one. A sweep on every insert into a cache full of live
+/// entries would scan all of it under the lock each time.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Forwarder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,11 +69,13 @@ impl std::fmt::Debug for Forwarder {
 pub struct ForwardError(String);
 
 impl Forwarder {
-    /// A forwarder to `upstreams`, each tried over UDP and then TCP.
+    /// A forwarder to `upstreams`, each tried over UDP and then TCP, with a cache of
+    /// `max_entries` answers and at most `max_in_flight` queries waiting for an upstream.
     pub fn new(
         upstreams: &[SocketAddr],
         timeout: Duration,
         max_entries: usize,
+        max_in_flight: usize,
         metrics: DnsMetrics,
     ) -> Result<Forwarder, ForwardError> {
         let servers = upstreams
@@ -87,8 +103,9 @@ impl Forwarder {
             .map_err(|e| ForwardError(e.to_string()))?;
         Ok(Forwarder {
             resolver,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
             max_entries: max_entries.max(1),
+            in_flight: tokio::sync::Semaphore::new(max_in_flight.max(1)),
             metrics,
         })
     }
@@ -104,6 +121,16 @@ impl Forwarder {
                 .inc();
             return hit;
         }
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            self.metrics
+                .forward_queries
+                .with_label_values(&["busy"])
+                .inc();
+            return Reply {
+                rcode: ResponseCode::ServFail,
+                ..Reply::default()
+            };
+        };
         self.metrics
             .forward_queries
             .with_label_values(&["miss"])
@@ -148,7 +175,7 @@ impl Forwarder {
 
     fn cached(&self, key: &(LowerName, RecordType), now: Instant) -> Option<Reply<'static>> {
         let cache = self.cache.lock().ok()?;
-        let entry = cache.get(key)?;
+        let entry = cache.entries.get(key)?;
         if entry.expires <= now {
             return None;
         }
@@ -162,16 +189,20 @@ impl Forwarder {
         let Ok(mut cache) = self.cache.lock() else {
             return;
         };
-        if cache.len() >= self.max_entries && !cache.contains_key(&key) {
-            cache.retain(|_, e| e.expires > now);
+        let cache = &mut *cache;
+        if cache.entries.len() >= self.max_entries && !cache.entries.contains_key(&key) {
+            if cache.swept.is_none_or(|t| now >= t + SWEEP_INTERVAL) {
+                cache.entries.retain(|_, e| e.expires > now);
+                cache.swept = Some(now);
+            }
             // Still full of live entries: drop one; any will do for a bounded cache.
-            if cache.len() >= self.max_entries
-                && let Some(k) = cache.keys().next().cloned()
+            if cache.entries.len() >= self.max_entries
+                && let Some(k) = cache.entries.keys().next().cloned()
             {
-                cache.remove(&k);
+                cache.entries.remove(&k);
             }
         }
-        cache.insert(key, entry);
+        cache.entries.insert(key, entry);
     }
 }
 

@@ -163,7 +163,11 @@ impl DnsMetrics {
             )?,
             forward_errors: IntCounter::new(FORWARD_ERRORS, "forwarded queries that failed")?,
             forward_queries: IntCounterVec::new(
-                Opts::new(FORWARD_QUERIES, "forwarded queries, by cache result"),
+                Opts::new(
+                    FORWARD_QUERIES,
+                    "forwarded queries, by cache result (hit, miss, or busy: refused with \
+                     SERVFAIL as forward.max_in_flight queries were already waiting)",
+                ),
                 &["cache"],
             )?,
             zone_records: IntGauge::new(ZONE_RECORDS, "records in the compiled zone")?,

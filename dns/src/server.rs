@@ -242,6 +242,7 @@ pub async fn serve(cfg: Config, shutdown: Shutdown) -> Result<(), ServeError> {
             &cfg.forward.upstreams,
             Duration::from_millis(cfg.forward.timeout_ms),
             usize::try_from(cfg.forward.cache_entries).unwrap_or(usize::MAX),
+            cfg.forward.max_in_flight,
             metrics.clone(),
         )?))
     };

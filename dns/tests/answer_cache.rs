@@ -93,6 +93,7 @@ impl Server {
             &["127.0.0.1:9".parse().expect("addr")],
             Duration::from_millis(200),
             16,
+            16,
             metrics.clone(),
         )
         .expect("forwarder");

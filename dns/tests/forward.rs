@@ -202,3 +202,52 @@ async fn forwards_to_unbound_caches_and_refuses_other_networks() {
         "{page}"
     );
 }
+
+/// A flood of new names towards an upstream that does not answer: at most
+/// `max_in_flight` wait for it; the others get SERVFAIL at once instead of each holding a
+/// task for the whole timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_waiting_for_a_silent_upstream_are_bounded() {
+    // An upstream that reads queries and never answers.
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = silent.local_addr().expect("addr");
+    let sink = tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while silent.recv_from(&mut buf).await.is_ok() {}
+    });
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state.yaml");
+    std::fs::write(&state, "endpoints: []\n").expect("write");
+    let dns = Dns::start_file(
+        &state,
+        &format!(
+            "[forward]\nupstreams = [\"{upstream}\"]\nallowed_networks = [\"127.0.0.1/32\"]\n\
+             timeout_ms = 5000\nmax_in_flight = 3\n"
+        ),
+    );
+    // Ten new names at once; `udp_raw` waits 2 s for each answer, far less than the
+    // upstream timeout, so only the answers not waiting for the upstream arrive.
+    let mut asks = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let q = query_bytes(
+            &format!("n{i}.example.test."),
+            RecordType::A,
+            Opts::default(),
+        );
+        let addr = dns.addr;
+        asks.spawn(async move { Message::from_vec(&udp_raw(addr, &q).await?).ok() });
+    }
+    let fast: Vec<Message> = asks.join_all().await.into_iter().flatten().collect();
+    assert_eq!(fast.len(), 7, "{fast:?}");
+    for m in &fast {
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    }
+    let page = dns.admin_get("/metrics").await;
+    assert!(
+        metric(&page, "lain_dns_forward_queries_total{cache=\"busy\"}") >= 7.0,
+        "{page}"
+    );
+    sink.abort();
+}

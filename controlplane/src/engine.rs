@@ -1064,6 +1064,44 @@ impl State {
                 let r = match self.nodes.remove(&name) {
                     None => Err(EngineError::NoNode(name)),
                     Some(n) => {
+                        // Its containers are stopped and removed, as far as the node still
+                        // answers: forgotten but running, they would serve (or write to
+                        // their data) beside the replacements the next pass starts elsewhere.
+                        let client = n.client.clone();
+                        let cluster = self.settings.keyspace.prefix().to_string();
+                        let kill_timeouts: HashMap<(String, String), u32> = self
+                            .apps
+                            .iter()
+                            .flat_map(|(app, spec)| {
+                                spec.conf.procs.values().map(move |p| {
+                                    ((app.clone(), p.name.clone()), p.kill_timeout_secs)
+                                })
+                            })
+                            .collect();
+                        self.last_seen.remove(&name);
+                        let node = name.clone();
+                        tokio::spawn(async move {
+                            let listed = tokio::time::timeout(
+                                Duration::from_secs(10),
+                                client.list(&cluster),
+                            )
+                            .await;
+                            let Ok(Ok(list)) = listed else {
+                                tracing::warn!(
+                                    %node,
+                                    "a removed node's containers could not be listed; they are left to it"
+                                );
+                                return;
+                            };
+                            for a in list {
+                                let t = kill_timeouts
+                                    .get(&(a.app.clone(), a.proc_name.clone()))
+                                    .copied()
+                                    .unwrap_or(10);
+                                let _ = client.stop(&a.id, t).await;
+                                let _ = client.remove(&a.id).await;
+                            }
+                        });
                         n.abort();
                         self.publisher.forget_node(&name).await.map_err(Into::into)
                     }
@@ -1071,6 +1109,34 @@ impl State {
                 let _ = reply.send(r);
             }
         }
+    }
+
+    /// A stream port is one listening port of the edge for the whole cluster (its key is
+    /// `state/streams/{port}`): a port another app already declares is refused, where the
+    /// later app would silently take the earlier one's TCP route over.
+    fn check_stream_ports(&self, conf: &LainConf) -> Result<(), EngineError> {
+        for p in conf.procs.values() {
+            for port in &p.ports {
+                let owner = self
+                    .apps
+                    .iter()
+                    .filter(|(name, _)| **name != conf.appname)
+                    .find_map(|(name, spec)| {
+                        spec.conf
+                            .procs
+                            .values()
+                            .find(|q| q.ports.contains(port))
+                            .map(|q| (name, &q.name))
+                    });
+                if let Some((app, proc_name)) = owner {
+                    return Err(EngineError::Bad(format!(
+                        "stream port {port} of proc {:?} is already used by {app}.{proc_name}",
+                        p.name
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn register(&mut self, file: &str, text: &str) -> Result<LainConf, EngineError> {
@@ -1092,6 +1158,7 @@ impl State {
                 .map_err(EngineError::Invalid)?,
         };
         let app = conf.appname.clone();
+        self.check_stream_ports(&conf)?;
         let spec = match self.apps.get(&app) {
             Some(old) => AppSpec {
                 conf: conf.clone(),
@@ -1181,6 +1248,7 @@ impl State {
         let conf =
             LainConf::parse_resource_instance(&file, &text, &self.settings.cluster_domains, &name)
                 .map_err(EngineError::Invalid)?;
+        self.check_stream_ports(&conf)?;
         let unchanged = self.apps.get(&name).is_some_and(|s| {
             s.conf == conf && s.version == resource.version && s.image == resource.image
         });
@@ -1690,10 +1758,18 @@ impl State {
         let app = &spec.conf.appname;
         let key = (app.clone(), p.name.clone(), n);
         // Containers on lost nodes are abandoned unless stateful (those stay and are reported).
+        // A stateless one on a node that is draining (and answers) keeps serving until its
+        // replacement elsewhere does, as an old version does in a rollout.
+        let draining = |s: &State, a: &Actual| {
+            s.nodes
+                .get(&a.node)
+                .is_some_and(|n| n.state == NodeState::Draining && n.down_since.is_none())
+        };
         let mut lost = Vec::new();
         let mut stranded = Vec::new();
         list.retain(|a| match self.node_lost(&a.node) {
             None => true,
+            Some(_) if !p.stateful && draining(self, a) => true,
             Some(why) if p.stateful => {
                 stranded.push((a.clone(), why));
                 true
@@ -1734,7 +1810,10 @@ impl State {
             .await;
         }
         let healthy = |s: &State, a: &Actual| s.health.get(&a.id).is_some_and(|h| h.healthy);
-        let mut desired: Vec<&Actual> = list.iter().filter(|a| a.version == spec.version).collect();
+        // What has to go once the slot's desired container serves: older versions, and
+        // anything on a draining node.
+        let leaving = |s: &State, a: &Actual| a.version != spec.version || draining(s, a);
+        let mut desired: Vec<&Actual> = list.iter().filter(|a| !leaving(self, a)).collect();
         // Of several (a lost node came back with its container after the slot moved on),
         // the healthy one stays; the order is otherwise kept.
         desired.sort_by_key(|a| !healthy(self, a));
@@ -1752,22 +1831,45 @@ impl State {
                 serving = Some(c.clone());
                 done = true;
                 // Surge-first: the old version leaves only once the new one serves.
-                for old in list.iter().filter(|a| a.version != spec.version) {
+                let old: Vec<Actual> = list.iter().filter(|a| leaving(self, a)).cloned().collect();
+                for old in &old {
                     let grace = Duration::from_secs(u64::from(p.kill_timeout_secs));
-                    self.retire(old, "replaced", grace).await;
+                    let why = if old.version == spec.version {
+                        "moved off a draining node"
+                    } else {
+                        "replaced"
+                    };
+                    self.retire(old, why, grace).await;
                 }
             }
             Some(_) => {}
             None => {
+                if let Some(d) = list.iter().find(|a| draining(self, a)) {
+                    let from = d.node.clone();
+                    let slot = self.slots.entry(key.clone()).or_default();
+                    slot.drift += 1;
+                    self.event(
+                        app,
+                        "rescheduled",
+                        Some(&p.name),
+                        Some(n),
+                        format!(
+                            "node {from} is draining; the instance serves there until its \
+                             replacement does"
+                        ),
+                    )
+                    .await;
+                }
                 self.plan_start(spec, p, n, starts).await;
             }
         }
         if serving.is_none() {
-            // Until the new version is healthy, a healthy older container keeps serving.
+            // Until the new container is healthy, a healthy leaving one keeps serving: the
+            // desired version on a draining node first, else the newest older version.
             serving = list
                 .iter()
-                .filter(|a| a.version != spec.version && healthy(self, a))
-                .max_by_key(|a| a.version.clone())
+                .filter(|a| leaving(self, a) && healthy(self, a))
+                .max_by_key(|a| (a.version == spec.version, a.version.clone()))
                 .cloned();
         }
         let log_dir = |a: &Actual| {

@@ -418,6 +418,29 @@ async fn invalid_lain_yaml_is_rejected_with_every_error() {
         Err(EngineError::NoApp(_))
     ));
     assert!(h.range::<AppRecord>(Kind::App).await.is_empty());
+
+    // A stream port is the cluster's: a second app cannot claim one another app holds,
+    // while the holder may register again.
+    let with_port = |app: &str| format!("appname: {app}\nworker.tcp:\n  ports: [9500]\n");
+    h.engine
+        .register("lain.yaml", &with_port("first"))
+        .await
+        .unwrap();
+    let err = h
+        .engine
+        .register("lain.yaml", &with_port("second"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Bad(m) if m.contains("9500") && m.contains("first.")),
+        "{err}"
+    );
+    h.engine
+        .register("lain.yaml", &with_port("first"))
+        .await
+        .unwrap();
+    let apps = h.range::<AppRecord>(Kind::App).await;
+    assert_eq!(apps.len(), 1, "{apps:?}");
     h.stop().await;
 }
 
@@ -572,17 +595,36 @@ async fn draining_a_node_moves_its_instances() {
         .find(|e| e.node == "node2")
         .expect("spread onto node2")
         .clone();
-    h.engine.drain_node("node2").await.unwrap();
-    let nodes = h.range::<NodeRecord>(Kind::Node).await;
+    // While the node drains, every instance stays published: the one on node2 serves
+    // until its replacement on node1 does.
+    let moved = std::sync::atomic::AtomicBool::new(false);
+    let watch = async {
+        let mut fewest = usize::MAX;
+        while !moved.load(std::sync::atomic::Ordering::Relaxed) {
+            fewest = fewest.min(h.endpoints(app).await.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        fewest
+    };
+    let drain = async {
+        h.engine.drain_node("node2").await.unwrap();
+        let nodes = h.range::<NodeRecord>(Kind::Node).await;
+        assert_eq!(
+            nodes[&h.ks.node("node2")].state,
+            lain_state::NodeState::Draining
+        );
+        eventually(Duration::from_secs(30), "everything on node1", || async {
+            let eps = h.endpoints(app).await;
+            (eps.len() == 2 && eps.iter().all(|e| e.node == "node1")).then_some(())
+        })
+        .await;
+        moved.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    let (fewest, ()) = futures::join!(watch, drain);
     assert_eq!(
-        nodes[&h.ks.node("node2")].state,
-        lain_state::NodeState::Draining
+        fewest, 2,
+        "an instance was unpublished while its node drained"
     );
-    eventually(Duration::from_secs(30), "everything on node1", || async {
-        let eps = h.endpoints(app).await;
-        (eps.len() == 2 && eps.iter().all(|e| e.node == "node1")).then_some(())
-    })
-    .await;
     h.wait_serving(app, 2, "1").await;
     let kinds = h.event_kinds(app).await;
     assert!(kinds.iter().any(|k| k == "rescheduled"), "{kinds:?}");
@@ -734,5 +776,48 @@ async fn a_scaled_down_instance_is_withdrawn_before_it_stops() {
         "the container died {:?} after its endpoint was withdrawn",
         died.checked_duration_since(withdrawn)
     );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_stops_its_containers_and_moves_its_instances() {
+    let h = start("cp-remove-node").await;
+    let app = "evicted";
+    h.engine
+        .register("lain.yaml", &web_app(app, 2))
+        .await
+        .unwrap();
+    h.engine.deploy(app, "1", IMAGE).await.unwrap();
+    let eps = h.wait_serving(app, 2, "1").await;
+    assert!(eps.iter().any(|e| e.node == "node2"), "{eps:?}");
+    let on_node2 = || async {
+        let filters = std::collections::HashMap::from([(
+            "label",
+            vec![format!("lain.cluster={}", h.ks.prefix())],
+        )]);
+        let opts = bollard::query_parameters::ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        h.docker[1].list_containers(Some(opts)).await.unwrap().len()
+    };
+    assert_eq!(on_node2().await, 1);
+    h.engine.remove_node("node2").await.unwrap();
+    // The node's container does not run on, unmanaged, beside its replacement.
+    eventually(
+        Duration::from_secs(30),
+        "node2's container gone",
+        || async { (on_node2().await == 0).then_some(()) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "both instances on node1",
+        || async {
+            let eps = h.endpoints(app).await;
+            (eps.len() == 2 && eps.iter().all(|e| e.node == "node1")).then_some(())
+        },
+    )
+    .await;
     h.stop().await;
 }

@@ -107,3 +107,94 @@ bulk_max_bytes = 200000
         .send()
         .await;
 }
+
+/// One Kafka message whose payload holds a raw newline breaks the framing of the bulk
+/// request it travels in, and Elasticsearch refuses the whole request: only that message
+/// goes to the dead letters; the others in the same request are indexed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_breaks_a_bulk_request_costs_only_itself() {
+    let brokers = require_kafka();
+    let es = require_es();
+    let topic = common::unique("broken");
+    let prefix = common::unique("brk");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let now = chrono::Utc::now().to_rfc3339();
+    for i in 0..30 {
+        let body = if i == 15 {
+            format!(
+                "{{\"@timestamp\": \"{now}\", \"message\": \"broken\"}}\n{{\"not\": \"an action\"}}"
+            )
+        } else {
+            serde_json::json!({"@timestamp": now, "message": format!("n {i}")}).to_string()
+        };
+        producer
+            .send_result(FutureRecord::to(&topic).key("k").payload(&body))
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let dir = temp_dir();
+    let cfg = common::write_config(
+        dir.path(),
+        &format!(
+            r#"
+state_dir = "{state}"
+[admin]
+listen = "127.0.0.1:0"
+[indexer]
+brokers = "{brokers}"
+group_id = "{group}"
+topics = ["{topic}"]
+batch_wait_ms = 500
+[sinks.elasticsearch]
+url = "{es}"
+index_prefix = "{prefix}"
+flush_interval_ms = 500
+dead_letter_path = "{dead}"
+"#,
+            state = dir.path().join("state").display(),
+            group = common::unique("group"),
+            dead = dir.path().join("dead.ndjson").display(),
+        ),
+    );
+    let http = reqwest::Client::new();
+    let mut p = LainProcess::spawn(&["logship", "--indexer", "--config", &cfg], &[], &["admin"]);
+    let admin = p.addr("admin");
+    common::wait_metric(
+        admin,
+        "lain_logship_dead_letters_total{sink=\"elasticsearch\"}",
+        Duration::from_secs(60),
+        "the broken message dead-lettered",
+        |v| v >= 1,
+    )
+    .await;
+    let n = eventually(Duration::from_secs(30), "the others indexed", || {
+        let (http, es, prefix) = (http.clone(), es.clone(), prefix.clone());
+        async move { count(&http, &es, &prefix).await.filter(|c| *c >= 29) }
+    })
+    .await;
+    assert_eq!(n, 29);
+    let page = common::metrics_page(admin).await;
+    assert_eq!(
+        common::metric(
+            &page,
+            "lain_logship_dead_letters_total{sink=\"elasticsearch\"}"
+        ),
+        1
+    );
+    let dead = std::fs::read_to_string(dir.path().join("dead.ndjson")).unwrap_or_default();
+    assert!(dead.contains("broken"), "{dead}");
+    assert!(
+        p.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
+    let _ = http
+        .delete(format!("{es}/_index_template/{prefix}"))
+        .send()
+        .await;
+}

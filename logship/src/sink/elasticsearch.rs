@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use elasticsearch::Elasticsearch;
+use elasticsearch::http::Method;
 use elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use elasticsearch::http::transport::Transport;
-use elasticsearch::http::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use super::DeadLetters;
@@ -296,9 +296,14 @@ impl EsSink {
     async fn deliver(&self, batches: &[Arc<Batch>]) {
         let events: Vec<&crate::event::Event> =
             batches.iter().flat_map(|b| b.events.iter()).collect();
-        let mut todo: Vec<usize> = (0..events.len()).collect();
+        // Requests still to make, in order; a refused request may be split in two.
+        let mut requests: std::collections::VecDeque<Vec<usize>> =
+            std::collections::VecDeque::from([(0..events.len()).collect::<Vec<usize>>()]);
         let mut attempt = 0u32;
-        while !todo.is_empty() {
+        while let Some(todo) = requests.pop_front() {
+            if todo.is_empty() {
+                continue;
+            }
             let mut body = Vec::with_capacity(todo.len() * 512);
             for &i in &todo {
                 let e = events[i];
@@ -357,13 +362,27 @@ impl EsSink {
                             .inc_by(sent);
                     }
                 }
-                Err(EsError::Status { status, body })
-                    if status != 429
-                        && status < 500
-                        && status != StatusCode::REQUEST_TIMEOUT.as_u16() =>
+                Err(EsError::Status { status, .. })
+                    if (status == 400 || status == 413) && todo.len() > 1 =>
                 {
-                    // The whole request was refused (not an item): nothing was indexed. A
-                    // request-level 4xx other than 408 and 429 will not change on retry.
+                    // The whole request was refused, not an item: too large for something
+                    // in front of the cluster (413), or one line broke the request's
+                    // framing (400). Halves are sent on their own until the request that
+                    // is refused holds one event, which alone goes to the dead letters.
+                    tracing::warn!(
+                        status,
+                        events = todo.len(),
+                        "bulk request refused; sending it again in halves"
+                    );
+                    let (a, b) = todo.split_at(todo.len() / 2);
+                    requests.push_front(b.to_vec());
+                    requests.push_front(a.to_vec());
+                }
+                Err(EsError::Status { status, body })
+                    if status != 429 && status < 500 && ![401, 403, 404, 408].contains(&status) =>
+                {
+                    // Refused as a request although it holds one event: that event is the
+                    // cause, and it will not change on retry.
                     for &i in &todo {
                         self.dead_letter(
                             &format!("bulk request refused with {status}: {body}"),
@@ -377,6 +396,8 @@ impl EsSink {
                     retry = todo.clone();
                 }
             }
+            // Timeouts, throttling, server errors, and 401/403/404 (credentials or a proxy
+            // being changed: nothing about the events) are tried again until they pass.
             if !retry.is_empty() {
                 self.metrics
                     .retries
@@ -384,8 +405,8 @@ impl EsSink {
                     .inc_by(retry.len() as u64);
                 super::backoff(attempt).await;
                 attempt += 1;
+                requests.push_front(retry);
             }
-            todo = retry;
         }
     }
 

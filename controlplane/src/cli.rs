@@ -76,7 +76,7 @@ async fn init(config: Config, user: &str) -> Result<(), RunError> {
             "{user:?} is not a valid user name"
         )));
     }
-    let client = etcd_client::Client::connect(&config.etcd_endpoints, None)
+    let client = etcd_client::Client::connect(&config.etcd_endpoints, Some(etcd_options()))
         .await
         .map_err(|e| RunError::Failed(format!("cannot connect to etcd: {e}")))?;
     let ks = lain_state::Keyspace::new(&config.prefix);
@@ -126,7 +126,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
         .await
         .map_err(|e| RunError::Failed(format!("cannot bind admin listener: {e}")))?;
     lain_common::announce_listener("admin", addr);
-    let client = etcd_client::Client::connect(&config.etcd_endpoints, None)
+    let client = etcd_client::Client::connect(&config.etcd_endpoints, Some(etcd_options()))
         .await
         .map_err(|e| RunError::Failed(format!("cannot connect to etcd: {e}")))?;
     let mut settings = config.engine_settings();
@@ -198,4 +198,15 @@ async fn serve(config: Config) -> Result<(), RunError> {
     let _ = task.await;
     leadership.resign().await;
     result
+}
+
+/// The control plane's etcd client options. HTTP/2 pings notice a member that stopped
+/// answering without closing the connection (the election lease's keep-alive stream is
+/// always open, so they run; on a connection without a stream etcd counts pings as abuse).
+/// There is no per-request timeout: a standby's campaign waits as long as the leader leads.
+fn etcd_options() -> etcd_client::ConnectOptions {
+    etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(false)
 }

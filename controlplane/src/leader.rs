@@ -3,7 +3,8 @@
 //!
 //! Each replica holds a lease kept alive by a heartbeat and campaigns with it. When the
 //! leader dies its lease expires after the TTL and the next campaigner wins. A leader whose
-//! heartbeat fails stops (fail-stop) rather than risk two writers.
+//! heartbeat fails, or is not answered within a third of the TTL, stops (fail-stop) before
+//! its lease can expire, rather than risk two writers.
 
 use std::time::Duration;
 
@@ -38,8 +39,14 @@ pub async fn campaign(
     let heartbeat = tokio::spawn(async move {
         loop {
             tokio::time::sleep(period).await;
-            let alive = keeper.keep_alive().await.is_ok()
-                && matches!(responses.message().await, Ok(Some(r)) if r.ttl() > 0);
+            // A beat not answered within a period counts as lost: a connection that went
+            // silent without closing would otherwise hold this wait past the lease's expiry,
+            // while a standby takes over and both act as leader.
+            let beat = async {
+                keeper.keep_alive().await.is_ok()
+                    && matches!(responses.message().await, Ok(Some(r)) if r.ttl() > 0)
+            };
+            let alive = tokio::time::timeout(period, beat).await.unwrap_or(false);
             if !alive {
                 tracing::error!(lease, "election lease lost");
                 trigger.trigger();

@@ -349,9 +349,17 @@ impl Reader {
     }
 
     async fn read(&self) -> std::io::Result<()> {
-        let s = self.settings.clone();
         let mut file = File::open(&self.path)?;
         let mut cur = self.cursor(&mut file, self.at_end)?;
+        let result = self.read_with(&mut file, &mut cur).await;
+        // Closed however reading ended: an entry left open after an error could not be
+        // resumed by the next reader of the file, which would start it over.
+        self.checkpoints.close(cur.id);
+        result
+    }
+
+    async fn read_with(&self, file: &mut File, cur: &mut Cursor) -> std::io::Result<()> {
+        let s = self.settings.clone();
         let mut meta = s.meta.clone();
         meta.path = Some(self.path.display().to_string());
         let meta = Arc::new(meta);
@@ -374,7 +382,7 @@ impl Reader {
             if n > 0
                 && !self
                     .checkpoints
-                    .refresh(cur.id, &file, cur.splitter.position() + n as u64)?
+                    .refresh(cur.id, file, cur.splitter.position() + n as u64)?
             {
                 n = 0;
             }
@@ -426,7 +434,7 @@ impl Reader {
             }
             let size = file.metadata()?.len();
             let intact =
-                size >= cur.splitter.position() && self.checkpoints.refresh(cur.id, &file, size)?;
+                size >= cur.splitter.position() && self.checkpoints.refresh(cur.id, file, size)?;
             if !intact {
                 tracing::info!(path = %self.path.display(), "file truncated; reading it from the start");
                 // What the old content still holds back (a line being joined, a partial
@@ -445,7 +453,7 @@ impl Reader {
                     batch_bytes = 0;
                 }
                 self.checkpoints.close(cur.id);
-                cur = self.cursor(&mut file, false)?;
+                *cur = self.cursor(file, false)?;
                 if cur.splitter.position() > 0 {
                     // The checkpoint store matched the truncated file to a copy; a truncated
                     // file's new content always starts at 0.
@@ -490,7 +498,6 @@ impl Reader {
                 _ = tokio::time::sleep(s.poll_interval) => {}
             }
         }
-        self.checkpoints.close(cur.id);
         Ok(())
     }
 

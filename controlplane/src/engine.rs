@@ -1798,16 +1798,8 @@ impl State {
         }
         for (a, why) in &lost {
             self.retire(a, "node lost", Duration::from_secs(0)).await;
-            let slot = self.slots.entry(key.clone()).or_default();
-            slot.drift += 1;
-            self.event(
-                app,
-                "rescheduled",
-                Some(&p.name),
-                Some(n),
-                format!("node {} lost ({why})", a.node),
-            )
-            .await;
+            self.reschedule(&key, format!("node {} lost ({why})", a.node))
+                .await;
         }
         let healthy = |s: &State, a: &Actual| s.health.get(&a.id).is_some_and(|h| h.healthy);
         // What has to go once the slot's desired container serves: older versions, and
@@ -1845,20 +1837,12 @@ impl State {
             Some(_) => {}
             None => {
                 if let Some(d) = list.iter().find(|a| draining(self, a)) {
-                    let from = d.node.clone();
-                    let slot = self.slots.entry(key.clone()).or_default();
-                    slot.drift += 1;
-                    self.event(
-                        app,
-                        "rescheduled",
-                        Some(&p.name),
-                        Some(n),
-                        format!(
-                            "node {from} is draining; the instance serves there until its \
-                             replacement does"
-                        ),
-                    )
-                    .await;
+                    let why = format!(
+                        "node {} is draining; the instance serves there until its \
+                         replacement does",
+                        d.node
+                    );
+                    self.reschedule(&key, why).await;
                 }
                 self.plan_start(spec, p, n, starts).await;
             }
@@ -1899,6 +1883,15 @@ impl State {
             });
         }
         done
+    }
+
+    /// A slot's instance is to start on another node: its drift grows (so the container
+    /// gets a new name) and the move is recorded.
+    async fn reschedule(&mut self, key: &SlotKey, why: String) {
+        let (app, proc_name, n) = key.clone();
+        self.slots.entry(key.clone()).or_default().drift += 1;
+        self.event(&app, "rescheduled", Some(&proc_name), Some(n), why)
+            .await;
     }
 
     async fn crashed(&mut self, a: &Actual) {

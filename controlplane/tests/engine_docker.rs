@@ -149,6 +149,14 @@ impl Harness {
     }
 
     /// Waits until the app's endpoints are exactly instances 1..=n of `version`, all answering.
+    /// Registers `yaml` (app `app`), deploys version 1 and waits until its `n` instances
+    /// serve.
+    async fn deploy_v1(&self, app: &str, yaml: &str, n: u32) -> Vec<EndpointRecord> {
+        self.engine.register("lain.yaml", yaml).await.unwrap();
+        self.engine.deploy(app, "1", IMAGE).await.unwrap();
+        self.wait_serving(app, n, "1").await
+    }
+
     async fn wait_serving(&self, app: &str, n: u32, version: &str) -> Vec<EndpointRecord> {
         eventually(
             Duration::from_secs(60),
@@ -236,12 +244,7 @@ fn web_app(name: &str, n: u32) -> String {
 async fn deploy_publishes_spreads_heals_and_scales() {
     let h = start("cp-deploy").await;
     let app = "hello";
-    h.engine
-        .register("lain.yaml", &web_app(app, 3))
-        .await
-        .unwrap();
-    h.engine.deploy(app, "1", IMAGE).await.unwrap();
-    let eps = h.wait_serving(app, 3, "1").await;
+    let eps = h.deploy_v1(app, &web_app(app, 3), 3).await;
 
     // Spread over both engines, with LAIN's names, labels and one PORT each.
     let nodes: BTreeSet<&str> = eps.iter().map(|e| e.node.as_str()).collect();
@@ -363,12 +366,7 @@ async fn deploy_publishes_spreads_heals_and_scales() {
 async fn missing_image_fails_the_deploy_and_the_old_version_keeps_serving() {
     let h = start("cp-missing").await;
     let app = "steady";
-    h.engine
-        .register("lain.yaml", &web_app(app, 1))
-        .await
-        .unwrap();
-    h.engine.deploy(app, "1", IMAGE).await.unwrap();
-    let before = h.wait_serving(app, 1, "1").await;
+    let before = h.deploy_v1(app, &web_app(app, 1), 1).await;
     h.engine
         .deploy(app, "2", "lain/does-not-exist:2")
         .await
@@ -448,12 +446,7 @@ async fn invalid_lain_yaml_is_rejected_with_every_error() {
 async fn a_restarted_engine_adopts_its_containers_and_rolls_forward() {
     let mut h = start("cp-adopt").await;
     let app = "adopted";
-    h.engine
-        .register("lain.yaml", &web_app(app, 2))
-        .await
-        .unwrap();
-    h.engine.deploy(app, "1", IMAGE).await.unwrap();
-    let before = h.wait_serving(app, 2, "1").await;
+    let before = h.deploy_v1(app, &web_app(app, 2), 2).await;
     let ids: BTreeSet<String> = before.iter().map(|e| e.container_id.clone()).collect();
 
     // Stop the engine and start a new one on the same prefix: nothing is duplicated.
@@ -497,12 +490,7 @@ async fn a_restarted_engine_adopts_its_containers_and_rolls_forward() {
 async fn an_app_record_the_engine_cannot_read_leaves_the_app_running() {
     let mut h = start("cp-unreadable").await;
     let app = "future";
-    h.engine
-        .register("lain.yaml", &web_app(app, 2))
-        .await
-        .unwrap();
-    h.engine.deploy(app, "1", IMAGE).await.unwrap();
-    let before = h.wait_serving(app, 2, "1").await;
+    let before = h.deploy_v1(app, &web_app(app, 2), 2).await;
 
     // The engine stops; the app's record is rewritten in a schema this release does not
     // know (as a newer release would write it), and an engine starts on it.
@@ -584,12 +572,7 @@ async fn placement_honours_filters_and_reports_pending() {
 async fn draining_a_node_moves_its_instances() {
     let h = start("cp-drain").await;
     let app = "mover";
-    h.engine
-        .register("lain.yaml", &web_app(app, 2))
-        .await
-        .unwrap();
-    h.engine.deploy(app, "1", IMAGE).await.unwrap();
-    let eps = h.wait_serving(app, 2, "1").await;
+    let eps = h.deploy_v1(app, &web_app(app, 2), 2).await;
     let on2 = eps
         .iter()
         .find(|e| e.node == "node2")
@@ -717,9 +700,7 @@ async fn a_scaled_down_instance_is_withdrawn_before_it_stops() {
          \"trap 'exit 0' TERM; /bin/busybox httpd -f -p $PORT -h /tmp & wait\"]\n  \
          num_instances: 2\n  memory: 32m\n  kill_timeout: 10\n"
     );
-    h.engine.register("lain.yaml", &yaml).await.unwrap();
-    h.engine.deploy(app, "1", IMAGE).await.unwrap();
-    let eps = h.wait_serving(app, 2, "1").await;
+    let eps = h.deploy_v1(app, &yaml, 2).await;
     let second = eps.iter().find(|e| e.instance == 2).unwrap().clone();
 
     // Watch both: the endpoint's key in etcd, and the container's death on every engine.
@@ -783,12 +764,7 @@ async fn a_scaled_down_instance_is_withdrawn_before_it_stops() {
 async fn removing_a_node_stops_its_containers_and_moves_its_instances() {
     let h = start("cp-remove-node").await;
     let app = "evicted";
-    h.engine
-        .register("lain.yaml", &web_app(app, 2))
-        .await
-        .unwrap();
-    h.engine.deploy(app, "1", IMAGE).await.unwrap();
-    let eps = h.wait_serving(app, 2, "1").await;
+    let eps = h.deploy_v1(app, &web_app(app, 2), 2).await;
     assert!(eps.iter().any(|e| e.node == "node2"), "{eps:?}");
     let on_node2 = || async {
         let filters = std::collections::HashMap::from([(

@@ -630,20 +630,10 @@ impl LineSplitter {
                 Some(i) => {
                     self.take(&rest[..i]);
                     self.pos += i as u64 + 1;
-                    let mut bytes = std::mem::take(&mut self.buf);
-                    if bytes.last() == Some(&b'\r') {
-                        bytes.pop();
+                    if self.buf.last() == Some(&b'\r') {
+                        self.buf.pop();
                     }
-                    out.push(RawLine {
-                        bytes,
-                        start: self.start,
-                        end: self.pos,
-                        truncated: std::mem::take(&mut self.truncated),
-                        lines: 1,
-                        time: None,
-                        stream: None,
-                    });
-                    self.start = self.pos;
+                    out.push(self.cut());
                     rest = &rest[i + 1..];
                 }
                 None => {
@@ -676,12 +666,13 @@ impl LineSplitter {
     /// Ends the unfinished line, if any, as it is: for a file nothing more will be written
     /// to, whose last line has no newline.
     pub fn finish(&mut self) -> Option<RawLine> {
-        if self.pending() == 0 {
-            return None;
-        }
-        let bytes = std::mem::take(&mut self.buf);
+        (self.pending() > 0).then(|| self.cut())
+    }
+
+    /// The line held so far, ending at the current position; the next starts there.
+    fn cut(&mut self) -> RawLine {
         let line = RawLine {
-            bytes,
+            bytes: std::mem::take(&mut self.buf),
             start: self.start,
             end: self.pos,
             truncated: std::mem::take(&mut self.truncated),
@@ -690,7 +681,7 @@ impl LineSplitter {
             stream: None,
         };
         self.start = self.pos;
-        Some(line)
+        line
     }
 }
 

@@ -151,15 +151,7 @@ async fn restart_resumes_from_checkpoint_and_deleted_files_are_finished() {
     let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
     // Delete the file once logship has it open (a file deleted before it was ever opened
     // cannot be read by anyone).
-    let metrics_url = format!("http://{}/metrics", p.addr("admin"));
-    eventually(Duration::from_secs(10), "the file to be open", || {
-        let url = metrics_url.clone();
-        async move {
-            let m = reqwest::get(url).await.ok()?.text().await.ok()?;
-            m.contains("lain_logship_files_open 1").then_some(())
-        }
-    })
-    .await;
+    wait_open(&p).await;
     std::fs::remove_file(&a).unwrap();
     // The writer still holds the deleted file open and keeps writing.
     f.write_all(
@@ -187,6 +179,28 @@ async fn restart_resumes_from_checkpoint_and_deleted_files_are_finished() {
         p.terminate(Duration::from_secs(20))
             .is_some_and(|s| s.success())
     );
+}
+
+/// Waits until the output holds exactly `want`, in order.
+async fn wait_messages(dir: &std::path::Path, want: &[&str], what: &str) {
+    eventually(Duration::from_secs(10), what, || {
+        let m = messages(dir);
+        async move { (m == want).then_some(()) }
+    })
+    .await;
+}
+
+/// Waits until logship has one file open.
+async fn wait_open(p: &LainProcess) {
+    let url = format!("http://{}/metrics", p.addr("admin"));
+    eventually(Duration::from_secs(10), "the file to be open", || {
+        let url = url.clone();
+        async move {
+            let m = reqwest::get(url).await.ok()?.text().await.ok()?;
+            m.contains("lain_logship_files_open 1").then_some(())
+        }
+    })
+    .await;
 }
 
 fn messages(dir: &std::path::Path) -> Vec<String> {
@@ -222,11 +236,7 @@ path = "{out}"
     let log = dir.path().join("logs/app.log");
     std::fs::write(&log, "one\ntwo\n").unwrap();
     let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
-    eventually(Duration::from_secs(10), "the first line", || {
-        let m = messages(dir.path());
-        async move { (m == ["one"]).then_some(()) }
-    })
-    .await;
+    wait_messages(dir.path(), &["one"], "the first line").await;
     // copytruncate: the content was copied elsewhere (not watched), the file cut to zero,
     // and the writer goes on at its start.
     let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
@@ -256,21 +266,18 @@ async fn the_last_line_of_a_finished_file_needs_no_newline() {
     let log = dir.path().join("logs/a.log");
     std::fs::write(&log, "first\nlast without newline").unwrap();
     let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
-    eventually(Duration::from_secs(10), "the first line", || {
-        let m = messages(dir.path());
-        async move { (m == ["first"]).then_some(()) }
-    })
-    .await;
+    wait_messages(dir.path(), &["first"], "the first line").await;
     // While the file may still grow, an unfinished line waits for its newline.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(messages(dir.path()), ["first"]);
     // Rotated away (no longer matched): nothing more will come, and the line is sent as
     // it is.
     std::fs::rename(&log, dir.path().join("logs/a.log.1")).unwrap();
-    eventually(Duration::from_secs(10), "the unfinished last line", || {
-        let m = messages(dir.path());
-        async move { (m == ["first", "last without newline"]).then_some(()) }
-    })
+    wait_messages(
+        dir.path(),
+        &["first", "last without newline"],
+        "the unfinished last line",
+    )
     .await;
     assert!(
         p.terminate(Duration::from_secs(20))
@@ -286,30 +293,19 @@ async fn read_from_end_skips_only_what_was_there_at_start() {
     let log = dir.path().join("logs/a.log");
     std::fs::write(&log, "old 1\nold 2\n").unwrap();
     let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
-    let metrics_url = format!("http://{}/metrics", p.addr("admin"));
-    eventually(Duration::from_secs(10), "the file to be open", || {
-        let url = metrics_url.clone();
-        async move {
-            let m = reqwest::get(url).await.ok()?.text().await.ok()?;
-            m.contains("lain_logship_files_open 1").then_some(())
-        }
-    })
-    .await;
+    wait_open(&p).await;
     let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
     f.write_all(b"new 1\n").unwrap();
-    eventually(Duration::from_secs(10), "the appended line", || {
-        let m = messages(dir.path());
-        async move { (m == ["new 1"]).then_some(()) }
-    })
-    .await;
+    wait_messages(dir.path(), &["new 1"], "the appended line").await;
     // A rotation: the file found next was written after logship started, so all of it is
     // shipped, although it is found a scan interval after its first line was written.
     std::fs::rename(&log, dir.path().join("logs/a.log.1")).unwrap();
     std::fs::write(&log, "fresh 1\nfresh 2\n").unwrap();
-    eventually(Duration::from_secs(10), "the new file whole", || {
-        let m = messages(dir.path());
-        async move { (m == ["new 1", "fresh 1", "fresh 2"]).then_some(()) }
-    })
+    wait_messages(
+        dir.path(),
+        &["new 1", "fresh 1", "fresh 2"],
+        "the new file whole",
+    )
     .await;
     assert!(
         p.terminate(Duration::from_secs(20))

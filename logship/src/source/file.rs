@@ -307,6 +307,21 @@ struct Cursor {
     identity: String,
 }
 
+impl Cursor {
+    /// Hands over, as lines, everything still held back for content that will not go on:
+    /// the line being joined, partial Docker records, and with `unfinished` a last line
+    /// without its newline.
+    fn release_held(&mut self, unfinished: bool, out: &mut Vec<RawLine>) {
+        if unfinished && let Some(l) = self.splitter.finish() {
+            self.joiner.push(l, out);
+        }
+        self.joiner.flush(true, out);
+        while let Some(l) = self.docker.take() {
+            out.push(l);
+        }
+    }
+}
+
 impl Reader {
     fn cursor(&self, file: &mut File, at_end: bool) -> std::io::Result<Cursor> {
         let m = file.metadata()?;
@@ -440,10 +455,7 @@ impl Reader {
                 // What the old content still holds back (a line being joined, a partial
                 // Docker record) is sent under the old entry first: the new content cannot
                 // bring it back, and the old entry's checkpoint stops before it.
-                cur.joiner.flush(true, &mut done);
-                while let Some(l) = cur.docker.take() {
-                    done.push(l);
-                }
+                cur.release_held(false, &mut done);
                 for l in done.drain(..) {
                     batch_end = batch_end.max(l.end);
                     batch.push(render(&meta, &cur.identity, &l, &s.processing, now));
@@ -475,15 +487,7 @@ impl Reader {
                 // Nothing more will be written here. A last line without its newline, and a
                 // partial Docker record whose continuation never came (the container is
                 // gone), are still lines.
-                if matches!(s.format, Format::Plain)
-                    && let Some(l) = cur.splitter.finish()
-                {
-                    cur.joiner.push(l, &mut done);
-                    cur.joiner.flush(true, &mut done);
-                }
-                while let Some(l) = cur.docker.take() {
-                    done.push(l);
-                }
+                cur.release_held(matches!(s.format, Format::Plain), &mut done);
                 for l in done.drain(..) {
                     batch_end = batch_end.max(l.end);
                     batch.push(render(&meta, &cur.identity, &l, &s.processing, now));

@@ -95,10 +95,15 @@ impl Ack {
 
 /// Fingerprint of the first `len` bytes of `file`; `None` when it has fewer bytes.
 pub fn fingerprint(file: &File, len: u64) -> std::io::Result<Option<String>> {
+    fingerprint_at(file, 0, len)
+}
+
+/// Fingerprint of the `len` bytes from `from`; `None` if the file ends before them.
+fn fingerprint_at(file: &File, from: u64, len: u64) -> std::io::Result<Option<String>> {
     let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
     let mut got = 0;
     while got < buf.len() {
-        let n = file.read_at(&mut buf[got..], got as u64)?;
+        let n = file.read_at(&mut buf[got..], from + got as u64)?;
         if n == 0 {
             return Ok(None);
         }
@@ -128,6 +133,30 @@ pub struct Stored {
     /// before it existed; such an entry gets one when the file is next opened.
     #[serde(default)]
     pub identity: String,
+    /// Fingerprint of the [`TAIL_BYTES`] before `tail_at` (an offset this entry reached
+    /// past the first [`FP_MAX`] bytes). A new file taken for a copy of this one must hold
+    /// the same bytes there too, not only the same first bytes. Empty until taken.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tail: String,
+    /// Where `tail` ends.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tail_at: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Bytes the `tail` fingerprint of an entry covers.
+const TAIL_BYTES: u64 = 256;
+
+/// Whether `file` holds, before `tail_at`, the bytes the entry `e` held there.
+fn tail_matches(file: &File, e: &Stored) -> std::io::Result<bool> {
+    if e.tail.is_empty() || e.tail_at < TAIL_BYTES {
+        // Taken before tails existed, or not past the first bytes: the head decides.
+        return Ok(true);
+    }
+    Ok(fingerprint_at(file, e.tail_at - TAIL_BYTES, TAIL_BYTES)?.as_deref() == Some(&e.tail))
 }
 
 #[derive(Debug)]
@@ -137,6 +166,8 @@ struct Entry {
     open: bool,
     size: u64,
     pending: VecDeque<(Arc<Ack>, u64)>,
+    /// The file while it is open here, to take the `tail` fingerprint from.
+    file: Option<File>,
 }
 
 #[derive(Debug, Default)]
@@ -199,6 +230,7 @@ impl Checkpoints {
                             open: false,
                             size: 0,
                             pending: VecDeque::new(),
+                            file: None,
                         },
                     );
                 }
@@ -263,6 +295,7 @@ impl Checkpoints {
             };
             if let Some(e) = inner.entries.get_mut(&id) {
                 e.open = true;
+                e.file = file.try_clone().ok();
                 e.source = source.to_string();
                 e.stored.path = path.to_string();
                 e.size = size;
@@ -282,26 +315,38 @@ impl Checkpoints {
                 return Ok(opened);
             }
         }
-        // A copy of a known file: the full fingerprint matches. It continues the original's
-        // offset and ids, so lines the original already delivered are recognised as such.
+        // A copy of a known file: the full fingerprint matches, and so do the bytes before
+        // where the original was last read to. It continues the original's offset and ids,
+        // so lines the original already delivered are recognised as such.
         let full = fingerprint(file, FP_MAX)?;
         let mut offset = if at_end { size } else { 0 };
-        let mut identity = full.clone();
+        // Any other new file has an identity of its own, even one that begins with the same
+        // bytes as another (a fixed banner): a shared identity would give the two files the
+        // same event ids, and Elasticsearch would drop the second's lines as indexed.
+        let mut identity = young_identity(dev, ino);
+        let mut tail = (String::new(), 0);
         if let Some(full) = &full {
-            let best = inner
-                .entries
-                .values()
-                .filter(|e| e.stored.fp_len == FP_MAX && &e.stored.fp == full)
-                .filter(|e| e.stored.offset <= size)
-                .max_by_key(|e| e.stored.offset);
-            if let Some(e) = best {
-                offset = e.stored.offset;
-                if !e.stored.identity.is_empty() {
-                    identity = Some(e.stored.identity.clone());
+            let mut best: Option<&Stored> = None;
+            for e in inner.entries.values() {
+                let s = &e.stored;
+                if s.fp_len == FP_MAX
+                    && &s.fp == full
+                    && s.offset <= size
+                    && best.is_none_or(|b| s.offset > b.offset)
+                    && tail_matches(file, s)?
+                {
+                    best = Some(s);
+                }
+            }
+            if let Some(s) = best {
+                offset = s.offset;
+                // It holds the same bytes there, so a copy of the copy is checked the same.
+                tail = (s.tail.clone(), s.tail_at);
+                if !s.identity.is_empty() {
+                    identity = s.identity.clone();
                 }
             }
         }
-        let identity = identity.unwrap_or_else(|| young_identity(dev, ino));
         let fp_len = size.min(FP_MAX);
         let fp = match &full {
             Some(f) => f.clone(),
@@ -321,11 +366,14 @@ impl Checkpoints {
                     path: path.to_string(),
                     updated: now_secs(),
                     identity: identity.clone(),
+                    tail: tail.0,
+                    tail_at: tail.1,
                 },
                 source: source.to_string(),
                 open: true,
                 size,
                 pending: VecDeque::new(),
+                file: file.try_clone().ok(),
             },
         );
         inner.dirty = true;
@@ -377,6 +425,7 @@ impl Checkpoints {
     pub fn close(&self, id: u64) {
         if let Some(e) = self.lock().entries.get_mut(&id) {
             e.open = false;
+            e.file = None;
         }
     }
 
@@ -392,6 +441,15 @@ impl Checkpoints {
                     e.stored.updated = now;
                     moved = true;
                 }
+            }
+            let at = e.stored.offset;
+            if at > FP_MAX
+                && at != e.stored.tail_at
+                && let Some(f) = &e.file
+                && let Ok(Some(tail)) = fingerprint_at(f, at - TAIL_BYTES, TAIL_BYTES)
+            {
+                e.stored.tail = tail;
+                e.stored.tail_at = at;
             }
         }
         inner.dirty |= moved;
@@ -533,6 +591,35 @@ mod tests {
         // Truncate and rewrite in place (same inode, different first bytes).
         std::fs::write(&log, "cccc\ndddd\neeee\n").unwrap();
         assert_eq!(open(&c, &log).offset, 0);
+    }
+
+    #[test]
+    fn a_file_that_only_begins_like_another_is_not_its_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Checkpoints::load(&dir.path().join("c.json")).unwrap();
+        // Two logs that begin with the same 2 KiB banner and go on differently.
+        let banner: String = (0..100).map(|i| format!("banner line {i:06}\n")).collect();
+        let first = dir.path().join("a.log");
+        let second = dir.path().join("b.log");
+        std::fs::write(&first, format!("{banner}first: one\nfirst: two\n")).unwrap();
+        let o = open(&c, &first);
+        let end = std::fs::metadata(&first).unwrap().len();
+        let a = Ack::new(1, 1, gauge());
+        a.ack();
+        c.register(o.id, a, end);
+        c.advance();
+        std::fs::write(&second, format!("{banner}second: one\nsecond: two\n")).unwrap();
+        let other = open(&c, &second);
+        assert_eq!(
+            other.offset, 0,
+            "read from its start, not the other file's offset"
+        );
+        assert_ne!(other.identity, o.identity, "its own event ids");
+        // A real copy of the first still continues where the first was read to.
+        let copy = dir.path().join("a.log.1");
+        std::fs::copy(&first, &copy).unwrap();
+        let copied = open(&c, &copy);
+        assert_eq!((copied.offset, copied.identity), (end, o.identity));
     }
 
     #[test]

@@ -49,7 +49,6 @@ path = "{out}"
             out = dir.path().join("out.ndjson").display(),
         ),
     );
-    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
     let created = docker
         .create_container(
             Some(CreateContainerOptions {
@@ -70,15 +69,22 @@ path = "{out}"
         .await
         .unwrap();
     docker.start_container(&created.id, None).await.unwrap();
+    // Started after the container, logship finds it in its first listing: without
+    // `read_from_end` its log is still read from the start.
+    let mut p = LainProcess::spawn(&["logship", "--config", &cfg], &[], &["admin"]);
     let out_path = dir.path().join("out.ndjson");
     let result = eventually(Duration::from_secs(60), "the container's last line", || {
         let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let id = created.id.clone();
         async move {
             let docs: Vec<serde_json::Value> = text
                 .lines()
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .collect();
-            docs.iter().any(|d| d["message"] == "done").then_some(docs)
+            // This container's: the engine may hold stopped containers of earlier runs.
+            docs.iter()
+                .any(|d| d["message"] == "done" && d["container"]["id"] == id.as_str())
+                .then_some(docs)
         }
     })
     .await;

@@ -231,7 +231,7 @@ async fn start(
     docker: &Docker,
     id: &str,
     settings: &DockerSettings,
-    from_end: bool,
+    at_start: bool,
     tails: &mut HashMap<String, JoinHandle<()>>,
     dirs: &mut HashMap<String, LogDirTail>,
     dispatcher: &Dispatcher,
@@ -286,7 +286,7 @@ async fn start(
             .is_none_or(|d| d.container != id || d.task.is_finished())
     {
         let mut s = settings.template.clone();
-        s.read_from_end = from_end;
+        s.read_from_end = settings.template.read_from_end && at_start;
         s.meta = meta.clone();
         s.meta.source = LOG_DIR_SOURCE.into();
         s.paths = log_dir_paths(&dir, labels.get(LABEL_LOGS).map(String::as_str));
@@ -326,7 +326,7 @@ async fn start(
         return;
     };
     let mut s = settings.template.clone();
-    s.read_from_end = from_end;
+    s.read_from_end = settings.template.read_from_end && at_start;
     s.meta = meta;
     // The live log and the copies Docker's rotation renames it to.
     s.paths = vec![log_path.clone(), format!("{log_path}.*")];

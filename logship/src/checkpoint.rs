@@ -166,8 +166,6 @@ struct Entry {
     open: bool,
     size: u64,
     pending: VecDeque<(Arc<Ack>, u64)>,
-    /// The file while it is open here, to take the `tail` fingerprint from.
-    file: Option<File>,
 }
 
 #[derive(Debug, Default)]
@@ -230,7 +228,6 @@ impl Checkpoints {
                             open: false,
                             size: 0,
                             pending: VecDeque::new(),
-                            file: None,
                         },
                     );
                 }
@@ -295,7 +292,6 @@ impl Checkpoints {
             };
             if let Some(e) = inner.entries.get_mut(&id) {
                 e.open = true;
-                e.file = file.try_clone().ok();
                 e.source = source.to_string();
                 e.stored.path = path.to_string();
                 e.size = size;
@@ -373,7 +369,6 @@ impl Checkpoints {
                 open: true,
                 size,
                 pending: VecDeque::new(),
-                file: file.try_clone().ok(),
             },
         );
         inner.dirty = true;
@@ -387,12 +382,13 @@ impl Checkpoints {
     /// Re-checks a growing file's fingerprint. Returns `false` when the file no longer starts
     /// with the bytes it started with (it was truncated or rewritten).
     pub fn refresh(&self, id: u64, file: &File, size: u64) -> std::io::Result<bool> {
-        let (fp, fp_len) = {
+        let (fp, fp_len, offset, tail_at) = {
             let inner = self.lock();
             let Some(e) = inner.entries.get(&id) else {
                 return Ok(true);
             };
-            (e.stored.fp.clone(), e.stored.fp_len)
+            let s = &e.stored;
+            (s.fp.clone(), s.fp_len, s.offset, s.tail_at)
         };
         if fingerprint(file, fp_len)?.as_deref() != Some(fp.as_str()) {
             return Ok(false);
@@ -402,14 +398,25 @@ impl Checkpoints {
             let len = size.min(FP_MAX);
             update = fingerprint(file, len)?.map(|f| (f, len));
         }
+        // The bytes before the checkpoint, taken here from the reader's own descriptor
+        // once the checkpoint has moved (see `Stored::tail`).
+        let mut tail = None;
+        if offset > FP_MAX && offset != tail_at && offset <= size {
+            tail = fingerprint_at(file, offset - TAIL_BYTES, TAIL_BYTES)?.map(|t| (t, offset));
+        }
         let mut inner = self.lock();
+        let changed = update.is_some() || tail.is_some();
         if let Some(e) = inner.entries.get_mut(&id) {
             e.size = size;
             if let Some((f, len)) = update {
                 e.stored.fp = f;
                 e.stored.fp_len = len;
-                inner.dirty = true;
             }
+            if let Some((t, at)) = tail {
+                e.stored.tail = t;
+                e.stored.tail_at = at;
+            }
+            inner.dirty |= changed;
         }
         Ok(true)
     }
@@ -425,7 +432,6 @@ impl Checkpoints {
     pub fn close(&self, id: u64) {
         if let Some(e) = self.lock().entries.get_mut(&id) {
             e.open = false;
-            e.file = None;
         }
     }
 
@@ -441,15 +447,6 @@ impl Checkpoints {
                     e.stored.updated = now;
                     moved = true;
                 }
-            }
-            let at = e.stored.offset;
-            if at > FP_MAX
-                && at != e.stored.tail_at
-                && let Some(f) = &e.file
-                && let Ok(Some(tail)) = fingerprint_at(f, at - TAIL_BYTES, TAIL_BYTES)
-            {
-                e.stored.tail = tail;
-                e.stored.tail_at = at;
             }
         }
         inner.dirty |= moved;
@@ -608,6 +605,8 @@ mod tests {
         a.ack();
         c.register(o.id, a, end);
         c.advance();
+        // The reader looks at its file again after each read, which takes the tail.
+        assert!(c.refresh(o.id, &File::open(&first).unwrap(), end).unwrap());
         std::fs::write(&second, format!("{banner}second: one\nsecond: two\n")).unwrap();
         let other = open(&c, &second);
         assert_eq!(

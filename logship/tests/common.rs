@@ -143,6 +143,16 @@ pub async fn wait_metric(
 }
 
 /// Fetches the `/metrics` page of a running logship.
+/// Deletes a test's Elasticsearch indices (`{prefix}-*`) and its index template.
+pub async fn drop_es_indices(es: &str, prefix: &str) {
+    let http = reqwest::Client::new();
+    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
+    let _ = http
+        .delete(format!("{es}/_index_template/{prefix}"))
+        .send()
+        .await;
+}
+
 pub async fn metrics_page(admin: std::net::SocketAddr) -> String {
     reqwest::get(format!("http://{admin}/metrics"))
         .await

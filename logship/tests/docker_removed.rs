@@ -218,11 +218,7 @@ bulk_max_bytes = 65536
     assert_eq!(d["lain"]["version"], "v2");
     assert_eq!(d["container"]["id"], id.as_str());
     drop(p);
-    let _ = http.delete(format!("{es}/{index}")).send().await;
-    let _ = http
-        .delete(format!("{es}/_index_template/{prefix}"))
-        .send()
-        .await;
+    common::drop_es_indices(&es, &prefix).await;
     // The container wrote the volume as root; the temporary directory is removed by its
     // owner's rights where possible.
     let _ = std::fs::remove_dir_all(&volume);

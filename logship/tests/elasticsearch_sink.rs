@@ -86,13 +86,7 @@ impl Setup {
             p.terminate(Duration::from_secs(20))
                 .is_some_and(|s| s.success())
         );
-        let (es, prefix) = (&self.es, &self.prefix);
-        let _ = self.http.delete(format!("{es}/{prefix}-*")).send().await;
-        let _ = self
-            .http
-            .delete(format!("{es}/_index_template/{prefix}"))
-            .send()
-            .await;
+        common::drop_es_indices(&self.es, &self.prefix).await;
     }
 }
 

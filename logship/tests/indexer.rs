@@ -101,11 +101,7 @@ bulk_max_bytes = 200000
         p.terminate(Duration::from_secs(20))
             .is_some_and(|s| s.success())
     );
-    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
-    let _ = http
-        .delete(format!("{es}/_index_template/{prefix}"))
-        .send()
-        .await;
+    common::drop_es_indices(&es, &prefix).await;
 }
 
 /// One Kafka message whose payload holds a raw newline breaks the framing of the bulk
@@ -192,9 +188,5 @@ dead_letter_path = "{dead}"
         p.terminate(Duration::from_secs(20))
             .is_some_and(|s| s.success())
     );
-    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
-    let _ = http
-        .delete(format!("{es}/_index_template/{prefix}"))
-        .send()
-        .await;
+    common::drop_es_indices(&es, &prefix).await;
 }

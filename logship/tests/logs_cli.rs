@@ -163,12 +163,7 @@ async fn lain_logs_searches_elasticsearch_and_follows() {
         assert!(l.ends_with(&format!("later line {i:03}")), "{out}");
     }
     assert_eq!(out.lines().count(), 12, "{out}");
-    let http = reqwest::Client::new();
-    let _ = http.delete(format!("{es}/{prefix}-*")).send().await;
-    let _ = http
-        .delete(format!("{es}/_index_template/{prefix}"))
-        .send()
-        .await;
+    common::drop_es_indices(&es, &prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -409,12 +409,7 @@ buffer_max_bytes = 262144
     assert!(common::metric(&page, "lain_logship_retries_total{sink=\"elasticsearch\"}") > 0);
     assert_eq!(common::metric(&page, "lain_logship_dropped_total"), 0);
     drop(p);
-    let http = reqwest::Client::new();
-    let _ = http.delete(format!("{es}/{index}")).send().await;
-    let _ = http
-        .delete(format!("{es}/_index_template/{prefix}"))
-        .send()
-        .await;
+    common::drop_es_indices(&es, &prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

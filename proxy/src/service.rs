@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use lain_state::Balance;
 use pingora_core::prelude::HttpPeer;
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
@@ -403,6 +404,15 @@ impl ProxyHttp for LainProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // A client may send its next requests before this one is answered (RFC 9112
+        // §9.3.2), and lain's HTTP/1.1 path hands such bytes on with the request it gives
+        // to pingora. Without this, pingora fails the request they follow with a 400 (or
+        // closes the connection after it), and the requests behind it are lost; with it,
+        // they are kept and read as the next requests. The setting stays with the
+        // connection's later requests.
+        if let ServerSession::H1(h1) = session.as_downstream_mut() {
+            h1.set_pipelining_enabled(true);
+        }
         let peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -434,7 +444,12 @@ impl ProxyHttp for LainProxy {
         // The request target is rewritten only when the route stripped a prefix or the
         // client sent an absolute URI; parsing a new URI for every request costs more than
         // the rest of this phase, and an unchanged target goes upstream byte for byte.
-        let rewrite = m.upstream_path.len() != path.len() || req.uri.authority().is_some();
+        // pingora keeps an absolute-form target (`GET http://host/path`) for the wire and
+        // gives its Uri only the path, so the raw target tells the form: an upstream is an
+        // origin server and gets the origin form (RFC 9112 §3.2.1), as nginx sends it.
+        let raw = req.raw_path();
+        let absolute = !raw.starts_with(b"/") && raw != b"*";
+        let rewrite = m.upstream_path.len() != path.len() || absolute;
         let upstream_path = rewrite.then(|| {
             let mut p = m.upstream_path.to_string();
             if let Some(q) = req.uri.query() {

@@ -1825,33 +1825,22 @@ impl ScriptedUpstream {
                 }
             };
             buf.drain(..head);
-            let mut body = Vec::new();
-            loop {
+            let body: Vec<u8> = loop {
                 if chunked {
-                    // Decodes whole chunks while they are there; done at the last chunk.
-                    let text = String::from_utf8_lossy(&buf).into_owned();
-                    if let Some((size, rest)) = text.split_once("\r\n") {
-                        let size = usize::from_str_radix(size.trim(), 16).unwrap();
-                        if size == 0 && rest.starts_with("\r\n") {
-                            buf.drain(..text.len() - rest.len() + 2);
-                            break;
-                        }
-                        if size > 0 && rest.len() >= size + 2 {
-                            body.extend_from_slice(&rest.as_bytes()[..size]);
-                            buf.drain(..text.len() - rest.len() + size + 2);
-                            continue;
-                        }
+                    // The whole chunked body, once it is all there.
+                    if let Some((whole, used)) = dechunk(&buf) {
+                        buf.drain(..used);
+                        break whole;
                     }
                 } else if buf.len() >= length {
-                    body = buf.drain(..length).collect();
-                    break;
+                    break buf.drain(..length).collect();
                 }
                 let mut more = [0u8; 65536];
                 match s.read(&mut more).await {
                     Ok(0) | Err(_) => return,
                     Ok(k) => buf.extend_from_slice(&more[..k]),
                 }
-            }
+            };
             let with_length = |b: &[u8]| {
                 let mut r =
                     format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", b.len()).into_bytes();
@@ -1901,6 +1890,10 @@ impl ScriptedUpstream {
                         _ => (with_length(b"late"), None),
                     }
                 }
+                t if t.starts_with("/gen/") => (
+                    generated_response(&method, t, &body),
+                    t.contains("/eof/").then_some(Duration::ZERO),
+                ),
                 "/slowish" => {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     (
@@ -1928,6 +1921,73 @@ impl ScriptedUpstream {
             }
         }
     }
+}
+
+/// The body `/gen/{id}/{framing}/{len}` asks for: `len` bytes that depend on `id`, so that
+/// a body delivered to the wrong request shows.
+fn generated_body(id: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| b'a' + ((i + id) % 26) as u8)
+        .collect()
+}
+
+/// The scripted upstream's answer to `/gen/{id}/{framing}/{len}`: `framing` is `cl`,
+/// `chunked`, `eof` (no length: the upstream closes after the body), `204` or `304` (which
+/// carries the `content-length` of the body it does not send), and `x-seen` tells what the upstream received: method, target, body length and
+/// byte sum.
+fn generated_response(method: &str, target: &str, body: &[u8]) -> Vec<u8> {
+    let path = target.split('?').next().unwrap();
+    let parts: Vec<&str> = path.split('/').collect();
+    let (id, framing, len): (u64, &str, usize) = match parts.as_slice() {
+        ["", "gen", id, framing, len] => (id.parse().unwrap(), framing, len.parse().unwrap()),
+        _ => panic!("bad generated target {target}"),
+    };
+    let sum = body.iter().fold(0u64, |a, b| a + u64::from(*b));
+    let seen = format!("x-seen: {method} {target} {}:{sum}\r\n", body.len());
+    let bytes = generated_body(id, len);
+    let with_body = method != "HEAD";
+    let mut r = Vec::new();
+    match framing {
+        "cl" => {
+            r.extend(format!("HTTP/1.1 200 OK\r\n{seen}content-length: {len}\r\n\r\n").bytes());
+            if with_body {
+                r.extend_from_slice(&bytes);
+            }
+        }
+        "chunked" => {
+            r.extend(
+                format!("HTTP/1.1 200 OK\r\n{seen}transfer-encoding: chunked\r\n\r\n").bytes(),
+            );
+            if with_body {
+                // Chunks of growing, id-dependent sizes, so that chunk boundaries fall
+                // anywhere in the proxy's reads.
+                let mut rest = &bytes[..];
+                let mut size = 1 + (id as usize % 13);
+                while !rest.is_empty() {
+                    let n = size.min(rest.len());
+                    r.extend(format!("{n:x}\r\n").bytes());
+                    r.extend_from_slice(&rest[..n]);
+                    r.extend_from_slice(b"\r\n");
+                    rest = &rest[n..];
+                    size = size * 3 + 1;
+                }
+                r.extend_from_slice(b"0\r\n\r\n");
+            }
+        }
+        // A body that ends where the connection does; the upstream closes after it.
+        "eof" => {
+            r.extend(format!("HTTP/1.1 200 OK\r\n{seen}\r\n").bytes());
+            if with_body {
+                r.extend_from_slice(&bytes);
+            }
+        }
+        "204" => r.extend(format!("HTTP/1.1 204 No Content\r\n{seen}\r\n").bytes()),
+        "304" => r.extend(
+            format!("HTTP/1.1 304 Not Modified\r\n{seen}content-length: {len}\r\n\r\n").bytes(),
+        ),
+        other => panic!("bad framing {other}"),
+    }
+    r
 }
 
 impl Drop for ScriptedUpstream {
@@ -2552,5 +2612,449 @@ async fn a_client_that_stops_reading_a_stream_is_let_go() {
     .await;
     drop(stuck);
     feed.abort();
+    cluster.cleanup().await;
+}
+
+/// A small deterministic generator (xorshift64*), so that a failing randomized run can be
+/// repeated from the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len() as u64) as usize]
+    }
+}
+
+/// One request of a randomized exchange, and what its answer must show.
+struct Planned {
+    bytes: Vec<u8>,
+    method: &'static str,
+    target: String,
+    id: u64,
+    framing: &'static str,
+    len: usize,
+    body_len: usize,
+    body_sum: u64,
+    close: bool,
+}
+
+/// A random request for `/gen/...` on `host`: method, response framing and size, request
+/// body (by length, or chunked, which sends it to pingora), header spelling, padding
+/// headers, forwarding headers, and `Connection: close` on the last request of a connection.
+fn plan_request(rng: &mut Rng, id: u64, host: &str, last: bool) -> Planned {
+    let method = rng.pick(&["GET", "GET", "HEAD", "POST", "PUT", "DELETE"]);
+    // A body ended by the upstream closing ends the client's connection too, so only a
+    // connection's last request asks for one.
+    let framings: &[&'static str] = if last {
+        &["cl", "cl", "chunked", "eof", "204", "304"]
+    } else {
+        &["cl", "cl", "chunked", "204", "304"]
+    };
+    let framing = rng.pick(framings);
+    let len = rng.pick(&[0usize, 1, 17, 1000, 40_000]) + rng.below(50) as usize;
+    let target = format!("/gen/{id}/{framing}/{len}");
+    let body: Vec<u8> = if matches!(method, "POST" | "PUT") {
+        let n = rng.pick(&[0usize, 1, 100, 5000, 70_000]) + rng.below(10) as usize;
+        (0..n).map(|_| rng.below(256) as u8).collect()
+    } else {
+        Vec::new()
+    };
+    let chunked = !body.is_empty() && rng.below(8) == 0;
+    // Now and then the absolute form a client sends to a proxy (which pingora serves, and
+    // refuses when Host names another authority than the target, even the same host with
+    // its default port).
+    let absolute = rng.below(10) == 0;
+    let mut head = if absolute {
+        format!("{method} http://{host}{target} HTTP/1.1\r\n")
+    } else {
+        format!("{method} {target} HTTP/1.1\r\n")
+    };
+    let host_value = match if absolute { 0 } else { rng.below(3) } {
+        0 => host.to_string(),
+        1 => host.to_ascii_uppercase(),
+        _ => format!("{host}:80"),
+    };
+    head.push_str(&format!(
+        "{}: {host_value}\r\n",
+        rng.pick(&["Host", "host", "HOST"])
+    ));
+    for k in 0..rng.below(4) {
+        let n = rng.below(300) as usize;
+        let value: String = (0..n)
+            .map(|_| (b' ' + rng.below(95) as u8) as char)
+            .collect();
+        head.push_str(&format!("x-pad-{k}: {}\r\n", value.trim()));
+    }
+    for _ in 0..rng.below(3) {
+        head.push_str(&format!(
+            "X-Forwarded-For: 10.1.{}.{}\r\n",
+            rng.below(256),
+            rng.below(256)
+        ));
+    }
+    if !body.is_empty() && rng.below(6) == 0 {
+        // Sent with its body at once, as a client that does not wait for 100 may.
+        head.push_str("Expect: 100-continue\r\n");
+    }
+    let close = last && rng.below(3) == 0;
+    if close {
+        head.push_str("Connection: close\r\n");
+    } else if rng.below(4) == 0 {
+        head.push_str("Connection: keep-alive\r\n");
+    }
+    let mut bytes;
+    if chunked {
+        head.push_str("Transfer-Encoding: chunked\r\n\r\n");
+        bytes = head.into_bytes();
+        let mut rest = &body[..];
+        while !rest.is_empty() {
+            let n = (1 + rng.below(9000) as usize).min(rest.len());
+            bytes.extend(format!("{n:x}\r\n").bytes());
+            bytes.extend_from_slice(&rest[..n]);
+            bytes.extend_from_slice(b"\r\n");
+            rest = &rest[n..];
+        }
+        bytes.extend_from_slice(b"0\r\n\r\n");
+    } else {
+        if !body.is_empty() || rng.below(2) == 0 {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        bytes = head.into_bytes();
+        bytes.extend_from_slice(&body);
+    }
+    Planned {
+        bytes,
+        method,
+        target,
+        id,
+        framing,
+        len,
+        body_len: body.len(),
+        body_sum: body.iter().fold(0u64, |a, b| a + u64::from(*b)),
+        close,
+    }
+}
+
+/// Decodes a complete chunked body at the start of `b`: (body, bytes used), or `None` while
+/// it is incomplete.
+fn dechunk(b: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let line_end = at + b[at..].windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&b[at..line_end]).expect("a chunk size line");
+        let size = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16)
+            .unwrap_or_else(|e| panic!("chunk size {line:?}: {e}"));
+        at = line_end + 2;
+        if size == 0 {
+            // Trailers, if any, end at an empty line.
+            loop {
+                let end = at + b[at..].windows(2).position(|w| w == b"\r\n")?;
+                let empty = end == at;
+                at = end + 2;
+                if empty {
+                    return Some((body, at));
+                }
+            }
+        }
+        if b.len() < at + size + 2 {
+            return None;
+        }
+        body.extend_from_slice(&b[at..at + size]);
+        assert_eq!(
+            &b[at + size..at + size + 2],
+            b"\r\n",
+            "chunk data ends with CRLF"
+        );
+        at += size + 2;
+    }
+}
+
+/// Reads one response of any framing from a raw connection, keeping what follows it in
+/// `buf`: (status, headers with lower-case names, body). `head` says the request was HEAD.
+async fn read_any_response(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    head: bool,
+) -> Result<(u16, HashMap<String, String>, Vec<u8>), String> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let status = resp.code.unwrap();
+                if (100..200).contains(&status) {
+                    // An interim answer (100 Continue): the final one follows.
+                    buf.drain(..n);
+                    continue;
+                }
+                let fields: HashMap<String, String> = resp
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        let v = String::from_utf8_lossy(h.value).into_owned();
+                        (h.name.to_ascii_lowercase(), v)
+                    })
+                    .collect();
+                let no_body = head || status == 204 || status == 304;
+                let done = if no_body {
+                    Some((Vec::new(), 0))
+                } else if fields
+                    .get("transfer-encoding")
+                    .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+                {
+                    dechunk(&buf[n..])
+                } else if let Some(length) = fields.get("content-length") {
+                    let length: usize =
+                        length.parse().map_err(|e| format!("content-length: {e}"))?;
+                    (buf.len() >= n + length).then(|| (buf[n..n + length].to_vec(), length))
+                } else if fields.get("connection").is_some_and(|v| v == "close") {
+                    // A body that ends with the connection.
+                    let mut rest = buf.split_off(n);
+                    s.read_to_end(&mut rest)
+                        .await
+                        .map_err(|e| format!("reading to the end: {e}"))?;
+                    buf.truncate(n);
+                    buf.extend_from_slice(&rest);
+                    Some((rest, buf.len() - n))
+                } else {
+                    return Err(format!("no framing in {fields:?}"));
+                };
+                if let Some((body, used)) = done {
+                    buf.drain(..n + used);
+                    return Ok((status, fields, body));
+                }
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => {
+                return Err(format!(
+                    "unparsable response ({e}): {:?}",
+                    String::from_utf8_lossy(&buf[..buf.len().min(300)])
+                ));
+            }
+        }
+        let mut more = [0u8; 65536];
+        let k = tokio::time::timeout(Duration::from_secs(10), s.read(&mut more))
+            .await
+            .map_err(|_| "no response within 10 s".to_string())?
+            .map_err(|e| format!("reading: {e}"))?;
+        if k == 0 {
+            return Err(format!(
+                "closed mid-response after {:?}",
+                String::from_utf8_lossy(&buf[..buf.len().min(300)])
+            ));
+        }
+        buf.extend_from_slice(&more[..k]);
+    }
+}
+
+/// One client connection of the randomized test: a random number of requests, sent in
+/// pipelined batches of random size and written in random pieces; every answer must be the
+/// one for its own request, in order, with what the upstream saw matching what was sent.
+async fn random_connection(
+    addr: SocketAddr,
+    seed: u64,
+    conn: u64,
+    host: &str,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut rng = Rng(seed ^ (conn + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let count = 1 + rng.below(8);
+    let plans: Vec<Planned> = (0..count)
+        .map(|i| plan_request(&mut rng, conn * 100 + i, host, i + 1 == count))
+        .collect();
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut buf = Vec::new();
+    let mut next = 0;
+    let mut said_close = false;
+    while next < plans.len() {
+        let batch = 1 + rng.below((plans.len() - next) as u64) as usize;
+        let out: Vec<u8> = plans[next..next + batch]
+            .iter()
+            .flat_map(|p| p.bytes.iter().copied())
+            .collect();
+        let mut rest = &out[..];
+        while !rest.is_empty() {
+            let n = (1 + rng.below(3000) as usize).min(rest.len());
+            s.write_all(&rest[..n])
+                .await
+                .map_err(|e| format!("writing: {e}"))?;
+            rest = &rest[n..];
+            if rng.below(4) == 0 {
+                tokio::time::sleep(Duration::from_millis(rng.below(3))).await;
+            }
+        }
+        for (i, p) in plans[next..next + batch].iter().enumerate() {
+            let at = format!("request {} ({} {})", next + i, p.method, p.target);
+            let (status, fields, body) = read_any_response(&mut s, &mut buf, p.method == "HEAD")
+                .await
+                .map_err(|e| format!("{at}: {e}"))?;
+            let want_status = match p.framing {
+                "204" => 204,
+                "304" => 304,
+                _ => 200,
+            };
+            said_close = fields.get("connection").is_some_and(|v| v == "close");
+            let seen = format!("{} {} {}:{}", p.method, p.target, p.body_len, p.body_sum);
+            if status != want_status || fields.get("x-seen") != Some(&seen) {
+                let head_end = p
+                    .bytes
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .unwrap_or(0);
+                return Err(format!(
+                    "{at}: answered {status} with x-seen {:?} and {:?}, wanted {want_status} and \
+                     {seen:?}; the request's header: {:?}",
+                    fields.get("x-seen"),
+                    String::from_utf8_lossy(&body),
+                    String::from_utf8_lossy(&p.bytes[..head_end])
+                ));
+            }
+            let want_body = if p.method == "HEAD" || want_status != 200 {
+                Vec::new()
+            } else {
+                generated_body(p.id, p.len)
+            };
+            if body != want_body {
+                return Err(format!(
+                    "{at}: a body of {} bytes, not the {} wanted",
+                    body.len(),
+                    want_body.len()
+                ));
+            }
+            if p.method == "HEAD" && p.framing == "cl" {
+                let length = fields.get("content-length").map(String::as_str);
+                if length != Some(p.len.to_string().as_str()) {
+                    return Err(format!(
+                        "{at}: HEAD content-length {length:?}, not {}",
+                        p.len
+                    ));
+                }
+            }
+        }
+        next += batch;
+    }
+    if !buf.is_empty() {
+        return Err(format!(
+            "bytes after the last answer: {:?}",
+            String::from_utf8_lossy(&buf[..buf.len().min(300)])
+        ));
+    }
+    // A request that asked to close, or an answer that said it closes, ends the connection
+    // (a body the upstream ended by closing may reach the client chunked instead).
+    if plans.last().is_some_and(|p| p.close) || said_close {
+        let mut probe = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut probe)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {}
+            other => {
+                return Err(format!(
+                    "not closed after Connection: close (asked {}, answered {said_close}): \
+                     {other:?}",
+                    plans.last().is_some_and(|p| p.close)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_pipelined_requests_split_anywhere_get_their_own_answers() {
+    let host = "random.lain.local";
+    let (cluster, _up, proxy) = scripted_route("proxy-random", host).await;
+    let seed = std::env::var("LAIN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("LAIN_TEST_SEED={seed}");
+    let before = metrics(&proxy).await;
+    // 96 connections, four at a time; every loop above is bounded by its count, and every
+    // read by a timeout.
+    for group in 0..24u64 {
+        let runs = (0..4).map(|k| random_connection(proxy.http, seed, group * 4 + k, host));
+        for (k, r) in futures::future::join_all(runs)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            if let Err(e) = r {
+                panic!(
+                    "LAIN_TEST_SEED={seed}, connection {}: {e}",
+                    group * 4 + k as u64
+                );
+            }
+        }
+    }
+    // Both of the proxy's HTTP/1.1 paths took part.
+    let after = metrics(&proxy).await;
+    let h1 = served_by(&after, "h1") - served_by(&before, "h1");
+    let pingora = served_by(&after, "pingora") - served_by(&before, "pingora");
+    assert!(
+        h1 > 30.0 && pingora > 30.0,
+        "h1 {h1}, pingora {pingora}; seed {seed}"
+    );
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_pipelined_behind_one_pingora_serves_are_answered_in_origin_form() {
+    use tokio::io::AsyncWriteExt;
+    let host = "behind.lain.local";
+    let (cluster, _up, proxy) = scripted_route("proxy-pipelined-pingora", host).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    // The first request is pingora's (an absolute-form target) and has a body; two more
+    // follow it in the same write, the first of them also pingora's (two forwarding
+    // header lines).
+    s.write_all(
+        format!(
+            "POST http://{host}/gen/1/cl/5?q=1 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n\r\nabc\
+             GET /gen/2/chunked/7 HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 10.0.0.1\r\n\
+             X-Forwarded-For: 10.0.0.2\r\n\r\n\
+             GET /gen/3/cl/2 HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    for (id, seen, len) in [
+        (1, "POST /gen/1/cl/5?q=1 3:294", 5),
+        (2, "GET /gen/2/chunked/7 0:0", 7),
+        (3, "GET /gen/3/cl/2 0:0", 2),
+    ] {
+        let (status, fields, body) = read_any_response(&mut s, &mut buf, false)
+            .await
+            .unwrap_or_else(|e| panic!("request {id}: {e}"));
+        // The upstream sees every request, and in origin form.
+        assert_eq!(
+            (status, fields.get("x-seen").map(String::as_str)),
+            (200, Some(seen)),
+            "request {id}"
+        );
+        assert_eq!(body, generated_body(id, len), "request {id}");
+    }
     cluster.cleanup().await;
 }

@@ -1892,7 +1892,7 @@ impl ScriptedUpstream {
                 }
                 t if t.starts_with("/gen/") => (
                     generated_response(&method, t, &body),
-                    t.contains("/eof/").then_some(Duration::ZERO),
+                    (t.contains("/eof/") || t.contains("/bye/")).then_some(Duration::ZERO),
                 ),
                 "/slowish" => {
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1932,7 +1932,8 @@ fn generated_body(id: u64, len: usize) -> Vec<u8> {
 }
 
 /// The scripted upstream's answer to `/gen/{id}/{framing}/{len}`: `framing` is `cl`,
-/// `chunked`, `eof` (no length: the upstream closes after the body), `204` or `304` (which
+/// `chunked`, `eof` (no length: the upstream closes after the body), `bye` (a length, and
+/// the upstream closes after the body), `early` (a 103 first), `204` or `304` (which
 /// carries the `content-length` of the body it does not send), and `x-seen` tells what the upstream received: method, target, body length and
 /// byte sum.
 fn generated_response(method: &str, target: &str, body: &[u8]) -> Vec<u8> {
@@ -1976,7 +1977,36 @@ fn generated_response(method: &str, target: &str, body: &[u8]) -> Vec<u8> {
         }
         // A body that ends where the connection does; the upstream closes after it.
         "eof" => {
-            r.extend(format!("HTTP/1.1 200 OK\r\n{seen}\r\n").bytes());
+            // An answer to HEAD has no body to end, so only `Connection: close` can tell a
+            // proxy not to send another request on the connection; without it the next
+            // request may meet the close (the keep-alive race every HTTP client has, which
+            // costs a non-idempotent request a 502).
+            let close = if with_body {
+                ""
+            } else {
+                "connection: close\r\n"
+            };
+            r.extend(format!("HTTP/1.1 200 OK\r\n{seen}{close}\r\n").bytes());
+            if with_body {
+                r.extend_from_slice(&bytes);
+            }
+        }
+        // A length, and the upstream closing after it: the connection must not be reused.
+        "bye" => {
+            r.extend(
+                format!(
+                    "HTTP/1.1 200 OK\r\n{seen}connection: close\r\ncontent-length: {len}\r\n\r\n"
+                )
+                .bytes(),
+            );
+            if with_body {
+                r.extend_from_slice(&bytes);
+            }
+        }
+        // An interim 103 before the answer.
+        "early" => {
+            r.extend(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n");
+            r.extend(format!("HTTP/1.1 200 OK\r\n{seen}content-length: {len}\r\n\r\n").bytes());
             if with_body {
                 r.extend_from_slice(&bytes);
             }
@@ -2656,12 +2686,19 @@ struct Planned {
 /// headers, forwarding headers, and `Connection: close` on the last request of a connection.
 fn plan_request(rng: &mut Rng, id: u64, host: &str, last: bool) -> Planned {
     let method = rng.pick(&["GET", "GET", "HEAD", "POST", "PUT", "DELETE"]);
+    // An HTTP/1.0 request (pingora's) ends its connection unless it asks for keep-alive, so
+    // only a last request is one.
+    let version = if last && rng.below(6) == 0 {
+        "1.0"
+    } else {
+        "1.1"
+    };
     // A body ended by the upstream closing ends the client's connection too, so only a
     // connection's last request asks for one.
     let framings: &[&'static str] = if last {
-        &["cl", "cl", "chunked", "eof", "204", "304"]
+        &["cl", "cl", "chunked", "eof", "bye", "early", "204", "304"]
     } else {
-        &["cl", "cl", "chunked", "204", "304"]
+        &["cl", "cl", "chunked", "bye", "early", "204", "304"]
     };
     let framing = rng.pick(framings);
     let len = rng.pick(&[0usize, 1, 17, 1000, 40_000]) + rng.below(50) as usize;
@@ -2672,15 +2709,15 @@ fn plan_request(rng: &mut Rng, id: u64, host: &str, last: bool) -> Planned {
     } else {
         Vec::new()
     };
-    let chunked = !body.is_empty() && rng.below(8) == 0;
+    let chunked = !body.is_empty() && rng.below(8) == 0 && version == "1.1";
     // Now and then the absolute form a client sends to a proxy (which pingora serves, and
     // refuses when Host names another authority than the target, even the same host with
     // its default port).
     let absolute = rng.below(10) == 0;
     let mut head = if absolute {
-        format!("{method} http://{host}{target} HTTP/1.1\r\n")
+        format!("{method} http://{host}{target} HTTP/{version}\r\n")
     } else {
-        format!("{method} {target} HTTP/1.1\r\n")
+        format!("{method} {target} HTTP/{version}\r\n")
     };
     let host_value = match if absolute { 0 } else { rng.below(3) } {
         0 => host.to_string(),
@@ -2709,7 +2746,7 @@ fn plan_request(rng: &mut Rng, id: u64, host: &str, last: bool) -> Planned {
         // Sent with its body at once, as a client that does not wait for 100 may.
         head.push_str("Expect: 100-continue\r\n");
     }
-    let close = last && rng.below(3) == 0;
+    let close = version == "1.0" || (last && rng.below(3) == 0);
     if close {
         head.push_str("Connection: close\r\n");
     } else if rng.below(4) == 0 {
@@ -2823,7 +2860,7 @@ async fn read_any_response(
                     let length: usize =
                         length.parse().map_err(|e| format!("content-length: {e}"))?;
                     (buf.len() >= n + length).then(|| (buf[n..n + length].to_vec(), length))
-                } else if fields.get("connection").is_some_and(|v| v == "close") {
+                } else {
                     // A body that ends with the connection.
                     let mut rest = buf.split_off(n);
                     s.read_to_end(&mut rest)
@@ -2832,8 +2869,6 @@ async fn read_any_response(
                     buf.truncate(n);
                     buf.extend_from_slice(&rest);
                     Some((rest, buf.len() - n))
-                } else {
-                    return Err(format!("no framing in {fields:?}"));
                 };
                 if let Some((body, used)) = done {
                     buf.drain(..n + used);

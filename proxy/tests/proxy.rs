@@ -1906,14 +1906,31 @@ impl ScriptedUpstream {
                     None,
                 ),
             };
-            // Written in two pieces, so that the proxy sees a response arrive in parts.
-            let cut = response.len() / 2;
-            if s.write_all(&response[..cut]).await.is_err() {
-                return;
+            // Written in pieces, so that the proxy sees a response arrive in parts: halves,
+            // or for a generated answer three pieces cut where the request's number says
+            // (inside a status line, a header, a chunk size or a CRLF alike).
+            let n = response.len();
+            let mut cuts = vec![n / 2];
+            if let Some(id) = target
+                .strip_prefix("/gen/")
+                .and_then(|t| t.split('/').next())
+                .and_then(|id| id.parse::<usize>().ok())
+            {
+                cuts = vec![(id * 7919 + 13) % n.max(1), (id * 104_729 + 7) % n.max(1)];
+                cuts.sort_unstable();
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            if s.write_all(&response[cut..]).await.is_err() {
-                return;
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([n]) {
+                if cut <= from {
+                    continue;
+                }
+                if s.write_all(&response[from..cut]).await.is_err() {
+                    return;
+                }
+                from = cut;
+                if from < n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
             }
             if let Some(after) = then_close {
                 tokio::time::sleep(after).await;

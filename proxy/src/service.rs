@@ -127,6 +127,19 @@ fn raw_has_content_length(raw: &[u8]) -> bool {
     })
 }
 
+/// Whether a request's Host is missing where HTTP/1.1 requires one, or is not a
+/// `host[:port]` (RFC 9112 §3.2 answers both with 400; they would otherwise get the 404 of
+/// a host no route has). An empty Host is valid (a target without authority).
+fn bad_host(req: &RequestHeader) -> bool {
+    match req.headers.get("host") {
+        None => req.version == http::Version::HTTP_11,
+        Some(v) => !v
+            .as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(b)),
+    }
+}
+
 /// Whether the request's framing headers disagree in a way a backend could read differently
 /// (request smuggling): both `Content-Length` and `Transfer-Encoding`, several different
 /// `Content-Length` values, or a `Content-Length` that is not a number. `raw_cl` tells
@@ -430,7 +443,7 @@ impl ProxyHttp for LainProxy {
         let raw_cl = req.headers.contains_key("transfer-encoding")
             && raw_has_content_length(&session.as_downstream().to_h1_raw());
         let req = session.req_header();
-        if ambiguous_framing(req, raw_cl) {
+        if ambiguous_framing(req, raw_cl) || bad_host(req) {
             return self.respond(session, ctx, 400, &[], b"bad request\n").await;
         }
 

@@ -681,6 +681,30 @@ async fn errors_404_503_400_and_conflicting_claims() {
     );
     let raw = raw_request(proxy.http, "GARBAGE\r\n\r\n").await;
     assert!(raw.is_empty() || raw.starts_with("HTTP/1.1 400"), "{raw}");
+    // An HTTP/1.1 request without Host, or with one that is no host name, is a bad request
+    // (RFC 9112 §3.2), not one for a host without a route; HTTP/1.0 needs no Host.
+    for (request, status) in [
+        ("GET / HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (
+            "GET / HTTP/1.1\r\nHost: e.lain.local/x\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: a@e.lain.local\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        ("GET / HTTP/1.0\r\n\r\n", "404"),
+        (
+            "GET / HTTP/1.1\r\nHost: [::1]:80\r\nConnection: close\r\n\r\n",
+            "404",
+        ),
+    ] {
+        let raw = raw_request(proxy.http, request).await;
+        assert!(
+            raw.starts_with(&format!("HTTP/1.1 {status}")),
+            "{request:?}: {raw}"
+        );
+    }
     assert_eq!(up.hits.load(Ordering::Relaxed), hits);
     // The proxy is still up.
     assert_eq!(get(&c, &proxy, "e.lain.local", "/").await.0, 200);

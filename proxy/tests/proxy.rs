@@ -3051,10 +3051,10 @@ async fn random_connection(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_pipelined_requests_split_anywhere_get_their_own_answers() {
-    let host = "random.lain.local";
-    let (cluster, _up, proxy) = scripted_route("proxy-random", host).await;
+/// Runs 96 random connections (four at a time) through `proxy` to `host`; returns the
+/// requests each HTTP/1.1 path served meanwhile, (h1, pingora). Every loop is bounded by its
+/// count, and every read by a timeout.
+async fn random_connections(proxy: &Proxy, host: &str) -> (f64, f64) {
     let seed = std::env::var("LAIN_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -3066,9 +3066,7 @@ async fn random_pipelined_requests_split_anywhere_get_their_own_answers() {
                 | 1
         });
     eprintln!("LAIN_TEST_SEED={seed}");
-    let before = metrics(&proxy).await;
-    // 96 connections, four at a time; every loop above is bounded by its count, and every
-    // read by a timeout.
+    let before = metrics(proxy).await;
     for group in 0..24u64 {
         let runs = (0..4).map(|k| random_connection(proxy.http, seed, group * 4 + k, host));
         for (k, r) in futures::future::join_all(runs)
@@ -3084,14 +3082,34 @@ async fn random_pipelined_requests_split_anywhere_get_their_own_answers() {
             }
         }
     }
+    let after = metrics(proxy).await;
+    (
+        served_by(&after, "h1") - served_by(&before, "h1"),
+        served_by(&after, "pingora") - served_by(&before, "pingora"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_pipelined_requests_split_anywhere_get_their_own_answers() {
+    let host = "random.lain.local";
+    let (cluster, _up, proxy) = scripted_route("proxy-random", host).await;
+    let (h1, pingora) = random_connections(&proxy, host).await;
     // Both of the proxy's HTTP/1.1 paths took part.
-    let after = metrics(&proxy).await;
-    let h1 = served_by(&after, "h1") - served_by(&before, "h1");
-    let pingora = served_by(&after, "pingora") - served_by(&before, "pingora");
-    assert!(
-        h1 > 30.0 && pingora > 30.0,
-        "h1 {h1}, pingora {pingora}; seed {seed}"
-    );
+    assert!(h1 > 30.0 && pingora > 30.0, "h1 {h1}, pingora {pingora}");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_pipelined_requests_get_their_own_answers_from_pingora_alone() {
+    let host = "random-pingora.lain.local";
+    let mut cluster = Cluster::new("proxy-random-pingora").await;
+    let up = ScriptedUpstream::start().await;
+    cluster.put_endpoint("scripted", 1, up.addr).await;
+    cluster.put_route(&route(host, "/", "scripted")).await;
+    let proxy = Proxy::start(&cluster, "h1_fast_path = false");
+    wait_status(&client(), &proxy, host, "/", 200).await;
+    let (h1, pingora) = random_connections(&proxy, host).await;
+    assert!(h1 == 0.0 && pingora > 100.0, "h1 {h1}, pingora {pingora}");
     cluster.cleanup().await;
 }
 

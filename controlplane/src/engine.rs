@@ -1320,11 +1320,14 @@ impl State {
                 seq,
             },
         );
-        // A deploy resets the crash backoff: the new version deserves a fresh start.
+        // A deploy resets the crash backoff and the restart count: the new version deserves
+        // a fresh start, and `lain ps` then counts its restarts, not its predecessors'.
         for (k, s) in self.slots.iter_mut() {
             if k.0 == app {
                 s.failures = 0;
                 s.next_attempt = None;
+                s.restarts = 0;
+                s.last_exit = None;
             }
         }
         self.event(
@@ -1658,7 +1661,10 @@ impl State {
 
         // Crashed containers are recorded and removed; their slot is refilled below. A stopped
         // container on a node its slot has moved away from (one that came back after it was
-        // lost) is not a crash: it is only removed.
+        // lost) is not a crash: it is only removed. Nor is a stopped container of a version
+        // the app no longer wants (one a deploy is replacing, or one found stopped after
+        // its engine restarted): nothing would restart it, and counting it would charge the
+        // new version's slot with its predecessor's exit.
         for (key, list) in by_slot.iter_mut() {
             let mut keep = Vec::new();
             for a in list.drain(..) {
@@ -1671,10 +1677,21 @@ impl State {
                     .get(key)
                     .and_then(|s| s.last_node.as_deref())
                     .is_some_and(|l| l != a.node);
+                let superseded = self
+                    .apps
+                    .get(&a.app)
+                    .is_some_and(|s| !s.version.is_empty() && s.version != a.version);
                 if moved {
                     self.retire(
                         &a,
                         "left behind on a node it moved away from",
+                        Duration::ZERO,
+                    )
+                    .await;
+                } else if superseded {
+                    self.retire(
+                        &a,
+                        "stopped, of a version the app no longer runs",
                         Duration::ZERO,
                     )
                     .await;

@@ -348,6 +348,14 @@ async fn deploy_publishes_spreads_heals_and_scales() {
         "{events:?}"
     );
     assert!(!v2.contains(&"restarted"), "{events:?}");
+    // The new version's instances start with no restarts and no last exit of their own.
+    let inst = h.engine.instances(app).await.unwrap();
+    let two = inst.iter().find(|i| i.instance == 2).unwrap();
+    assert_eq!(
+        (two.restarts, two.last_exit.as_deref()),
+        (0, None),
+        "{two:?}"
+    );
 
     // Scale 3 → 5 → 1: the highest instance numbers go first.
     h.engine.scale(app, "web", 5).await.unwrap();
@@ -359,6 +367,54 @@ async fn deploy_publishes_spreads_heals_and_scales() {
         (c.len() == 1 && c[0].3.get("lain.instance").map(String::as_str) == Some("1")).then_some(())
     })
     .await;
+    h.stop().await;
+}
+
+/// A container of the version a deploy is replacing that stops meanwhile is removed, not
+/// counted as a crash of the slot the new version is taking over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_container_of_a_replaced_version_is_no_crash() {
+    let h = start("cp-replaced").await;
+    let app = "replaced";
+    // Version 2 never listens, so its rollout waits for it while version 1 serves.
+    let yaml = format!(
+        "appname: {app}\nweb:\n  cmd: [\"/bin/busybox\", \"sh\", \"-c\", \
+         \"[ \\\"$LAIN_APP_RELEASE_VERSION\\\" = 2 ] && exec /bin/busybox sleep 600; \
+         exec /bin/busybox httpd -f -p $PORT -h /tmp\"]\n  \
+         num_instances: 1\n  memory: 32m\n  kill_timeout: 10\n"
+    );
+    let old = h.deploy_v1(app, &yaml, 1).await[0].clone();
+    h.engine.deploy(app, "2", IMAGE).await.unwrap();
+    eventually(Duration::from_secs(30), "version 2 started", || async {
+        let c = h.containers().await;
+        c.iter()
+            .any(|c| c.2 && c.3.get("lain.version").map(String::as_str) == Some("2"))
+            .then_some(())
+    })
+    .await;
+    // Version 1's container dies while version 2's is not yet healthy.
+    let d = h.docker[h.nodes.iter().position(|n| n.name == old.node).unwrap()].clone();
+    d.kill_container(
+        &old.container_id,
+        None::<bollard::query_parameters::KillContainerOptions>,
+    )
+    .await
+    .unwrap();
+    let events = eventually(
+        Duration::from_secs(30),
+        "the dead container removed",
+        || async {
+            let events = h.engine.events(app).await.unwrap();
+            events
+                .iter()
+                .any(|e| e.kind == "removed" && e.message.contains(".v1-"))
+                .then_some(events)
+        },
+    )
+    .await;
+    assert!(!events.iter().any(|e| e.kind == "crashed"), "{events:?}");
+    let inst = h.engine.instances(app).await.unwrap();
+    assert!(inst.iter().all(|i| i.restarts == 0), "{inst:?}");
     h.stop().await;
 }
 

@@ -814,7 +814,7 @@ impl H1 {
         // The request's own start stands for the first attempt's: one clock read fewer, and
         // nothing but building the upstream header happened in between.
         let mut first_attempt = Some(start);
-        let (mut up, addr, stats) = loop {
+        let (mut up, addr, stats, refused) = loop {
             let Some(ep) = route.upstream.select(&route.balance, key, tried) else {
                 return Err(Failure::Upstream(503, "no healthy endpoint".into()));
             };
@@ -863,23 +863,35 @@ impl H1 {
                 }
                 return Err(Failure::Upstream(502, format!("sending to {addr}: {e}")));
             }
+            // An upstream may answer before it has read the whole body (a 413 from an app
+            // that checks the length, a refused login) and close its connection, so that
+            // sending the rest fails. Its answer is then relayed, as HAProxy and Envoy do,
+            // instead of a 502, and the client's connection is closed after it, since the
+            // rest of the client's body is still on its way; only without an answer is it
+            // the endpoint's failure.
+            let mut refused = None;
             if rest > 0 {
-                self.forward_body(stream, &mut up, rest, &mut bufs.rbuf, write_t)
+                match self
+                    .forward_body(stream, &mut up, rest, &mut bufs.rbuf, write_t)
                     .await
-                    .inspect_err(|f| {
-                        if matches!(f, Failure::Upstream(..)) {
-                            self.blame(&stats, addr);
-                        }
-                    })?;
+                {
+                    Ok(()) => {}
+                    Err(Failure::Upstream(_, why)) => refused = Some(why),
+                    Err(f) => return Err(f),
+                }
             }
             bufs.rbuf.clear();
             let waited = first_bytes(stream, &mut up, &mut bufs.rbuf, &mut bufs.early, read_t);
             match waited.await {
-                Ok(()) => break (up, addr, stats),
+                Ok(()) => break (up, addr, stats, refused.is_some()),
                 Err(Waited::ClientGone) => {
                     return Err(Failure::Client(
                         "the client closed its connection before the response".into(),
                     ));
+                }
+                Err(Waited::Upstream(_)) if let Some(why) = refused => {
+                    self.blame(&stats, addr);
+                    return Err(Failure::Upstream(502, why));
                 }
                 Err(Waited::Upstream(e)) if bufs.rbuf.is_empty() && stale(&e) => {
                     tried.pop();
@@ -943,7 +955,7 @@ impl H1 {
                 Failure::Upstream(502, format!("bad response from {addr}: {why}"))
             })?;
             // The response header is complete: from here on the client sees what happens.
-            let close = req.close || shutting_down || shape.framing == Framing::Close;
+            let close = req.close || shutting_down || refused || shape.framing == Framing::Close;
             let add_id = (!shape.has_id).then_some(id);
             write_response_head(&mut bufs.out, &resp, close, shape.coded, add_id);
             break (head, code, shape.framing, shape.keep_alive);
@@ -954,7 +966,7 @@ impl H1 {
         } else {
             stats.stats.record_success();
         }
-        let close = req.close || shutting_down || framing == Framing::Close;
+        let close = req.close || shutting_down || refused || framing == Framing::Close;
 
         // The first part of the body came with the header; it leaves with the header.
         let mut chunks = Chunks::default();
@@ -963,7 +975,7 @@ impl H1 {
             _ => 0,
         };
         let mut done = framing == Framing::Empty;
-        let mut clean = true;
+        let mut clean = !refused;
         let first = &bufs.rbuf[head..];
         let take = body_part(framing, first, &mut remaining, &mut chunks, &mut done)
             .map_err(|why| Failure::Midway(format!("bad body from {addr}: {why}")))?;

@@ -1849,6 +1849,15 @@ impl ScriptedUpstream {
                 }
             };
             buf.drain(..head);
+            if target == "/refuse" {
+                // Answered at once, the body unread, and closed: an app refusing an upload.
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large",
+                    )
+                    .await;
+                return;
+            }
             let body: Vec<u8> = loop {
                 if chunked {
                     // The whole chunked body, once it is all there.
@@ -3150,5 +3159,52 @@ async fn requests_pipelined_behind_one_pingora_serves_are_answered_in_origin_for
         );
         assert_eq!(body, generated_body(id, len), "request {id}");
     }
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_answers_before_taking_the_whole_body_is_relayed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = "refuse.lain.local";
+    let (cluster, _up, proxy) = scripted_route("proxy-h1-refuse", host).await;
+    let before = metrics(&proxy).await;
+    let s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    // 32 MiB announced: far more than the sockets between here and the upstream hold, so
+    // the upstream's close cuts the proxy off while it is still sending the body.
+    let size = 32usize << 20;
+    let writer = tokio::spawn(async move {
+        let head =
+            format!("POST /refuse HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\n\r\n");
+        w.write_all(head.as_bytes()).await?;
+        let piece = vec![b'x'; 64 << 10];
+        for _ in 0..size / piece.len() {
+            w.write_all(&piece).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut got = Vec::new();
+    let mut piece = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match r.read(&mut piece).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&piece[..n]),
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    // The upstream's own answer, not a 502, and the connection closed after it (the rest of
+    // the body could not be read past), within the time allowed.
+    assert!(read.is_ok(), "the connection stayed open: {text}");
+    assert!(text.starts_with("http/1.1 413"), "{text}");
+    assert!(
+        text.contains("connection: close") && text.ends_with("too large"),
+        "{text}"
+    );
+    // Served by lain's own path.
+    wait_served(&proxy, &before, "h1", 1.0).await;
     cluster.cleanup().await;
 }

@@ -180,6 +180,18 @@ impl Harness {
     }
 
     /// Every container of this test's cluster, on every engine: (name, id, running).
+    /// Kills an endpoint's container by hand, on the engine that runs it.
+    async fn kill(&self, e: &EndpointRecord) {
+        let node = self.nodes.iter().position(|n| n.name == e.node).unwrap();
+        self.docker[node]
+            .kill_container(
+                &e.container_id,
+                None::<bollard::query_parameters::KillContainerOptions>,
+            )
+            .await
+            .unwrap();
+    }
+
     async fn containers(&self) -> Vec<(String, String, bool, BTreeMap<String, String>)> {
         let mut out = Vec::new();
         for d in &self.docker {
@@ -306,13 +318,7 @@ async fn deploy_publishes_spreads_heals_and_scales() {
 
     // A container killed by hand is replaced and re-published.
     let victim = eps.iter().find(|e| e.instance == 2).unwrap().clone();
-    let d = h.docker[h.nodes.iter().position(|n| n.name == victim.node).unwrap()].clone();
-    d.kill_container(
-        &victim.container_id,
-        None::<bollard::query_parameters::KillContainerOptions>,
-    )
-    .await
-    .unwrap();
+    h.kill(&victim).await;
     eventually(Duration::from_secs(30), "instance 2 replaced", || async {
         let eps = h.endpoints(app).await;
         let e = eps.iter().find(|e| e.instance == 2)?;
@@ -393,13 +399,7 @@ async fn a_stopped_container_of_a_replaced_version_is_no_crash() {
     })
     .await;
     // Version 1's container dies while version 2's is not yet healthy.
-    let d = h.docker[h.nodes.iter().position(|n| n.name == old.node).unwrap()].clone();
-    d.kill_container(
-        &old.container_id,
-        None::<bollard::query_parameters::KillContainerOptions>,
-    )
-    .await
-    .unwrap();
+    h.kill(&old).await;
     let events = eventually(
         Duration::from_secs(30),
         "the dead container removed",

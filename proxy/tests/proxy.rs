@@ -2114,11 +2114,20 @@ async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u16
 
 /// A proxy serving one route to a scripted upstream.
 async fn scripted_route(test: &str, host: &str) -> (Cluster, ScriptedUpstream, Proxy) {
+    scripted_route_with(test, host, "").await
+}
+
+/// [`scripted_route`] with `extra` top-level proxy configuration.
+async fn scripted_route_with(
+    test: &str,
+    host: &str,
+    extra: &str,
+) -> (Cluster, ScriptedUpstream, Proxy) {
     let mut cluster = Cluster::new(test).await;
     let up = ScriptedUpstream::start().await;
     cluster.put_endpoint("scripted", 1, up.addr).await;
     cluster.put_route(&route(host, "/", "scripted")).await;
-    let proxy = Proxy::start(&cluster, "");
+    let proxy = Proxy::start(&cluster, extra);
     wait_status(&client(), &proxy, host, "/", 200).await;
     (cluster, up, proxy)
 }
@@ -3111,12 +3120,8 @@ async fn random_pipelined_requests_split_anywhere_get_their_own_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_pipelined_requests_get_their_own_answers_from_pingora_alone() {
     let host = "random-pingora.lain.local";
-    let mut cluster = Cluster::new("proxy-random-pingora").await;
-    let up = ScriptedUpstream::start().await;
-    cluster.put_endpoint("scripted", 1, up.addr).await;
-    cluster.put_route(&route(host, "/", "scripted")).await;
-    let proxy = Proxy::start(&cluster, "h1_fast_path = false");
-    wait_status(&client(), &proxy, host, "/", 200).await;
+    let (cluster, _up, proxy) =
+        scripted_route_with("proxy-random-pingora", host, "h1_fast_path = false").await;
     let (h1, pingora) = random_connections(&proxy, host).await;
     assert!(h1 == 0.0 && pingora > 100.0, "h1 {h1}, pingora {pingora}");
     cluster.cleanup().await;

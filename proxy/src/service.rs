@@ -254,6 +254,28 @@ pub(crate) struct Finished<'a> {
     pub error: Option<String>,
 }
 
+/// Joins the `cookie` fields of a request into one, in order, separated by `; `.
+///
+/// An HTTP/2 client may send its cookies as several `cookie` fields (browsers do, so that
+/// header compression can index each one), and RFC 9113 §8.2.3 requires them to be joined
+/// before the request goes on over HTTP/1.1: apps read a single Cookie header, and one that
+/// joins repeated headers itself uses `, `, which breaks the last cookie of each field.
+fn join_cookies(header: &mut RequestHeader) -> Result<()> {
+    let parts: Vec<Vec<u8>> = header
+        .headers
+        .get_all("cookie")
+        .iter()
+        .map(|v| v.as_bytes().to_vec())
+        .collect();
+    if parts.len() < 2 {
+        return Ok(());
+    }
+    let joined = parts.join(&b"; "[..]);
+    header.remove_header("cookie");
+    header.insert_header("cookie", joined)?;
+    Ok(())
+}
+
 /// The value a hashing policy hashes, if the request carries it.
 fn hash_key<'a>(req: &'a RequestHeader, balance: &Balance) -> Option<&'a [u8]> {
     hash_key_in(
@@ -674,6 +696,9 @@ impl ProxyHttp for LainProxy {
         if upstream.headers.get("host").is_none() && !host.is_empty() {
             upstream.insert_header("host", host)?;
         }
+        if session.is_http2() {
+            join_cookies(upstream)?;
+        }
         ctx.upstream_start = Some(Instant::now());
         Ok(())
     }
@@ -849,6 +874,18 @@ mod tests {
         ));
         assert!(ambiguous_framing(&req(&[("content-length", "-1")]), false));
         assert!(ambiguous_framing(&req(&[("content-length", "")]), false));
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_in_order() {
+        let mut r = req(&[("cookie", "a=1"), ("x", "y"), ("cookie", "b=2; c=3")]);
+        join_cookies(&mut r).unwrap();
+        let all: Vec<_> = r.headers.get_all("cookie").iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        assert_eq!(r.headers.get("x").unwrap(), "y");
+        let mut one = req(&[("cookie", "a=1")]);
+        join_cookies(&mut one).unwrap();
+        assert_eq!(one.headers.get_all("cookie").iter().count(), 1);
     }
 
     #[test]

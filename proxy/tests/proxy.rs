@@ -72,10 +72,18 @@ impl Upstream {
                                 .iter()
                                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
                                 .collect();
+                            // Every Cookie field as it arrived: the map above keeps one.
+                            let cookies: Vec<String> = req
+                                .headers()
+                                .get_all("cookie")
+                                .iter()
+                                .map(|v| v.to_str().unwrap_or("").to_string())
+                                .collect();
                             let body = serde_json::json!({
                                 "name": name,
                                 "uri": req.uri().to_string(),
                                 "headers": headers,
+                                "cookies": cookies,
                             });
                             Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
                         }
@@ -915,6 +923,29 @@ async fn h2c_prior_knowledge_on_the_plain_listener() {
         let body = json(&r.text().await.unwrap());
         assert_eq!(body["uri"], format!("/users/{i}"));
     }
+    // Cookies an HTTP/2 client sent as separate fields reach the HTTP/1.1 app as one
+    // Cookie header, in order (RFC 9113 §8.2.3).
+    let r = client2
+        .get(url(proxy.http, "/api/c"))
+        .header("cookie", "a=1")
+        .header("cookie", "sid=x; b=2")
+        .header("cookie", "c=3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let body = json(&r.text().await.unwrap());
+    assert_eq!(body["cookies"], serde_json::json!(["a=1; sid=x; b=2; c=3"]));
+    let r = client2
+        .get(url(proxy.http, "/api/c"))
+        .header("cookie", "only=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        json(&r.text().await.unwrap())["cookies"],
+        serde_json::json!(["only=1"])
+    );
     // The h2c preface check does not wait forever on a silent connection.
     let (raw, took) = dribble(proxy.http, &[], Duration::ZERO).await;
     assert!(raw.is_empty(), "{raw}");

@@ -653,7 +653,11 @@ impl H1 {
         let start = Instant::now();
         let proxy = &self.proxy;
         let table = proxy.table.load();
-        let Some(m) = table.lookup(req.host, req.path) else {
+        // A path that climbs above the root is pingora's path's to answer (400).
+        let Ok(path) = crate::table::clean_request_path(req.path) else {
+            return Outcome::Pingora;
+        };
+        let Some(m) = table.lookup(req.host, &path) else {
             return Outcome::Pingora;
         };
         let route = m.route.clone();
@@ -663,8 +667,10 @@ impl H1 {
         {
             return Outcome::Pingora;
         }
-        // The target is rewritten only when the route stripped a prefix.
-        let stripped = (m.upstream_path.len() != req.path.len()).then_some(m.upstream_path);
+        // The target is rewritten only when the route stripped a prefix or the path was
+        // cleaned.
+        let cleaned = matches!(path, std::borrow::Cow::Owned(_));
+        let stripped = (cleaned || m.upstream_path.len() != path.len()).then_some(m.upstream_path);
 
         let id = request_id(req.request_id);
         let client_ip = proxy.real_client(client.peer, client.trusted, req.xff);

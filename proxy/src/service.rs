@@ -471,20 +471,23 @@ impl ProxyHttp for LainProxy {
 
         let table = self.table.load();
         let host = request_host(req);
-        let path = req.uri.path();
-        let Some(m) = table.lookup(host, path) else {
+        let Ok(path) = crate::table::clean_request_path(req.uri.path()) else {
+            return self.respond(session, ctx, 400, &[], b"bad request\n").await;
+        };
+        let Some(m) = table.lookup(host, &path) else {
             return self.respond(session, ctx, 404, &[], b"no route\n").await;
         };
         let route = m.route.clone();
-        // The request target is rewritten only when the route stripped a prefix or the
-        // client sent an absolute URI; parsing a new URI for every request costs more than
+        // The request target is rewritten only when the route stripped a prefix, the path
+        // was cleaned, or the client sent an absolute URI; parsing a new URI for every request costs more than
         // the rest of this phase, and an unchanged target goes upstream byte for byte.
         // pingora keeps an absolute-form target (`GET http://host/path`) for the wire and
         // gives its Uri only the path, so the raw target tells the form: an upstream is an
         // origin server and gets the origin form (RFC 9112 §3.2.1), as nginx sends it.
         let raw = req.raw_path();
         let absolute = !raw.starts_with(b"/") && raw != b"*";
-        let rewrite = m.upstream_path.len() != path.len() || absolute;
+        let cleaned = matches!(path, std::borrow::Cow::Owned(_));
+        let rewrite = m.upstream_path.len() != path.len() || absolute || cleaned;
         let upstream_path = rewrite.then(|| {
             let mut p = m.upstream_path.to_string();
             if let Some(q) = req.uri.query() {

@@ -142,6 +142,84 @@ pub fn normalise_path(path: &str) -> &str {
     if trimmed.is_empty() { "/" } else { trimmed }
 }
 
+/// A request path with `..` segments that climb above the root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AboveRoot;
+
+/// Whether a path segment is `.` or `..`, also when its dots are percent-encoded (`%2e`),
+/// since the app decodes them and then reads them as dot segments.
+fn dot_segment(seg: &str) -> Option<bool> {
+    if seg.len() > 6 || seg.is_empty() {
+        return None;
+    }
+    let mut dots = 0;
+    let mut rest = seg.as_bytes();
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && rest[2] | 0x20 == b'e' {
+            rest = &rest[3..];
+        } else {
+            return None;
+        }
+        dots += 1;
+    }
+    match dots {
+        1 => Some(false),
+        2 => Some(true),
+        _ => None,
+    }
+}
+
+/// The request path routes are matched against and the upstream is sent: runs of `/`
+/// merged into one and `.` and `..` segments resolved (RFC 3986 §5.2.4), as nginx does
+/// before it matches a location. Without this, `/static/../api/x` would reach the app
+/// mounted at `/static` although it names `/api/x`, and `/api//evil.example/x` would reach
+/// the app at `/api` as `//evil.example/x`, which many frameworks read as a host. Borrowed
+/// when the path is already clean, which is the case for nearly every request; an error
+/// when `..` climbs above the root (nginx answers that 400 too).
+pub fn clean_request_path(path: &str) -> Result<std::borrow::Cow<'_, str>, AboveRoot> {
+    let b = path.as_bytes();
+    let suspect = b
+        .windows(2)
+        .any(|w| w[0] == b'/' && matches!(w[1], b'/' | b'.' | b'%'));
+    if !suspect || !path.starts_with('/') {
+        return Ok(std::borrow::Cow::Borrowed(path));
+    }
+    let mut segs: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    let mut parts = path[1..].split('/').peekable();
+    while let Some(seg) = parts.next() {
+        let last = parts.peek().is_none();
+        match dot_segment(seg) {
+            Some(up) => {
+                if up && segs.pop().is_none() {
+                    return Err(AboveRoot);
+                }
+                trailing_slash = last;
+            }
+            None if seg.is_empty() => trailing_slash = last,
+            None => {
+                segs.push(seg);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut clean = String::with_capacity(path.len());
+    for seg in &segs {
+        clean.push('/');
+        clean.push_str(seg);
+    }
+    if trailing_slash || segs.is_empty() {
+        clean.push('/');
+    }
+    if clean == path {
+        Ok(std::borrow::Cow::Borrowed(path))
+    } else {
+        Ok(std::borrow::Cow::Owned(clean))
+    }
+}
+
 /// Whether `prefix` (normalised) matches `path` on a segment boundary.
 fn path_matches(prefix: &str, path: &str) -> bool {
     if prefix == "/" {
@@ -397,6 +475,47 @@ mod tests {
                 .map(|m| (m.route.app.to_string(), m.upstream_path.to_string()));
             let want = want.map(|(a, p)| (a.to_string(), p.to_string()));
             assert_eq!(got, want, "lookup({host:?}, {path:?})");
+        }
+    }
+
+    #[test]
+    fn request_paths_are_cleaned_as_nginx_does() {
+        let cases: &[(&str, Result<&str, AboveRoot>)] = &[
+            ("/", Ok("/")),
+            ("/api/users", Ok("/api/users")),
+            ("/api/", Ok("/api/")),
+            ("//api/y", Ok("/api/y")),
+            ("/api//evil.example/x", Ok("/api/evil.example/x")),
+            ("/api///", Ok("/api/")),
+            ("/api/./y", Ok("/api/y")),
+            ("/api/.", Ok("/api/")),
+            ("/api/..", Ok("/")),
+            ("/api/../admin", Ok("/admin")),
+            ("/x/../api/y", Ok("/api/y")),
+            ("/a/b/../../c/", Ok("/c/")),
+            ("/api/%2e%2e/admin", Ok("/admin")),
+            ("/api/%2E./admin", Ok("/admin")),
+            ("/api/.%2e", Ok("/")),
+            ("/api/%2e/y", Ok("/api/y")),
+            // Only whole segments are dot segments.
+            ("/api/...", Ok("/api/...")),
+            ("/api/..x/y", Ok("/api/..x/y")),
+            ("/api/.well-known", Ok("/api/.well-known")),
+            ("/a%2eb/%2f", Ok("/a%2eb/%2f")),
+            ("/..", Err(AboveRoot)),
+            ("/../x", Err(AboveRoot)),
+            ("/a/../../x", Err(AboveRoot)),
+            ("/%2e%2e/x", Err(AboveRoot)),
+            ("*", Ok("*")),
+        ];
+        for (path, want) in cases {
+            let got = clean_request_path(path);
+            assert_eq!(got.as_deref().map_err(|e| *e), *want, "{path:?}");
+            if let Ok(clean) = got {
+                // Borrowed exactly when nothing changed, which decides a rewrite.
+                let borrowed = matches!(clean, std::borrow::Cow::Borrowed(_));
+                assert_eq!(borrowed, clean == *path, "{path:?}");
+            }
         }
     }
 

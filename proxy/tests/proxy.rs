@@ -975,6 +975,73 @@ async fn h2c_prior_knowledge_on_the_plain_listener() {
     cluster.cleanup().await;
 }
 
+/// Dot segments and repeated slashes are resolved before routing, on both HTTP/1.1 paths,
+/// as nginx resolves them before it matches a location.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_and_double_slashes_route_as_nginx_does() {
+    let mut cluster = Cluster::new("proxy-dots").await;
+    let root = Upstream::start("root").await;
+    let api = Upstream::start("api").await;
+    cluster.put_endpoint("root", 1, root.addr).await;
+    cluster.put_endpoint("api", 1, api.addr).await;
+    cluster.put_route(&route("d.lain.local", "/", "root")).await;
+    cluster
+        .put_route(&route("d.lain.local", "/api", "api"))
+        .await;
+    let proxy = Proxy::start(&cluster, "");
+    let c = client();
+    wait_status(&c, &proxy, "d.lain.local", "/api/x", 200).await;
+    wait_status(&c, &proxy, "d.lain.local", "/x", 200).await;
+    // (target, app that must answer, target it must see)
+    let cases = [
+        ("/api/users?q=/../x", "api", "/users?q=/../x"),
+        ("/static/../api/secret", "api", "/secret"),
+        ("/api/../admin", "root", "/admin"),
+        ("/api/%2e%2e/admin?a=1", "root", "/admin?a=1"),
+        ("/api//evil.example/x", "api", "/evil.example/x"),
+        ("//api/y", "api", "/y"),
+        ("/api/./y/", "api", "/y/"),
+        ("/a//b/./c", "root", "/a/b/c"),
+    ];
+    // HTTP/1.1 with no body takes lain's own path; HTTP/1.0 takes pingora's.
+    for version in ["1.1", "1.0"] {
+        for (target, app, seen) in cases {
+            let raw = raw_request(
+                proxy.http,
+                &format!(
+                    "GET {target} HTTP/{version}\r\nHost: d.lain.local\r\nConnection: close\r\n\r\n"
+                ),
+            )
+            .await;
+            let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+            assert!(head.contains(" 200 "), "{version} {target}: {raw}");
+            let body = json(body);
+            assert_eq!(body["name"], app, "{version} {target}");
+            assert_eq!(body["uri"], seen, "{version} {target}");
+            // The app is told what the client asked for.
+            assert_eq!(
+                body["headers"]["x-original-uri"], target,
+                "{version} {target}"
+            );
+        }
+        // A path that climbs above the root names nothing: 400, never forwarded.
+        let hits = root.hits.load(Ordering::Relaxed) + api.hits.load(Ordering::Relaxed);
+        for target in ["/../etc/passwd", "/api/../../x", "/%2e%2e/x"] {
+            let raw = raw_request(
+                proxy.http,
+                &format!(
+                    "GET {target} HTTP/{version}\r\nHost: d.lain.local\r\nConnection: close\r\n\r\n"
+                ),
+            )
+            .await;
+            assert!(raw.starts_with("HTTP/1.1 400"), "{version} {target}: {raw}");
+        }
+        let after = root.hits.load(Ordering::Relaxed) + api.hits.load(Ordering::Relaxed);
+        assert_eq!(after, hits, "{version}");
+    }
+    cluster.cleanup().await;
+}
+
 /// A TCP echo server that prefixes every answer with its name.
 async fn echo_upstream(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

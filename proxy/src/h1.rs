@@ -45,7 +45,8 @@ use crate::upstream::EndpointStats;
 /// A client connection on this path: the guarded bare socket.
 type ClientConn = GuardedStream<TcpStream>;
 
-/// The most request or response headers parsed; a request with more goes to pingora. The
+/// The most request or response headers parsed at first; a request with more goes to
+/// pingora, a response with more is parsed again (see [`MAX_RESPONSE_HEADERS`]). The
 /// header arrays are left uninitialised: httparse fills what it parses, and clearing 2 KiB
 /// twice per request is measurable.
 const MAX_HEADERS: usize = 64;
@@ -53,6 +54,10 @@ const MAX_HEADERS: usize = 64;
 const KEEPALIVE: Duration = Duration::from_secs(60);
 /// The largest upstream response header accepted.
 const MAX_RESPONSE_HEAD: usize = 64 << 10;
+/// The most headers an upstream response may have, as on pingora's path. A response with
+/// more than [`MAX_HEADERS`] (an app setting many cookies) is parsed again with room for
+/// this many, so that only the rare response pays for the larger array.
+const MAX_RESPONSE_HEADERS: usize = 256;
 /// The most bytes moved by one read of a body.
 const CHUNK: usize = 16 << 10;
 
@@ -914,58 +919,64 @@ impl H1 {
         };
 
         // Interim responses (103 Early Hints and the like) go to the client as they are.
-        let (head, resp_status, framing, upstream_keep) = loop {
-            let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut []);
-            let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-                &mut resp,
-                &bufs.rbuf,
-                &mut headers,
-            );
-            let head = match parsed {
-                Ok(httparse::Status::Complete(n)) => n,
-                Ok(httparse::Status::Partial) => {
-                    read_head(&mut up, &mut bufs.rbuf, read_t)
-                        .await
-                        .map_err(|e| {
-                            self.blame(&stats, addr);
-                            Failure::Upstream(502, format!("reading from {addr}: {e}"))
-                        })?;
-                    continue;
+        let (head, resp_status, framing, upstream_keep) =
+            loop {
+                let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+                let mut more = Vec::new();
+                let mut resp = httparse::Response::new(&mut []);
+                let mut parsed = httparse::ParserConfig::default()
+                    .parse_response_with_uninit_headers(&mut resp, &bufs.rbuf, &mut headers);
+                if parsed == Err(httparse::Error::TooManyHeaders) {
+                    more.resize_with(MAX_RESPONSE_HEADERS, MaybeUninit::uninit);
+                    resp = httparse::Response::new(&mut []);
+                    parsed = httparse::ParserConfig::default()
+                        .parse_response_with_uninit_headers(&mut resp, &bufs.rbuf, &mut more);
                 }
-                Err(e) => {
+                let head = match parsed {
+                    Ok(httparse::Status::Complete(n)) => n,
+                    Ok(httparse::Status::Partial) => {
+                        read_head(&mut up, &mut bufs.rbuf, read_t)
+                            .await
+                            .map_err(|e| {
+                                self.blame(&stats, addr);
+                                Failure::Upstream(502, format!("reading from {addr}: {e}"))
+                            })?;
+                        continue;
+                    }
+                    Err(e) => {
+                        self.blame(&stats, addr);
+                        return Err(Failure::Upstream(
+                            502,
+                            format!("bad response from {addr}: {e}"),
+                        ));
+                    }
+                };
+                let code = resp.code.unwrap_or(0);
+                if code == 101 {
                     self.blame(&stats, addr);
                     return Err(Failure::Upstream(
                         502,
-                        format!("bad response from {addr}: {e}"),
+                        format!("{addr} switched protocols unasked"),
                     ));
                 }
+                if (100..200).contains(&code) {
+                    send(stream, &bufs.rbuf[..head], write_t)
+                        .await
+                        .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
+                    bufs.rbuf.drain(..head);
+                    continue;
+                }
+                let shape = response_shape(req, &resp).map_err(|why| {
+                    self.blame(&stats, addr);
+                    Failure::Upstream(502, format!("bad response from {addr}: {why}"))
+                })?;
+                // The response header is complete: from here on the client sees what happens.
+                let close =
+                    req.close || shutting_down || refused || shape.framing == Framing::Close;
+                let add_id = (!shape.has_id).then_some(id);
+                write_response_head(&mut bufs.out, &resp, close, shape.coded, add_id);
+                break (head, code, shape.framing, shape.keep_alive);
             };
-            let code = resp.code.unwrap_or(0);
-            if code == 101 {
-                self.blame(&stats, addr);
-                return Err(Failure::Upstream(
-                    502,
-                    format!("{addr} switched protocols unasked"),
-                ));
-            }
-            if (100..200).contains(&code) {
-                send(stream, &bufs.rbuf[..head], write_t)
-                    .await
-                    .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
-                bufs.rbuf.drain(..head);
-                continue;
-            }
-            let shape = response_shape(req, &resp).map_err(|why| {
-                self.blame(&stats, addr);
-                Failure::Upstream(502, format!("bad response from {addr}: {why}"))
-            })?;
-            // The response header is complete: from here on the client sees what happens.
-            let close = req.close || shutting_down || refused || shape.framing == Framing::Close;
-            let add_id = (!shape.has_id).then_some(id);
-            write_response_head(&mut bufs.out, &resp, close, shape.coded, add_id);
-            break (head, code, shape.framing, shape.keep_alive);
-        };
         record.status = resp_status;
         if (500..600).contains(&resp_status) {
             self.blame(&stats, addr);

@@ -2021,6 +2021,18 @@ impl ScriptedUpstream {
                         _ => (with_length(b"late"), None),
                     }
                 }
+                // As many Set-Cookie headers as asked for: an app that sets many cookies.
+                t if t.starts_with("/cookies/") => {
+                    let n: usize = t["/cookies/".len()..].parse().unwrap_or(0);
+                    let mut r = b"HTTP/1.1 200 OK\r\n".to_vec();
+                    for i in 0..n {
+                        r.extend_from_slice(
+                            format!("set-cookie: c{i}=v{i}; Path=/\r\n").as_bytes(),
+                        );
+                    }
+                    r.extend_from_slice(b"content-length: 2\r\n\r\nok");
+                    (r, None)
+                }
                 t if t.starts_with("/gen/") => (
                     generated_response(&method, t, &body),
                     (t.contains("/eof/") || t.contains("/bye/")).then_some(Duration::ZERO),
@@ -3262,6 +3274,47 @@ async fn requests_pipelined_behind_one_pingora_serves_are_answered_in_origin_for
         );
         assert_eq!(body, generated_body(id, len), "request {id}");
     }
+    cluster.cleanup().await;
+}
+
+/// A response with more headers than lain's HTTP/1.1 path parses at first (an app setting
+/// many cookies) is relayed whole, as pingora's path relays it; only more than either path
+/// allows is a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_many_headers_is_relayed_whole() {
+    let host = "cookies.lain.local";
+    let (cluster, _up, proxy) = scripted_route("proxy-many-headers", host).await;
+    let before = metrics(&proxy).await;
+    let addr = proxy.http;
+    let ask = |n: usize| async move {
+        let request =
+            format!("GET /cookies/{n} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        raw_request(addr, &request).await
+    };
+    for n in [100usize, 250] {
+        let raw = ask(n).await;
+        assert!(
+            raw.starts_with("HTTP/1.1 200"),
+            "{n}: {}",
+            &raw[..raw.len().min(300)]
+        );
+        let cookies: Vec<&str> = raw
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("set-cookie: "))
+            .map(|l| &l["set-cookie: ".len()..])
+            .collect();
+        let want: Vec<String> = (0..n).map(|i| format!("c{i}=v{i}; Path=/")).collect();
+        assert_eq!(cookies, want, "{n}");
+        assert!(raw.ends_with("\r\n\r\nok"), "{n}");
+    }
+    // Both through lain's own path, not handed on.
+    wait_served(&proxy, &before, "h1", 2.0).await;
+    let raw = ask(300).await;
+    assert!(
+        raw.starts_with("HTTP/1.1 502"),
+        "{}",
+        &raw[..raw.len().min(300)]
+    );
     cluster.cleanup().await;
 }
 

@@ -53,7 +53,7 @@ const MAX_HEADERS: usize = 64;
 /// How long a kept-alive client connection may stay idle between requests (pingora's).
 const KEEPALIVE: Duration = Duration::from_secs(60);
 /// The largest upstream response header accepted.
-const MAX_RESPONSE_HEAD: usize = 64 << 10;
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 << 10;
 /// The most headers an upstream response may have, as on pingora's path. A response with
 /// more than [`MAX_HEADERS`] (an app setting many cookies) is parsed again with room for
 /// this many, so that only the rare response pays for the larger array.

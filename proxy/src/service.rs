@@ -713,6 +713,20 @@ impl ProxyHttp for LainProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_responded = true;
+        // The same bound as lain's HTTP/1.1 path: pingora reads a response header of any
+        // size, and one this large is an app fault to report, not to pass on.
+        let size = resp
+            .headers
+            .iter()
+            .fold(16, |n, (k, v)| n + k.as_str().len() + v.len() + 4);
+        if size > crate::h1::MAX_RESPONSE_HEAD {
+            return Err(Error::create(
+                ErrorType::InvalidHTTPHeader,
+                ErrorSource::Upstream,
+                Some(format!("response header of {size} bytes, more than allowed").into()),
+                None,
+            ));
+        }
         if let Some(stats) = &ctx.in_flight {
             if resp.status.is_server_error() {
                 if stats.record_failure(self.eject_after_failures, self.eject_ms) {

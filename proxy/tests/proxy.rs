@@ -2021,6 +2021,13 @@ impl ScriptedUpstream {
                         _ => (with_length(b"late"), None),
                     }
                 }
+                // A header far larger than any proxy passes on.
+                "/bighead" => {
+                    let mut r = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+                    r.resize(r.len() + (100 << 10), b'a');
+                    r.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
+                    (r, None)
+                }
                 // As many Set-Cookie headers as asked for: an app that sets many cookies.
                 t if t.starts_with("/cookies/") => {
                     let n: usize = t["/cookies/".len()..].parse().unwrap_or(0);
@@ -3286,35 +3293,43 @@ async fn a_response_with_many_headers_is_relayed_whole() {
     let (cluster, _up, proxy) = scripted_route("proxy-many-headers", host).await;
     let before = metrics(&proxy).await;
     let addr = proxy.http;
-    let ask = |n: usize| async move {
+    // HTTP/1.1 takes lain's own path, HTTP/1.0 pingora's.
+    let ask = |target: String, version: &'static str| async move {
         let request =
-            format!("GET /cookies/{n} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            format!("GET {target} HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         raw_request(addr, &request).await
     };
-    for n in [100usize, 250] {
-        let raw = ask(n).await;
-        assert!(
-            raw.starts_with("HTTP/1.1 200"),
-            "{n}: {}",
-            &raw[..raw.len().min(300)]
-        );
-        let cookies: Vec<&str> = raw
-            .lines()
-            .filter(|l| l.to_ascii_lowercase().starts_with("set-cookie: "))
-            .map(|l| &l["set-cookie: ".len()..])
-            .collect();
-        let want: Vec<String> = (0..n).map(|i| format!("c{i}=v{i}; Path=/")).collect();
-        assert_eq!(cookies, want, "{n}");
-        assert!(raw.ends_with("\r\n\r\nok"), "{n}");
+    for version in ["1.1", "1.0"] {
+        for n in [100usize, 250] {
+            let raw = ask(format!("/cookies/{n}"), version).await;
+            assert!(
+                raw.starts_with("HTTP/1.1 200"),
+                "{version} {n}: {}",
+                &raw[..raw.len().min(300)]
+            );
+            let cookies: Vec<&str> = raw
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("set-cookie: "))
+                .map(|l| &l["set-cookie: ".len()..])
+                .collect();
+            let want: Vec<String> = (0..n).map(|i| format!("c{i}=v{i}; Path=/")).collect();
+            assert_eq!(cookies, want, "{version} {n}");
+            assert!(raw.ends_with("\r\n\r\nok"), "{version} {n}");
+        }
+        if version == "1.1" {
+            // Both through lain's own path, not handed on.
+            wait_served(&proxy, &before, "h1", 2.0).await;
+        }
+        // More fields than either path allows, or more than 64 KiB of header: 502 on both.
+        for target in ["/cookies/300", "/bighead"] {
+            let raw = ask(target.to_string(), version).await;
+            assert!(
+                raw.starts_with("HTTP/1.1 502"),
+                "{version} {target}: {}",
+                &raw[..raw.len().min(300)]
+            );
+        }
     }
-    // Both through lain's own path, not handed on.
-    wait_served(&proxy, &before, "h1", 2.0).await;
-    let raw = ask(300).await;
-    assert!(
-        raw.starts_with("HTTP/1.1 502"),
-        "{}",
-        &raw[..raw.len().min(300)]
-    );
     cluster.cleanup().await;
 }
 

@@ -742,11 +742,21 @@ impl ProxyHttp for LainProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.status = resp.status.as_u16();
+        // An HTTP/1.0 client cannot read chunked framing, and a server must not send it one
+        // (RFC 9112 §6.1); pingora frames a response that has no length (or came chunked)
+        // that way whatever the client's version. Without `Transfer-Encoding` the body is
+        // delimited by closing the connection, as nginx answers such a client.
+        if session.req_header().version == http::Version::HTTP_10
+            && resp.headers.contains_key("transfer-encoding")
+        {
+            resp.remove_header("transfer-encoding");
+            session.set_keepalive(None);
+        }
         if resp.headers.get("x-request-id").is_none() {
             resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         }

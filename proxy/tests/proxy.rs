@@ -2855,6 +2855,8 @@ struct Planned {
     body_len: usize,
     body_sum: u64,
     close: bool,
+    /// `1.0` or `1.1`.
+    version: &'static str,
 }
 
 /// A random request for `/gen/...` on `host`: method, response framing and size, request
@@ -2959,6 +2961,7 @@ fn plan_request(rng: &mut Rng, id: u64, host: &str, last: bool) -> Planned {
         body_len: body.len(),
         body_sum: body.iter().fold(0u64, |a, b| a + u64::from(*b)),
         close,
+        version,
     }
 }
 
@@ -3150,6 +3153,13 @@ async fn random_connection(
                     want_body.len()
                 ));
             }
+            // An HTTP/1.0 client cannot read chunked framing (RFC 9112 §6.1).
+            if p.version == "1.0" && fields.contains_key("transfer-encoding") {
+                return Err(format!(
+                    "{at}: an HTTP/1.0 request answered with transfer-encoding {:?}",
+                    fields["transfer-encoding"]
+                ));
+            }
             if p.method == "HEAD" && p.framing == "cl" {
                 let length = fields.get("content-length").map(String::as_str);
                 if length != Some(p.len.to_string().as_str()) {
@@ -3281,6 +3291,55 @@ async fn requests_pipelined_behind_one_pingora_serves_are_answered_in_origin_for
         );
         assert_eq!(body, generated_body(id, len), "request {id}");
     }
+    cluster.cleanup().await;
+}
+
+/// An HTTP/1.0 client is never sent chunked framing (RFC 9112 §6.1): a response without a
+/// length reaches it delimited by the connection's close, as from nginx, whether it asked
+/// for keep-alive or not; an HTTP/1.1 client still gets a chunked answer chunked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_client_gets_no_chunked_framing() {
+    let host = "old.lain.local";
+    let (cluster, _up, proxy) = scripted_route("proxy-http10", host).await;
+    for (version, extra) in [("1.0", ""), ("1.0", "Connection: keep-alive\r\n")] {
+        for target in ["/chunked", "/close"] {
+            let raw = raw_request(
+                proxy.http,
+                &format!("GET {target} HTTP/{version}\r\nHost: {host}\r\n{extra}\r\n"),
+            )
+            .await;
+            let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+            let head = head.to_ascii_lowercase();
+            assert!(
+                head.starts_with("http/1.1 200"),
+                "{target} {extra:?}: {raw}"
+            );
+            assert!(
+                !head.contains("transfer-encoding"),
+                "{target} {extra:?}: {raw}"
+            );
+            assert!(
+                head.contains("connection: close"),
+                "{target} {extra:?}: {raw}"
+            );
+            let want = if target == "/chunked" {
+                "hello world"
+            } else {
+                "ended by closing"
+            };
+            assert_eq!(body, want, "{target} {extra:?}");
+        }
+    }
+    let raw = raw_request(
+        proxy.http,
+        &format!("GET /chunked HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{raw}"
+    );
     cluster.cleanup().await;
 }
 

@@ -163,6 +163,24 @@ fn ambiguous_framing(req: &RequestHeader, raw_cl: bool) -> bool {
     false
 }
 
+/// Whether a request's `Transfer-Encoding` names anything but a single `chunked`: the one
+/// coding lain decodes, and which pingora sends upstream alone, so that a body sent
+/// `gzip, chunked` would reach the app as if it were not compressed. Such a request gets
+/// 501 (RFC 9112 §6.1), as from nginx.
+fn unsupported_coding(req: &RequestHeader) -> bool {
+    let mut codings = req
+        .headers
+        .get_all("transfer-encoding")
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => false,
+        Some(first) => !first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some(),
+    }
+}
+
 /// A random version-4 UUID for a request without an id. `Uuid::new_v4` asks the kernel for
 /// randomness on every call; a per-thread generator seeded once from it keeps the request
 /// path free of system calls.
@@ -467,6 +485,11 @@ impl ProxyHttp for LainProxy {
         let req = session.req_header();
         if ambiguous_framing(req, raw_cl) || bad_host(req) {
             return self.respond(session, ctx, 400, &[], b"bad request\n").await;
+        }
+        if unsupported_coding(req) {
+            return self
+                .respond(session, ctx, 501, &[], b"transfer coding not implemented\n")
+                .await;
         }
 
         let table = self.table.load();
@@ -913,6 +936,23 @@ mod tests {
         let mut one = req(&[("cookie", "a=1")]);
         join_cookies(&mut one).unwrap();
         assert_eq!(one.headers.get_all("cookie").iter().count(), 1);
+    }
+
+    #[test]
+    fn only_a_single_chunked_coding_is_supported() {
+        let te = |values: &[&str]| {
+            let headers: Vec<_> = values.iter().map(|v| ("transfer-encoding", *v)).collect();
+            unsupported_coding(&req(&headers))
+        };
+        assert!(!te(&[]));
+        assert!(!te(&["chunked"]));
+        assert!(!te(&["Chunked "]));
+        assert!(!te(&[" chunked,"]));
+        assert!(te(&["gzip, chunked"]));
+        assert!(te(&["gzip", "chunked"]));
+        assert!(te(&["chunked, chunked"]));
+        assert!(te(&["identity"]));
+        assert!(te(&["chunked;q=1"]));
     }
 
     #[test]

@@ -677,6 +677,24 @@ async fn errors_404_503_400_and_conflicting_claims() {
     )
     .await;
     assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    // A transfer coding other than a single `chunked` is not passed on with the coding
+    // dropped: 501, and the connection ends, so what follows it is never read as a request.
+    for coding in [
+        "gzip, chunked",
+        "chunked, chunked",
+        "gzip\r\nTransfer-Encoding: chunked",
+    ] {
+        let raw = raw_request(
+            proxy.http,
+            &format!(
+                "POST / HTTP/1.1\r\nHost: e.lain.local\r\nTransfer-Encoding: {coding}\r\n\r\n\
+                 5\r\nGET /\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: e.lain.local\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(raw.starts_with("HTTP/1.1 501"), "{coding}: {raw}");
+        assert_eq!(raw.matches("HTTP/1.1").count(), 1, "{coding}: {raw}");
+    }
     let big = format!(
         "GET / HTTP/1.1\r\nHost: e.lain.local\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
         "a".repeat(100_000)

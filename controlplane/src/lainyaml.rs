@@ -1338,6 +1338,15 @@ fn finish_proc(
             );
             continue;
         }
+        let path_part = m.find('/').map_or("/", |i| &m[i..]);
+        if let Some(why) = lain_state::route_path_problem(path_part) {
+            r.err(
+                mountpoint_pos,
+                &mkey,
+                format!("{why}; the proxy resolves those before matching, so it would never match"),
+            );
+            continue;
+        }
         if let Some(path) = m.strip_prefix('/').map(|_| m) {
             for h in hosts {
                 expanded.insert(Mountpoint {

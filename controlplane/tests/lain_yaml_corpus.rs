@@ -372,6 +372,17 @@ fn mountpoint_expansion_table() {
             "{bad} should be rejected"
         );
     }
+    // A path the proxy could never match (it merges slashes and resolves dot segments before
+    // matching) is an error at its place, not a dead route.
+    for bad in ["a.com/api//v1", "/x/../y", "a.com/./x", "/%2e%2e/x"] {
+        let text = format!("appname: app\nweb.extra:\n  mountpoint: [\"{bad}\"]\n");
+        let err = LainConf::parse("t.yaml", &text, &domains()).unwrap_err();
+        let shown = format!("{err:?}");
+        assert!(
+            shown.contains("segment") && shown.contains("web.extra.mountpoint[0]"),
+            "{bad}: {shown}"
+        );
+    }
     // A resource instance's app domain is reversed.
     let text = "appname: resource.redis.hello\nweb:\n  cmd: x\n";
     let c = LainConf::parse_resource_instance("t.yaml", text, &domains(), "resource.redis.hello")

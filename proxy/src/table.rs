@@ -146,31 +146,6 @@ pub fn normalise_path(path: &str) -> &str {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AboveRoot;
 
-/// Whether a path segment is `.` or `..`, also when its dots are percent-encoded (`%2e`),
-/// since the app decodes them and then reads them as dot segments.
-fn dot_segment(seg: &str) -> Option<bool> {
-    if seg.len() > 6 || seg.is_empty() {
-        return None;
-    }
-    let mut dots = 0;
-    let mut rest = seg.as_bytes();
-    while !rest.is_empty() {
-        if rest[0] == b'.' {
-            rest = &rest[1..];
-        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && rest[2] | 0x20 == b'e' {
-            rest = &rest[3..];
-        } else {
-            return None;
-        }
-        dots += 1;
-    }
-    match dots {
-        1 => Some(false),
-        2 => Some(true),
-        _ => None,
-    }
-}
-
 /// The request path routes are matched against and the upstream is sent: runs of `/`
 /// merged into one and `.` and `..` segments resolved (RFC 3986 §5.2.4), as nginx does
 /// before it matches a location. Without this, `/static/../api/x` would reach the app
@@ -191,7 +166,7 @@ pub fn clean_request_path(path: &str) -> Result<std::borrow::Cow<'_, str>, Above
     let mut parts = path[1..].split('/').peekable();
     while let Some(seg) = parts.next() {
         let last = parts.peek().is_none();
-        match dot_segment(seg) {
+        match lain_state::dot_segment(seg) {
             Some(up) => {
                 if up && segs.pop().is_none() {
                     return Err(AboveRoot);

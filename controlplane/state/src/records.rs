@@ -292,6 +292,9 @@ impl Validate for RouteRecord {
         if !self.path.starts_with('/') {
             return Err(format!("path {:?} does not start with '/'", self.path));
         }
+        if let Some(why) = route_path_problem(&self.path) {
+            return Err(format!("{why}; requests are matched with those resolved"));
+        }
         if let Some(hc) = &self.healthcheck {
             if !hc.path.starts_with('/') {
                 return Err(format!(
@@ -673,6 +676,52 @@ pub struct SecretRecord {
     pub updated_at: String,
 }
 
+/// Whether a path segment is `.` (`Some(false)`) or `..` (`Some(true)`), also when its dots
+/// are percent-encoded (`%2e`), since an app decodes them and then reads them as dot
+/// segments. The proxy resolves such segments before it matches a route.
+pub fn dot_segment(seg: &str) -> Option<bool> {
+    if seg.len() > 6 || seg.is_empty() {
+        return None;
+    }
+    let mut dots = 0;
+    let mut rest = seg.as_bytes();
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && rest[2] | 0x20 == b'e' {
+            rest = &rest[3..];
+        } else {
+            return None;
+        }
+        dots += 1;
+    }
+    match dots {
+        1 => Some(false),
+        2 => Some(true),
+        _ => None,
+    }
+}
+
+/// Why a route path could never match a request, if it could not: the proxy merges runs of
+/// `/` and resolves `.` and `..` before it matches, so a prefix with an empty or dot segment
+/// (`/api//v1`, `/a/../b`) would never be found.
+pub fn route_path_problem(path: &str) -> Option<String> {
+    let inner = path.strip_prefix('/')?;
+    let inner = inner.strip_suffix('/').unwrap_or(inner);
+    if inner.is_empty() {
+        return None;
+    }
+    inner.split('/').find_map(|seg| {
+        if seg.is_empty() {
+            Some(format!("path {path:?} has an empty segment ('//')"))
+        } else if dot_segment(seg).is_some() {
+            Some(format!("path {path:?} has a {seg:?} segment"))
+        } else {
+            None
+        }
+    })
+}
+
 fn non_empty(field: &str, value: &str) -> Result<(), String> {
     if value.trim().is_empty() {
         Err(format!("{field} must not be empty"))
@@ -708,6 +757,20 @@ mod tests {
         let err = decode::<RouteRecord>(br#"{"v":1,"host":"h","path":"api","app":"a","proc":"p"}"#)
             .unwrap_err();
         assert!(err.to_string().contains("does not start with '/'"), "{err}");
+        for (path, want) in [
+            ("/api//v1", "empty segment"),
+            ("/a/../b", "\"..\" segment"),
+            ("/a/./b", "\".\" segment"),
+            ("/a/%2E%2e", "\"%2E%2e\" segment"),
+        ] {
+            let doc = format!(r#"{{"v":1,"host":"h","path":"{path}","app":"a","proc":"p"}}"#);
+            let err = decode::<RouteRecord>(doc.as_bytes()).unwrap_err();
+            assert!(err.to_string().contains(want), "{path}: {err}");
+        }
+        for path in ["/", "/api", "/api/", "/a.b/..c/.well-known"] {
+            let doc = format!(r#"{{"v":1,"host":"h","path":"{path}","app":"a","proc":"p"}}"#);
+            assert!(decode::<RouteRecord>(doc.as_bytes()).is_ok(), "{path}");
+        }
         let err = decode::<EndpointRecord>(
             br#"{"v":1,"app":"a","proc":"p","instance":0,"address":"127.0.0.1","port":80}"#,
         )

@@ -502,8 +502,9 @@ impl ProxyHttp for LainProxy {
         };
         let route = m.route.clone();
         // The request target is rewritten only when the route stripped a prefix, the path
-        // was cleaned, or the client sent an absolute URI; parsing a new URI for every request costs more than
-        // the rest of this phase, and an unchanged target goes upstream byte for byte.
+        // was cleaned, or the client sent an absolute URI; parsing a new URI for every
+        // request costs more than the rest of this phase, and an unchanged target goes
+        // upstream byte for byte.
         // pingora keeps an absolute-form target (`GET http://host/path`) for the wire and
         // gives its Uri only the path, so the raw target tells the form: an upstream is an
         // origin server and gets the origin form (RFC 9112 §3.2.1), as nginx sends it.

@@ -279,16 +279,18 @@ pub(crate) struct Finished<'a> {
 /// before the request goes on over HTTP/1.1: apps read a single Cookie header, and one that
 /// joins repeated headers itself uses `, `, which breaks the last cookie of each field.
 fn join_cookies(header: &mut RequestHeader) -> Result<()> {
-    let parts: Vec<Vec<u8>> = header
-        .headers
-        .get_all("cookie")
-        .iter()
-        .map(|v| v.as_bytes().to_vec())
-        .collect();
-    if parts.len() < 2 {
+    // Nearly every request has one Cookie field or none, and costs no copy.
+    let fields = header.headers.get_all("cookie");
+    if fields.iter().nth(1).is_none() {
         return Ok(());
     }
-    let joined = parts.join(&b"; "[..]);
+    let mut joined = Vec::new();
+    for v in fields.iter() {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
     header.remove_header("cookie");
     header.insert_header("cookie", joined)?;
     Ok(())

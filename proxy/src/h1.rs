@@ -974,7 +974,7 @@ impl H1 {
                 let close =
                     req.close || shutting_down || refused || shape.framing == Framing::Close;
                 let add_id = (!shape.has_id).then_some(id);
-                write_response_head(&mut bufs.out, &resp, close, shape.coded, add_id);
+                write_response_head(&mut bufs.out, &resp, close, &shape, add_id);
                 break (head, code, shape.framing, shape.keep_alive);
             };
         record.status = resp_status;
@@ -1204,6 +1204,8 @@ struct Shape {
     has_id: bool,
     /// Framed by Transfer-Encoding; a Content-Length beside it is not relayed.
     coded: bool,
+    /// Its `Connection` field names further hop-by-hop fields.
+    nominates: bool,
 }
 
 /// Reads the framing of a response to `req` (RFC 9112, section 6.3).
@@ -1211,6 +1213,7 @@ fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Sh
     let code = resp.code.unwrap_or(0);
     let mut keep_alive = resp.version == Some(1);
     let (mut length, mut chunked, mut coded, mut has_id) = (None::<u64>, false, false, false);
+    let mut nominates = false;
     for h in resp.headers.iter() {
         let is = |n: &str| h.name.eq_ignore_ascii_case(n);
         if is("content-length") {
@@ -1229,9 +1232,12 @@ fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Sh
                 .map(str::trim);
             chunked = last.is_some_and(|l| l.eq_ignore_ascii_case("chunked"));
         } else if is("connection") {
-            let v = text(h.value).unwrap_or("");
-            if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
-                keep_alive = false;
+            for option in text(h.value).unwrap_or("").split(',').map(str::trim) {
+                if option.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if !(option.is_empty() || option.eq_ignore_ascii_case("keep-alive")) {
+                    nominates = true;
+                }
             }
         } else if is("x-request-id") {
             has_id = true;
@@ -1262,14 +1268,54 @@ fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Sh
         keep_alive,
         has_id,
         coded,
+        nominates,
     })
 }
 
-/// Response headers that are not relayed: hop-by-hop ones.
-fn not_relayed(name: &str) -> bool {
-    ["connection", "keep-alive", "proxy-connection"]
+/// Response fields that concern only the connection they came on (RFC 9110, section 7.6.1),
+/// which neither request path relays: the upstream's connection management, the codings it
+/// would accept, and the protocols it offers to switch to. Apache, for one, offers
+/// `Upgrade: h2,h2c` on its responses; relayed, the offer would reach clients from the proxy,
+/// which never made it, and over HTTP/2 any of these fields makes a response malformed (RFC
+/// 9113, section 8.2.2).
+pub(crate) const HOP_BY_HOP: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+];
+
+/// Whether a response field is hop-by-hop by its name alone.
+fn hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Whether a field frames the body, and so is never taken away as hop-by-hop even when a
+/// `Connection` field names it: the body is relayed as it is framed.
+pub(crate) fn framing_field(name: &str) -> bool {
+    name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("transfer-encoding")
+}
+
+/// Whether `name` is among the connection options of `connection` (the values of a
+/// response's `Connection` fields), which name further hop-by-hop fields (RFC 9110, section
+/// 7.6.1), and not a framing field.
+fn nominated<'a>(mut connection: impl Iterator<Item = &'a str>, name: &str) -> bool {
+    !framing_field(name)
+        && connection.any(|v| {
+            v.split(',')
+                .any(|option| option.trim().eq_ignore_ascii_case(name))
+        })
+}
+
+/// The values of the `Connection` fields among `headers`.
+fn connection_values<'a>(
+    headers: &'a [httparse::Header<'a>],
+) -> impl Iterator<Item = &'a str> + 'a {
+    headers
         .iter()
-        .any(|h| name.eq_ignore_ascii_case(h))
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .filter_map(|h| text(h.value))
 }
 
 fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -1279,15 +1325,17 @@ fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes the response header the client gets. `coded`: the response is framed by
-/// Transfer-Encoding, so a Content-Length it also has is dropped (RFC 9112, section 6.3: an
-/// intermediary must remove it; a client or cache behind that trusted it would lose track
-/// of where the response ends).
+/// Writes the response header the client gets, without the hop-by-hop fields. A response
+/// framed by Transfer-Encoding (`shape.coded`) loses a Content-Length it also has (RFC 9112,
+/// section 6.3: an intermediary must remove it; a client or cache behind that trusted it
+/// would lose track of where the response ends), and a length given more than once (the
+/// same each time, or the response was refused) is sent once: many clients refuse a
+/// repeated one, and an HTTP/2 client always does.
 fn write_response_head(
     out: &mut Vec<u8>,
     resp: &httparse::Response<'_, '_>,
     close: bool,
-    coded: bool,
+    shape: &Shape,
     add_id: Option<&str>,
 ) {
     out.clear();
@@ -1296,10 +1344,15 @@ fn write_response_head(
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    let mut length_sent = false;
     for h in resp.headers.iter() {
-        let superseded = coded && h.name.eq_ignore_ascii_case("content-length");
-        if !(not_relayed(h.name) || superseded) {
+        let length = h.name.eq_ignore_ascii_case("content-length");
+        let dropped = hop_by_hop(h.name)
+            || (length && (shape.coded || length_sent))
+            || (shape.nominates && nominated(connection_values(resp.headers), h.name));
+        if !dropped {
             put_header(out, h.name, h.value);
+            length_sent |= length;
         }
     }
     if let Some(id) = add_id {
@@ -1588,29 +1641,70 @@ mod tests {
         }
     }
 
+    /// The header lain's path writes to the client for the upstream response `raw` to a GET.
+    fn relayed_head(raw: &[u8], close: bool, add_id: Option<&str>) -> String {
+        parse(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", |req| {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            assert!(matches!(resp.parse(raw), Ok(httparse::Status::Complete(_))));
+            let shape = response_shape(&req.unwrap(), &resp).unwrap();
+            let mut out = Vec::new();
+            write_response_head(&mut out, &resp, close, &shape, add_id);
+            String::from_utf8(out).unwrap()
+        })
+    }
+
     #[test]
     fn response_heads_drop_hop_by_hop_headers_and_add_what_is_missing() {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut headers);
-        let raw = b"HTTP/1.1 201 Created\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
-                    X-A: 1\r\nContent-Length: 0\r\n\r\n";
-        assert!(resp.parse(raw).is_ok());
-        let mut out = Vec::new();
-        write_response_head(&mut out, &resp, true, false, Some("id-1"));
         assert_eq!(
-            String::from_utf8(out.clone()).unwrap(),
+            relayed_head(
+                b"HTTP/1.1 201 Created\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+                  X-A: 1\r\nContent-Length: 0\r\n\r\n",
+                true,
+                Some("id-1")
+            ),
             "HTTP/1.1 201 Created\r\nX-A: 1\r\nContent-Length: 0\r\nx-request-id: id-1\r\n\
              connection: close\r\n\r\n"
         );
         // Framed both ways: the chunked framing is what counts, and the length goes.
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut headers);
-        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert!(resp.parse(raw).is_ok());
-        write_response_head(&mut out, &resp, true, true, None);
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            relayed_head(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                true,
+                None
+            ),
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nconnection: close\r\n\r\n"
+        );
+        // Apache's offer to upgrade, the fields its Connection names (in any case, over
+        // several lines), and the rest of the hop-by-hop fields stay behind; the framing
+        // fields are never taken, even when named.
+        assert_eq!(
+            relayed_head(
+                b"HTTP/1.1 200 OK\r\nUpgrade: h2,h2c\r\nConnection: Upgrade, x-hop\r\n\
+                  Connection: X-Other, content-length\r\nX-Hop: 1\r\nTE: trailers\r\n\
+                  Proxy-Connection: keep-alive\r\nX-HOP: 2\r\nx-other: 3\r\nX-Hopper: 4\r\n\
+                  Content-Length: 2\r\n\r\n",
+                false,
+                None
+            ),
+            "HTTP/1.1 200 OK\r\nX-Hopper: 4\r\nContent-Length: 2\r\n\r\n"
+        );
+        // A length given twice, the same both times, is sent once; two lengths that differ
+        // are no response at all.
+        assert_eq!(
+            relayed_head(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nContent-Length: 2\r\n\r\n",
+                false,
+                None
+            ),
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\n\r\n"
+        );
+        assert!(
+            shape(
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"
+            )
+            .is_err()
         );
     }
 }

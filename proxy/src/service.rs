@@ -658,11 +658,16 @@ impl ProxyHttp for LainProxy {
         // idempotent request whose body is still buffered goes to another endpoint, provided
         // no byte of the failed answer reached the client; anything else fails as it is. A
         // timeout is not retried, since sending more work to a slow endpoint's peers only
-        // spreads the slowness (lain's HTTP/1.1 path decides alike).
+        // spreads the slowness, and neither is a response that came but cannot be read: it
+        // is the endpoint's answer, as broken as it is (nginx retries neither by default;
+        // lain's HTTP/1.1 path decides alike).
         let replayable = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
             && !ctx.upstream_responded
-            && !matches!(e.etype, ErrorType::ReadTimedout | ErrorType::WriteTimedout);
+            && !matches!(
+                e.etype,
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::InvalidHTTPHeader
+            );
         if replayable && ctx.tried.len() <= self.max_retries {
             if let Some(stats) = &ctx.in_flight
                 && stats.record_failure(self.eject_after_failures, self.eject_ms)
@@ -752,6 +757,10 @@ impl ProxyHttp for LainProxy {
                 Some(format!("response header of {size} bytes, more than allowed").into()),
                 None,
             ));
+        }
+        // A switch of protocols keeps its `Connection` and `Upgrade`: they are the switch.
+        if resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            drop_hop_by_hop(resp)?;
         }
         if let Some(stats) = &ctx.in_flight {
             if resp.status.is_server_error() {
@@ -859,6 +868,44 @@ impl ProxyHttp for LainProxy {
             error: e.map(|e| e.to_string()),
         });
     }
+}
+
+/// Takes from an upstream response what lain's HTTP/1.1 path does not relay either: the
+/// hop-by-hop fields ([`crate::h1::HOP_BY_HOP`], and those its `Connection` names), and a
+/// repeated Content-Length, sent once when every copy agrees (pingora would pass them all on,
+/// which an HTTP/2 client refuses) and a 502 when they differ.
+fn drop_hop_by_hop(resp: &mut ResponseHeader) -> Result<()> {
+    let named: Vec<String> = resp
+        .headers
+        .iter()
+        .filter(|(name, _)| *name == http::header::CONNECTION)
+        .filter_map(|(_, v)| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|option| option.trim().to_ascii_lowercase())
+        .filter(|option| !option.is_empty() && !crate::h1::framing_field(option))
+        .collect();
+    for name in crate::h1::HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        resp.remove_header(name);
+    }
+    let lengths = resp.headers.get_all(http::header::CONTENT_LENGTH);
+    let mut values = lengths.iter();
+    if let (Some(first), Some(_)) = (values.next(), lengths.iter().nth(1)) {
+        let first = first.clone();
+        if values.any(|other| *other != first) {
+            return Err(Error::create(
+                ErrorType::InvalidHTTPHeader,
+                ErrorSource::Upstream,
+                Some("conflicting content-length".into()),
+                None,
+            ));
+        }
+        resp.insert_header(http::header::CONTENT_LENGTH, first)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

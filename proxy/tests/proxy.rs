@@ -1909,6 +1909,8 @@ struct ScriptedUpstream {
     connections: Arc<AtomicU64>,
     /// Requests for `/hang` whose connection the proxy closed before they were answered.
     abandoned: Arc<AtomicU64>,
+    /// Requests read, of every kind.
+    requests: Arc<AtomicU64>,
     accept: JoinHandle<()>,
 }
 
@@ -1918,22 +1920,29 @@ impl ScriptedUpstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicU64::new(0));
         let abandoned = Arc::new(AtomicU64::new(0));
-        let (count, gone) = (connections.clone(), abandoned.clone());
+        let requests = Arc::new(AtomicU64::new(0));
+        let (count, gone, read) = (connections.clone(), abandoned.clone(), requests.clone());
         let accept = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 let n = count.fetch_add(1, Ordering::Relaxed) + 1;
-                tokio::spawn(ScriptedUpstream::serve(s, n, gone.clone()));
+                tokio::spawn(ScriptedUpstream::serve(s, n, gone.clone(), read.clone()));
             }
         });
         ScriptedUpstream {
             addr,
             connections,
             abandoned,
+            requests,
             accept,
         }
     }
 
-    async fn serve(mut s: tokio::net::TcpStream, conn: u64, abandoned: Arc<AtomicU64>) {
+    async fn serve(
+        mut s: tokio::net::TcpStream,
+        conn: u64,
+        abandoned: Arc<AtomicU64>,
+        requests: Arc<AtomicU64>,
+    ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = Vec::new();
         loop {
@@ -1950,6 +1959,7 @@ impl ScriptedUpstream {
                     };
                     let length = value("content-length").map_or(0, |v| v.parse().unwrap());
                     let chunked = value("transfer-encoding").is_some();
+                    requests.fetch_add(1, Ordering::Relaxed);
                     break (
                         req.method.unwrap().to_string(),
                         req.path.unwrap().to_string(),
@@ -2046,6 +2056,22 @@ impl ScriptedUpstream {
                     r.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
                     (r, None)
                 }
+                // Apache's offer to upgrade, and fields its Connection makes hop-by-hop.
+                "/hop" => (
+                    b"HTTP/1.1 200 OK\r\nUpgrade: h2,h2c\r\nConnection: Upgrade, Keep-Alive, X-Hop\r\n\
+                      Keep-Alive: timeout=5, max=100\r\nProxy-Connection: keep-alive\r\n\
+                      TE: trailers\r\nX-Hop: secret\r\nX-Kept: 1\r\ncontent-length: 2\r\n\r\nok"
+                        .to_vec(),
+                    None,
+                ),
+                "/lengths/same" => (
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                    None,
+                ),
+                "/lengths/differ" => (
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nContent-Length: 3\r\n\r\nok!".to_vec(),
+                    Some(Duration::ZERO),
+                ),
                 // As many Set-Cookie headers as asked for: an app that sets many cookies.
                 t if t.starts_with("/cookies/") => {
                     let n: usize = t["/cookies/".len()..].parse().unwrap_or(0);
@@ -2271,6 +2297,23 @@ fn served_by(m: &str, path: &str) -> f64 {
     metric_value(m, &format!("lain_proxy_served_total{{path=\"{path}\"}}"))
 }
 
+/// The metrics once the requests answered so far are all counted: a request is counted just
+/// after its response is sent, so a client that was just answered can read the metrics
+/// before its request shows in them.
+async fn settled_metrics(p: &Proxy) -> String {
+    let served = |m: &str| served_by(m, "h1") + served_by(m, "pingora");
+    let mut last = metrics(p).await;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = metrics(p).await;
+        if served(&now) == served(&last) {
+            return now;
+        }
+        last = now;
+    }
+    panic!("requests kept being counted with no client sending any");
+}
+
 /// Waits until `path` (h1 or pingora) served `want` requests more than `before` shows. A
 /// request is counted just after its response is sent, so a client can be a moment early.
 async fn wait_served(p: &Proxy, before: &str, path: &str, want: f64) {
@@ -2348,7 +2391,7 @@ async fn h1_pipelined_requests_then_a_chunked_body_goes_to_pingora() {
     let (cluster, up, proxy) = scripted_route("proxy-h1-pipe", host).await;
     // The probe's last request is counted just after its answer.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = metrics(&proxy).await;
+    let before = settled_metrics(&proxy).await;
     let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
     // Two requests in one write: answered in order, on one upstream connection.
     s.write_all(
@@ -3229,7 +3272,7 @@ async fn random_connections(proxy: &Proxy, host: &str) -> (f64, f64) {
                 | 1
         });
     eprintln!("LAIN_TEST_SEED={seed}");
-    let before = metrics(proxy).await;
+    let before = settled_metrics(proxy).await;
     for group in 0..24u64 {
         let runs = (0..4).map(|k| random_connection(proxy.http, seed, group * 4 + k, host));
         for (k, r) in futures::future::join_all(runs)
@@ -3368,7 +3411,7 @@ async fn an_http_1_0_client_gets_no_chunked_framing() {
 async fn a_response_with_many_headers_is_relayed_whole() {
     let host = "cookies.lain.local";
     let (cluster, _up, proxy) = scripted_route("proxy-many-headers", host).await;
-    let before = metrics(&proxy).await;
+    let before = settled_metrics(&proxy).await;
     let addr = proxy.http;
     // HTTP/1.1 takes lain's own path, HTTP/1.0 pingora's.
     let ask = |target: String, version: &'static str| async move {
@@ -3411,11 +3454,112 @@ async fn a_response_with_many_headers_is_relayed_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
+    let host = "hop.lain.local";
+    let mut cluster = Cluster::new("proxy-hop-by-hop").await;
+    let up = ScriptedUpstream::start().await;
+    cluster.put_endpoint("scripted", 1, up.addr).await;
+    cluster.put_route(&route(host, "/", "scripted")).await;
+    let proxy = Proxy::start_listen(&cluster, "", "h2c = true");
+    wait_status(&client(), &proxy, host, "/", 200).await;
+    let before = settled_metrics(&proxy).await;
+    let addr = proxy.http;
+    let hop = [
+        "upgrade",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "x-hop",
+    ];
+    // HTTP/1.1 takes lain's own path, HTTP/1.0 pingora's.
+    for version in ["1.1", "1.0"] {
+        let ask = |target: &str| {
+            let request =
+                format!("GET {target} HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            async move { raw_request(addr, &request).await }
+        };
+        let raw = ask("/hop").await;
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{version}: {raw}");
+        assert_eq!(body, "ok", "{version}");
+        let names: Vec<String> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| {
+                format!(
+                    "{}:{}",
+                    n.to_ascii_lowercase(),
+                    v.trim().to_ascii_lowercase()
+                )
+            })
+            .collect();
+        assert!(
+            names.contains(&"x-kept:1".to_string()),
+            "{version}: {names:?}"
+        );
+        for name in hop {
+            // The proxy's own `Connection: close` is the only one allowed.
+            assert!(
+                names
+                    .iter()
+                    .all(|n| !n.starts_with(&format!("{name}:")) || n == "connection:close"),
+                "{version}: {name} relayed: {names:?}"
+            );
+        }
+        // A length repeated alike is sent once; lengths that differ are a 502, and the request
+        // is not sent to the upstream again.
+        let raw = ask("/lengths/same").await;
+        assert!(raw.starts_with("HTTP/1.1 200"), "{version}: {raw}");
+        assert_eq!(
+            raw.to_ascii_lowercase().matches("content-length:").count(),
+            1,
+            "{version}: {raw}"
+        );
+        assert!(raw.ends_with("\r\n\r\nok"), "{version}: {raw}");
+        let asked = up.requests.load(Ordering::Relaxed);
+        let raw = ask("/lengths/differ").await;
+        assert!(raw.starts_with("HTTP/1.1 502"), "{version}: {raw}");
+        assert_eq!(
+            up.requests.load(Ordering::Relaxed),
+            asked + 1,
+            "{version}: retried"
+        );
+        if version == "1.1" {
+            wait_served(&proxy, &before, "h1", 3.0).await;
+        }
+    }
+    // HTTP/2 (pingora's path): a connection-specific field would make the response
+    // malformed, and a repeated length is refused by HTTP/2 clients.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve(host, addr)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let url = |path: &str| format!("http://{host}:{}{path}", addr.port());
+    let r = h2.get(url("/hop")).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-kept"], "1");
+    for name in hop {
+        assert!(r.headers().get(name).is_none(), "h2: {name} relayed");
+    }
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let r = h2.get(url("/lengths/same")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers().get_all("content-length").iter().count(), 1);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_answers_before_taking_the_whole_body_is_relayed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = "refuse.lain.local";
     let (cluster, _up, proxy) = scripted_route("proxy-h1-refuse", host).await;
-    let before = metrics(&proxy).await;
+    let before = settled_metrics(&proxy).await;
     let s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
     let (mut r, mut w) = s.into_split();
     // 32 MiB announced: far more than the sockets between here and the upstream hold, so

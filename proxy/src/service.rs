@@ -427,6 +427,48 @@ impl LainProxy {
     }
 }
 
+impl LainProxy {
+    /// Answers `Expect: 100-continue` for the app, as nginx does, once the request is known
+    /// to go upstream (it has a route, a healthy endpoint and an allowed length); the field
+    /// itself stays behind. A client that expects it waits before sending its body (curl,
+    /// and so PHP, for every body over 1 KiB), and many apps never send `100 Continue`
+    /// themselves, so relaying theirs would stall such uploads for as long as the client
+    /// waits, a second for curl. An HTTP/1.0 client gets none (RFC 9110 §10.1.1), nor does
+    /// an HTTP/2 client: pingora cannot send an interim response over HTTP/2, so that
+    /// client waits for its own timeout and then sends the body.
+    async fn continue_if_expected(&self, session: &mut Session) -> Result<()> {
+        let req = session.req_header();
+        let expects = req
+            .headers
+            .get_all(http::header::EXPECT)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !expects {
+            return Ok(());
+        }
+        let http11 = req.version == http::Version::HTTP_11;
+        if http11
+            && !session.is_body_empty()
+            && let ServerSession::H1(h1) = session.as_downstream_mut()
+        {
+            // Written while the field is still there: pingora passes a 100 on only to a
+            // request that asked for it. pingora also ends the connection after a response
+            // that starts before the request body is read, which is right for a final
+            // answer but not for this one, so that rule is lifted while it is written.
+            h1.set_close_on_response_before_downstream_finish(false);
+            let written = h1
+                .write_response_header(Box::new(ResponseHeader::build(100, Some(0))?))
+                .await;
+            h1.set_close_on_response_before_downstream_finish(true);
+            written?;
+        }
+        session
+            .req_header_mut()
+            .remove_header(&http::header::EXPECT);
+        Ok(())
+    }
+}
+
 /// The status a failed request is answered with (0: the client is gone, nothing to send).
 /// An upstream that timed out gives 504, as nginx and lain's HTTP/1.1 path answer; any other
 /// upstream failure 502.
@@ -564,6 +606,7 @@ impl ProxyHttp for LainProxy {
         }
         ctx.upstream_path = upstream_path;
         ctx.route = Some(route);
+        self.continue_if_expected(session).await?;
         Ok(false)
     }
 
@@ -846,6 +889,9 @@ impl ProxyHttp for LainProxy {
         self.metrics.served_by_pingora.inc();
         let status = session
             .response_written()
+            // An interim answer (a 100 Continue, a relayed 103) is not the request's status;
+            // a switch of protocols is.
+            .filter(|r| !r.status.is_informational() || r.status.as_u16() == 101)
             .map(|r| r.status.as_u16())
             .unwrap_or(ctx.status);
         let req = session.req_header();

@@ -3555,6 +3555,98 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_by_the_proxy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = "expect.lain.local";
+    let mut cluster = Cluster::new("proxy-expect").await;
+    // An app that never reads the body, so never sends `100 Continue` itself.
+    let up = Upstream::start("expect").await;
+    cluster.put_endpoint("expect", 1, up.addr).await;
+    cluster.put_route(&route(host, "/", "expect")).await;
+    let mut limited = route(&format!("small.{host}"), "/", "expect");
+    limited.max_body_bytes = Some(4);
+    cluster.put_route(&limited).await;
+    let proxy = Proxy::start(&cluster, "");
+    wait_status(&client(), &proxy, host, "/", 200).await;
+    // Reads until `until` has arrived or the connection ends, for at most `secs`.
+    async fn read_until(s: &mut tokio::net::TcpStream, until: &str, secs: u64) -> String {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(secs), async {
+            let mut piece = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains(until) {
+                match s.read(&mut piece).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&piece[..n]),
+                }
+            }
+        })
+        .await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+    for chunked in [false, true] {
+        let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+        let framing = if chunked {
+            "Transfer-Encoding: chunked"
+        } else {
+            "Content-Length: 5"
+        };
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: {host}\r\n{framing}\r\nExpect: 100-continue\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // The body is held back until the proxy says to go on, as a client does.
+        let interim = read_until(&mut s, "\r\n\r\n", 5).await;
+        assert_eq!(
+            interim, "HTTP/1.1 100 Continue\r\n\r\n",
+            "chunked: {chunked}"
+        );
+        let body: &[u8] = if chunked {
+            b"5\r\nhello\r\n0\r\n\r\n"
+        } else {
+            b"hello"
+        };
+        s.write_all(body).await.unwrap();
+        let answer = read_until(&mut s, "}", 5).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let sent = json(answer.split_once("\r\n\r\n").unwrap().1);
+        // The app is not asked again.
+        assert!(sent["headers"].get("expect").is_none(), "{sent}");
+        // The connection goes on to the next request.
+        assert!(
+            !answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        let next = format!("GET /next HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        s.write_all(next.as_bytes()).await.unwrap();
+        let answer = read_until(&mut s, "}", 5).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains(r#""uri":"/next""#), "{answer}");
+    }
+    // A request that gets a final answer from the proxy gets no 100 first.
+    let raw = raw_request(
+        proxy.http,
+        &format!(
+            "POST /upload HTTP/1.1\r\nHost: small.{host}\r\nContent-Length: 5\r\n\
+             Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
+    // An HTTP/1.0 client gets none (RFC 9110 §10.1.1); its body is still delivered.
+    let raw = raw_request(
+        proxy.http,
+        &format!(
+            "POST /upload HTTP/1.0\r\nHost: {host}\r\nContent-Length: 5\r\n\
+             Expect: 100-continue\r\n\r\nhello"
+        ),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(!raw.contains("100 Continue"), "{raw}");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_answers_before_taking_the_whole_body_is_relayed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = "refuse.lain.local";

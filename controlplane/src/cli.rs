@@ -58,6 +58,7 @@ pub fn run(args: Args) -> Result<(), RunError> {
         return Ok(());
     }
     lain_common::telemetry::init(lain_common::telemetry::LogFormat::Text);
+    lain_common::limits::raise_open_files_limit();
     let rt = tokio::runtime::Runtime::new()
         .map_err(|e| RunError::Failed(format!("cannot start the runtime: {e}")))?;
     rt.block_on(serve(config))

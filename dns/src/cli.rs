@@ -55,6 +55,7 @@ pub fn run(args: Args) -> Result<(), RunError> {
         return Ok(());
     }
     init_logging(cfg.log_json);
+    lain_common::limits::raise_open_files_limit();
     let threads = if cfg.worker_threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {

@@ -55,6 +55,7 @@ pub fn run(args: Args) -> Result<(), RunError> {
         println!("{}: configuration is valid", path.display());
         return Ok(());
     }
+    lain_common::limits::raise_open_files_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

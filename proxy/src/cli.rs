@@ -62,5 +62,6 @@ pub fn run(args: Args) -> Result<(), RunError> {
         return Ok(());
     }
     lain_common::telemetry::init(lain_common::telemetry::LogFormat::Text);
+    lain_common::limits::raise_open_files_limit();
     crate::server::run(config, args.upgrade)
 }

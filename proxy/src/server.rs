@@ -429,6 +429,13 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
         ])
         .with_no_client_auth()
         .with_cert_resolver(store);
+        // Stateless session tickets, which nginx also issues by default: a returning client
+        // resumes its session, skipping the certificate signature that is the costliest part
+        // of a handshake, however many other clients came in between. Without a ticketer,
+        // resumption rests on a cache of 256 sessions, which a busy edge overwrites in
+        // moments. rustls makes a new ticket key every six hours.
+        tls.ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| fail("creating the session ticket key", &e))?;
         tls.alpn_protocols = if config.tls.h2 {
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         } else {

@@ -1514,6 +1514,99 @@ fn tls_client(roots: &[&String], names: &[&str], addr: SocketAddr) -> reqwest::C
     b.build().unwrap()
 }
 
+/// One TLS connection to `addr` for `name` with `config`, carrying one request so that
+/// tickets the server sends after the handshake are read; how the handshake went, or `None`
+/// when it failed.
+async fn tls_exchange(
+    config: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    name: &str,
+) -> Option<rustls::HandshakeKind> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let server = rustls::pki_types::ServerName::try_from(name.to_string()).ok()?;
+    let mut s = tokio_rustls::TlsConnector::from(config)
+        .connect(server, tcp)
+        .await
+        .ok()?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    assert!(answer.starts_with(b"HTTP/1.1 "), "{answer:?}");
+    s.get_ref().1.handshake_kind()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_however_many_clients_came_between() {
+    let mut cluster = Cluster::new("proxy-tls-resume").await;
+    let name = "resume.tls.lain";
+    let cert = self_signed(&[name]);
+    put_cert(&mut cluster, "resume", &[name], &cert).await;
+    let dir = lain_test_support::temp_dir();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[state]\netcd_endpoints = {:?}\nprefix = \"{}\"\n[access_log]\npath = \"\"\n",
+            cluster.endpoints, cluster.prefix
+        ),
+    )
+    .unwrap();
+    let process = LainProcess::spawn(
+        &["proxy", "--config", config.to_str().unwrap()],
+        &[("LAIN_LOG", "warn")],
+        &["http", "https", "admin"],
+    );
+    let https = process.addr("https");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(
+            <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+                cert.0.as_bytes(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    // A client of its own, with its own store of sessions to resume.
+    let client = |version: &'static rustls::SupportedProtocolVersion| {
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth(),
+        )
+    };
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let returning = client(version);
+        let first = eventually(Duration::from_secs(10), "the certificate served", || {
+            tls_exchange(returning.clone(), https, name)
+        })
+        .await;
+        assert_eq!(first, rustls::HandshakeKind::Full, "{version:?}");
+        // More clients than a session cache of 256 holds.
+        for _ in 0..300 {
+            assert_eq!(
+                tls_exchange(client(version), https, name).await,
+                Some(rustls::HandshakeKind::Full),
+                "{version:?}"
+            );
+        }
+        assert_eq!(
+            tls_exchange(returning, https, name).await,
+            Some(rustls::HandshakeKind::Resumed),
+            "{version:?}"
+        );
+    }
+    cluster.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_sni_certificates_rotation_http2_and_https_only() {
     let mut cluster = Cluster::new("proxy-tls").await;

@@ -70,7 +70,7 @@ mod tests {
         let hard = start
             .maximum
             .expect("Linux always has a hard limit on open files");
-        let low = hard.min(256);
+        let low = hard.min(1024);
         setrlimit(
             Resource::Nofile,
             Rlimit {

@@ -960,7 +960,13 @@ impl H1 {
                     ));
                 }
                 if (100..200).contains(&code) {
-                    send(stream, &bufs.rbuf[..head], write_t)
+                    // Without its hop-by-hop fields, as a final response; there are few
+                    // enough interim ones that their options are read here.
+                    let nominates = connection_values(resp.headers)
+                        .flat_map(|v| v.split(','))
+                        .any(|o| !connection_only(o.trim()));
+                    write_response_head(&mut bufs.out, &resp, false, false, nominates, None);
+                    send(stream, &bufs.out, write_t)
                         .await
                         .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
                     bufs.rbuf.drain(..head);
@@ -973,8 +979,14 @@ impl H1 {
                 // The response header is complete: from here on the client sees what happens.
                 let close =
                     req.close || shutting_down || refused || shape.framing == Framing::Close;
-                let add_id = (!shape.has_id).then_some(id);
-                write_response_head(&mut bufs.out, &resp, close, &shape, add_id);
+                write_response_head(
+                    &mut bufs.out,
+                    &resp,
+                    close,
+                    shape.coded,
+                    shape.nominates,
+                    Some(id),
+                );
                 break (head, code, shape.framing, shape.keep_alive);
             };
         record.status = resp_status;
@@ -1201,7 +1213,6 @@ async fn read_more(up: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()>
 struct Shape {
     framing: Framing,
     keep_alive: bool,
-    has_id: bool,
     /// Framed by Transfer-Encoding; a Content-Length beside it is not relayed.
     coded: bool,
     /// Its `Connection` field names further hop-by-hop fields.
@@ -1212,7 +1223,7 @@ struct Shape {
 fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Shape, String> {
     let code = resp.code.unwrap_or(0);
     let mut keep_alive = resp.version == Some(1);
-    let (mut length, mut chunked, mut coded, mut has_id) = (None::<u64>, false, false, false);
+    let (mut length, mut chunked, mut coded) = (None::<u64>, false, false);
     let mut nominates = false;
     for h in resp.headers.iter() {
         let is = |n: &str| h.name.eq_ignore_ascii_case(n);
@@ -1235,12 +1246,10 @@ fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Sh
             for option in text(h.value).unwrap_or("").split(',').map(str::trim) {
                 if option.eq_ignore_ascii_case("close") {
                     keep_alive = false;
-                } else if !(option.is_empty() || option.eq_ignore_ascii_case("keep-alive")) {
+                } else if !connection_only(option) {
                     nominates = true;
                 }
             }
-        } else if is("x-request-id") {
-            has_id = true;
         }
     }
     let framing = if req.method == "HEAD" || code == 204 || code == 304 {
@@ -1266,7 +1275,6 @@ fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Sh
     Ok(Shape {
         framing,
         keep_alive,
-        has_id,
         coded,
         nominates,
     })
@@ -1291,10 +1299,26 @@ fn hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// Whether a field of a response with status `code` is relayed although it is hop-by-hop: a
+/// 426 keeps its `Upgrade`, which names the protocol the app requires (RFC 9110, section
+/// 15.5.22). (A 101 keeps its `Connection` and `Upgrade` too, on pingora's path; lain's
+/// path never relays one.)
+pub(crate) fn kept_hop_by_hop(name: &str, code: u16) -> bool {
+    code == 426 && name.eq_ignore_ascii_case("upgrade")
+}
+
 /// Whether a field frames the body, and so is never taken away as hop-by-hop even when a
 /// `Connection` field names it: the body is relayed as it is framed.
 pub(crate) fn framing_field(name: &str) -> bool {
     name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("transfer-encoding")
+}
+
+/// Whether a connection option only manages the connection (`close`, `keep-alive`, or
+/// none), rather than naming a hop-by-hop field.
+fn connection_only(option: &str) -> bool {
+    option.is_empty()
+        || option.eq_ignore_ascii_case("close")
+        || option.eq_ignore_ascii_case("keep-alive")
 }
 
 /// Whether `name` is among the connection options of `connection` (the values of a
@@ -1325,37 +1349,42 @@ fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes the response header the client gets, without the hop-by-hop fields. A response
-/// framed by Transfer-Encoding (`shape.coded`) loses a Content-Length it also has (RFC 9112,
-/// section 6.3: an intermediary must remove it; a client or cache behind that trusted it
-/// would lose track of where the response ends), and a length given more than once (the
-/// same each time, or the response was refused) is sent once: many clients refuse a
-/// repeated one, and an HTTP/2 client always does.
+/// Writes the response header the client gets, without the hop-by-hop fields (and those
+/// its `Connection` names, when `nominates`). A response framed by Transfer-Encoding
+/// (`coded`) loses a Content-Length it also has (RFC 9112, section 6.3: an intermediary must
+/// remove it; a client or cache behind that trusted it would lose track of where the
+/// response ends), and a length given more than once (the same each time, or the response
+/// was refused) is sent once: many clients refuse a repeated one, and an HTTP/2 client
+/// always does. `id` is added as `x-request-id` unless the response keeps one of its own.
 fn write_response_head(
     out: &mut Vec<u8>,
     resp: &httparse::Response<'_, '_>,
     close: bool,
-    shape: &Shape,
-    add_id: Option<&str>,
+    coded: bool,
+    nominates: bool,
+    id: Option<&str>,
 ) {
     out.clear();
+    let code = resp.code.unwrap_or(0);
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(resp.code.unwrap_or(0).to_string().as_bytes());
+    out.extend_from_slice(code.to_string().as_bytes());
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut length_sent = false;
+    let (mut length_sent, mut id_sent) = (false, false);
     for h in resp.headers.iter() {
         let length = h.name.eq_ignore_ascii_case("content-length");
-        let dropped = hop_by_hop(h.name)
-            || (length && (shape.coded || length_sent))
-            || (shape.nominates && nominated(connection_values(resp.headers), h.name));
+        let dropped = (length && (coded || length_sent))
+            || ((hop_by_hop(h.name)
+                || (nominates && nominated(connection_values(resp.headers), h.name)))
+                && !kept_hop_by_hop(h.name, code));
         if !dropped {
             put_header(out, h.name, h.value);
             length_sent |= length;
+            id_sent |= h.name.eq_ignore_ascii_case("x-request-id");
         }
     }
-    if let Some(id) = add_id {
+    if let Some(id) = id.filter(|_| !id_sent) {
         put_header(out, "x-request-id", id.as_bytes());
     }
     if close {
@@ -1649,7 +1678,7 @@ mod tests {
             assert!(matches!(resp.parse(raw), Ok(httparse::Status::Complete(_))));
             let shape = response_shape(&req.unwrap(), &resp).unwrap();
             let mut out = Vec::new();
-            write_response_head(&mut out, &resp, close, &shape, add_id);
+            write_response_head(&mut out, &resp, close, shape.coded, shape.nominates, add_id);
             String::from_utf8(out).unwrap()
         })
     }
@@ -1705,6 +1734,26 @@ mod tests {
                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"
             )
             .is_err()
+        );
+        // The upstream's own request id goes when its Connection names it; lain's comes instead.
+        assert_eq!(
+            relayed_head(
+                b"HTTP/1.1 200 OK\r\nConnection: X-Request-Id\r\nX-Request-Id: theirs\r\n\
+                  Content-Length: 0\r\n\r\n",
+                false,
+                Some("ours")
+            ),
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-request-id: ours\r\n\r\n"
+        );
+        // A 426 keeps the Upgrade that says which protocol the app requires.
+        assert_eq!(
+            relayed_head(
+                b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: TLS/1.2\r\nConnection: Upgrade\r\n\
+                  Content-Length: 0\r\n\r\n",
+                false,
+                None
+            ),
+            "HTTP/1.1 426 Upgrade Required\r\nUpgrade: TLS/1.2\r\nContent-Length: 0\r\n\r\n"
         );
     }
 }

@@ -451,10 +451,9 @@ impl LainProxy {
             && !session.is_body_empty()
             && let ServerSession::H1(h1) = session.as_downstream_mut()
         {
-            // Written while the field is still there: pingora passes a 100 on only to a
-            // request that asked for it. pingora also ends the connection after a response
-            // that starts before the request body is read, which is right for a final
-            // answer but not for this one, so that rule is lifted while it is written.
+            // pingora ends the connection after a response that starts before the request
+            // body is read, which is right for a final answer but not for this one, so
+            // that rule is lifted while it is written.
             h1.set_close_on_response_before_downstream_finish(false);
             let written = h1
                 .write_response_header(Box::new(ResponseHeader::build(100, Some(0))?))
@@ -509,6 +508,10 @@ impl ProxyHttp for LainProxy {
         // connection's later requests.
         if let ServerSession::H1(h1) = session.as_downstream_mut() {
             h1.set_pipelining_enabled(true);
+            // A server must not send an HTTP/1.0 client an interim response (RFC 9110
+            // §15.2), such as an app's 103 Early Hints; pingora relays them unless told.
+            let http10 = h1.req_header().version == http::Version::HTTP_10;
+            h1.set_ignore_info_resp(http10);
         }
         let peer_ip = session
             .client_addr()
@@ -711,18 +714,21 @@ impl ProxyHttp for LainProxy {
                 e.etype,
                 ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::InvalidHTTPHeader
             );
-        if replayable && ctx.tried.len() <= self.max_retries {
-            if let Some(stats) = &ctx.in_flight
-                && stats.record_failure(self.eject_after_failures, self.eject_ms)
-            {
-                self.metrics.ejections.inc();
-                tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
-            }
-            ctx.release();
-            e.set_retry(true);
-        } else {
-            e.set_retry(false);
+        // A response that could not be read counts against its endpoint, as on lain's path,
+        // whether or not the request goes elsewhere.
+        let unreadable = e.etype == ErrorType::InvalidHTTPHeader && !ctx.upstream_responded;
+        let retry = replayable && ctx.tried.len() <= self.max_retries;
+        if (retry || unreadable)
+            && let Some(stats) = &ctx.in_flight
+            && stats.record_failure(self.eject_after_failures, self.eject_ms)
+        {
+            self.metrics.ejections.inc();
+            tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
         }
+        if retry {
+            ctx.release();
+        }
+        e.set_retry(retry);
         e
     }
 
@@ -801,9 +807,14 @@ impl ProxyHttp for LainProxy {
                 None,
             ));
         }
-        // A switch of protocols keeps its `Connection` and `Upgrade`: they are the switch.
-        if resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
-            drop_hop_by_hop(resp)?;
+        if let Err(e) = drop_hop_by_hop(resp) {
+            if let Some(stats) = &ctx.in_flight
+                && stats.record_failure(self.eject_after_failures, self.eject_ms)
+            {
+                self.metrics.ejections.inc();
+                tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
+            }
+            return Err(e);
         }
         if let Some(stats) = &ctx.in_flight {
             if resp.status.is_server_error() {
@@ -835,7 +846,9 @@ impl ProxyHttp for LainProxy {
             resp.remove_header("transfer-encoding");
             session.set_keepalive(None);
         }
-        if resp.headers.get("x-request-id").is_none() {
+        // The final response carries the id, as on lain's path; an interim one goes as the
+        // app sent it.
+        if !resp.status.is_informational() && resp.headers.get("x-request-id").is_none() {
             resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         }
         Ok(())
@@ -917,10 +930,14 @@ impl ProxyHttp for LainProxy {
 }
 
 /// Takes from an upstream response what lain's HTTP/1.1 path does not relay either: the
-/// hop-by-hop fields ([`crate::h1::HOP_BY_HOP`], and those its `Connection` names), and a
+/// hop-by-hop fields ([`crate::h1::HOP_BY_HOP`], and those its `Connection` names; a 101
+/// keeps its `Connection`, `Upgrade` and what they name, a 426 its `Upgrade`), and a
 /// repeated Content-Length, sent once when every copy agrees (pingora would pass them all on,
 /// which an HTTP/2 client refuses) and a 502 when they differ.
 fn drop_hop_by_hop(resp: &mut ResponseHeader) -> Result<()> {
+    let code = resp.status.as_u16();
+    // A switch of protocols keeps its `Connection` and what it names: they are the switch.
+    let switching = code == 101;
     let named: Vec<String> = resp
         .headers
         .iter()
@@ -929,13 +946,17 @@ fn drop_hop_by_hop(resp: &mut ResponseHeader) -> Result<()> {
         .flat_map(|v| v.split(','))
         .map(|option| option.trim().to_ascii_lowercase())
         .filter(|option| !option.is_empty() && !crate::h1::framing_field(option))
+        .filter(|_| !switching)
         .collect();
     for name in crate::h1::HOP_BY_HOP
         .iter()
         .copied()
+        .filter(|name| !(switching && matches!(*name, "connection" | "upgrade")))
         .chain(named.iter().map(String::as_str))
     {
-        resp.remove_header(name);
+        if !crate::h1::kept_hop_by_hop(name, code) {
+            resp.remove_header(name);
+        }
     }
     let lengths = resp.headers.get_all(http::header::CONTENT_LENGTH);
     let mut values = lengths.iter();

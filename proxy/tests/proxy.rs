@@ -79,11 +79,23 @@ impl Upstream {
                                 .iter()
                                 .map(|v| v.to_str().unwrap_or("").to_string())
                                 .collect();
+                            let uri = req.uri().to_string();
+                            // An upload is read before it is answered, as an app does.
+                            let body_len = if req.uri().path().starts_with("/upload") {
+                                use http_body_util::BodyExt;
+                                req.into_body()
+                                    .collect()
+                                    .await
+                                    .map_or(0, |b| b.to_bytes().len())
+                            } else {
+                                0
+                            };
                             let body = serde_json::json!({
                                 "name": name,
-                                "uri": req.uri().to_string(),
+                                "uri": uri,
                                 "headers": headers,
                                 "cookies": cookies,
+                                "body_len": body_len,
                             });
                             Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
                         }
@@ -2151,9 +2163,17 @@ impl ScriptedUpstream {
                 }
                 // Apache's offer to upgrade, and fields its Connection makes hop-by-hop.
                 "/hop" => (
-                    b"HTTP/1.1 200 OK\r\nUpgrade: h2,h2c\r\nConnection: Upgrade, Keep-Alive, X-Hop\r\n\
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\nConnection: X-Hint\r\n\
+                      X-Hint: 1\r\n\r\n\
+                      HTTP/1.1 200 OK\r\nUpgrade: h2,h2c\r\nConnection: Upgrade, Keep-Alive, X-Hop\r\n\
                       Keep-Alive: timeout=5, max=100\r\nProxy-Connection: keep-alive\r\n\
                       TE: trailers\r\nX-Hop: secret\r\nX-Kept: 1\r\ncontent-length: 2\r\n\r\nok"
+                        .to_vec(),
+                    None,
+                ),
+                "/426" => (
+                    b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: TLS/1.2\r\nConnection: Upgrade\r\n\
+                      content-length: 2\r\n\r\nno"
                         .to_vec(),
                     None,
                 ),
@@ -2396,11 +2416,17 @@ fn served_by(m: &str, path: &str) -> f64 {
 async fn settled_metrics(p: &Proxy) -> String {
     let served = |m: &str| served_by(m, "h1") + served_by(m, "pingora");
     let mut last = metrics(p).await;
+    let mut unchanged = 0;
     for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let now = metrics(p).await;
         if served(&now) == served(&last) {
-            return now;
+            unchanged += 1;
+            if unchanged == 2 {
+                return now;
+            }
+        } else {
+            unchanged = 0;
         }
         last = now;
     }
@@ -3565,14 +3591,38 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
         "te",
         "x-hop",
     ];
-    // HTTP/1.1 takes lain's own path, HTTP/1.0 pingora's.
-    for version in ["1.1", "1.0"] {
+    // HTTP/1.1 takes lain's own path; with a chunked (empty) body, or as HTTP/1.0,
+    // pingora's.
+    for (version, chunked) in [("1.1", false), ("1.1", true), ("1.0", false)] {
         let ask = |target: &str| {
-            let request =
-                format!("GET {target} HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            let body = if chunked {
+                "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            } else {
+                "\r\n"
+            };
+            let request = format!(
+                "GET {target} HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n{body}"
+            );
             async move { raw_request(addr, &request).await }
         };
+        let version = if chunked { "1.1 chunked" } else { version };
         let raw = ask("/hop").await;
+        // The app's 103 Early Hints, also without its hop-by-hop fields; none for an
+        // HTTP/1.0 client (RFC 9110 §15.2).
+        let raw = if version == "1.0" {
+            assert!(!raw.contains(" 103 "), "{version}: {raw}");
+            raw
+        } else {
+            let (interim, rest) = raw.split_once("\r\n\r\n").unwrap();
+            assert!(interim.starts_with("HTTP/1.1 103"), "{version}: {raw}");
+            assert!(interim.contains("Link: </a.css>"), "{version}: {raw}");
+            let interim = interim.to_ascii_lowercase();
+            assert!(
+                !interim.contains("x-hint") && !interim.contains("connection"),
+                "{version}: {raw}"
+            );
+            rest.to_string()
+        };
         let (head, body) = raw.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 200"), "{version}: {raw}");
         assert_eq!(body, "ok", "{version}");
@@ -3622,6 +3672,10 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
         if version == "1.1" {
             wait_served(&proxy, &before, "h1", 3.0).await;
         }
+        // A 426 keeps the Upgrade that names the protocol the app requires.
+        let raw = ask("/426").await;
+        assert!(raw.starts_with("HTTP/1.1 426"), "{version}: {raw}");
+        assert!(raw.contains("Upgrade: TLS/1.2\r\n"), "{version}: {raw}");
     }
     // HTTP/2 (pingora's path): a connection-specific field would make the response
     // malformed, and a repeated length is refused by HTTP/2 clients.
@@ -3644,6 +3698,16 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers().get_all("content-length").iter().count(), 1);
     assert_eq!(r.text().await.unwrap(), "ok");
+    // Responses that cannot be read count against their endpoint on pingora's path too:
+    // five in a row eject it.
+    let ejections = |m: &str| metric_value(m, "lain_proxy_upstream_ejections_total");
+    assert_eq!(ejections(&metrics(&proxy).await), 0.0);
+    for _ in 0..5 {
+        let request = format!("GET /lengths/differ HTTP/1.0\r\nHost: {host}\r\n\r\n");
+        let raw = raw_request(addr, &request).await;
+        assert!(raw.starts_with("HTTP/1.1 502"), "{raw}");
+    }
+    assert_eq!(ejections(&metrics(&proxy).await), 1.0);
     cluster.cleanup().await;
 }
 
@@ -3652,7 +3716,7 @@ async fn expect_100_continue_is_answered_by_the_proxy() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = "expect.lain.local";
     let mut cluster = Cluster::new("proxy-expect").await;
-    // An app that never reads the body, so never sends `100 Continue` itself.
+    // An app that reads the body of an upload before it answers.
     let up = Upstream::start("expect").await;
     cluster.put_endpoint("expect", 1, up.addr).await;
     cluster.put_route(&route(host, "/", "expect")).await;
@@ -3699,21 +3763,23 @@ async fn expect_100_continue_is_answered_by_the_proxy() {
             b"hello"
         };
         s.write_all(body).await.unwrap();
-        let answer = read_until(&mut s, "}", 5).await;
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        let sent = json(answer.split_once("\r\n\r\n").unwrap().1);
+        let mut buf = Vec::new();
+        let (status, fields, answer) = read_any_response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!(status, 200);
+        let sent = json(&String::from_utf8_lossy(&answer));
+        assert_eq!(sent["body_len"], 5, "{sent}");
         // The app is not asked again.
         assert!(sent["headers"].get("expect").is_none(), "{sent}");
         // The connection goes on to the next request.
-        assert!(
-            !answer.to_ascii_lowercase().contains("connection: close"),
-            "{answer}"
+        assert_eq!(
+            fields.get("connection").map(String::as_str),
+            Some("keep-alive")
         );
         let next = format!("GET /next HTTP/1.1\r\nHost: {host}\r\n\r\n");
         s.write_all(next.as_bytes()).await.unwrap();
-        let answer = read_until(&mut s, "}", 5).await;
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.contains(r#""uri":"/next""#), "{answer}");
+        let (status, _, answer) = read_any_response(&mut s, &mut buf, false).await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(json(&String::from_utf8_lossy(&answer))["uri"], "/next");
     }
     // A request that gets a final answer from the proxy gets no 100 first.
     let raw = raw_request(

@@ -1526,6 +1526,27 @@ fn tls_client(roots: &[&String], names: &[&str], addr: SocketAddr) -> reqwest::C
     b.build().unwrap()
 }
 
+/// A proxy with an https listener (and http and admin) following `cluster`; the directory
+/// holds its configuration.
+fn tls_proxy(cluster: &Cluster) -> (LainProcess, tempfile::TempDir) {
+    let dir = lain_test_support::temp_dir();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[state]\netcd_endpoints = {:?}\nprefix = \"{}\"\n[access_log]\npath = \"\"\n",
+            cluster.endpoints, cluster.prefix
+        ),
+    )
+    .unwrap();
+    let process = LainProcess::spawn(
+        &["proxy", "--config", config.to_str().unwrap()],
+        &[("LAIN_LOG", "warn")],
+        &["http", "https", "admin"],
+    );
+    (process, dir)
+}
+
 /// One TLS connection to `addr` for `name` with `config`, carrying one request so that
 /// tickets the server sends after the handshake are read; how the handshake went, or `None`
 /// when it failed.
@@ -1558,21 +1579,7 @@ async fn tls_sessions_resume_however_many_clients_came_between() {
     let name = "resume.tls.lain";
     let cert = self_signed(&[name]);
     put_cert(&mut cluster, "resume", &[name], &cert).await;
-    let dir = lain_test_support::temp_dir();
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listen]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[state]\netcd_endpoints = {:?}\nprefix = \"{}\"\n[access_log]\npath = \"\"\n",
-            cluster.endpoints, cluster.prefix
-        ),
-    )
-    .unwrap();
-    let process = LainProcess::spawn(
-        &["proxy", "--config", config.to_str().unwrap()],
-        &[("LAIN_LOG", "warn")],
-        &["http", "https", "admin"],
-    );
+    let (process, _dir) = tls_proxy(&cluster);
     let https = process.addr("https");
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -1633,21 +1640,7 @@ async fn tls_sni_certificates_rotation_http2_and_https_only() {
     put_cert(&mut cluster, "a", &["a.tls.lain"], &a).await;
     put_cert(&mut cluster, "b", &["*.b.tls.lain", "b.tls.lain"], &b).await;
 
-    let dir = lain_test_support::temp_dir();
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listen]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[state]\netcd_endpoints = {:?}\nprefix = \"{}\"\n[access_log]\npath = \"\"\n",
-            cluster.endpoints, cluster.prefix
-        ),
-    )
-    .unwrap();
-    let process = LainProcess::spawn(
-        &["proxy", "--config", config.to_str().unwrap()],
-        &[("LAIN_LOG", "warn")],
-        &["http", "https", "admin"],
-    );
+    let (process, _dir) = tls_proxy(&cluster);
     let https = process.addr("https");
     let names = ["a.tls.lain", "b.tls.lain", "x.b.tls.lain"];
     let c = tls_client(&[&a.0, &b.0], &names, https);

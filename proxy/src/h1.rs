@@ -960,12 +960,9 @@ impl H1 {
                     ));
                 }
                 if (100..200).contains(&code) {
-                    // Without its hop-by-hop fields, as a final response; there are few
-                    // enough interim ones that their options are read here.
-                    let nominates = connection_values(resp.headers)
-                        .flat_map(|v| v.split(','))
-                        .any(|o| !connection_only(o.trim()));
-                    write_response_head(&mut bufs.out, &resp, false, false, nominates, None);
+                    // Without its hop-by-hop fields, as a final response; interim ones are
+                    // rare enough that every field is checked against their `Connection`.
+                    write_response_head(&mut bufs.out, &resp, false, false, true, None);
                     send(stream, &bufs.out, write_t)
                         .await
                         .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;

@@ -428,6 +428,17 @@ impl LainProxy {
 }
 
 impl LainProxy {
+    /// Counts a failure against the endpoint the request went to, ejecting it after
+    /// `eject_after_failures` in a row.
+    fn blame(&self, ctx: &Ctx) {
+        if let Some(stats) = &ctx.in_flight
+            && stats.record_failure(self.eject_after_failures, self.eject_ms)
+        {
+            self.metrics.ejections.inc();
+            tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
+        }
+    }
+
     /// Answers `Expect: 100-continue` for the app, as nginx does, once the request is known
     /// to go upstream (it has a route, a healthy endpoint and an allowed length); the field
     /// itself stays behind. A client that expects it waits before sending its body (curl,
@@ -669,12 +680,7 @@ impl ProxyHttp for LainProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         self.metrics.connect_errors.inc();
-        if let Some(stats) = &ctx.in_flight
-            && stats.record_failure(self.eject_after_failures, self.eject_ms)
-        {
-            self.metrics.ejections.inc();
-            tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
-        }
+        self.blame(ctx);
         ctx.release();
         // Nothing was sent, so another endpoint may take the request.
         if ctx.tried.len() <= self.max_retries {
@@ -718,12 +724,8 @@ impl ProxyHttp for LainProxy {
         // whether or not the request goes elsewhere.
         let unreadable = e.etype == ErrorType::InvalidHTTPHeader && !ctx.upstream_responded;
         let retry = replayable && ctx.tried.len() <= self.max_retries;
-        if (retry || unreadable)
-            && let Some(stats) = &ctx.in_flight
-            && stats.record_failure(self.eject_after_failures, self.eject_ms)
-        {
-            self.metrics.ejections.inc();
-            tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
+        if retry || unreadable {
+            self.blame(ctx);
         }
         if retry {
             ctx.release();
@@ -808,23 +810,13 @@ impl ProxyHttp for LainProxy {
             ));
         }
         if let Err(e) = drop_hop_by_hop(resp) {
-            if let Some(stats) = &ctx.in_flight
-                && stats.record_failure(self.eject_after_failures, self.eject_ms)
-            {
-                self.metrics.ejections.inc();
-                tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
-            }
+            self.blame(ctx);
             return Err(e);
         }
-        if let Some(stats) = &ctx.in_flight {
-            if resp.status.is_server_error() {
-                if stats.record_failure(self.eject_after_failures, self.eject_ms) {
-                    self.metrics.ejections.inc();
-                    tracing::warn!(endpoint = ?ctx.endpoint, "endpoint ejected after consecutive failures");
-                }
-            } else {
-                stats.record_success();
-            }
+        if resp.status.is_server_error() {
+            self.blame(ctx);
+        } else if let Some(stats) = &ctx.in_flight {
+            stats.record_success();
         }
         Ok(())
     }

@@ -482,6 +482,45 @@ impl LainProxy {
 /// The status a failed request is answered with (0: the client is gone, nothing to send).
 /// An upstream that timed out gives 504, as nginx and lain's HTTP/1.1 path answer; any other
 /// upstream failure 502.
+/// Sends on what was relayed of a response that failed part way, before the connection is cut.
+///
+/// pingora's HTTP/1 writer keeps a response head in its buffer until body bytes follow, and
+/// an upstream failure that reaches it on its own drops that buffer unsent: a client whose
+/// app closed before the whole body got an empty reply, or lost the last body bytes read.
+/// nginx sends what it has and then closes, which lets a client see how far the response
+/// came (a short body against its length, or a chunked body without its last chunk). The
+/// writer flushes its buffer when a failure follows other tasks in one batch, so an empty
+/// body task goes first; an empty body is never written as a chunk.
+///
+/// Over HTTP/2 the head and body frames wait in the connection's queue for the task that
+/// writes it, and resetting the stream, as dropping it does, discards what is still queued:
+/// the client saw only the reset. Yielding once lets that task write them first.
+async fn flush_relayed(session: &mut Session) {
+    use pingora_core::protocols::http::HttpTask;
+    match &*session.downstream_session {
+        ServerSession::H1(_) => {}
+        ServerSession::H2(_) => {
+            tokio::task::yield_now().await;
+            return;
+        }
+        _ => return,
+    }
+    let empty = if session.was_upgraded() {
+        HttpTask::UpgradedBody(None, false)
+    } else {
+        HttpTask::Body(None, false)
+    };
+    let cut = Error::explain(
+        ErrorType::WriteError,
+        "response cut after an upstream failure",
+    );
+    // The failure comes back as the result; the connection is closed after this in any case.
+    let _ = session
+        .downstream_session
+        .response_duplex_vec(vec![empty, HttpTask::Failed(cut)])
+        .await;
+}
+
 fn failure_status(e: &Error) -> u16 {
     match (e.esource(), e.etype()) {
         (_, ErrorType::HTTPStatus(code)) => *code,
@@ -882,6 +921,8 @@ impl ProxyHttp for LainProxy {
             if let Err(e) = sent {
                 tracing::debug!(error = %e, "cannot send the error response");
             }
+        } else if started {
+            flush_relayed(session).await;
         }
         FailToProxy {
             error_code: code,

@@ -2082,6 +2082,19 @@ impl ScriptedUpstream {
                     .await;
                 return;
             }
+            // Closed part way through the body, right after it was written: an app that
+            // crashed while answering.
+            let cut: &[u8] = match target.as_str() {
+                "/cut/length" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart",
+                "/cut/chunked" => {
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\npart\r\n"
+                }
+                _ => b"",
+            };
+            if !cut.is_empty() {
+                let _ = s.write_all(cut).await;
+                return;
+            }
             let body: Vec<u8> = loop {
                 if chunked {
                     // The whole chunked body, once it is all there.
@@ -3701,6 +3714,84 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
         assert!(raw.starts_with("HTTP/1.1 502"), "{raw}");
     }
     assert_eq!(ejections(&metrics(&proxy).await), 1.0);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_by_the_upstream_reaches_the_client_as_far_as_it_came() {
+    let host = "cut.tls.lain";
+    let mut cluster = Cluster::new("proxy-cut").await;
+    let up = ScriptedUpstream::start().await;
+    cluster.put_endpoint("scripted", 1, up.addr).await;
+    cluster.put_route(&route(host, "/", "scripted")).await;
+    let cert = self_signed(&[host]);
+    put_cert(&mut cluster, "cut", &[host], &cert).await;
+    let (process, _dir) = tls_proxy(&cluster);
+    let (addr, https) = (process.addr("http"), process.addr("https"));
+    // HTTP/2 over TLS (pingora's path): the head arrives, then the stream is reset, so
+    // reading the body fails instead of ending early.
+    let h2 = tls_client(&[&cert.0], &[host], https);
+    let url = |path: &str| format!("https://{host}:{}{path}", https.port());
+    let first = eventually(Duration::from_secs(10), "the route served", || async {
+        let r = h2.get(url("/")).send().await.ok()?;
+        (r.status() == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(first.version(), reqwest::Version::HTTP_2);
+    for round in 0..8 {
+        for path in ["/cut/length", "/cut/chunked", "/"] {
+            // A connection of its own each time, as a browser's first request has.
+            let r = tls_client(&[&cert.0], &[host], https)
+                .get(url(path))
+                .send()
+                .await;
+            let r = r.unwrap_or_else(|e| panic!("h2 {path} #{round}: {e:?}"));
+            assert_eq!(r.status(), 200, "h2 {path} #{round}");
+            let body = r.bytes().await;
+            assert_eq!(body.is_ok(), path == "/", "h2 {path} #{round}: {body:?}");
+        }
+    }
+    // HTTP/1.1 takes lain's own path; with a chunked (empty) body, or as HTTP/1.0,
+    // pingora's. Whether a failure reached pingora's writer on its own or behind the body
+    // bytes varies, so each is asked several times.
+    for (version, chunked) in [("1.1", false), ("1.1", true), ("1.0", false)] {
+        let label = if chunked { "1.1 chunked" } else { version };
+        let ask = |target: &str| {
+            let body = if chunked {
+                "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            } else {
+                "\r\n"
+            };
+            let request = format!(
+                "GET {target} HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n{body}"
+            );
+            async move { raw_request(addr, &request).await }
+        };
+        for round in 0..8 {
+            // The head and the part of the body that came, then the end of the connection,
+            // which read_to_end waits for: the client can tell the body is short.
+            let raw = ask("/cut/length").await;
+            assert!(raw.starts_with("HTTP/1.1 200"), "{label} #{round}: {raw:?}");
+            assert!(
+                raw.contains("\r\ncontent-length: 100\r\n"),
+                "{label} #{round}: {raw:?}"
+            );
+            assert!(raw.ends_with("\r\n\r\npart"), "{label} #{round}: {raw:?}");
+            // A chunked body keeps its chunks and never gets the last one, which would tell
+            // the client the body was whole. An HTTP/1.0 client gets no chunked framing.
+            if version == "1.1" {
+                let raw = ask("/cut/chunked").await;
+                assert!(raw.starts_with("HTTP/1.1 200"), "{label} #{round}: {raw:?}");
+                assert!(
+                    raw.ends_with("\r\n\r\n4\r\npart\r\n"),
+                    "{label} #{round}: {raw:?}"
+                );
+            }
+            // A whole answer between the cut ones keeps the endpoint from being ejected.
+            let raw = ask("/").await;
+            assert!(raw.starts_with("HTTP/1.1 200"), "{label} #{round}: {raw:?}");
+        }
+    }
     cluster.cleanup().await;
 }
 

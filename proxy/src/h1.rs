@@ -1219,6 +1219,12 @@ struct Shape {
 /// Reads the framing of a response to `req` (RFC 9112, section 6.3).
 fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Shape, String> {
     let code = resp.code.unwrap_or(0);
+    // httparse takes any three digits; a status below 100 is no status (RFC 9110, section
+    // 15), would be written back as a status line no client reads, and pingora's path
+    // answers 502 for it too.
+    if code < 100 {
+        return Err(format!("invalid status code {code:03}"));
+    }
     let mut keep_alive = resp.version == Some(1);
     let (mut length, mut chunked, mut coded) = (None::<u64>, false, false);
     let mut nominates = false;
@@ -1665,6 +1671,235 @@ mod tests {
         ] {
             assert!(shape("GET", bad).is_err());
         }
+    }
+
+    /// A small deterministic generator, so that a failing case can be found again from its
+    /// seed and round.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            // xorshift64*
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Fragments that make heads and bodies malformed, ambiguous or merely unusual.
+    const PIECES: [&[u8]; 18] = [
+        b"\r\nContent-Length: 5",
+        b"\r\ncontent-length: 0",
+        b"\r\nContent-Length: 18446744073709551616",
+        b"\r\nTransfer-Encoding: chunked",
+        b"\r\nTransfer-Encoding: gzip",
+        b", chunked",
+        b"\r\nConnection: close",
+        b"\r\nConnection: keep-alive, x-a, content-length",
+        b"\r\nConnection: transfer-encoding, upgrade",
+        b"\r\nx-a: 1",
+        b"\r\nUpgrade: h2c",
+        b"\r\nKeep-Alive: timeout=5",
+        b"\r\nHost: other",
+        b"\r\nX-Request-Id: given",
+        b"\r\n\r\n",
+        b"0\r\n\r\n",
+        b"ffffffffffffffff\r\n",
+        b";ext=\"v\"\r\n",
+    ];
+
+    /// `raw` with a few random edits: bytes replaced, fragments inserted, ranges removed.
+    fn mutate(rng: &mut Rng, raw: &[u8]) -> Vec<u8> {
+        const BYTES: &[u8] = b"\r\n:; ,\t0123456789aAfFxX-/?#%\x00\x7f\x80\xff";
+        let mut out = raw.to_vec();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(out.len() + 1);
+            match rng.below(3) {
+                0 if !out.is_empty() => {
+                    let at = at.min(out.len() - 1);
+                    out[at] = BYTES[rng.below(BYTES.len())];
+                }
+                1 => {
+                    let piece = PIECES[rng.below(PIECES.len())];
+                    out.splice(at..at, piece.iter().copied());
+                }
+                _ => {
+                    let end = (at + 1 + rng.below(8)).min(out.len());
+                    out.drain(at.min(end)..end);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn mutated_chunked_bodies_end_at_the_same_byte_however_they_are_split() {
+        let bodies: [&[u8]; 3] = [
+            b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-T: t\r\n\r\nHTTP/1.1 200 OK\r\n",
+            b"3\nabc\n0\n\nnext",
+            b"A\r\n0123456789\r\n0\r\n\r\n",
+        ];
+        let mut rng = Rng(0x5eed_c4a7);
+        for round in 0..20_000 {
+            let body = mutate(&mut rng, bodies[round % bodies.len()]);
+            let whole = end_of(&body, body.len().max(1));
+            let step = 1 + rng.below(body.len().max(1));
+            let split = end_of(&body, step);
+            // Either both find the same end, or both fail, or neither has seen the end yet.
+            assert_eq!(
+                whole.map_err(|_| ()),
+                split.map_err(|_| ()),
+                "round {round}, pieces of {step}: {:?}",
+                String::from_utf8_lossy(&body)
+            );
+            if let Ok(Some(n)) = whole {
+                assert!(n <= body.len(), "round {round}");
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_response_heads_are_relayed_framed_as_they_were_read() {
+        let heads: [&[u8]; 5] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-B: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+            b"HTTP/1.0 404 Not Found\r\nConnection: x-a\r\nx-a: 1\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"e\"\r\nContent-Length: 9\r\n\r\n",
+            b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: TLS/1.2\r\nContent-Length: 0\r\n\r\n",
+        ];
+        let mut rng = Rng(0x0dd_f00d);
+        let (mut relayed, mut refused) = (0, 0);
+        for round in 0..20_000 {
+            let raw = mutate(&mut rng, heads[round % heads.len()]);
+            let method = if rng.below(8) == 0 { "HEAD" } else { "GET" };
+            let req_raw = format!("{method} / HTTP/1.1\r\nHost: h\r\n\r\n");
+            parse(req_raw.as_bytes(), |req| {
+                let req = req.unwrap();
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut resp = httparse::Response::new(&mut headers);
+                let Ok(httparse::Status::Complete(_)) = resp.parse(&raw) else {
+                    return;
+                };
+                let code = resp.code.unwrap_or(0);
+                let Ok(read) = response_shape(&req, &resp) else {
+                    refused += 1;
+                    return;
+                };
+                if (100..200).contains(&code) {
+                    return;
+                }
+                relayed += 1;
+                let close = !read.keep_alive || rng.below(2) == 0;
+                let mut out = Vec::new();
+                write_response_head(
+                    &mut out,
+                    &resp,
+                    close,
+                    read.coded,
+                    read.nominates,
+                    Some("id"),
+                );
+                let shown = String::from_utf8_lossy(&raw);
+                // The client reads the relayed head as a whole response head, with the same
+                // status and the same framing the proxy relays the body by.
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
+                let mut again = httparse::Response::new(&mut headers);
+                assert!(
+                    matches!(again.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()),
+                    "round {round}: {shown:?} relayed as {:?}",
+                    String::from_utf8_lossy(&out)
+                );
+                assert_eq!(again.code, Some(code), "round {round}: {shown:?}");
+                let seen = response_shape(&req, &again)
+                    .unwrap_or_else(|e| panic!("round {round}: {shown:?} relayed unreadable: {e}"));
+                assert_eq!(seen.framing, read.framing, "round {round}: {shown:?}");
+                assert!(!seen.keep_alive || !close, "round {round}: {shown:?}");
+                let lengths = again
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .count();
+                assert!(
+                    lengths <= usize::from(!read.coded),
+                    "round {round}: {shown:?}"
+                );
+                for h in again.headers.iter() {
+                    let ours = h.name.eq_ignore_ascii_case("connection") && h.value == b"close";
+                    assert!(
+                        ours || !hop_by_hop(h.name) || kept_hop_by_hop(h.name, code),
+                        "round {round}: {shown:?} relayed {}",
+                        h.name
+                    );
+                }
+                let ids = again
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("x-request-id"))
+                    .count();
+                assert!(ids >= 1, "round {round}: {shown:?}");
+            });
+        }
+        // The edits leave both kinds common enough for the rounds to mean something.
+        assert!(
+            relayed > 2_000 && refused > 200,
+            "{relayed} relayed, {refused} refused"
+        );
+    }
+
+    #[test]
+    fn mutated_request_heads_are_served_here_only_when_plain() {
+        let heads: [&[u8]; 3] = [
+            b"GET /a/b?c=d HTTP/1.1\r\nHost: h.test\r\nUser-Agent: u\r\n\r\n",
+            b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\nX-Request-Id: r\r\n\r\n",
+        ];
+        let mut rng = Rng(0xfeed_beef);
+        let (mut here, mut elsewhere) = (0, 0);
+        for round in 0..20_000 {
+            let raw = mutate(&mut rng, heads[round % heads.len()]);
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            let Ok(httparse::Status::Complete(_)) = req.parse(&raw) else {
+                continue;
+            };
+            let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version)
+            else {
+                continue;
+            };
+            let shown = String::from_utf8_lossy(&raw);
+            let Some(facts) = facts(method, target, version, req.headers) else {
+                elsewhere += 1;
+                continue;
+            };
+            here += 1;
+            // Only an unambiguous request stays on this path: one host, at most one length,
+            // no other framing, nothing that changes the exchange.
+            assert!(plain_target(facts.target), "round {round}: {shown:?}");
+            let count = |name: &str| {
+                req.headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case(name))
+                    .count()
+            };
+            assert_eq!(count("host"), 1, "round {round}: {shown:?}");
+            assert!(count("content-length") <= 1, "round {round}: {shown:?}");
+            for name in ["transfer-encoding", "upgrade", "expect"] {
+                assert_eq!(count(name), 0, "round {round}: {shown:?}");
+            }
+            assert!(
+                version == 1 && method != "CONNECT",
+                "round {round}: {shown:?}"
+            );
+        }
+        assert!(
+            here > 2_000 && elsewhere > 1_000,
+            "{here} here, {elsewhere} elsewhere"
+        );
     }
 
     /// The header lain's path writes to the client for the upstream response `raw` to a GET.

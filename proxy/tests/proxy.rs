@@ -2187,6 +2187,10 @@ impl ScriptedUpstream {
                     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nContent-Length: 2\r\n\r\nok".to_vec(),
                     None,
                 ),
+                "/status/000" => (
+                    b"HTTP/1.1 000 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                    None,
+                ),
                 "/lengths/differ" => (
                     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nContent-Length: 3\r\n\r\nok!".to_vec(),
                     Some(Duration::ZERO),
@@ -3675,8 +3679,11 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
             asked + 1,
             "{version}: retried"
         );
+        // So is a status line without a status.
+        let raw = ask("/status/000").await;
+        assert!(raw.starts_with("HTTP/1.1 502"), "{version}: {raw}");
         if version == "1.1" {
-            wait_served(&proxy, &before, "h1", 3.0).await;
+            wait_served(&proxy, &before, "h1", 4.0).await;
         }
         // A 426 keeps the Upgrade that names the protocol the app requires.
         let raw = ask("/426").await;

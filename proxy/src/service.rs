@@ -829,11 +829,23 @@ impl ProxyHttp for LainProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_responded = true;
+        // A switch of protocols the client never asked for would turn its connection into a
+        // raw tunnel to the app, past routing and every check after it (a way to smuggle
+        // requests); like nginx, the proxy switches only on a request that offered it.
+        if resp.status.as_u16() == 101 && !session.is_upgrade_req() {
+            self.blame(ctx);
+            return Err(Error::create(
+                ErrorType::InvalidHTTPHeader,
+                ErrorSource::Upstream,
+                Some("101 Switching Protocols to a request without Upgrade".into()),
+                None,
+            ));
+        }
         // The same bound as lain's HTTP/1.1 path: pingora reads a response header of any
         // size, and one this large is an app fault to report, not to pass on.
         let size = resp

@@ -2187,6 +2187,13 @@ impl ScriptedUpstream {
                     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nContent-Length: 2\r\n\r\nok".to_vec(),
                     None,
                 ),
+                // A switch of protocols to a request that offered none.
+                "/switch" => (
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                      Connection: Upgrade\r\n\r\nraw bytes"
+                        .to_vec(),
+                    None,
+                ),
                 "/status/000" => (
                     b"HTTP/1.1 000 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
                     None,
@@ -3679,11 +3686,15 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
             asked + 1,
             "{version}: retried"
         );
-        // So is a status line without a status.
+        // So is a status line without a status, and a switch of protocols the client did
+        // not ask for, which would leave it a raw tunnel to the app.
         let raw = ask("/status/000").await;
         assert!(raw.starts_with("HTTP/1.1 502"), "{version}: {raw}");
+        let raw = ask("/switch").await;
+        assert!(raw.starts_with("HTTP/1.1 502"), "{version}: {raw}");
+        assert!(!raw.contains("raw bytes"), "{version}: {raw}");
         if version == "1.1" {
-            wait_served(&proxy, &before, "h1", 4.0).await;
+            wait_served(&proxy, &before, "h1", 5.0).await;
         }
         // A 426 keeps the Upgrade that names the protocol the app requires.
         let raw = ask("/426").await;
@@ -3707,10 +3718,13 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
         assert!(r.headers().get(name).is_none(), "h2: {name} relayed");
     }
     assert_eq!(r.text().await.unwrap(), "ok");
+    let r = h2.get(url("/switch")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
     let r = h2.get(url("/lengths/same")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers().get_all("content-length").iter().count(), 1);
     assert_eq!(r.text().await.unwrap(), "ok");
+
     // Responses that cannot be read count against their endpoint on pingora's path too:
     // five in a row eject it.
     let ejections = |m: &str| metric_value(m, "lain_proxy_upstream_ejections_total");

@@ -3589,6 +3589,29 @@ async fn a_response_with_many_headers_is_relayed_whole() {
     cluster.cleanup().await;
 }
 
+/// How an HTTP/1 request is sent to reach each request path, as (version, chunked):
+/// HTTP/1.1 takes lain's own path; with a chunked (empty) body, or as HTTP/1.0, pingora's.
+const H1_PATHS: [(&str, bool); 3] = [("1.1", false), ("1.1", true), ("1.0", false)];
+
+/// The whole answer to a GET for `target` sent on a connection of its own as `version`,
+/// with an empty chunked body when `chunked`.
+async fn ask_by(
+    addr: SocketAddr,
+    host: &str,
+    version: &str,
+    chunked: bool,
+    target: String,
+) -> String {
+    let body = if chunked {
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    } else {
+        "\r\n"
+    };
+    let request =
+        format!("GET {target} HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n{body}");
+    raw_request(addr, &request).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
     let host = "hop.lain.local";
@@ -3608,20 +3631,8 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
         "te",
         "x-hop",
     ];
-    // HTTP/1.1 takes lain's own path; with a chunked (empty) body, or as HTTP/1.0,
-    // pingora's.
-    for (version, chunked) in [("1.1", false), ("1.1", true), ("1.0", false)] {
-        let ask = |target: &str| {
-            let body = if chunked {
-                "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-            } else {
-                "\r\n"
-            };
-            let request = format!(
-                "GET {target} HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n{body}"
-            );
-            async move { raw_request(addr, &request).await }
-        };
+    for (version, chunked) in H1_PATHS {
+        let ask = |target: &str| ask_by(addr, host, version, chunked, target.to_string());
         let version = if chunked { "1.1 chunked" } else { version };
         let raw = ask("/hop").await;
         // The app's 103 Early Hints, also without its hop-by-hop fields; none for an
@@ -3772,22 +3783,11 @@ async fn a_response_cut_by_the_upstream_reaches_the_client_as_far_as_it_came() {
             assert_eq!(body.is_ok(), path == "/", "h2 {path} #{round}: {body:?}");
         }
     }
-    // HTTP/1.1 takes lain's own path; with a chunked (empty) body, or as HTTP/1.0,
-    // pingora's. Whether a failure reached pingora's writer on its own or behind the body
-    // bytes varies, so each is asked several times.
-    for (version, chunked) in [("1.1", false), ("1.1", true), ("1.0", false)] {
+    // Whether a failure reached pingora's writer on its own or behind the body bytes varies,
+    // so each is asked several times.
+    for (version, chunked) in H1_PATHS {
         let label = if chunked { "1.1 chunked" } else { version };
-        let ask = |target: &str| {
-            let body = if chunked {
-                "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-            } else {
-                "\r\n"
-            };
-            let request = format!(
-                "GET {target} HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n{body}"
-            );
-            async move { raw_request(addr, &request).await }
-        };
+        let ask = |target: &str| ask_by(addr, host, version, chunked, target.to_string());
         for round in 0..8 {
             // The head and the part of the body that came, then the end of the connection,
             // which read_to_end waits for: the client can tell the body is short.

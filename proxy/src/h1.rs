@@ -919,73 +919,74 @@ impl H1 {
         };
 
         // Interim responses (103 Early Hints and the like) go to the client as they are.
-        let (head, resp_status, framing, upstream_keep) =
-            loop {
-                let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-                let mut more = Vec::new();
-                let mut resp = httparse::Response::new(&mut []);
-                let mut parsed = httparse::ParserConfig::default()
-                    .parse_response_with_uninit_headers(&mut resp, &bufs.rbuf, &mut headers);
-                if parsed == Err(httparse::Error::TooManyHeaders) {
-                    more.resize_with(MAX_RESPONSE_HEADERS, MaybeUninit::uninit);
-                    resp = httparse::Response::new(&mut []);
-                    parsed = httparse::ParserConfig::default()
-                        .parse_response_with_uninit_headers(&mut resp, &bufs.rbuf, &mut more);
+        let (head, resp_status, framing, upstream_keep) = loop {
+            let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut more = Vec::new();
+            let mut resp = httparse::Response::new(&mut []);
+            let mut parsed = response_parser().parse_response_with_uninit_headers(
+                &mut resp,
+                &bufs.rbuf,
+                &mut headers,
+            );
+            if parsed == Err(httparse::Error::TooManyHeaders) {
+                more.resize_with(MAX_RESPONSE_HEADERS, MaybeUninit::uninit);
+                resp = httparse::Response::new(&mut []);
+                parsed = response_parser()
+                    .parse_response_with_uninit_headers(&mut resp, &bufs.rbuf, &mut more);
+            }
+            let head = match parsed {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => {
+                    read_head(&mut up, &mut bufs.rbuf, read_t)
+                        .await
+                        .map_err(|e| {
+                            self.blame(&stats, addr);
+                            Failure::Upstream(502, format!("reading from {addr}: {e}"))
+                        })?;
+                    continue;
                 }
-                let head = match parsed {
-                    Ok(httparse::Status::Complete(n)) => n,
-                    Ok(httparse::Status::Partial) => {
-                        read_head(&mut up, &mut bufs.rbuf, read_t)
-                            .await
-                            .map_err(|e| {
-                                self.blame(&stats, addr);
-                                Failure::Upstream(502, format!("reading from {addr}: {e}"))
-                            })?;
-                        continue;
-                    }
-                    Err(e) => {
-                        self.blame(&stats, addr);
-                        return Err(Failure::Upstream(
-                            502,
-                            format!("bad response from {addr}: {e}"),
-                        ));
-                    }
-                };
-                let code = resp.code.unwrap_or(0);
-                if code == 101 {
+                Err(e) => {
                     self.blame(&stats, addr);
                     return Err(Failure::Upstream(
                         502,
-                        format!("{addr} switched protocols unasked"),
+                        format!("bad response from {addr}: {e}"),
                     ));
                 }
-                if (100..200).contains(&code) {
-                    // Without its hop-by-hop fields, as a final response; interim ones are
-                    // rare enough that every field is checked against their `Connection`.
-                    write_response_head(&mut bufs.out, &resp, false, false, true, None);
-                    send(stream, &bufs.out, write_t)
-                        .await
-                        .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
-                    bufs.rbuf.drain(..head);
-                    continue;
-                }
-                let shape = response_shape(req, &resp).map_err(|why| {
-                    self.blame(&stats, addr);
-                    Failure::Upstream(502, format!("bad response from {addr}: {why}"))
-                })?;
-                // The response header is complete: from here on the client sees what happens.
-                let close =
-                    req.close || shutting_down || refused || shape.framing == Framing::Close;
-                write_response_head(
-                    &mut bufs.out,
-                    &resp,
-                    close,
-                    shape.coded,
-                    shape.nominates,
-                    Some(id),
-                );
-                break (head, code, shape.framing, shape.keep_alive);
             };
+            let code = resp.code.unwrap_or(0);
+            if code == 101 {
+                self.blame(&stats, addr);
+                return Err(Failure::Upstream(
+                    502,
+                    format!("{addr} switched protocols unasked"),
+                ));
+            }
+            if (100..200).contains(&code) {
+                // Without its hop-by-hop fields, as a final response; interim ones are
+                // rare enough that every field is checked against their `Connection`.
+                write_response_head(&mut bufs.out, &resp, false, false, true, None);
+                send(stream, &bufs.out, write_t)
+                    .await
+                    .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
+                bufs.rbuf.drain(..head);
+                continue;
+            }
+            let shape = response_shape(req, &resp).map_err(|why| {
+                self.blame(&stats, addr);
+                Failure::Upstream(502, format!("bad response from {addr}: {why}"))
+            })?;
+            // The response header is complete: from here on the client sees what happens.
+            let close = req.close || shutting_down || refused || shape.framing == Framing::Close;
+            write_response_head(
+                &mut bufs.out,
+                &resp,
+                close,
+                shape.coded,
+                shape.nominates,
+                Some(id),
+            );
+            break (head, code, shape.framing, shape.keep_alive);
+        };
         record.status = resp_status;
         if (500..600).contains(&resp_status) {
             self.blame(&stats, addr);
@@ -1003,8 +1004,13 @@ impl H1 {
         let mut done = framing == Framing::Empty;
         let mut clean = !refused;
         let first = &bufs.rbuf[head..];
-        let take = body_part(framing, first, &mut remaining, &mut chunks, &mut done)
-            .map_err(|why| Failure::Midway(format!("bad body from {addr}: {why}")))?;
+        // Nothing has reached the client yet, so a body that is broken from its first bytes
+        // (a chunk size that is no number) can still be answered with a 502.
+        let take =
+            body_part(framing, first, &mut remaining, &mut chunks, &mut done).map_err(|why| {
+                self.blame(&stats, addr);
+                Failure::Upstream(502, format!("bad body from {addr}: {why}"))
+            })?;
         if take < first.len() {
             // Bytes after the end of the response: the connection is out of step.
             clean = false;
@@ -1206,6 +1212,16 @@ async fn read_more(up: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()>
     Ok(())
 }
 
+/// How upstream response headers are read: as pingora reads them, whitespace between a
+/// field name and its colon is taken off the name (RFC 9112, section 5.1: a proxy must remove
+/// it before forwarding), where httparse alone would refuse the response. A field folded over
+/// several lines is still refused, with a 502 (section 5.2 allows either).
+fn response_parser() -> httparse::ParserConfig {
+    let mut config = httparse::ParserConfig::default();
+    config.allow_spaces_after_header_name_in_responses(true);
+    config
+}
+
 /// How a response is framed and whether its connection can be reused.
 struct Shape {
     framing: Framing,
@@ -1316,6 +1332,15 @@ pub(crate) fn framing_field(name: &str) -> bool {
     name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("transfer-encoding")
 }
 
+/// Whether responses with status `code` are never framed (RFC 9110, section 8.6, and RFC
+/// 9112, section 6.1: a server must not send `Content-Length` or `Transfer-Encoding` in a 1xx
+/// or a 204). An app's framing fields on them are not relayed, as nginx and Envoy do not: a
+/// client that believed a `Transfer-Encoding: chunked` on a kept-alive 204 would wait for a
+/// body that never comes. A 304 keeps its length, which describes the representation.
+pub(crate) fn bodiless_status(code: u16) -> bool {
+    (100..200).contains(&code) || code == 204
+}
+
 /// Whether a connection option only manages the connection (`close`, `keep-alive`, or
 /// none), rather than naming a hop-by-hop field.
 fn connection_only(option: &str) -> bool {
@@ -1375,9 +1400,11 @@ fn write_response_head(
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let (mut length_sent, mut id_sent) = (false, false);
+    let bodiless = bodiless_status(code);
     for h in resp.headers.iter() {
         let length = h.name.eq_ignore_ascii_case("content-length");
         let dropped = (length && (coded || length_sent))
+            || (bodiless && framing_field(h.name))
             || ((hop_by_hop(h.name)
                 || (nominates && nominated(connection_values(resp.headers), h.name)))
                 && !kept_hop_by_hop(h.name, code));
@@ -1976,6 +2003,25 @@ mod tests {
                 Some("ours")
             ),
             "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-request-id: ours\r\n\r\n"
+        );
+        // A 204 is never framed, so an app's framing fields on one stay behind; a 304 keeps
+        // its length, which describes the representation.
+        assert_eq!(
+            relayed_head(
+                b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-A: 1\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n",
+                false,
+                None
+            ),
+            "HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n"
+        );
+        assert_eq!(
+            relayed_head(
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                false,
+                None
+            ),
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"
         );
         // A 426 keeps the Upgrade that says which protocol the app requires.
         assert_eq!(

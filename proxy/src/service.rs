@@ -1003,6 +1003,11 @@ fn drop_hop_by_hop(resp: &mut ResponseHeader) -> Result<()> {
             resp.remove_header(name);
         }
     }
+    if crate::h1::bodiless_status(code) {
+        resp.remove_header(&http::header::CONTENT_LENGTH);
+        resp.remove_header(&http::header::TRANSFER_ENCODING);
+        return Ok(());
+    }
     let lengths = resp.headers.get_all(http::header::CONTENT_LENGTH);
     let mut values = lengths.iter();
     if let (Some(first), Some(_)) = (values.next(), lengths.iter().nth(1)) {

@@ -1475,6 +1475,7 @@ fn error_response(out: &mut Vec<u8>, status: u16, id: &str, close: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lain_test_support::Rng;
 
     #[tokio::test(start_paused = true)]
     async fn within_times_out_only_what_waits_past_its_limit() {
@@ -1700,24 +1701,6 @@ mod tests {
         }
     }
 
-    /// A small deterministic generator, so that a failing case can be found again from its
-    /// seed and round.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            // xorshift64*
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
-
     /// Fragments that make heads and bodies malformed, ambiguous or merely unusual.
     const PIECES: [&[u8]; 18] = [
         b"\r\nContent-Length: 5",
@@ -1744,19 +1727,19 @@ mod tests {
     fn mutate(rng: &mut Rng, raw: &[u8]) -> Vec<u8> {
         const BYTES: &[u8] = b"\r\n:; ,\t0123456789aAfFxX-/?#%\x00\x7f\x80\xff";
         let mut out = raw.to_vec();
-        for _ in 0..1 + rng.below(4) {
-            let at = rng.below(out.len() + 1);
-            match rng.below(3) {
+        for _ in 0..1 + rng.index(4) {
+            let at = rng.index(out.len() + 1);
+            match rng.index(3) {
                 0 if !out.is_empty() => {
                     let at = at.min(out.len() - 1);
-                    out[at] = BYTES[rng.below(BYTES.len())];
+                    out[at] = rng.pick(BYTES);
                 }
                 1 => {
-                    let piece = PIECES[rng.below(PIECES.len())];
+                    let piece = rng.pick(&PIECES);
                     out.splice(at..at, piece.iter().copied());
                 }
                 _ => {
-                    let end = (at + 1 + rng.below(8)).min(out.len());
+                    let end = (at + 1 + rng.index(8)).min(out.len());
                     out.drain(at.min(end)..end);
                 }
             }
@@ -1775,7 +1758,7 @@ mod tests {
         for round in 0..20_000 {
             let body = mutate(&mut rng, bodies[round % bodies.len()]);
             let whole = end_of(&body, body.len().max(1));
-            let step = 1 + rng.below(body.len().max(1));
+            let step = 1 + rng.index(body.len().max(1));
             let split = end_of(&body, step);
             // Either both find the same end, or both fail, or neither has seen the end yet.
             assert_eq!(
@@ -1803,7 +1786,7 @@ mod tests {
         let (mut relayed, mut refused) = (0, 0);
         for round in 0..20_000 {
             let raw = mutate(&mut rng, heads[round % heads.len()]);
-            let method = if rng.below(8) == 0 { "HEAD" } else { "GET" };
+            let method = if rng.index(8) == 0 { "HEAD" } else { "GET" };
             let req_raw = format!("{method} / HTTP/1.1\r\nHost: h\r\n\r\n");
             parse(req_raw.as_bytes(), |req| {
                 let req = req.unwrap();
@@ -1821,7 +1804,7 @@ mod tests {
                     return;
                 }
                 relayed += 1;
-                let close = !read.keep_alive || rng.below(2) == 0;
+                let close = !read.keep_alive || rng.index(2) == 0;
                 let mut out = Vec::new();
                 write_response_head(
                     &mut out,

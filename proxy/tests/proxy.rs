@@ -18,7 +18,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lain_state::{EndpointRecord, Keyspace, RouteRecord, encode};
 use lain_test_support::{
-    LainProcess, eventually, free_port, require_etcd, run_lain, unique_prefix,
+    LainProcess, Rng, eventually, free_port, require_etcd, run_lain, unique_prefix,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -3031,29 +3031,6 @@ async fn a_client_that_stops_reading_a_stream_is_let_go() {
     drop(stuck);
     feed.abort();
     cluster.cleanup().await;
-}
-
-/// A small deterministic generator (xorshift64*), so that a failing randomized run can be
-/// repeated from the seed it prints.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len() as u64) as usize]
-    }
 }
 
 /// One request of a randomized exchange, and what its answer must show.

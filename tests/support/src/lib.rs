@@ -479,3 +479,34 @@ impl Drop for ContainerCleanup {
         }
     }
 }
+
+/// A small deterministic generator (xorshift64*), so that a failing randomized run can be
+/// repeated from the seed it prints. The seed must not be zero.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// An index into something `len` long; 0 when it is empty.
+    pub fn index(&mut self, len: usize) -> usize {
+        (self.next_u64() % len.max(1) as u64) as usize
+    }
+
+    /// One of `from` (not empty).
+    pub fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.index(from.len())]
+    }
+}

@@ -2424,15 +2424,21 @@ async fn scripted_route(test: &str, host: &str) -> (Cluster, ScriptedUpstream, P
 }
 
 /// [`scripted_route`] with `extra` top-level proxy configuration.
+/// A cluster for `test` whose route for `host` goes to a new scripted upstream.
+async fn scripted_cluster(test: &str, host: &str) -> (Cluster, ScriptedUpstream) {
+    let mut cluster = Cluster::new(test).await;
+    let up = ScriptedUpstream::start().await;
+    cluster.put_endpoint("scripted", 1, up.addr).await;
+    cluster.put_route(&route(host, "/", "scripted")).await;
+    (cluster, up)
+}
+
 async fn scripted_route_with(
     test: &str,
     host: &str,
     extra: &str,
 ) -> (Cluster, ScriptedUpstream, Proxy) {
-    let mut cluster = Cluster::new(test).await;
-    let up = ScriptedUpstream::start().await;
-    cluster.put_endpoint("scripted", 1, up.addr).await;
-    cluster.put_route(&route(host, "/", "scripted")).await;
+    let (cluster, up) = scripted_cluster(test, host).await;
     let proxy = Proxy::start(&cluster, extra);
     wait_status(&client(), &proxy, host, "/", 200).await;
     (cluster, up, proxy)
@@ -3607,10 +3613,7 @@ async fn ask_by(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
     let host = "hop.lain.local";
-    let mut cluster = Cluster::new("proxy-hop-by-hop").await;
-    let up = ScriptedUpstream::start().await;
-    cluster.put_endpoint("scripted", 1, up.addr).await;
-    cluster.put_route(&route(host, "/", "scripted")).await;
+    let (mut cluster, up) = scripted_cluster("proxy-hop-by-hop", host).await;
     let proxy = Proxy::start_listen(&cluster, "", "h2c = true");
     wait_status(&client(), &proxy, host, "/", 200).await;
     let before = settled_metrics(&proxy).await;
@@ -3760,10 +3763,7 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_cut_by_the_upstream_reaches_the_client_as_far_as_it_came() {
     let host = "cut.tls.lain";
-    let mut cluster = Cluster::new("proxy-cut").await;
-    let up = ScriptedUpstream::start().await;
-    cluster.put_endpoint("scripted", 1, up.addr).await;
-    cluster.put_route(&route(host, "/", "scripted")).await;
+    let (mut cluster, up) = scripted_cluster("proxy-cut", host).await;
     let cert = self_signed(&[host]);
     put_cert(&mut cluster, "cut", &[host], &cert).await;
     let (process, _dir) = tls_proxy(&cluster);

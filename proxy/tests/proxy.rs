@@ -3613,7 +3613,7 @@ async fn ask_by(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
     let host = "hop.lain.local";
-    let (mut cluster, up) = scripted_cluster("proxy-hop-by-hop", host).await;
+    let (cluster, up) = scripted_cluster("proxy-hop-by-hop", host).await;
     let proxy = Proxy::start_listen(&cluster, "", "h2c = true");
     wait_status(&client(), &proxy, host, "/", 200).await;
     let before = settled_metrics(&proxy).await;
@@ -3763,7 +3763,7 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_cut_by_the_upstream_reaches_the_client_as_far_as_it_came() {
     let host = "cut.tls.lain";
-    let (mut cluster, up) = scripted_cluster("proxy-cut", host).await;
+    let (mut cluster, _up) = scripted_cluster("proxy-cut", host).await;
     let cert = self_signed(&[host]);
     put_cert(&mut cluster, "cut", &[host], &cert).await;
     let (process, _dir) = tls_proxy(&cluster);

@@ -58,6 +58,10 @@ pub(crate) const MAX_RESPONSE_HEAD: usize = 64 << 10;
 /// more than [`MAX_HEADERS`] (an app setting many cookies) is parsed again with room for
 /// this many, so that only the rare response pays for the larger array.
 const MAX_RESPONSE_HEADERS: usize = 256;
+/// The most interim (1xx) responses relayed before a final one. A few 103 Early Hints are
+/// normal; an app that keeps sending them would hold the client without ever answering,
+/// each one arriving well within the read timeout, so past this many the request fails.
+pub(crate) const MAX_INTERIM_RESPONSES: u32 = 16;
 /// The most bytes moved by one read of a body.
 const CHUNK: usize = 16 << 10;
 
@@ -919,6 +923,7 @@ impl H1 {
         };
 
         // Interim responses (103 Early Hints and the like) go to the client as they are.
+        let mut interim = 0u32;
         let (head, resp_status, framing, upstream_keep) = loop {
             let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
             let mut more = Vec::new();
@@ -962,6 +967,14 @@ impl H1 {
                 ));
             }
             if (100..200).contains(&code) {
+                interim += 1;
+                if interim > MAX_INTERIM_RESPONSES {
+                    self.blame(&stats, addr);
+                    return Err(Failure::Upstream(
+                        502,
+                        format!("{addr} sent more than {MAX_INTERIM_RESPONSES} interim responses"),
+                    ));
+                }
                 // Without its hop-by-hop fields, as a final response; interim ones are
                 // rare enough that every field is checked against their `Connection`.
                 write_response_head(&mut bufs.out, &resp, false, false, true, None);

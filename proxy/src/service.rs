@@ -70,6 +70,8 @@ pub struct Ctx {
     /// Whether the current upstream attempt has sent its response header; after that a
     /// failure can no longer be hidden from the client by trying another endpoint.
     upstream_responded: bool,
+    /// Interim (1xx) responses received from the current upstream attempt.
+    interim: u32,
 }
 
 impl Ctx {
@@ -686,6 +688,7 @@ impl ProxyHttp for LainProxy {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.release();
         ctx.upstream_responded = false;
+        ctx.interim = 0;
         let Some(route) = ctx.route.clone() else {
             return Err(Error::explain(ErrorType::HTTPStatus(404), "no route"));
         };
@@ -845,6 +848,20 @@ impl ProxyHttp for LainProxy {
                 Some("101 Switching Protocols to a request without Upgrade".into()),
                 None,
             ));
+        }
+        // The same bound on interim responses as lain's HTTP/1.1 path; pingora relays any
+        // number of them.
+        if resp.status.is_informational() && resp.status.as_u16() != 101 {
+            ctx.interim += 1;
+            if ctx.interim > crate::h1::MAX_INTERIM_RESPONSES {
+                self.blame(ctx);
+                return Err(Error::create(
+                    ErrorType::InvalidHTTPHeader,
+                    ErrorSource::Upstream,
+                    Some("too many interim responses".into()),
+                    None,
+                ));
+            }
         }
         // The same bound as lain's HTTP/1.1 path: pingora reads a response header of any
         // size, and one this large is an app fault to report, not to pass on.

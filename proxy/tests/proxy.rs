@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lain_state::{EndpointRecord, Keyspace, RouteRecord, encode};
+use lain_state::{Balance, EndpointRecord, Keyspace, RouteRecord, encode};
 use lain_test_support::{
     LainProcess, Rng, eventually, free_port, require_etcd, run_lain, unique_prefix,
 };
@@ -66,6 +66,10 @@ impl Upstream {
                             hits.fetch_add(1, Ordering::Relaxed);
                             if req.uri().path() == "/slow" {
                                 tokio::time::sleep(Duration::from_millis(300)).await;
+                            }
+                            // Long enough for a test to send other requests meanwhile.
+                            if req.uri().path() == "/hold" {
+                                tokio::time::sleep(Duration::from_millis(2_000)).await;
                             }
                             let headers: HashMap<String, String> = req
                                 .headers()
@@ -439,6 +443,165 @@ async fn round_robin_spreads_over_three_upstreams() {
     assert_eq!(seen.len(), 3, "{seen:?}");
     for n in seen.values() {
         assert!((8..=12).contains(n), "uneven spread {seen:?}");
+    }
+    cluster.cleanup().await;
+}
+
+/// Waits until `/routes` shows the proxy's one route with `policy` over `endpoints` endpoints.
+async fn wait_balance(proxy: &Proxy, policy: &str, endpoints: usize) {
+    let url = format!("http://{}/routes", proxy.admin);
+    eventually(
+        Duration::from_secs(10),
+        &format!("a {policy} route over {endpoints} endpoints"),
+        || async {
+            let routes: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            let r = &routes["routes"][0];
+            (r["balance"]["policy"] == policy
+                && r["endpoints"].as_array().map(Vec::len) == Some(endpoints))
+            .then_some(())
+        },
+    )
+    .await
+}
+
+/// The upstream that answered a GET of `bal.lain.local` sent with `field: value`.
+async fn answered_by(c: &reqwest::Client, p: &Proxy, field: &str, value: &str) -> String {
+    let r = c
+        .get(format!("http://bal.lain.local:{}/", p.http.port()))
+        .header(field, value)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    json(&r.text().await.unwrap())["name"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balance_policies_written_with_a_route_choose_its_endpoints() {
+    let mut cluster = Cluster::new("proxy-balance").await;
+    let ups = [
+        Upstream::start("bal-1").await,
+        Upstream::start("bal-2").await,
+        Upstream::start("bal-3").await,
+    ];
+    for (i, u) in ups.iter().enumerate() {
+        cluster.put_endpoint("bal", i as u32 + 1, u.addr).await;
+    }
+    let mut r = route("bal.lain.local", "/", "bal");
+    r.balance = Balance::HashHeader {
+        name: "x-user".into(),
+    };
+    cluster.put_route(&r).await;
+    let proxy = Proxy::start_listen(&cluster, "", "h2c = true");
+    wait_balance(&proxy, "hash_header", 3).await;
+
+    // Hashing on a header: every request of a key reaches one endpoint, on lain's HTTP/1.1
+    // path and on pingora's (HTTP/2) alike, and the keys spread over the endpoints.
+    let builder = || {
+        reqwest::Client::builder()
+            .resolve("bal.lain.local", proxy.http)
+            .timeout(Duration::from_secs(10))
+    };
+    let c = builder().http1_only().build().unwrap();
+    let h2 = builder().http2_prior_knowledge().build().unwrap();
+    let mut owner = Vec::new();
+    for k in 0..30 {
+        let key = format!("user-{k}");
+        let first = answered_by(&c, &proxy, "x-user", &key).await;
+        for _ in 0..3 {
+            assert_eq!(
+                answered_by(&c, &proxy, "x-user", &key).await,
+                first,
+                "{key}"
+            );
+            assert_eq!(
+                answered_by(&h2, &proxy, "x-user", &key).await,
+                first,
+                "{key} over h2"
+            );
+        }
+        owner.push((key, first));
+    }
+    let owners: std::collections::HashSet<_> = owner.iter().map(|(_, o)| o.as_str()).collect();
+    assert_eq!(owners.len(), 3, "30 keys all went to {owners:?}");
+
+    // An endpoint that leaves takes only its own keys elsewhere: the others stay put, as
+    // consistent hashing promises (a modulo over the endpoint count would move most).
+    cluster.delete_endpoint("bal", 3).await;
+    wait_balance(&proxy, "hash_header", 2).await;
+    for (key, before) in &owner {
+        let now = answered_by(&c, &proxy, "x-user", key).await;
+        if before == "bal-3" {
+            assert_ne!(now, "bal-3", "{key}");
+        } else {
+            assert_eq!(&now, before, "{key} moved although its endpoint stayed");
+        }
+    }
+    cluster.put_endpoint("bal", 3, ups[2].addr).await;
+
+    // Hashing on a cookie: the cookie decides, whatever else the request carries.
+    r.balance = Balance::HashCookie { name: "sid".into() };
+    cluster.put_route(&r).await;
+    wait_balance(&proxy, "hash_cookie", 3).await;
+    let mut cookie_owners = std::collections::HashSet::new();
+    for k in 0..30 {
+        let jar = |other: u32| format!("theme=dark{other}; sid=s{k}; lang=en");
+        let first = answered_by(&c, &proxy, "cookie", &jar(0)).await;
+        for other in 1..4 {
+            assert_eq!(answered_by(&c, &proxy, "cookie", &jar(other)).await, first);
+            assert_eq!(answered_by(&h2, &proxy, "cookie", &jar(other)).await, first);
+        }
+        cookie_owners.insert(first);
+    }
+    assert_eq!(cookie_owners.len(), 3, "{cookie_owners:?}");
+
+    // Least connections: with two endpoints busy on slow requests, new requests go to the
+    // idle one (round robin would send two of every three to the busy ones).
+    r.balance = Balance::LeastConn;
+    cluster.put_route(&r).await;
+    wait_balance(&proxy, "least_conn", 3).await;
+    let hits = |u: &Upstream| u.hits.load(Ordering::Relaxed);
+    let base: Vec<u64> = ups.iter().map(hits).collect();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (c, url) = (
+            c.clone(),
+            format!("http://bal.lain.local:{}/hold", proxy.http.port()),
+        );
+        let before: u64 = ups.iter().map(hits).sum();
+        held.push(tokio::spawn(async move {
+            c.get(url).send().await.unwrap().status()
+        }));
+        eventually(
+            Duration::from_secs(5),
+            "a held request upstream",
+            || async { (ups.iter().map(hits).sum::<u64>() == before + 1).then_some(()) },
+        )
+        .await;
+    }
+    let busy: Vec<u64> = ups.iter().zip(&base).map(|(u, b)| hits(u) - b).collect();
+    let idle = busy
+        .iter()
+        .position(|&h| h == 0)
+        .unwrap_or_else(|| panic!("held requests went {busy:?}"));
+    assert_eq!(busy.iter().filter(|&&h| h == 1).count(), 2, "{busy:?}");
+    let mut fast = HashMap::new();
+    for _ in 0..12 {
+        *fast
+            .entry(answered_by(&c, &proxy, "x-n", "1").await)
+            .or_insert(0) += 1;
+    }
+    assert_eq!(fast.len(), 1, "{fast:?}");
+    assert_eq!(
+        fast.get(&format!("bal-{}", idle + 1)),
+        Some(&12),
+        "{fast:?}"
+    );
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
     }
     cluster.cleanup().await;
 }
@@ -2229,6 +2392,13 @@ impl ScriptedUpstream {
                     r.extend_from_slice(b"content-length: 2\r\n\r\nok");
                     (r, None)
                 }
+                // As many 103 Early Hints as asked for before the answer.
+                t if t.starts_with("/hints/") => {
+                    let n: usize = t["/hints/".len()..].parse().unwrap_or(0);
+                    let mut r = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n".repeat(n);
+                    r.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    (r, None)
+                }
                 t if t.starts_with("/gen/") => (
                     generated_response(&method, t, &body),
                     (t.contains("/eof/") || t.contains("/bye/")).then_some(Duration::ZERO),
@@ -3704,6 +3874,19 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
         if version == "1.1" {
             wait_served(&proxy, &before, "h1", 5.0).await;
         }
+        // A few interim responses are relayed; an app that never stops sending them gets
+        // the client a 502 instead of an endless wait.
+        let raw = ask("/hints/16").await;
+        let hints = if version == "1.0" { 0 } else { 16 };
+        assert_eq!(
+            raw.matches("HTTP/1.1 103 ").count(),
+            hints,
+            "{version}: {raw}"
+        );
+        assert!(raw.ends_with("\r\n\r\nok"), "{version}: {raw}");
+        let raw = ask("/hints/17").await;
+        assert!(!raw.contains("\r\n\r\nok"), "{version}: {raw}");
+        assert!(raw.contains("HTTP/1.1 502 "), "{version}: {raw}");
         // A field name followed by whitespace is relayed without it (RFC 9112 §5.1).
         let raw = ask("/spaced").await;
         assert!(raw.starts_with("HTTP/1.1 200"), "{version}: {raw}");
@@ -3741,6 +3924,11 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
     }
     assert_eq!(r.text().await.unwrap(), "ok");
     let r = h2.get(url("/switch")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let r = h2.get(url("/hints/16")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let r = h2.get(url("/hints/17")).send().await.unwrap();
     assert_eq!(r.status(), 502);
     let r = h2.get(url("/lengths/same")).send().await.unwrap();
     assert_eq!(r.status(), 200);

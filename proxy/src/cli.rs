@@ -57,11 +57,17 @@ pub fn run(args: Args) -> Result<(), RunError> {
             )],
         }));
     }
+    let files = crate::tls::load_files(&config.tls.certs).map_err(|errors| {
+        RunError::Config(ConfigErrors {
+            file: name.clone(),
+            errors,
+        })
+    })?;
     if args.check_config {
         eprintln!("{name}: configuration is valid");
         return Ok(());
     }
     lain_common::telemetry::init(lain_common::telemetry::LogFormat::Text);
     lain_common::limits::raise_open_files_limit();
-    crate::server::run(config, args.upgrade)
+    crate::server::run(config, files, args.upgrade)
 }

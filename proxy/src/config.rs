@@ -156,9 +156,17 @@ pub struct TlsConfig {
     /// How long a client may take to finish the TLS handshake.
     #[serde(default = "default_handshake_secs")]
     pub handshake_timeout_secs: u64,
-    /// Certificates loaded from files at start; the first is the default for unknown names.
+    /// Certificates loaded from files; the first is the default for unknown names.
     #[serde(default)]
     pub certs: Vec<TlsFile>,
+    /// How often the certificate files are checked for changes, which are served from the
+    /// next handshake on; 0 reads them only at start.
+    #[serde(default = "default_files_check_secs")]
+    pub files_check_secs: u64,
+}
+
+fn default_files_check_secs() -> u64 {
+    5
 }
 
 fn yes() -> bool {
@@ -174,6 +182,7 @@ impl Default for TlsConfig {
             h2: true,
             handshake_timeout_secs: default_handshake_secs(),
             certs: Vec::new(),
+            files_check_secs: default_files_check_secs(),
         }
     }
 }

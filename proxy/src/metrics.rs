@@ -37,6 +37,11 @@ pub const REJECTED_CLAIMS: &str = "lain_proxy_route_rejected_claims";
 pub const ACCESS_LOG_DROPPED: &str = "lain_proxy_access_log_dropped_total";
 /// Active health-check transitions, by direction (`down`, `up`).
 pub const HEALTH_TRANSITIONS: &str = "lain_proxy_health_transitions_total";
+/// Server names (exact and wildcard) a TLS certificate is served for now.
+pub const CERT_NAMES: &str = "lain_proxy_tls_certificate_names";
+/// Certificates that did not load, by where they came from (`etcd`, `file`); the names they
+/// claimed keep the certificate they had.
+pub const CERT_ERRORS: &str = "lain_proxy_tls_certificate_errors_total";
 /// Requests finished, by the code that served them: `h1` (lain's own HTTP/1.1 path) or
 /// `pingora` (everything else).
 pub const SERVED_BY: &str = "lain_proxy_served_total";
@@ -70,6 +75,13 @@ pub struct ProxyMetrics {
     pub access_log_dropped: IntCounter,
     /// See [`HEALTH_TRANSITIONS`].
     pub health_transitions: IntCounterVec,
+    /// See [`CERT_NAMES`].
+    pub cert_names: IntGauge,
+    /// [`CERT_ERRORS`] `etcd`, resolved once.
+    pub cert_errors_etcd: IntCounter,
+    /// [`CERT_ERRORS`] `file`, resolved once.
+    pub cert_errors_file: IntCounter,
+    cert_errors: IntCounterVec,
     /// [`REQUESTS`] for requests that matched no route, resolved once.
     pub unrouted: ClassCounters,
     /// [`SERVED_BY`] `h1`, resolved once.
@@ -114,7 +126,15 @@ impl ProxyMetrics {
             Opts::new(SERVED_BY, "requests finished, by the code that served them"),
             &["path"],
         )?;
+        let cert_errors = IntCounterVec::new(
+            Opts::new(CERT_ERRORS, "certificates that did not load"),
+            &["source"],
+        )?;
         let m = ProxyMetrics {
+            cert_names: IntGauge::new(CERT_NAMES, "server names with a certificate")?,
+            cert_errors_etcd: cert_errors.with_label_values(&["etcd"]),
+            cert_errors_file: cert_errors.with_label_values(&["file"]),
+            cert_errors,
             unrouted: ClassCounters::resolve(&requests, "", ""),
             served_by_h1: served_by.with_label_values(&["h1"]),
             served_by_pingora: served_by.with_label_values(&["pingora"]),
@@ -161,6 +181,8 @@ impl ProxyMetrics {
         r.register(Box::new(m.access_log_dropped.clone()))?;
         r.register(Box::new(m.health_transitions.clone()))?;
         r.register(Box::new(m.served_by.clone()))?;
+        r.register(Box::new(m.cert_names.clone()))?;
+        r.register(Box::new(m.cert_errors.clone()))?;
         Ok(m)
     }
 

@@ -41,7 +41,7 @@ use crate::metrics::ProxyMetrics;
 use crate::service::LainProxy;
 use crate::stream::{StreamMetrics, StreamSettings};
 use crate::table::RouteTable;
-use crate::tls::CertStore;
+use crate::tls::{CertStore, FileCert};
 use crate::upgrade::{Handover, Listeners, Sockets};
 
 /// How long start-up waits for the first snapshot before serving with an empty table.
@@ -49,8 +49,9 @@ const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs the proxy until SIGTERM/SIGINT (or until a successor serves), then drains.
 /// With `upgrade`, it first takes over the listeners of the proxy running at
-/// `listen.upgrade_socket_path`.
-pub fn run(config: Config, upgrade: bool) -> Result<(), RunError> {
+/// `listen.upgrade_socket_path`. `files` are the certificates of `config.tls.certs`,
+/// already loaded by [`crate::tls::load_files`].
+pub fn run(config: Config, files: Vec<FileCert>, upgrade: bool) -> Result<(), RunError> {
     let handover = match (&config.listen.upgrade_socket_path, upgrade) {
         (Some(path), true) => {
             Some(crate::upgrade::receive(path).map_err(|e| RunError::Failed(e.to_string()))?)
@@ -61,7 +62,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), RunError> {
         .enable_all()
         .build()
         .map_err(|e| RunError::Failed(format!("cannot start the runtime: {e}")))?;
-    let result = rt.block_on(serve(config, handover));
+    let result = rt.block_on(serve(config, files, handover));
     // Tasks still parked on sockets (the watcher, health checks) must not hold up the exit
     // once draining is over.
     rt.shutdown_timeout(Duration::from_millis(500));
@@ -227,7 +228,11 @@ impl TableCompiler {
     }
 }
 
-async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunError> {
+async fn serve(
+    config: Config,
+    files: Vec<FileCert>,
+    handover: Option<Handover>,
+) -> Result<(), RunError> {
     let shutdown = Shutdown::on_signals();
     let sockets = Sockets {
         listeners: Listeners::default(),
@@ -402,24 +407,11 @@ async fn serve(config: Config, handover: Option<Handover>) -> Result<(), RunErro
         tls: None,
     });
     if let Some(addr) = config.listen.https {
-        let files = config
-            .tls
-            .certs
-            .iter()
-            .map(|f| {
-                let read = |p: &std::path::Path| {
-                    std::fs::read_to_string(p)
-                        .map_err(|e| fail(&format!("reading {}", p.display()), &e))
-                };
-                let key = crate::tls::certified_key(&read(&f.cert_path)?, &read(&f.key_path)?)
-                    .map_err(|e| fail(&format!("loading {}", f.cert_path.display()), &e))?;
-                Ok(crate::tls::FileCert {
-                    names: f.names.clone(),
-                    key,
-                })
-            })
-            .collect::<Result<Vec<_>, RunError>>()?;
-        let store = Arc::new(CertStore::new(files));
+        let store = Arc::new(CertStore::new(
+            files,
+            Duration::from_secs(config.tls.files_check_secs),
+            metrics.clone(),
+        ));
         store.update(&handle.load());
         tokio::spawn(store.clone().follow(handle.clone(), shutdown.clone()));
         pingora_rustls::install_default_crypto_provider();

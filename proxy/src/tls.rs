@@ -1,23 +1,30 @@
-//! TLS certificates chosen by SNI, from etcd (`CertRecord`) and from files, swapped live.
+//! TLS certificates chosen by SNI, from etcd (`CertRecord`) and from files, both swapped
+//! live.
 //!
 //! The rustls acceptor holds one [`CertStore`] as its certificate resolver. The store keeps
 //! an immutable map of names to keys behind `arc-swap`; a new snapshot whose certificate
 //! table changed builds a new map, so a certificate written to etcd is served on the next
-//! handshake without a restart. Exact names beat wildcards (`*.example.com` matches one
+//! handshake without a restart, and so is a certificate file that changed on disk (checked
+//! every `tls.files_check_secs`). Exact names beat wildcards (`*.example.com` matches one
 //! label, as browsers do); a handshake without SNI, or for an unknown name, gets the
 //! configured default certificate if there is one.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use lain_common::Shutdown;
+use lain_common::{ConfigError, Shutdown};
 use lain_state::{CertRecord, Snapshot, StateHandle};
 use pingora_rustls::sign::CertifiedKey;
 use pingora_rustls::{
     CertificateDer, ClientHello, CryptoProvider, PrivateKeyDer, ResolvesServerCert,
 };
 use rustls_pki_types::pem::PemObject;
+
+use crate::config::TlsFile;
+use crate::metrics::ProxyMetrics;
 
 /// A certificate that could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -117,30 +124,107 @@ impl CertMap {
     }
 }
 
-/// A file certificate from the configuration, loaded once at start.
+/// When a file was last seen changed: its modification time and length.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// A file certificate from the configuration: where it is read from, and the key last
+/// loaded from it.
 #[derive(Debug, Clone)]
 pub struct FileCert {
-    /// Names it is served for.
-    pub names: Vec<String>,
+    /// Its place in the configuration (`tls.certs[i]`), for errors.
+    pub at: String,
+    /// The configured names and paths.
+    pub source: TlsFile,
     /// The loaded key.
     pub key: Arc<CertifiedKey>,
+    /// The certificate and key files as they were when last read.
+    stamps: (Stamp, Stamp),
+}
+
+/// Reads and parses one configured certificate; errors name the field they come from.
+fn load_file(at: &str, f: &TlsFile) -> Result<FileCert, Vec<ConfigError>> {
+    // Stamped before reading: a file replaced while it is read looks changed to the next
+    // check, which reads it again.
+    let stamps = (stamp(&f.cert_path), stamp(&f.key_path));
+    let read = |field: &str, path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::at(
+                format!("{at}.{field}"),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })
+    };
+    let (cert, key) = match (
+        read("cert_path", &f.cert_path),
+        read("key_path", &f.key_path),
+    ) {
+        (Ok(c), Ok(k)) => (c, k),
+        (c, k) => return Err(c.err().into_iter().chain(k.err()).collect()),
+    };
+    let key = certified_key(&cert, &key).map_err(|e| {
+        let field = match e {
+            CertError::Chain(_) => "cert_path",
+            CertError::Key(_) => "key_path",
+        };
+        vec![ConfigError::at(format!("{at}.{field}"), e.to_string())]
+    })?;
+    Ok(FileCert {
+        at: at.to_string(),
+        source: f.clone(),
+        key,
+        stamps,
+    })
+}
+
+/// Loads the configured certificate files, every problem reported with the configuration
+/// path it comes from (`tls.certs[1].key_path: ...`), so that a missing or mismatched file is
+/// a configuration error found by `--check-config`, as `nginx -t` finds it, not a failure
+/// at start.
+pub fn load_files(certs: &[TlsFile]) -> Result<Vec<FileCert>, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut files = Vec::new();
+    for (i, f) in certs.iter().enumerate() {
+        match load_file(&format!("tls.certs[{i}]"), f) {
+            Ok(c) => files.push(c),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(files)
+    } else {
+        Err(errors)
+    }
 }
 
 /// The live certificate resolver.
 #[derive(Debug)]
 pub struct CertStore {
     map: ArcSwap<CertMap>,
-    files: Vec<FileCert>,
+    /// Only the follower task and the store's construction touch this, never a handshake.
+    files: Mutex<Vec<FileCert>>,
+    /// The key each etcd record last loaded, by etcd key.
+    etcd_loaded: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    /// How often certificate files are checked for changes; zero never.
+    check_every: Duration,
+    metrics: ProxyMetrics,
 }
 
 impl CertStore {
     /// A store serving `files` until the first snapshot adds etcd certificates. File
     /// certificates win over etcd ones for the same name, and the first file certificate is
-    /// the default.
-    pub fn new(files: Vec<FileCert>) -> CertStore {
+    /// the default. Files are read again when they change, checked every `check_every`.
+    pub fn new(files: Vec<FileCert>, check_every: Duration, metrics: ProxyMetrics) -> CertStore {
         let store = CertStore {
             map: ArcSwap::from_pointee(CertMap::default()),
-            files,
+            files: Mutex::new(files),
+            etcd_loaded: Mutex::default(),
+            check_every,
+            metrics,
         };
         store.rebuild(&[]);
         store
@@ -148,21 +232,77 @@ impl CertStore {
 
     fn rebuild(&self, records: &[(String, CertRecord)]) {
         let mut map = CertMap::default();
-        for f in &self.files {
-            map.add(&f.names, &f.key);
+        {
+            let files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+            for f in files.iter() {
+                map.add(&f.source.names, &f.key);
+            }
+            if let Some(f) = files.first() {
+                map.set_default(f.key.clone());
+            }
         }
-        if let Some(f) = self.files.first() {
-            map.set_default(f.key.clone());
-        }
+        let mut loaded = self
+            .etcd_loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut now = HashMap::with_capacity(records.len());
         for (key, rec) in records {
-            match certified_key(&rec.cert_pem, &rec.key_pem) {
-                Ok(k) => map.add(&rec.names, &k),
+            let k = match certified_key(&rec.cert_pem, &rec.key_pem) {
+                Ok(k) => k,
                 Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "skipped certificate that does not load")
+                    self.metrics.cert_errors_etcd.inc();
+                    // A record overwritten with one that does not load keeps serving what
+                    // it served before; a new record that does not load serves nothing.
+                    let Some(before) = loaded.get(key) else {
+                        tracing::warn!(key = %key, error = %e, "skipped certificate that does not load");
+                        continue;
+                    };
+                    tracing::warn!(key = %key, error = %e, "certificate does not load; the previous one keeps serving");
+                    before.clone()
+                }
+            };
+            map.add(&rec.names, &k);
+            now.insert(key.clone(), k);
+        }
+        // Records deleted from etcd are forgotten.
+        *loaded = now;
+        self.metrics.cert_names.set(map.len() as i64);
+        self.map.store(Arc::new(map));
+    }
+
+    /// Reads again every certificate file that changed since it was last read. A pair that
+    /// no longer loads (a renewal half written, a key of another certificate) is reported and
+    /// the certificate loaded before keeps serving. Returns whether any key was replaced.
+    fn reload_files(&self) -> bool {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut replaced = false;
+        for f in files.iter_mut() {
+            let now = (stamp(&f.source.cert_path), stamp(&f.source.key_path));
+            if now == f.stamps {
+                continue;
+            }
+            match load_file(&f.at, &f.source) {
+                Ok(new) => {
+                    tracing::info!(certificate = %f.at, "certificate file changed, reloaded");
+                    *f = new;
+                    replaced = true;
+                }
+                Err(errors) => {
+                    // Remembered, so one bad renewal is reported once, not at every check;
+                    // the next change to either file is read again.
+                    f.stamps = now;
+                    self.metrics.cert_errors_file.inc();
+                    for e in errors {
+                        tracing::warn!(
+                            config = %e.path,
+                            error = %e.message,
+                            "certificate file does not load; the previous one keeps serving"
+                        );
+                    }
                 }
             }
         }
-        self.map.store(Arc::new(map));
+        replaced
     }
 
     /// Rebuilds the map from a snapshot's certificates.
@@ -175,10 +315,18 @@ impl CertStore {
         self.rebuild(&records);
     }
 
-    /// Follows the state handle, rebuilding when the certificate table changes.
+    /// Follows the state handle, rebuilding when the certificate table changes or a
+    /// certificate file does.
     pub async fn follow(self: Arc<Self>, handle: StateHandle, shutdown: Shutdown) {
         let mut rx = handle.subscribe();
         let mut last = None;
+        // An interval, not a sleep per turn, so that frequent etcd changes cannot put the
+        // file checks off.
+        let mut checks = (!self.check_every.is_zero()).then(|| {
+            let mut i = tokio::time::interval(self.check_every);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
         loop {
             if *rx.borrow_and_update() > 0 {
                 let snap = handle.load();
@@ -190,9 +338,27 @@ impl CertStore {
                     last = Some(snap.certs.clone());
                 }
             }
+            let check_files = async {
+                match checks.as_mut() {
+                    Some(i) => {
+                        i.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.wait() => return,
                 r = rx.changed() => if r.is_err() { return },
+                () = check_files => {
+                    // Reading files is blocking IO, kept off the runtime's worker.
+                    let store = self.clone();
+                    let replaced = tokio::task::spawn_blocking(move || store.reload_files())
+                        .await
+                        .unwrap_or(false);
+                    if replaced {
+                        self.update(&handle.load());
+                    }
+                }
             }
         }
     }

@@ -1789,6 +1789,258 @@ async fn tls_sessions_resume_however_many_clients_came_between() {
     cluster.cleanup().await;
 }
 
+/// Accepts any server certificate and keeps the leaf, so a test can see which one a
+/// handshake was given.
+#[derive(Debug)]
+struct Leaf {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    seen: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Leaf {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.seen.lock().unwrap() = Some(end_entity.to_vec());
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The leaf certificate (DER) the server at `addr` presents for `name`, a DNS name sent as
+/// SNI or an IP address, which sends none.
+async fn served_leaf(addr: SocketAddr, name: &str) -> Option<Vec<u8>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let leaf = Arc::new(Leaf {
+        provider: provider.clone(),
+        seen: Default::default(),
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(leaf.clone())
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let server = rustls::pki_types::ServerName::try_from(name.to_string()).ok()?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(server, tcp)
+        .await
+        .ok()?;
+    leaf.seen.lock().unwrap().take()
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+        pem.as_bytes(),
+    )
+    .unwrap()
+    .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_certificates_are_chosen_by_name_and_read_again_when_renewed() {
+    let mut cluster = Cluster::new("proxy-tls-files").await;
+    let dir = lain_test_support::temp_dir();
+    let file = self_signed(&["files.tls.lain", "*.files.tls.lain"]);
+    let other = self_signed(&["other.tls.lain"]);
+    let from_etcd = self_signed(&["etcd.tls.lain", "files.tls.lain"]);
+    for (name, pem) in [("files", &file), ("other", &other)] {
+        std::fs::write(dir.path().join(format!("{name}.crt")), &pem.0).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key")), &pem.1).unwrap();
+    }
+    put_cert(
+        &mut cluster,
+        "etcd",
+        &["etcd.tls.lain", "files.tls.lain"],
+        &from_etcd,
+    )
+    .await;
+    let certs = |names: &str, stem: &str| {
+        format!(
+            "[[tls.certs]]\nnames = {names}\ncert_path = {:?}\nkey_path = {:?}\n",
+            dir.path().join(format!("{stem}.crt")),
+            dir.path().join(format!("{stem}.key")),
+        )
+    };
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [tls]\nfiles_check_secs = 1\n[state]\netcd_endpoints = {:?}\nprefix = \"{}\"\n[access_log]\npath = \"\"\n{}{}",
+            cluster.endpoints,
+            cluster.prefix,
+            certs(r#"["files.tls.lain", "*.files.tls.lain"]"#, "files"),
+            certs(r#"["other.tls.lain"]"#, "other"),
+        ),
+    )
+    .unwrap();
+    let process = LainProcess::spawn(
+        &["proxy", "--config", config.to_str().unwrap()],
+        &[("LAIN_LOG", "warn")],
+        &["http", "https", "admin"],
+    );
+    let https = process.addr("https");
+    // The etcd certificate arrives with the first snapshot.
+    eventually(Duration::from_secs(10), "the etcd certificate", || async {
+        (served_leaf(https, "etcd.tls.lain").await? == der(&from_etcd.0)).then_some(())
+    })
+    .await;
+    let (file_der, other) = (der(&file.0), der(&other.0));
+    let file = &file_der;
+    for (name, want) in [
+        // By exact name and by wildcard; a file certificate keeps a name etcd also claims.
+        ("files.tls.lain", file),
+        ("a.files.tls.lain", file),
+        ("other.tls.lain", &other),
+        // The first file certificate answers names nobody claims, and clients that send
+        // no name at all.
+        ("unknown.example", file),
+        ("127.0.0.1", file),
+    ] {
+        assert!(
+            served_leaf(https, name).await.as_ref() == Some(want),
+            "{name} was not given its certificate"
+        );
+    }
+    let admin = process.addr("admin");
+    let metrics = || async move {
+        reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // files, *.files, other and etcd.
+    let m = metrics().await;
+    assert_eq!(
+        metric_value(&m, "lain_proxy_tls_certificate_names"),
+        4.0,
+        "{m}"
+    );
+
+    // A renewed certificate written over the files is served without a restart, and the
+    // default follows it.
+    let renewed_pem = self_signed(&["files.tls.lain", "*.files.tls.lain"]);
+    std::fs::write(dir.path().join("files.key"), &renewed_pem.1).unwrap();
+    std::fs::write(dir.path().join("files.crt"), &renewed_pem.0).unwrap();
+    let renewed = der(&renewed_pem.0);
+    eventually(
+        Duration::from_secs(10),
+        "the renewed certificate",
+        || async {
+            (served_leaf(https, "files.tls.lain").await.as_ref() == Some(&renewed)).then_some(())
+        },
+    )
+    .await;
+    assert!(served_leaf(https, "unknown.example").await.as_ref() == Some(&renewed));
+    // A file that no longer loads is reported, and the certificate loaded before it keeps
+    // serving.
+    std::fs::write(dir.path().join("files.crt"), "not a certificate").unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the broken file reported",
+        || async {
+            let m = metrics().await;
+            (metric_value(
+                &m,
+                "lain_proxy_tls_certificate_errors_total{source=\"file\"}",
+            ) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    for name in ["files.tls.lain", "b.files.tls.lain", "unknown.example"] {
+        assert!(
+            served_leaf(https, name).await.as_ref() == Some(&renewed),
+            "{name} lost its certificate to a broken file"
+        );
+    }
+    // So does an etcd certificate overwritten with a key of another certificate.
+    let mismatched = (from_etcd.0.clone(), renewed_pem.1.clone());
+    put_cert(
+        &mut cluster,
+        "etcd",
+        &["etcd.tls.lain", "files.tls.lain"],
+        &mismatched,
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the broken record reported",
+        || async {
+            let m = metrics().await;
+            (metric_value(
+                &m,
+                "lain_proxy_tls_certificate_errors_total{source=\"etcd\"}",
+            ) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        served_leaf(https, "etcd.tls.lain").await == Some(der(&from_etcd.0)),
+        "etcd.tls.lain lost its certificate to a broken record"
+    );
+    drop(process);
+
+    // Files that cannot be served are configuration errors, each named by where it is
+    // configured, found by --check-config before anything starts.
+    std::fs::write(dir.path().join("other.key"), &from_etcd.1).unwrap();
+    std::fs::remove_file(dir.path().join("files.crt")).unwrap();
+    let (code, _, err) = run_lain(
+        &["proxy", "--check-config", "-c", config.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("tls.certs[0].cert_path"), "{err}");
+    assert!(err.contains("tls.certs[1].key_path"), "{err}");
+    assert!(err.contains("does not belong"), "{err}");
+    let (code, _, err) = run_lain(&["proxy", "-c", config.to_str().unwrap()], None);
+    assert_eq!(code, 64, "{err}");
+    cluster.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_sni_certificates_rotation_http2_and_https_only() {
     let mut cluster = Cluster::new("proxy-tls").await;

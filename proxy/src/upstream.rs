@@ -6,7 +6,6 @@
 //! state lives in [`EndpointStats`], shared by every table that contains the endpoint, so a
 //! table swap keeps in-flight counts and health.
 
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -118,11 +117,29 @@ pub struct UpstreamGroup {
     counters: OnceLock<ClassCounters>,
 }
 
-fn hash_of<T: Hash + ?Sized>(v: &T) -> u64 {
-    // `DefaultHasher::new()` uses fixed keys, so the ring is the same in every process.
-    let mut h = std::hash::DefaultHasher::new();
-    v.hash(&mut h);
-    h.finish()
+/// A hash that is part of lain's behaviour, not of the Rust release it was built with: every
+/// proxy of a fleet, whatever its version (during a rolling upgrade, say), sends a key to the
+/// same endpoint. `std`'s `DefaultHasher` makes no such promise. FNV-1a over the bytes,
+/// then MurmurHash3's 64-bit finaliser, since FNV alone spreads short, similar keys (ring
+/// points `addr#0`, `addr#1`, ...) poorly over the ring.
+fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in *part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// The ring point `p` of the endpoint at `addr`: its address as text, `#`, and `p`.
+fn point_of(addr: SocketAddr, p: usize) -> u64 {
+    stable_hash(&[addr.to_string().as_bytes(), b"#", p.to_string().as_bytes()])
 }
 
 impl UpstreamGroup {
@@ -132,7 +149,7 @@ impl UpstreamGroup {
         let mut ring = Vec::with_capacity(endpoints.len() * RING_POINTS);
         for (i, e) in endpoints.iter().enumerate() {
             for p in 0..RING_POINTS {
-                ring.push((hash_of(&(e.addr, p)), i));
+                ring.push((point_of(e.addr, p), i));
             }
         }
         ring.sort_unstable();
@@ -211,7 +228,7 @@ impl UpstreamGroup {
                     .min_by_key(|e| e.stats.in_flight.load(Ordering::Relaxed))
             }
             (Balance::HashHeader { .. } | Balance::HashCookie { .. }, Some(key)) => {
-                let h = hash_of(key);
+                let h = stable_hash(&[key]);
                 let start = self.ring.partition_point(|(p, _)| *p < h);
                 let len = self.ring.len();
                 (0..len)
@@ -332,6 +349,42 @@ mod tests {
         }
         // Without a key, hashing falls back to round robin.
         assert!(g.select(&policy, None, &[]).is_some());
+    }
+
+    #[test]
+    fn the_ring_is_the_same_in_every_build() {
+        // Proxies of different versions must agree on where a key goes: these values are
+        // part of the behaviour, and a change to them moves every user's sessions. (Worked
+        // out independently of this code, from the FNV-1a and MurmurHash3 definitions.)
+        assert_eq!(stable_hash(&[b""]), 0xefd0_1f60_ba99_2926);
+        assert_eq!(stable_hash(&[b"user-1"]), stable_hash(&[b"user", b"-1"]));
+        assert_eq!(stable_hash(&[b"user-1"]), 0x41a2_fca5_c684_01c5);
+        assert_eq!(
+            point_of(SocketAddr::from(([10, 0, 0, 1], 8080)), 7),
+            0x0e8d_4637_8270_bdef
+        );
+    }
+
+    #[test]
+    fn ring_points_spread_keys_evenly() {
+        let g = group(4);
+        let policy = Balance::HashHeader {
+            name: "x-user".into(),
+        };
+        let mut per = std::collections::HashMap::new();
+        for user in 0..20_000 {
+            let key = format!("session-{user}");
+            let e = g.select(&policy, Some(key.as_bytes()), &[]).unwrap().addr;
+            *per.entry(e).or_insert(0u32) += 1;
+        }
+        // 5,000 each if perfectly even; 100 points per endpoint keep every share within
+        // a quarter of that.
+        for (e, n) in &per {
+            assert!(
+                (3_750..=6_250).contains(n),
+                "{e} got {n} of 20,000: {per:?}"
+            );
+        }
     }
 
     #[test]

@@ -153,14 +153,7 @@ pub async fn drop_es_indices(es: &str, prefix: &str) {
         .await;
 }
 
-pub async fn metrics_page(admin: std::net::SocketAddr) -> String {
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
+pub use lain_test_support::metrics_page;
 
 /// The checkpoint entries logship shows at `/files`.
 pub async fn checkpoints(admin: std::net::SocketAddr) -> Vec<serde_json::Value> {

@@ -18,7 +18,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lain_state::{Balance, EndpointRecord, Keyspace, RouteRecord, encode};
 use lain_test_support::{
-    LainProcess, Rng, eventually, free_port, require_etcd, run_lain, unique_prefix,
+    LainProcess, Rng, eventually, free_port, metrics_page, require_etcd, run_lain, unique_prefix,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -357,12 +357,7 @@ async fn wait_status(c: &reqwest::Client, p: &Proxy, host: &str, path: &str, wan
 }
 
 async fn metrics(p: &Proxy) -> String {
-    reqwest::get(format!("http://{}/metrics", p.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    metrics_page(p.admin).await
 }
 
 fn metric_value(text: &str, prefix: &str) -> f64 {
@@ -1943,14 +1938,7 @@ async fn file_certificates_are_chosen_by_name_and_read_again_when_renewed() {
         );
     }
     let admin = process.addr("admin");
-    let metrics = || async move {
-        reqwest::get(format!("http://{admin}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || metrics_page(admin);
     // files, *.files, other and etcd.
     let m = metrics().await;
     assert_eq!(

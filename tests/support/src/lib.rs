@@ -113,6 +113,16 @@ where
     }
 }
 
+/// The Prometheus page of the lain component whose admin listener is at `admin`.
+pub async fn metrics_page(admin: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("the admin listener answers")
+        .text()
+        .await
+        .expect("the metrics page is text")
+}
+
 /// The path of the `lain` binary built next to the running test.
 pub fn lain_binary() -> PathBuf {
     if let Ok(p) = std::env::var("CARGO_BIN_EXE_lain") {

@@ -124,12 +124,22 @@ impl CertMap {
     }
 }
 
-/// When a file was last seen changed: its modification time and length.
-type Stamp = Option<(SystemTime, u64)>;
+/// What a file looked like when last read: its inode, length, and modification and change
+/// times. A renewal moved into place (a new inode, as when a symlink is swapped to a new
+/// directory) or copied with its old modification time kept (`cp -p`, which still sets the
+/// change time) differs in one of them.
+type Stamp = Option<(u64, u64, SystemTime, i64, i64)>;
 
 fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+    Some((
+        m.ino(),
+        m.len(),
+        m.modified().ok()?,
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
 }
 
 /// A file certificate from the configuration: where it is read from, and the key last

@@ -1948,10 +1948,20 @@ async fn file_certificates_are_chosen_by_name_and_read_again_when_renewed() {
     );
 
     // A renewed certificate written over the files is served without a restart, and the
-    // default follows it.
+    // default follows it; also when it is copied in with the old files' modification times
+    // kept, as `cp -p` of a renewal made elsewhere does.
     let renewed_pem = self_signed(&["files.tls.lain", "*.files.tls.lain"]);
-    std::fs::write(dir.path().join("files.key"), &renewed_pem.1).unwrap();
-    std::fs::write(dir.path().join("files.crt"), &renewed_pem.0).unwrap();
+    for (name, text) in [("files.key", &renewed_pem.1), ("files.crt", &renewed_pem.0)] {
+        let path = dir.path().join(name);
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, text).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    }
     let renewed = der(&renewed_pem.0);
     eventually(
         Duration::from_secs(10),

@@ -37,7 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::header_guard::{CLOSE_FLUSH, GuardedStream};
+use crate::header_guard::{CLOSE_FLUSH, GuardedStream, LINGER, LINGER_BYTES};
 use crate::service::{Finished, LainProxy, forwarded, hash_key_in, request_id};
 use crate::table::Route;
 use crate::upstream::EndpointStats;
@@ -414,6 +414,24 @@ pub fn sweep_pool(max_idle: Duration) {
     });
 }
 
+/// After the write side of a client connection was shut, reads and throws away what the
+/// client still sends, for a bounded time and number of bytes, before the connection
+/// closes (RFC 9112, section 9.6). Closing a socket with unread input makes the kernel
+/// reset the connection, which can destroy the answer before the client has read it: a
+/// 413 or 502 to an upload whose body is still arriving.
+async fn linger(stream: &mut ClientConn) {
+    let until = Instant::now() + LINGER;
+    let mut scratch = [0u8; 8192];
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES {
+        let left = until.saturating_duration_since(Instant::now());
+        match within(left, stream.read(&mut scratch)).await {
+            Some(Ok(n)) if n > 0 => discarded += n,
+            _ => break,
+        }
+    }
+}
+
 /// Closes every idle connection of the worker (at shutdown, while its runtime still runs).
 pub fn clear_pool() {
     POOL.with_borrow_mut(|p| *p = Pool::default());
@@ -513,7 +531,12 @@ enum Outcome {
     /// The request is for pingora; nothing was read past its header or written.
     Pingora,
     /// The request is done: `consumed` bytes of the read buffer were its own.
-    Done { consumed: usize, keep_alive: bool },
+    /// `unread_body` says part of its body may still be on its way from the client.
+    Done {
+        consumed: usize,
+        keep_alive: bool,
+        unread_body: bool,
+    },
 }
 
 /// Reusable buffers of one client connection.
@@ -561,6 +584,9 @@ impl H1 {
             tried: Vec::with_capacity(4),
         };
         let mut first = true;
+        // Idle kept-alive connections are closed as soon as shutdown begins, as pingora's
+        // path does, so that draining waits only for requests in flight.
+        let mut stop = shutdown.clone();
         loop {
             // Whether httparse saw the whole header; a parse error can come before its end.
             let mut complete = true;
@@ -608,19 +634,26 @@ impl H1 {
                 Some(Outcome::Done {
                     consumed,
                     keep_alive,
+                    unread_body,
                 }) => {
                     buf.drain(..consumed);
                     buf.append(&mut bufs.early);
                     if !keep_alive {
                         let _ = within(CLOSE_FLUSH, stream.shutdown()).await;
+                        if unread_body || !buf.is_empty() {
+                            linger(&mut stream).await;
+                        }
                         return Served::Closed;
                     }
                     if buf.is_empty() {
                         next_request.store(true, Ordering::Relaxed);
-                    } else {
+                    } else if !stream.begin_header(&buf) {
                         // The client already sent part of its next request: its header
-                        // clock starts now, as nothing more may ever come.
-                        stream.begin_header(&buf);
+                        // clock starts now, as nothing more may ever come. A header
+                        // already too large is answered 431 by the guard as it is read.
+                        let mut scratch = [0u8; 1];
+                        let _ = stream.read(&mut scratch).await;
+                        return Served::Closed;
                     }
                     first = false;
                     if buf.capacity() > 64 << 10 && buf.is_empty() {
@@ -631,7 +664,11 @@ impl H1 {
                     // More of the header is needed. The guard bounds its size and the time
                     // it takes to arrive; an idle kept-alive connection has `KEEPALIVE`.
                     let read = if buf.is_empty() && !first {
-                        within(KEEPALIVE, stream.read_buf(&mut buf)).await
+                        tokio::select! {
+                            biased;
+                            r = within(KEEPALIVE, stream.read_buf(&mut buf)) => r,
+                            _ = stop.wait_for(|down| *down) => return Served::Closed,
+                        }
                     } else {
                         buf.reserve(4096);
                         Some(stream.read_buf(&mut buf).await)
@@ -672,7 +709,7 @@ impl H1 {
         let route = m.route.clone();
         if route.https_only
             || route.max_body_bytes.is_some_and(|max| req.length > max)
-            || !route.upstream.any_healthy()
+            || !route.upstream.any_admitted()
         {
             return Outcome::Pingora;
         }
@@ -747,6 +784,7 @@ impl H1 {
                     route: &route,
                     id: &id,
                     rest,
+                    ahead: after.len() - in_buf,
                     shutting_down,
                     start,
                 },
@@ -792,6 +830,7 @@ impl H1 {
         Outcome::Done {
             consumed: head + in_buf,
             keep_alive,
+            unread_body: rest > 0 && !keep_alive,
         }
     }
 
@@ -811,6 +850,7 @@ impl H1 {
             route,
             id,
             rest,
+            ahead,
             shutting_down,
             start,
         } = x;
@@ -829,6 +869,11 @@ impl H1 {
         // The request's own start stands for the first attempt's: one clock read fewer, and
         // nothing but building the upstream header happened in between.
         let mut first_attempt = Some(start);
+        // Once a pooled connection turned out stale, the request goes only over new
+        // connections: one replay that costs the endpoint nothing, not one per idle
+        // connection, since an app that dies on a request would otherwise take it again
+        // from every connection in the pool.
+        let mut pooled = true;
         let (mut up, addr, stats, refused) = loop {
             let Some(ep) = route.upstream.select(&route.balance, key, tried) else {
                 return Err(Failure::Upstream(503, "no healthy endpoint".into()));
@@ -838,7 +883,12 @@ impl H1 {
             record.endpoint = Some(addr);
             let now = first_attempt.take().unwrap_or_else(Instant::now);
             record.upstream_start = Some(now);
-            let (mut up, reused) = match take(addr, proxy.keepalive_idle, now) {
+            let reuse = if pooled {
+                take(addr, proxy.keepalive_idle, now)
+            } else {
+                None
+            };
+            let (mut up, reused) = match reuse {
                 Some(c) => (c, true),
                 None => match connect(addr, connect_t).await {
                     Ok(c) => (c, false),
@@ -870,6 +920,7 @@ impl H1 {
                 if stale(&e) {
                     // A pooled connection the upstream had closed: not the endpoint's fault.
                     tried.pop();
+                    pooled = false;
                     continue;
                 }
                 self.blame(&stats, addr);
@@ -896,7 +947,14 @@ impl H1 {
                 }
             }
             bufs.rbuf.clear();
-            let waited = first_bytes(stream, &mut up, &mut bufs.rbuf, &mut bufs.early, read_t);
+            let waited = first_bytes(
+                stream,
+                &mut up,
+                &mut bufs.rbuf,
+                &mut bufs.early,
+                ahead,
+                read_t,
+            );
             match waited.await {
                 Ok(()) => break (up, addr, stats, refused.is_some()),
                 Err(Waited::ClientGone) => {
@@ -910,6 +968,7 @@ impl H1 {
                 }
                 Err(Waited::Upstream(e)) if bufs.rbuf.is_empty() && stale(&e) => {
                     tried.pop();
+                    pooled = false;
                     continue;
                 }
                 Err(Waited::Upstream(e)) => {
@@ -1117,6 +1176,9 @@ struct Exchange<'a> {
     id: &'a str,
     /// Request body bytes still to come from the client.
     rest: u64,
+    /// Bytes the client already sent behind this request (pipelined), counted against
+    /// [`MAX_EARLY`] with what it sends while the request waits.
+    ahead: usize,
     shutting_down: bool,
     /// When the request's header had arrived.
     start: Instant,
@@ -1169,22 +1231,27 @@ enum Waited {
     ClientGone,
 }
 
-/// The most bytes a client may send ahead (a pipelined request) while its request waits
-/// for the upstream; past this the client is no longer watched until the answer.
+/// The most bytes a client may have sent ahead (pipelined requests) while its request waits
+/// for the upstream, counting those already read with the request; past this the client is
+/// no longer read until the answer, so that TCP's flow control holds it back instead of the
+/// proxy buffering without end.
 const MAX_EARLY: usize = 64 << 10;
 
 /// Waits for the upstream's first response bytes into `buf`. Meanwhile the client is
 /// watched, as nginx and pingora do: one that closes its connection abandons its request
 /// (the upstream connection is then dropped), and what it sends ahead is kept in `early`
-/// for its next request. Watching costs no system call while the client is quiet: the
-/// runtime's readiness for its socket is clear after the request was read.
+/// for its next request; `ahead` bytes of it were already read. Watching costs no system
+/// call while the client is quiet: the runtime's readiness for its socket is clear after the
+/// request was read.
 async fn first_bytes(
     client: &mut ClientConn,
     up: &mut TcpStream,
     buf: &mut Vec<u8>,
     early: &mut Vec<u8>,
+    ahead: usize,
     limit: Duration,
 ) -> Result<(), Waited> {
+    let cap = MAX_EARLY.saturating_sub(ahead);
     let waited = within(limit, async {
         loop {
             tokio::select! {
@@ -1192,9 +1259,9 @@ async fn first_bytes(
                 r = read_more(up, buf) => return r.map_err(Waited::Upstream),
                 r = async {
                     early.reserve(4096);
-                    let room = (early.capacity() - early.len()).min(MAX_EARLY - early.len());
+                    let room = (early.capacity() - early.len()).min(cap - early.len());
                     (&mut *client).take(room as u64).read_buf(early).await
-                }, if early.len() < MAX_EARLY => match r {
+                }, if early.len() < cap => match r {
                     Ok(n) if n > 0 => {}
                     _ => return Err(Waited::ClientGone),
                 },
@@ -1270,9 +1337,10 @@ fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Sh
             length = Some(v);
         } else if is("transfer-encoding") {
             coded = true;
-            let last = text(h.value)
-                .and_then(|v| v.rsplit(',').next())
-                .map(str::trim);
+            // Empty list elements do not count (RFC 9110, section 5.6.1): `chunked,` is
+            // chunked.
+            let last =
+                text(h.value).and_then(|v| v.rsplit(',').map(str::trim).find(|c| !c.is_empty()));
             chunked = last.is_some_and(|l| l.eq_ignore_ascii_case("chunked"));
         } else if is("connection") {
             for option in text(h.value).unwrap_or("").split(',').map(str::trim) {
@@ -1302,6 +1370,11 @@ fn response_shape(req: &Req<'_>, resp: &httparse::Response<'_, '_>) -> Result<Sh
     // A body ended by closing, or a response framed two ways (RFC 9112, section 6.3: the
     // connection is closed after it), leaves the connection unusable.
     if framing == Framing::Close || (coded && length.is_some()) {
+        keep_alive = false;
+    }
+    // A 204 that announces a body (RFC 9110, section 15.3.5, forbids one) may be followed
+    // by one all the same, which would then be read as the answer to the next request.
+    if code == 204 && (coded || length.is_some_and(|l| l > 0)) {
         keep_alive = false;
     }
     Ok(Shape {

@@ -47,9 +47,9 @@ request header fields too large\n";
 /// After a 431, how long the rest of the client's header is read and thrown away before the
 /// connection closes; closing with unread data would reset the connection and could destroy
 /// the 431 before the client reads it.
-const LINGER: Duration = Duration::from_secs(2);
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 /// The most bytes thrown away while lingering.
-const LINGER_BYTES: usize = 8 << 20;
+pub(crate) const LINGER_BYTES: usize = 8 << 20;
 
 /// The write buffer's size: a response header and a small body, about one TCP segment, as
 /// pingora's own L4 write buffer.
@@ -157,18 +157,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> GuardedStream<S> {
     /// The next request began in bytes already read (`already`, sent behind the previous
     /// request): its header clock starts now and counts them. Without this a client that
     /// stops after the first bytes of a pipelined request would hold the connection, as the
-    /// clock otherwise starts only with a new read.
-    pub fn begin_header(&mut self, already: &[u8]) {
+    /// clock otherwise starts only with a new read. Returns `false` when the header is
+    /// already larger than the limit: the next read then answers 431 and fails, as it does
+    /// for a header that grows too large as it arrives.
+    pub fn begin_header(&mut self, already: &[u8]) -> bool {
         self.next_request.store(false, Ordering::Relaxed);
         let mut state = Scan::Start;
-        self.phase = match scan(already, &mut state) {
-            Some(_) => Phase::Passing,
-            None => Phase::Header {
-                deadline: Instant::now() + self.limits.timeout,
-                seen: already.len(),
-                scan: state,
-            },
+        let (phase, fits) = match scan(already, &mut state) {
+            Some(n) if n <= self.limits.max_bytes => (Phase::Passing, true),
+            None if already.len() <= self.limits.max_bytes => (
+                Phase::Header {
+                    deadline: Instant::now() + self.limits.timeout,
+                    seen: already.len(),
+                    scan: state,
+                },
+                true,
+            ),
+            _ => (Phase::Rejecting { written: 0 }, false),
         };
+        self.phase = phase;
+        fits
     }
 
     /// The same guard, in the same state, around `f(inner)`.

@@ -37,7 +37,7 @@ pub async fn run(table: Arc<ArcSwap<RouteTable>>, metrics: ProxyMetrics, shutdow
         let t = table.load();
         let now = now_ms();
         for group in t.groups() {
-            let Some(hc) = group.healthcheck() else {
+            let (Some(hc), Some(host)) = (group.healthcheck(), group.healthcheck_host()) else {
                 continue;
             };
             for ep in &group.endpoints {
@@ -52,9 +52,10 @@ pub async fn run(table: Arc<ArcSwap<RouteTable>>, metrics: ProxyMetrics, shutdow
                 let stats = ep.stats.clone();
                 let addr = ep.addr;
                 let hc = hc.clone();
+                let host: Box<str> = host.into();
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    let ok = probe(addr, &hc).await;
+                    let ok = probe(addr, &hc, &host).await;
                     apply(&stats, &hc, ok, addr, &metrics);
                     stats.checking.store(false, Ordering::Release);
                 });
@@ -88,13 +89,14 @@ pub fn apply(
     }
 }
 
-/// One `GET` of the check path; healthy on a 2xx or 3xx status within the interval.
-async fn probe(addr: SocketAddr, hc: &HealthCheck) -> bool {
+/// One `GET` of the check path for `host`; healthy on a 2xx or 3xx status within the
+/// interval.
+async fn probe(addr: SocketAddr, hc: &HealthCheck, host: &str) -> bool {
     let timeout = Duration::from_millis(hc.interval_ms.clamp(100, 10_000));
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         let req = format!(
-            "GET {} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: lain-proxy-healthcheck\r\nConnection: close\r\n\r\n",
+            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lain-proxy-healthcheck\r\nConnection: close\r\n\r\n",
             hc.path
         );
         s.write_all(req.as_bytes()).await.ok()?;
@@ -107,9 +109,7 @@ async fn probe(addr: SocketAddr, hc: &HealthCheck) -> bool {
             }
             buf.extend_from_slice(&chunk[..n]);
         }
-        let line = std::str::from_utf8(&buf).ok()?.lines().next()?.to_string();
-        let code: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(code)
+        status_code(&buf)
     };
     matches!(
         tokio::time::timeout(timeout, fut).await,
@@ -117,9 +117,46 @@ async fn probe(addr: SocketAddr, hc: &HealthCheck) -> bool {
     )
 }
 
+/// The status code of the status line at the start of `bytes`. Only the line is read: what
+/// follows it (a header value in Latin-1, a body cut inside a UTF-8 character) is no concern
+/// of a health check.
+fn status_code(bytes: &[u8]) -> Option<u16> {
+    let end = bytes
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .unwrap_or(bytes.len());
+    let line = std::str::from_utf8(&bytes[..end]).ok()?;
+    let mut parts = line.split(' ');
+    if !parts.next()?.starts_with("HTTP/") {
+        return None;
+    }
+    let code = parts.next()?;
+    if code.len() != 3 {
+        return None;
+    }
+    code.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_line_alone_decides() {
+        assert_eq!(
+            status_code(b"HTTP/1.1 200 OK\r\nx: \xe9t\xe9\r\n"),
+            Some(200)
+        );
+        // A body cut inside a UTF-8 character by the read.
+        let mut cut = b"HTTP/1.1 204 No Content\r\n\r\n".to_vec();
+        cut.extend_from_slice(&"\u{5065}\u{5eb7}".as_bytes()[..4]);
+        assert_eq!(status_code(&cut), Some(204));
+        assert_eq!(status_code(b"HTTP/1.0 503 Busy\r\n"), Some(503));
+        assert_eq!(status_code(b"HTTP/1.1 30"), None);
+        assert_eq!(status_code(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(status_code(b"HTTP/1.1 2000 OK\r\n"), None);
+        assert_eq!(status_code(b"HTTP/1.1 \xff\xfe OK\r\n"), None);
+    }
 
     #[test]
     fn rise_and_fall() {

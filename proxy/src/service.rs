@@ -653,7 +653,7 @@ impl ProxyHttp for LainProxy {
             }
         }
 
-        if !route.upstream.any_healthy() {
+        if !route.upstream.any_admitted() {
             ctx.route = Some(route);
             return self
                 .respond(session, ctx, 503, &[], b"no healthy endpoint\n")
@@ -737,10 +737,13 @@ impl ProxyHttp for LainProxy {
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut Ctx,
-        _client_reused: bool,
+        client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if e.esource == ErrorSource::Downstream {
+        // lain's own answers (a chunked body past the route's limit gets 413) are nobody
+        // else's fault and answered once; retrying would replay the body into the same
+        // answer.
+        if e.esource == ErrorSource::Downstream || matches!(e.etype, ErrorType::HTTPStatus(_)) {
             // The client went away (or broke the protocol) while its request was upstream,
             // as every load generator does when it stops: the endpoint did nothing wrong, so
             // it is neither blamed nor ejected, and nobody is left to answer.
@@ -762,11 +765,13 @@ impl ProxyHttp for LainProxy {
                 e.etype,
                 ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::InvalidHTTPHeader
             );
-        // A response that could not be read counts against its endpoint, as on lain's path,
-        // whether or not the request goes elsewhere.
-        let unreadable = e.etype == ErrorType::InvalidHTTPHeader && !ctx.upstream_responded;
+        // Any failure before the response (a timeout, a reset, a response that cannot be
+        // read) counts against the endpoint, as on lain's path, whether or not the request
+        // goes elsewhere; but not a pooled connection that turned out closed when the
+        // request can simply be sent again.
         let retry = replayable && ctx.tried.len() <= self.max_retries;
-        if retry || unreadable {
+        let stale = client_reused && retry;
+        if !ctx.upstream_responded && !stale {
             self.blame(ctx);
         }
         if retry {

@@ -267,15 +267,19 @@ impl RouteTable {
             let group = groups
                 .entry(gkey.clone())
                 .or_insert_with(|| {
-                    Arc::new(UpstreamGroup::new(
+                    let group = UpstreamGroup::new(
                         &gkey.0,
                         &gkey.1,
                         endpoints.remove(&gkey).unwrap_or_default(),
-                    ))
+                    );
+                    if let Some(before) = previous.groups.get(&gkey) {
+                        group.continue_from(before);
+                    }
+                    Arc::new(group)
                 })
                 .clone();
             if let Some(hc) = &r.healthcheck {
-                group.set_healthcheck(hc.clone());
+                group.set_healthcheck(hc.clone(), &host);
             }
             let route = Arc::new(Route {
                 host: host.clone(),
@@ -713,6 +717,30 @@ mod tests {
             &m2.route.upstream.endpoints[0].stats
         ));
         assert_eq!(t2.to_json()["routes"][0]["endpoints"][0]["healthy"], false);
+    }
+
+    #[test]
+    fn round_robin_goes_on_where_the_previous_table_stopped() {
+        let text = r#"{"routes":[{"host":"a.lain","app":"a","proc":"web"}],
+            "endpoints":[
+              {"app":"a","proc":"web","instance":1,"address":"127.0.0.1","port":8001},
+              {"app":"a","proc":"web","instance":2,"address":"127.0.0.1","port":8002},
+              {"app":"a","proc":"web","instance":3,"address":"127.0.0.1","port":8003}]}"#;
+        let doc: StateDocument = serde_json::from_str(text).unwrap();
+        let snap = Snapshot::from_document(&Keyspace::default(), &doc).0;
+        // One request per table, the table swapping between requests (a busy cluster):
+        // every endpoint still gets its turn.
+        let mut table = RouteTable::compile(&snap, &RouteTable::default(), 1);
+        let mut ports = Vec::new();
+        for version in 2..8 {
+            let up = &table.lookup("a.lain", "/").unwrap().route.upstream;
+            let e = up
+                .select(&lain_state::Balance::RoundRobin, None, &[])
+                .unwrap();
+            ports.push(e.addr.port());
+            table = RouteTable::compile(&snap, &table, version);
+        }
+        assert_eq!(ports, [8001, 8002, 8003, 8001, 8002, 8003]);
     }
 
     #[test]

@@ -95,9 +95,13 @@ pub struct Endpoint {
 impl Endpoint {
     /// Whether requests may go to this endpoint now.
     pub fn is_healthy(&self) -> bool {
-        self.declared_healthy
-            && !self.stats.active_down.load(Ordering::Relaxed)
-            && !self.stats.ejected()
+        self.is_admitted() && !self.stats.ejected()
+    }
+
+    /// Whether the control plane and the active health check let requests go to this
+    /// endpoint, passive ejection aside.
+    pub fn is_admitted(&self) -> bool {
+        self.declared_healthy && !self.stats.active_down.load(Ordering::Relaxed)
     }
 }
 
@@ -113,7 +117,8 @@ pub struct UpstreamGroup {
     rr: AtomicUsize,
     /// Sorted (hash, endpoint index) points of the consistent-hash ring.
     ring: Vec<(u64, usize)>,
-    healthcheck: OnceLock<HealthCheck>,
+    /// The proc's active health check and the host of the route that declared it.
+    healthcheck: OnceLock<(HealthCheck, Box<str>)>,
     counters: OnceLock<ClassCounters>,
 }
 
@@ -164,14 +169,22 @@ impl UpstreamGroup {
         }
     }
 
-    /// Sets the active health check of the proc (the first route that declares one wins).
-    pub fn set_healthcheck(&self, hc: HealthCheck) {
-        let _ = self.healthcheck.set(hc);
+    /// Sets the active health check of the proc, declared by a route of `host` (the first
+    /// route that declares one wins).
+    pub fn set_healthcheck(&self, hc: HealthCheck, host: &str) {
+        let _ = self.healthcheck.set((hc, host.into()));
     }
 
     /// The active health check, if a route of the proc declares one.
     pub fn healthcheck(&self) -> Option<&HealthCheck> {
-        self.healthcheck.get()
+        self.healthcheck.get().map(|(hc, _)| hc)
+    }
+
+    /// The host the health check asks for: that of the route that declared it, since apps
+    /// that check the `Host` of each request (Django's `ALLOWED_HOSTS`, name-based virtual
+    /// hosts) answer an address with a 400.
+    pub fn healthcheck_host(&self) -> Option<&str> {
+        self.healthcheck.get().map(|(_, host)| &**host)
     }
 
     /// Resolves the proc's request counters; called when the table is compiled, so that
@@ -192,10 +205,30 @@ impl UpstreamGroup {
         self.endpoints.iter().any(Endpoint::is_healthy)
     }
 
+    /// Whether a request has anywhere to go: some endpoint the control plane and the active
+    /// health check both admit. Passive ejection alone never leaves a proc without an
+    /// endpoint (see [`UpstreamGroup::select`]).
+    pub fn any_admitted(&self) -> bool {
+        self.endpoints.iter().any(Endpoint::is_admitted)
+    }
+
+    /// Carries the round-robin position over from the group this one replaces, so that a
+    /// table swap does not send the next request of every proc to its first endpoint.
+    pub fn continue_from(&self, previous: &UpstreamGroup) {
+        self.rr
+            .store(previous.rr.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// Chooses an endpoint for a request, skipping unhealthy ones and those in `exclude`
     /// (endpoints already tried by this request). `hash_key` is the value of the header or
     /// cookie a hashing policy names. When every healthy endpoint was already tried, tried
     /// ones are allowed again, so a retry still has somewhere to go.
+    ///
+    /// When passive ejection has taken out every endpoint the health checks admit, it is
+    /// ignored, as Envoy's panic threshold and nginx's single-server upstreams do: ejection
+    /// is meant to move traffic to healthier peers, and with none left the app's own
+    /// answers (a 500 a client provokes on purpose, say) are better than the proxy's 503
+    /// for every request to the proc.
     pub fn select(
         &self,
         balance: &Balance,
@@ -206,6 +239,7 @@ impl UpstreamGroup {
             e.is_healthy() && !exclude.contains(&e.addr)
         })
         .or_else(|| self.pick(balance, hash_key, Endpoint::is_healthy))
+        .or_else(|| self.pick(balance, hash_key, Endpoint::is_admitted))
     }
 
     fn pick(
@@ -291,6 +325,38 @@ mod tests {
         }
         assert!(g.select(&Balance::RoundRobin, None, &[]).is_none());
         assert!(!g.any_healthy());
+    }
+
+    #[test]
+    fn ejection_never_leaves_a_proc_without_an_endpoint() {
+        let g = group(2);
+        let (a, b) = (&g.endpoints[0], &g.endpoints[1]);
+        assert!(a.stats.record_failure(1, 60_000));
+        for _ in 0..4 {
+            assert_eq!(
+                g.select(&Balance::RoundRobin, None, &[]).unwrap().addr,
+                b.addr
+            );
+        }
+        // Both ejected: both serve again, in turn, rather than neither.
+        assert!(b.stats.record_failure(1, 60_000));
+        assert!(!g.any_healthy());
+        assert!(g.any_admitted());
+        let picked: std::collections::HashSet<_> = (0..4)
+            .map(|_| g.select(&Balance::RoundRobin, None, &[]).unwrap().addr)
+            .collect();
+        assert_eq!(picked.len(), 2);
+        // An endpoint the health check took out stays out, ejected peers or not.
+        a.stats.active_down.store(true, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_eq!(
+                g.select(&Balance::RoundRobin, None, &[]).unwrap().addr,
+                b.addr
+            );
+        }
+        b.stats.active_down.store(true, Ordering::Relaxed);
+        assert!(g.select(&Balance::RoundRobin, None, &[]).is_none());
+        assert!(!g.any_admitted());
     }
 
     #[test]

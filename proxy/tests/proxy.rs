@@ -58,9 +58,27 @@ impl Upstream {
                         let hits = hits.clone();
                         async move {
                             if req.uri().path() == "/healthz" {
+                                // As an app that checks the host it serves (Django's
+                                // ALLOWED_HOSTS): an address is no name of it.
+                                let named = req
+                                    .headers()
+                                    .get("host")
+                                    .and_then(|h| h.to_str().ok())
+                                    .is_some_and(|h| h.ends_with(".lain.local"));
                                 let ok = healthy.load(Ordering::Relaxed);
                                 let mut r = Response::new(Full::new(Bytes::from("hc")));
-                                *r.status_mut() = if ok { 200 } else { 503 }.try_into().unwrap();
+                                *r.status_mut() = match (named, ok) {
+                                    (false, _) => 400,
+                                    (true, true) => 200,
+                                    (true, false) => 503,
+                                }
+                                .try_into()
+                                .unwrap();
+                                // A field value in Latin-1, as old frameworks send them.
+                                r.headers_mut().insert(
+                                    "x-note",
+                                    hyper::header::HeaderValue::from_bytes(b"\xe9t\xe9").unwrap(),
+                                );
                                 return Ok::<_, Infallible>(r);
                             }
                             hits.fetch_add(1, Ordering::Relaxed);
@@ -2495,6 +2513,10 @@ impl ScriptedUpstream {
                     .await;
                 return;
             }
+            if target == "/crash" {
+                // The request kills the app's worker: the connection closes unanswered.
+                return;
+            }
             // Closed part way through the body, right after it was written: an app that
             // crashed while answering.
             let cut: &[u8] = match target.as_str() {
@@ -2536,6 +2558,12 @@ impl ScriptedUpstream {
                 r
             };
             let (response, then_close): (Vec<u8>, Option<Duration>) = match target.as_str() {
+                // An empty list element after the coding (RFC 9110, section 5.6.1).
+                "/te/empty-element" => (
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+                        .to_vec(),
+                    None,
+                ),
                 "/chunked" => (
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n\
                       6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
@@ -3313,6 +3341,20 @@ async fn a_request_whose_endpoint_times_out_is_not_sent_elsewhere() {
             4 - taken,
             "with {config:?}"
         );
+        // Timeouts count against the endpoint on both paths: five in a row eject it.
+        let mut sent = 0;
+        while metric_value(
+            &metrics(&proxy).await,
+            "lain_proxy_upstream_ejections_total",
+        ) < 1.0
+        {
+            sent += 1;
+            assert!(
+                sent <= 20,
+                "the silent endpoint was never ejected with {config:?}"
+            );
+            let _ = get(&client(), &proxy, "slow.lain.local", "/").await;
+        }
     }
     task.abort();
     cluster.cleanup().await;
@@ -4195,6 +4237,15 @@ async fn hop_by_hop_response_fields_stay_behind_on_every_path() {
         assert!(raw.starts_with("HTTP/1.1 502"), "{raw}");
     }
     assert_eq!(ejections(&metrics(&proxy).await), 1.0);
+    // Ejection never leaves the proc without its only endpoint: the app's own answers
+    // beat the proxy's 503, on both paths.
+    for version in ["1.0", "1.1"] {
+        let request = format!(
+            "GET /lengths/same HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        );
+        let raw = raw_request(addr, &request).await;
+        assert!(raw.starts_with("HTTP/1.1 200"), "{version}: {raw}");
+    }
     cluster.cleanup().await;
 }
 
@@ -4410,5 +4461,247 @@ async fn an_upstream_that_answers_before_taking_the_whole_body_is_relayed() {
     );
     // Served by lain's own path.
     wait_served(&proxy, &before, "h1", 1.0).await;
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_kills_the_app_is_replayed_once_not_once_per_pooled_connection() {
+    let host = "crash.lain.local";
+    let (cluster, up, proxy) = scripted_route("proxy-h1-crash", host).await;
+    // Sixteen connections at once leave sixteen upstream connections in the workers' pools.
+    let warm: Vec<_> = (0..16)
+        .map(|_| {
+            let url = proxy.url("/slowish");
+            tokio::spawn(async move { client().get(url).header("host", host).send().await })
+        })
+        .collect();
+    for w in warm {
+        assert_eq!(w.await.unwrap().unwrap().status(), 200);
+    }
+    let before = up.requests.load(Ordering::Relaxed);
+    let r = client()
+        .get(proxy.url("/crash"))
+        .header("host", host)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    // One try on a pooled connection, which may have been closed while idle and so costs
+    // the endpoint nothing; then only new connections, each a counted retry (3 by default).
+    let tries = up.requests.load(Ordering::Relaxed) - before;
+    assert!((2..=5).contains(&tries), "{tries} tries");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_element_in_a_transfer_coding_list_frames_the_body_as_chunked() {
+    let host = "te.lain.local";
+    let (cluster, _up, proxy) = scripted_route("proxy-h1-te", host).await;
+    // Two requests on one connection: the second is answered only once the first
+    // response's end was found, not when the upstream gives up on the connection.
+    let started = Instant::now();
+    let raw = raw_request(
+        proxy.http,
+        &format!(
+            "GET /te/empty-element HTTP/1.1\r\nHost: {host}\r\n\r\n\
+             GET /after HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5), "{raw}");
+    assert!(raw.contains("2\r\nok\r\n0\r\n\r\n"), "{raw}");
+    assert!(raw.ends_with("GET /after"), "{raw}");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_header_over_the_limit_gets_431() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cluster, up, proxy, _c) = one_route(
+        "proxy-pipelined-431",
+        "p",
+        "p.lain.local",
+        "/",
+        "/",
+        "max_header_bytes = 4096",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: p.lain.local\r\n\r\n")
+        .await
+        .unwrap();
+    // Sent while the first request waits for its answer, so that the proxy reads it whole
+    // ahead of time.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let big = format!(
+        "GET /second HTTP/1.1\r\nHost: p.lain.local\r\nx-big: {}\r\n\r\n",
+        "a".repeat(8_000)
+    );
+    s.write_all(big.as_bytes()).await.unwrap();
+    let hits = up.hits.load(Ordering::Relaxed);
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("HTTP/1.1 431"), "{text}");
+    assert!(!text.contains("/second"), "{text}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        up.hits.load(Ordering::Relaxed),
+        hits,
+        "the second request went upstream"
+    );
+    cluster.cleanup().await;
+}
+
+/// The proxy process's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pipelining_without_end_is_held_back_not_buffered() {
+    use std::io::{Read, Write};
+    let (cluster, _up, proxy, _c) =
+        one_route("proxy-pipeline-flood", "f", "f.lain.local", "/", "/", "").await;
+    let pid = proxy.process.pid();
+    let base = rss_kib(pid);
+    let addr = proxy.http;
+    // A client that sends requests far faster than they are answered, and reads the
+    // answers so that they never hold the proxy back: at most 48 MiB, or until the proxy
+    // stops taking them for a second, or 10 s.
+    let flood = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut r = s.try_clone().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut sink = [0u8; 65536];
+            while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let block = b"GET / HTTP/1.1\r\nHost: f.lain.local\r\n\r\n".repeat(1700);
+        let (started, mut sent) = (Instant::now(), 0usize);
+        while sent < 48 << 20 && started.elapsed() < Duration::from_secs(10) {
+            match s.write(&block) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        (s, reader, sent)
+    });
+    let (s, reader, sent) = flood.await.unwrap();
+    let grown = rss_kib(pid).saturating_sub(base);
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    reader.join().unwrap();
+    // Every byte sent is either answered or in a socket buffer, not in the proxy's memory.
+    assert!(
+        grown < 12 << 10,
+        "the proxy grew by {grown} KiB while a client pipelined {sent} bytes"
+    );
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_whole_body_leaves_the_connection_readable_for_a_while() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cluster = Cluster::new("proxy-linger").await;
+    // An endpoint that refuses connections: the upload is answered 502 at once.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone = closed.local_addr().unwrap();
+    drop(closed);
+    cluster.put_endpoint("linger", 1, gone).await;
+    cluster
+        .put_route(&route("linger.lain.local", "/", "linger"))
+        .await;
+    let proxy = Proxy::start(&cluster, "");
+    wait_status(&client(), &proxy, "linger.lain.local", "/", 502).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: linger.lain.local\r\nContent-Length: 1048576\r\n\r\nfirst",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let (status, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 502);
+    // The client goes on sending its body, as a client does that is not reading yet. The
+    // proxy reads it and throws it away before closing; a proxy that closed at once would
+    // have the kernel answer with a reset, which on a real network can destroy the answer.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(&[b'x'; 16 << 10]).await.unwrap();
+    }
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(matches!(end, Ok(Ok(0))), "{end:?}");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_kept_alive_connections_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cluster, _up, mut proxy, _c) =
+        one_route("proxy-idle-shutdown", "i", "i.lain.local", "/", "/", "").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: i.lain.local\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(read_response(&mut s, &mut buf).await.0, 200);
+    // The connection is idle now; shutdown drains for up to 2 s (drain_secs).
+    let stopping = tokio::task::spawn_blocking(move || {
+        let status = proxy.process.terminate(Duration::from_secs(10));
+        (proxy, status)
+    });
+    let started = Instant::now();
+    let mut one = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut one)).await;
+    assert!(matches!(n, Ok(Ok(0))), "{n:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1_500),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    let (_proxy, status) = stopping.await.unwrap();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_past_the_limit_is_answered_413_once_and_blames_nobody() {
+    let host = "limit.lain.local";
+    let mut cluster = Cluster::new("proxy-chunked-413").await;
+    let up = ScriptedUpstream::start().await;
+    cluster.put_endpoint("scripted", 1, up.addr).await;
+    let mut r = route(host, "/", "scripted");
+    r.max_body_bytes = Some(1024);
+    cluster.put_route(&r).await;
+    let proxy = Proxy::start(&cluster, "");
+    wait_status(&client(), &proxy, host, "/", 200).await;
+    let before = up.requests.load(Ordering::Relaxed);
+    // A chunked body has no length to refuse up front; PUT may be retried, and must not be
+    // for this.
+    let chunk = "x".repeat(10 << 10);
+    for _ in 0..6 {
+        let request = format!(
+            "PUT /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\
+             Connection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+            chunk.len()
+        );
+        let raw = raw_request(proxy.http, &request).await;
+        assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
+    }
+    let sent = up.requests.load(Ordering::Relaxed) - before;
+    assert!(sent <= 6, "{sent} requests upstream for 6 refused uploads");
+    let m = metrics(&proxy).await;
+    assert_eq!(
+        metric_value(&m, "lain_proxy_upstream_ejections_total"),
+        0.0,
+        "{m}"
+    );
     cluster.cleanup().await;
 }

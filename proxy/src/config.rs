@@ -203,6 +203,10 @@ pub struct StreamConfig {
     /// How long connecting to one endpoint may take before the next one is tried.
     #[serde(default = "default_stream_connect_secs")]
     pub connect_timeout_secs: u64,
+    /// How long a forwarded connection may carry nothing either way before it is closed
+    /// (nginx's `proxy_timeout`, 10 minutes by default as there).
+    #[serde(default = "default_stream_idle_secs")]
+    pub idle_timeout_secs: u64,
 }
 
 fn default_stream_ip() -> IpAddr {
@@ -217,6 +221,9 @@ fn default_stream_port_max() -> u16 {
 fn default_stream_connect_secs() -> u64 {
     5
 }
+fn default_stream_idle_secs() -> u64 {
+    600
+}
 
 impl Default for StreamConfig {
     fn default() -> Self {
@@ -225,6 +232,7 @@ impl Default for StreamConfig {
             port_min: default_stream_port_min(),
             port_max: default_stream_port_max(),
             connect_timeout_secs: default_stream_connect_secs(),
+            idle_timeout_secs: default_stream_idle_secs(),
         }
     }
 }
@@ -449,6 +457,12 @@ impl Validate for Config {
         if self.stream.connect_timeout_secs == 0 {
             errors.push(ConfigError::at(
                 "stream.connect_timeout_secs",
+                "must be positive",
+            ));
+        }
+        if self.stream.idle_timeout_secs == 0 {
+            errors.push(ConfigError::at(
+                "stream.idle_timeout_secs",
                 "must be positive",
             ));
         }

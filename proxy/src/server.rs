@@ -269,6 +269,7 @@ async fn serve(
             port_min: config.stream.port_min,
             port_max: config.stream.port_max,
             connect_timeout: Duration::from_secs(config.stream.connect_timeout_secs),
+            idle_timeout: Duration::from_secs(config.stream.idle_timeout_secs),
         },
         stream_metrics,
         sockets.clone(),

@@ -5,24 +5,31 @@
 //! A manager follows the cluster state. It compiles the records into an immutable
 //! [`StreamTable`] published with `arc-swap` (so an accepted connection reads its targets
 //! without a lock), opens a listener for every new port and closes the listeners of ports
-//! that went away; connections already forwarded stay open until either side closes. A port
+//! that went away; connections already forwarded stay open until either side closes, or
+//! until nothing has passed either way for the idle timeout (nginx's `proxy_timeout`), so
+//! that a client that vanished without a word (behind a NAT that forgot it) does not hold
+//! two sockets and a task for good. A port
 //! outside the configured range, or one that cannot be bound, is skipped, logged and
 //! counted, and everything else is applied.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use lain_common::Shutdown;
 use lain_state::{Snapshot, StateHandle};
 use prometheus::{IntCounter, IntGauge, Registry};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::upgrade::Sockets;
+use crate::upstream::now_ms;
 
 /// TCP connections accepted on stream ports.
 pub const STREAM_CONNECTIONS: &str = "lain_proxy_stream_connections_total";
@@ -83,6 +90,8 @@ pub struct StreamSettings {
     pub port_max: u16,
     /// How long connecting to one endpoint may take before the next is tried.
     pub connect_timeout: Duration,
+    /// How long a forwarded connection may carry nothing either way before it is closed.
+    pub idle_timeout: Duration,
 }
 
 /// One TCP route: where a port's connections go.
@@ -231,6 +240,7 @@ pub async fn run(
                                 port,
                                 table.clone(),
                                 settings.connect_timeout,
+                                settings.idle_timeout,
                                 metrics.clone(),
                             ));
                             listeners.insert(port, task);
@@ -268,6 +278,7 @@ async fn accept_loop(
     port: u16,
     table: Arc<ArcSwap<StreamTable>>,
     connect_timeout: Duration,
+    idle_timeout: Duration,
     metrics: StreamMetrics,
 ) {
     loop {
@@ -306,9 +317,86 @@ async fn accept_loop(
             let _ = upstream.set_nodelay(true);
             metrics.active.inc();
             let mut client = client;
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            relay(&mut client, &mut upstream, idle_timeout).await;
             metrics.active.dec();
         });
+    }
+}
+
+/// Copies both ways until either side closes (and the other has been told), or until
+/// nothing has moved either way for `idle`.
+async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, idle: Duration) {
+    let last = AtomicU64::new(now_ms());
+    let mut a = Stamped {
+        inner: client,
+        last: &last,
+    };
+    let mut b = Stamped {
+        inner: upstream,
+        last: &last,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    loop {
+        let quiet = Duration::from_millis(now_ms().saturating_sub(last.load(Ordering::Relaxed)));
+        // A timeout too far away to be a point in time is no timeout.
+        let Some(due) = Instant::now().checked_add(idle.saturating_sub(quiet)) else {
+            let _ = copy.await;
+            return;
+        };
+        tokio::select! {
+            _ = &mut copy => return,
+            _ = tokio::time::sleep_until(due.into()) => {
+                // Traffic since the timer was set moves the deadline instead.
+                let quiet = now_ms().saturating_sub(last.load(Ordering::Relaxed));
+                if Duration::from_millis(quiet) >= idle {
+                    tracing::debug!("stream connection idle, closed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A socket that notes when it last read something: the idle clock of a relay, kept
+/// without a timer reset per read.
+struct Stamped<'a> {
+    inner: &'a mut TcpStream,
+    /// [`now_ms`] of the last read that brought bytes.
+    last: &'a AtomicU64,
+}
+
+impl AsyncRead for Stamped<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.store(now_ms(), Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Stamped<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -345,6 +433,7 @@ mod tests {
             port_min: 9500,
             port_max: 10000,
             connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(600),
         };
         let (t, rejected) = StreamTable::compile(&snap, &settings);
         assert_eq!(rejected.len(), 1, "{rejected:?}");

@@ -4705,3 +4705,66 @@ async fn a_chunked_body_past_the_limit_is_answered_413_once_and_blames_nobody() 
     );
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_connection_idle_past_its_timeout_is_closed_and_a_busy_one_is_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cluster = Cluster::new("proxy-stream-idle").await;
+    let (echo, _task) = echo_upstream("e").await;
+    let e: EndpointRecord = serde_json::from_value(serde_json::json!({
+        "app": "idle", "proc": "tcp", "proc_type": "worker", "instance": 1,
+        "address": echo.ip().to_string(), "port": echo.port(),
+    }))
+    .unwrap();
+    cluster
+        .client
+        .put(cluster.ks.endpoint("idle", "tcp", 1), encode(&e), None)
+        .await
+        .unwrap();
+    let port = free_port();
+    let record: lain_state::StreamRecord = serde_json::from_value(serde_json::json!({
+        "listen_port": port, "app": "idle", "proc": "tcp",
+    }))
+    .unwrap();
+    cluster
+        .client
+        .put(cluster.ks.stream(port), encode(&record), None)
+        .await
+        .unwrap();
+    let _proxy = Proxy::start(
+        &cluster,
+        "[stream]\nlisten_ip = \"127.0.0.1\"\nport_min = 1024\nport_max = 65535\nidle_timeout_secs = 1",
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    eventually(Duration::from_secs(10), "stream port answers", || async {
+        tcp_round_trip(addr, "ping").await.ok()
+    })
+    .await;
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    for s in [&mut idle, &mut busy] {
+        s.write_all(b"hi").await.unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"e:hi");
+    }
+    let started = Instant::now();
+    // The busy connection talks every 300 ms for 2.4 s, well past the timeout in all.
+    for i in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        busy.write_all(b"x").await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), busy.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"e:x", "message {i}");
+    }
+    // The idle one was closed after about a second of silence.
+    let n = tokio::time::timeout(Duration::from_secs(1), idle.read(&mut buf)).await;
+    assert!(
+        matches!(n, Ok(Ok(0))),
+        "{n:?} after {:?}",
+        started.elapsed()
+    );
+    cluster.cleanup().await;
+}

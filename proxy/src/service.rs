@@ -378,7 +378,10 @@ impl LainProxy {
             return;
         }
         let line = AccessLine {
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            // When the request arrived, as the field says: a two-hour WebSocket is logged
+            // at its start, not at its end.
+            time: (chrono::Utc::now() - chrono::Duration::from_std(f.elapsed).unwrap_or_default())
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             client_ip: f.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             method: f.method.to_string(),
             host: f.host.to_string(),

@@ -4768,3 +4768,44 @@ async fn a_stream_connection_idle_past_its_timeout_is_closed_and_a_busy_one_is_n
     );
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_follows_a_rotation_and_dates_requests_by_arrival() {
+    let (cluster, _up, proxy, c) =
+        one_route("proxy-log-rotate", "rot", "rot.lain.local", "/", "/", "").await;
+    let line_with = |path: PathBuf, id: &'static str| async move {
+        eventually(Duration::from_secs(5), id, || async {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            text.lines().find(|l| l.contains(id)).map(str::to_string)
+        })
+        .await
+    };
+    let ask = |id: &'static str, path: &'static str| {
+        c.get(proxy.url(path))
+            .header("host", "rot.lain.local")
+            .header("x-request-id", id)
+            .send()
+    };
+    let sent = chrono::Utc::now();
+    assert_eq!(ask("rot-1", "/slow").await.unwrap().status(), 200);
+    let first = json(&line_with(proxy.access_log(), "rot-1").await);
+    // `/slow` takes 300 ms upstream: the line's time is when the request came, not when
+    // it ended.
+    let time = chrono::DateTime::parse_from_rfc3339(first["time"].as_str().unwrap()).unwrap();
+    let late = (time.with_timezone(&chrono::Utc) - sent).num_milliseconds();
+    assert!(
+        late < 150,
+        "logged {late} ms after the request was sent: {first}"
+    );
+    assert!(first["duration_ms"].as_f64().unwrap() >= 300.0, "{first}");
+    // Rotated away as logrotate does without copytruncate: the proxy opens a new file at
+    // the path and goes on there.
+    let rotated = proxy.access_log().with_extension("log.1");
+    std::fs::rename(proxy.access_log(), &rotated).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(ask("rot-2", "/").await.unwrap().status(), 200);
+    line_with(proxy.access_log(), "rot-2").await;
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains("rot-1") && !old.contains("rot-2"), "{old}");
+    cluster.cleanup().await;
+}

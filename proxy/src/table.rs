@@ -211,10 +211,12 @@ impl RouteTable {
     /// counts, health) to endpoints that are still present, so a table swap does not reset
     /// load balancing or health.
     pub fn compile(snap: &Snapshot, previous: &RouteTable, version: u64) -> RouteTable {
-        let mut stats: HashMap<SocketAddr, Arc<EndpointStats>> = HashMap::new();
+        // Keyed by proc as well as address: a container of another app that gets a removed
+        // one's address starts afresh instead of inheriting its ejection or health.
+        let mut stats: HashMap<(&str, &str, SocketAddr), Arc<EndpointStats>> = HashMap::new();
         for g in previous.groups.values() {
             for e in &g.endpoints {
-                stats.insert(e.addr, e.stats.clone());
+                stats.insert((&g.app, &g.proc_name, e.addr), e.stats.clone());
             }
         }
 
@@ -223,7 +225,10 @@ impl RouteTable {
         for item in snap.endpoints.values() {
             let e = &item.value;
             let addr = SocketAddr::new(e.address, e.port);
-            let st = stats.get(&addr).cloned().unwrap_or_default();
+            let st = stats
+                .get(&(e.app.as_str(), e.proc_name.as_str(), addr))
+                .cloned()
+                .unwrap_or_default();
             endpoints
                 .entry((e.app.as_str().into(), e.proc_name.as_str().into()))
                 .or_default()
@@ -717,6 +722,18 @@ mod tests {
             &m2.route.upstream.endpoints[0].stats
         ));
         assert_eq!(t2.to_json()["routes"][0]["endpoints"][0]["healthy"], false);
+        // Another app's container given the ejected endpoint's address starts afresh.
+        let text = r#"{"routes":[{"host":"a.lain","app":"a","proc":"web"},
+              {"host":"c.lain","app":"c","proc":"web"}],
+            "endpoints":[
+              {"app":"a","proc":"web","instance":2,"address":"127.0.0.1","port":8002},
+              {"app":"c","proc":"web","instance":1,"address":"127.0.0.1","port":8001}]}"#;
+        let doc: StateDocument = serde_json::from_str(text).unwrap();
+        let (snap, _) = Snapshot::from_document(&Keyspace::default(), &doc);
+        let t3 = RouteTable::compile(&snap, &t2, 3);
+        let c = &t3.lookup("c.lain", "/").unwrap().route.upstream.endpoints[0];
+        assert_eq!(c.addr.port(), 8001);
+        assert!(c.is_healthy());
     }
 
     #[test]

@@ -289,6 +289,15 @@ impl Validate for RouteRecord {
         if self.host.contains('/') || self.host.contains(char::is_whitespace) {
             return Err(format!("host {:?} is not a host name", self.host));
         }
+        // nginx users write `*.example.com`; it would match nothing here, silently.
+        if self.host.contains('*') {
+            let base = self.host.trim_start_matches(['*', '.']);
+            return Err(format!(
+                "host {:?} has a wildcard; a route for {base:?} already matches it and every \
+                 subdomain",
+                self.host
+            ));
+        }
         if !self.path.starts_with('/') {
             return Err(format!("path {:?} does not start with '/'", self.path));
         }
@@ -757,6 +766,13 @@ mod tests {
         let err = decode::<RouteRecord>(br#"{"v":1,"host":"h","path":"api","app":"a","proc":"p"}"#)
             .unwrap_err();
         assert!(err.to_string().contains("does not start with '/'"), "{err}");
+        let err = decode::<RouteRecord>(br#"{"v":1,"host":"*.example.com","app":"a","proc":"p"}"#)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a route for \"example.com\" already matches it"),
+            "{err}"
+        );
         for (path, want) in [
             ("/api//v1", "empty segment"),
             ("/a/../b", "\"..\" segment"),

@@ -9,7 +9,9 @@
 //! (httparse), loads the route table once, picks an endpoint with the route's balancer,
 //! writes the rewritten header and the body to an upstream connection from the worker's
 //! pool, relays the response as it arrives, and counts and logs the request as pingora's
-//! path does, with the same forwarding headers, request ids, retries and ejections.
+//! path does, with the same forwarding headers, request ids, retries and ejections. A body
+//! still arriving from the client is sent upstream while the response is relayed, so an app
+//! that answers an upload as it reads it never waits on the proxy.
 //!
 //! Anything else is handed to pingora, with the bytes already read handed back to the
 //! stream, and pingora then serves the connection to its end: TLS, HTTP/2 (h2c), upgrades,
@@ -874,7 +876,7 @@ impl H1 {
         // connection, since an app that dies on a request would otherwise take it again
         // from every connection in the pool.
         let mut pooled = true;
-        let (mut up, addr, stats, refused) = loop {
+        let (mut up, addr, stats) = loop {
             let Some(ep) = route.upstream.select(&route.balance, key, tried) else {
                 return Err(Failure::Upstream(503, "no healthy endpoint".into()));
             };
@@ -929,22 +931,9 @@ impl H1 {
                 }
                 return Err(Failure::Upstream(502, format!("sending to {addr}: {e}")));
             }
-            // An upstream may answer before it has read the whole body (a 413 from an app
-            // that checks the length, a refused login) and close its connection, so that
-            // sending the rest fails. Its answer is then relayed, as HAProxy and Envoy do,
-            // instead of a 502, and the client's connection is closed after it, since the
-            // rest of the client's body is still on its way; only without an answer is it
-            // the endpoint's failure.
-            let mut refused = None;
             if rest > 0 {
-                match self
-                    .forward_body(stream, &mut up, rest, &mut bufs.rbuf, write_t)
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(Failure::Upstream(_, why)) => refused = Some(why),
-                    Err(f) => return Err(f),
-                }
+                // The rest of the body and the response travel at the same time (below).
+                break (up, addr, stats);
             }
             bufs.rbuf.clear();
             let waited = first_bytes(
@@ -956,15 +945,11 @@ impl H1 {
                 read_t,
             );
             match waited.await {
-                Ok(()) => break (up, addr, stats, refused.is_some()),
+                Ok(()) => break (up, addr, stats),
                 Err(Waited::ClientGone) => {
                     return Err(Failure::Client(
                         "the client closed its connection before the response".into(),
                     ));
-                }
-                Err(Waited::Upstream(_)) if let Some(why) = refused => {
-                    self.blame(&stats, addr);
-                    return Err(Failure::Upstream(502, why));
                 }
                 Err(Waited::Upstream(e)) if bufs.rbuf.is_empty() && stale(&e) => {
                     tried.pop();
@@ -981,6 +966,56 @@ impl H1 {
             }
         };
 
+        let answer = Answer {
+            req,
+            id,
+            addr,
+            stats: &stats,
+            close: req.close || shutting_down,
+            read_t,
+            write_t,
+        };
+        let end = if rest == 0 {
+            self.relay(
+                stream,
+                &mut up,
+                &answer,
+                bufs,
+                record,
+                &AtomicBool::new(false),
+            )
+            .await?
+        } else {
+            self.duplex(stream, &mut up, rest, &answer, bufs, record)
+                .await?
+        };
+        if end.reusable && quiet(&up) {
+            put(addr, up, self.pool_size, end.at);
+        }
+        drop(stats);
+        Ok(!end.close)
+    }
+
+    /// Relays the response whose first bytes are in `bufs.rbuf` from `up` to `client`.
+    /// `body_pending` is true while the request's body is still being sent upstream.
+    async fn relay(
+        &self,
+        client: &mut (impl AsyncWrite + Unpin),
+        up: &mut (impl AsyncRead + Unpin),
+        a: &Answer<'_>,
+        bufs: &mut Buffers,
+        record: &mut Record,
+        body_pending: &AtomicBool,
+    ) -> Result<RelayEnd, Failure> {
+        let Answer {
+            req,
+            id,
+            addr,
+            stats,
+            read_t,
+            write_t,
+            ..
+        } = *a;
         // Interim responses (103 Early Hints and the like) go to the client as they are.
         let mut interim = 0u32;
         let (head, resp_status, framing, upstream_keep) = loop {
@@ -1001,16 +1036,14 @@ impl H1 {
             let head = match parsed {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => {
-                    read_head(&mut up, &mut bufs.rbuf, read_t)
-                        .await
-                        .map_err(|e| {
-                            self.blame(&stats, addr);
-                            Failure::Upstream(502, format!("reading from {addr}: {e}"))
-                        })?;
+                    read_head(up, &mut bufs.rbuf, read_t).await.map_err(|e| {
+                        self.blame(stats, addr);
+                        Failure::Upstream(502, format!("reading from {addr}: {e}"))
+                    })?;
                     continue;
                 }
                 Err(e) => {
-                    self.blame(&stats, addr);
+                    self.blame(stats, addr);
                     return Err(Failure::Upstream(
                         502,
                         format!("bad response from {addr}: {e}"),
@@ -1019,7 +1052,7 @@ impl H1 {
             };
             let code = resp.code.unwrap_or(0);
             if code == 101 {
-                self.blame(&stats, addr);
+                self.blame(stats, addr);
                 return Err(Failure::Upstream(
                     502,
                     format!("{addr} switched protocols unasked"),
@@ -1028,7 +1061,7 @@ impl H1 {
             if (100..200).contains(&code) {
                 interim += 1;
                 if interim > MAX_INTERIM_RESPONSES {
-                    self.blame(&stats, addr);
+                    self.blame(stats, addr);
                     return Err(Failure::Upstream(
                         502,
                         format!("{addr} sent more than {MAX_INTERIM_RESPONSES} interim responses"),
@@ -1037,18 +1070,22 @@ impl H1 {
                 // Without its hop-by-hop fields, as a final response; interim ones are
                 // rare enough that every field is checked against their `Connection`.
                 write_response_head(&mut bufs.out, &resp, false, false, true, None);
-                send(stream, &bufs.out, write_t)
+                send(client, &bufs.out, write_t)
                     .await
                     .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
                 bufs.rbuf.drain(..head);
                 continue;
             }
             let shape = response_shape(req, &resp).map_err(|why| {
-                self.blame(&stats, addr);
+                self.blame(stats, addr);
                 Failure::Upstream(502, format!("bad response from {addr}: {why}"))
             })?;
-            // The response header is complete: from here on the client sees what happens.
-            let close = req.close || shutting_down || refused || shape.framing == Framing::Close;
+            // The response header is complete: from here on the client sees what happens. An
+            // answer that begins before the request's body has all gone upstream (a 413 from
+            // an app that checks the length, a refused login) ends the client's connection,
+            // since the rest of that body is still on its way.
+            let close =
+                a.close || body_pending.load(Ordering::Relaxed) || shape.framing == Framing::Close;
             write_response_head(
                 &mut bufs.out,
                 &resp,
@@ -1061,11 +1098,11 @@ impl H1 {
         };
         record.status = resp_status;
         if (500..600).contains(&resp_status) {
-            self.blame(&stats, addr);
+            self.blame(stats, addr);
         } else {
             stats.stats.record_success();
         }
-        let close = req.close || shutting_down || refused || framing == Framing::Close;
+        let close = a.close || body_pending.load(Ordering::Relaxed) || framing == Framing::Close;
 
         // The first part of the body came with the header; it leaves with the header.
         let mut chunks = Chunks::default();
@@ -1074,13 +1111,13 @@ impl H1 {
             _ => 0,
         };
         let mut done = framing == Framing::Empty;
-        let mut clean = !refused;
+        let mut clean = true;
         let first = &bufs.rbuf[head..];
         // Nothing has reached the client yet, so a body that is broken from its first bytes
         // (a chunk size that is no number) can still be answered with a 502.
         let take =
             body_part(framing, first, &mut remaining, &mut chunks, &mut done).map_err(|why| {
-                self.blame(&stats, addr);
+                self.blame(stats, addr);
                 Failure::Upstream(502, format!("bad body from {addr}: {why}"))
             })?;
         if take < first.len() {
@@ -1089,12 +1126,12 @@ impl H1 {
         }
         bufs.out.extend_from_slice(&first[..take]);
         record.bytes_out += take;
-        send(stream, &bufs.out, write_t)
+        send(client, &bufs.out, write_t)
             .await
             .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
         while !done {
             bufs.rbuf.clear();
-            let n = receive(&mut up, &mut bufs.rbuf, CHUNK, read_t)
+            let n = receive(up, &mut bufs.rbuf, CHUNK, read_t)
                 .await
                 .map_err(|e| Failure::Midway(format!("reading the body from {addr}: {e}")))?;
             if n == 0 {
@@ -1112,7 +1149,7 @@ impl H1 {
             if take < got.len() {
                 clean = false;
             }
-            send(stream, &got[..take], write_t)
+            send(client, &got[..take], write_t)
                 .await
                 .map_err(|e| Failure::Client(format!("writing to the client: {e}")))?;
             record.bytes_out += take;
@@ -1120,39 +1157,81 @@ impl H1 {
         let end = Instant::now();
         record.end = Some(end);
         record.upstream_elapsed = record.upstream_start.map(|s| end - s);
-        if clean && upstream_keep && quiet(&up) {
-            put(addr, up, self.pool_size, end);
-        }
-        drop(stats);
-        Ok(!close)
+        Ok(RelayEnd {
+            close,
+            reusable: clean && upstream_keep && !body_pending.load(Ordering::Relaxed),
+            at: end,
+        })
     }
 
-    /// Copies `rest` more request body bytes from the client to the upstream.
-    async fn forward_body(
+    /// Sends the `rest` of a request's body upstream while relaying the response, as it
+    /// comes, to the client. An app that streams its answer to an upload (an echo or a
+    /// transcoding service) reads on only as fast as its answer is taken, so sending the
+    /// whole body before reading any of the answer would stall both until a timeout; and
+    /// an app that answers early (a 413, a refused login) is answered at once.
+    async fn duplex(
         &self,
         stream: &mut ClientConn,
         up: &mut TcpStream,
-        mut rest: u64,
-        piece: &mut Vec<u8>,
-        write_t: Duration,
-    ) -> Result<(), Failure> {
-        while rest > 0 {
-            piece.clear();
-            let want = usize::try_from(rest).unwrap_or(usize::MAX).min(CHUNK);
-            let n = receive(stream, piece, want, KEEPALIVE)
-                .await
-                .map_err(|e| Failure::Client(format!("reading the request body: {e}")))?;
-            if n == 0 {
-                return Err(Failure::Client(
-                    "the client closed before its body ended".into(),
-                ));
+        rest: u64,
+        a: &Answer<'_>,
+        bufs: &mut Buffers,
+        record: &mut Record,
+    ) -> Result<RelayEnd, Failure> {
+        let (mut client_r, mut client_w) = stream.split_passing();
+        let (mut up_r, mut up_w) = up.split();
+        // Flags shared by the two halves below, which run in this one task; atomics only
+        // because the connection's future must be `Send`.
+        let body_pending = AtomicBool::new(true);
+        // Whether the upstream has begun its answer; until then, once the body is all
+        // sent, the wait for it is bounded by the route's read timeout.
+        let answering = AtomicBool::new(false);
+        let mut piece = Vec::new();
+        let body = forward_body(&mut client_r, &mut up_w, rest, &mut piece, a.write_t);
+        let response = async {
+            bufs.rbuf.clear();
+            if let Err(e) = read_more(&mut up_r, &mut bufs.rbuf).await {
+                self.blame(a.stats, a.addr);
+                return Err(upstream_failure("reading from", a.addr, &e));
             }
-            send(up, &piece[..n], write_t)
+            answering.store(true, Ordering::Relaxed);
+            self.relay(&mut client_w, &mut up_r, a, bufs, record, &body_pending)
                 .await
-                .map_err(|e| Failure::Upstream(502, format!("sending the body: {e}")))?;
-            rest -= n as u64;
-        }
-        Ok(())
+        };
+        let mut body = std::pin::pin!(body);
+        let mut response = std::pin::pin!(response);
+        let mut body_sent = false;
+        let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+        std::future::poll_fn(|cx| {
+            if !body_sent && let Poll::Ready(r) = body.as_mut().poll(cx) {
+                body_sent = true;
+                match r {
+                    Ok(()) => body_pending.store(false, Ordering::Relaxed),
+                    // Nobody is left to answer.
+                    Err(Failure::Client(why)) => return Poll::Ready(Err(Failure::Client(why))),
+                    // The upstream stopped taking the body (it answered early and closed,
+                    // or failed): what it answered, if anything, is still relayed.
+                    Err(_) => {}
+                }
+            }
+            if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            if body_sent && !answering.load(Ordering::Relaxed) {
+                if timer.is_none() {
+                    timer.set(Some(tokio::time::sleep(a.read_t)));
+                }
+                if let Some(t) = timer.as_mut().as_pin_mut()
+                    && t.poll(cx).is_ready()
+                {
+                    self.blame(a.stats, a.addr);
+                    let e = std::io::Error::from(std::io::ErrorKind::TimedOut);
+                    return Poll::Ready(Err(upstream_failure("reading from", a.addr, &e)));
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Counts a failure against an endpoint, ejecting it after enough in a row.
@@ -1182,6 +1261,56 @@ struct Exchange<'a> {
     shutting_down: bool,
     /// When the request's header had arrived.
     start: Instant,
+}
+
+/// Copies `rest` more request body bytes from the client to the upstream, a piece at a
+/// time through `piece`.
+async fn forward_body(
+    client: &mut (impl AsyncRead + Unpin),
+    up: &mut (impl AsyncWrite + Unpin),
+    mut rest: u64,
+    piece: &mut Vec<u8>,
+    write_t: Duration,
+) -> Result<(), Failure> {
+    while rest > 0 {
+        piece.clear();
+        let want = usize::try_from(rest).unwrap_or(usize::MAX).min(CHUNK);
+        let n = receive(client, piece, want, KEEPALIVE)
+            .await
+            .map_err(|e| Failure::Client(format!("reading the request body: {e}")))?;
+        if n == 0 {
+            return Err(Failure::Client(
+                "the client closed before its body ended".into(),
+            ));
+        }
+        send(up, &piece[..n], write_t)
+            .await
+            .map_err(|e| Failure::Upstream(502, format!("sending the body: {e}")))?;
+        rest -= n as u64;
+    }
+    Ok(())
+}
+
+/// What relaying a response needs to know about its request and endpoint.
+struct Answer<'a> {
+    req: &'a Req<'a>,
+    id: &'a str,
+    addr: SocketAddr,
+    stats: &'a InFlight,
+    /// The client's connection closes after this response whatever the upstream says.
+    close: bool,
+    read_t: Duration,
+    write_t: Duration,
+}
+
+/// How a relayed response ended.
+struct RelayEnd {
+    /// The client's connection closes.
+    close: bool,
+    /// The upstream connection is at a response boundary and may serve another request.
+    reusable: bool,
+    /// When the last byte was relayed.
+    at: Instant,
 }
 
 /// A request counted in flight at an endpoint (for least-connections) until dropped.
@@ -1275,13 +1404,17 @@ async fn first_bytes(
 
 /// Reads from the upstream until `buf` holds more than before, within `limit`; a closed
 /// connection is an error, since a response header is still due.
-async fn read_head(up: &mut TcpStream, buf: &mut Vec<u8>, limit: Duration) -> std::io::Result<()> {
+async fn read_head(
+    up: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    limit: Duration,
+) -> std::io::Result<()> {
     within_io(limit, read_more(up, buf)).await
 }
 
 /// Reads more of a response header from the upstream into `buf`, with no time limit of its
 /// own; a closed connection is an error, since the header is still due.
-async fn read_more(up: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+async fn read_more(up: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) -> std::io::Result<()> {
     if buf.len() >= MAX_RESPONSE_HEAD {
         return Err(std::io::Error::other("response header too large"));
     }

@@ -326,6 +326,23 @@ fn scan(bytes: &[u8], state: &mut Scan) -> Option<usize> {
     None
 }
 
+impl GuardedStream<tokio::net::TcpStream> {
+    /// Borrowed read and write halves of the socket, for sending a request's body upstream
+    /// while its response comes back. Reads and writes bypass the guard, which is right
+    /// only while a body passes: lain's HTTP/1 path calls this after reading a complete
+    /// header, it flushes every write, so nothing is left buffered, and bytes are handed
+    /// back only when pingora takes the connection over.
+    pub fn split_passing(
+        &mut self,
+    ) -> (
+        tokio::net::tcp::ReadHalf<'_>,
+        tokio::net::tcp::WriteHalf<'_>,
+    ) {
+        debug_assert!(self.wbuf.is_empty() && self.rpos >= self.rbuf.len());
+        self.inner.split()
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -2513,6 +2513,39 @@ impl ScriptedUpstream {
                     .await;
                 return;
             }
+            if target == "/stream-echo" {
+                // Each piece of the body is sent back as a chunk as soon as it is read, the
+                // way a streaming app (a transcoder, an echo service) answers: it reads on
+                // only as fast as its answer is taken.
+                let mut left = length;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await;
+                loop {
+                    let piece: Vec<u8> = buf.drain(..buf.len().min(left)).collect();
+                    left -= piece.len();
+                    if !piece.is_empty() {
+                        let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+                        chunk.extend_from_slice(&piece);
+                        chunk.extend_from_slice(b"\r\n");
+                        if s.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    if left == 0 {
+                        break;
+                    }
+                    let mut more = [0u8; 65536];
+                    match s.read(&mut more).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&more[..k]),
+                    }
+                }
+                if s.write_all(b"0\r\n\r\n").await.is_err() {
+                    return;
+                }
+                continue;
+            }
             if target == "/crash" {
                 // The request kills the app's worker: the connection closes unanswered.
                 return;
@@ -2871,7 +2904,6 @@ async fn scripted_route(test: &str, host: &str) -> (Cluster, ScriptedUpstream, P
     scripted_route_with(test, host, "").await
 }
 
-/// [`scripted_route`] with `extra` top-level proxy configuration.
 /// A cluster for `test` whose route for `host` goes to a new scripted upstream.
 async fn scripted_cluster(test: &str, host: &str) -> (Cluster, ScriptedUpstream) {
     let mut cluster = Cluster::new(test).await;
@@ -2881,6 +2913,7 @@ async fn scripted_cluster(test: &str, host: &str) -> (Cluster, ScriptedUpstream)
     (cluster, up)
 }
 
+/// [`scripted_route`] with `extra` top-level proxy configuration.
 async fn scripted_route_with(
     test: &str,
     host: &str,
@@ -4462,6 +4495,83 @@ async fn an_upstream_that_answers_before_taking_the_whole_body_is_relayed() {
     // Served by lain's own path.
     wait_served(&proxy, &before, "h1", 1.0).await;
     cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_answered_as_it_arrives_flows_both_ways_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = "stream.lain.local";
+    // lain's own path; pingora's stops reading the answer while a write of the body to the
+    // upstream waits, so there the same exchange stalls (see proxy/README.md).
+    for (test, config, path) in [("proxy-duplex-h1", "", "h1")] {
+        let (cluster, _up, proxy) = scripted_route_with(test, host, config).await;
+        let before = settled_metrics(&proxy).await;
+        let s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        // The app sends each piece back as it reads it. 32 MiB is far more than the socket
+        // buffers between the proxy and the app hold, so a proxy that sent the whole body
+        // before reading any of the answer would wait on the app while the app waits on it.
+        let size = 32usize << 20;
+        let body: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let sent = body.clone();
+        let writer = tokio::spawn(async move {
+            let head = format!(
+                "POST /stream-echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\n\r\n"
+            );
+            w.write_all(head.as_bytes()).await?;
+            for piece in sent.chunks(64 << 10) {
+                w.write_all(piece).await?;
+            }
+            // The write side stays open: the proxy ends the exchange, not the client.
+            Ok::<_, std::io::Error>(w)
+        });
+        // Read until the last chunk, or the end of the connection.
+        let mut got = Vec::with_capacity(size + (1 << 20));
+        let read = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut piece = vec![0u8; 1 << 16];
+            loop {
+                match r.read(&mut piece).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&piece[..n]),
+                }
+                if got.ends_with(b"\r\n0\r\n\r\n") {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            read.is_ok(),
+            "{path}: no whole answer in 20 s, {} bytes",
+            got.len()
+        );
+        let writer = writer.await.unwrap();
+        assert!(writer.is_ok(), "{path}: {:?}", writer.err());
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let head = match resp.parse(&got) {
+            Ok(httparse::Status::Complete(n)) => n,
+            other => panic!(
+                "{path}: {other:?}: {}",
+                String::from_utf8_lossy(&got[..got.len().min(300)])
+            ),
+        };
+        assert_eq!(resp.code, Some(200), "{path}");
+        let (echoed, used) = dechunk(&got[head..]).expect("a whole chunked body");
+        assert_eq!(used, got.len() - head, "{path}: bytes after the last chunk");
+        assert!(
+            echoed == body,
+            "{path}: the echo differs from what was sent"
+        );
+        // The answer began before the body had all gone upstream, so the connection ends
+        // after it, and says so.
+        let close = resp.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
+        });
+        assert!(close, "{path}: no Connection: close");
+        wait_served(&proxy, &before, path, 1.0).await;
+        cluster.cleanup().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

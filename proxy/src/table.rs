@@ -693,6 +693,12 @@ mod tests {
         }
     }
 
+    /// The snapshot of a state document given as JSON.
+    fn snapshot_of(text: &str) -> Snapshot {
+        let doc: StateDocument = serde_json::from_str(text).unwrap();
+        Snapshot::from_document(&Keyspace::default(), &doc).0
+    }
+
     #[test]
     fn endpoints_group_by_proc_and_keep_state_across_compiles() {
         let text = r#"{"routes":[{"host":"a.lain","app":"a","proc":"web"}],
@@ -700,8 +706,7 @@ mod tests {
               {"app":"a","proc":"web","instance":2,"address":"127.0.0.1","port":8002},
               {"app":"a","proc":"web","instance":1,"address":"127.0.0.1","port":8001},
               {"app":"b","proc":"web","instance":1,"address":"127.0.0.1","port":9001}]}"#;
-        let doc: StateDocument = serde_json::from_str(text).unwrap();
-        let (snap, _) = Snapshot::from_document(&Keyspace::default(), &doc);
+        let snap = snapshot_of(text);
         let t1 = RouteTable::compile(&snap, &RouteTable::default(), 1);
         let m = t1.lookup("a.lain", "/").unwrap();
         let ports: Vec<_> = m
@@ -728,8 +733,7 @@ mod tests {
             "endpoints":[
               {"app":"a","proc":"web","instance":2,"address":"127.0.0.1","port":8002},
               {"app":"c","proc":"web","instance":1,"address":"127.0.0.1","port":8001}]}"#;
-        let doc: StateDocument = serde_json::from_str(text).unwrap();
-        let (snap, _) = Snapshot::from_document(&Keyspace::default(), &doc);
+        let snap = snapshot_of(text);
         let t3 = RouteTable::compile(&snap, &t2, 3);
         let c = &t3.lookup("c.lain", "/").unwrap().route.upstream.endpoints[0];
         assert_eq!(c.addr.port(), 8001);
@@ -743,8 +747,7 @@ mod tests {
               {"app":"a","proc":"web","instance":1,"address":"127.0.0.1","port":8001},
               {"app":"a","proc":"web","instance":2,"address":"127.0.0.1","port":8002},
               {"app":"a","proc":"web","instance":3,"address":"127.0.0.1","port":8003}]}"#;
-        let doc: StateDocument = serde_json::from_str(text).unwrap();
-        let snap = Snapshot::from_document(&Keyspace::default(), &doc).0;
+        let snap = snapshot_of(text);
         // One request per table, the table swapping between requests (a busy cluster):
         // every endpoint still gets its turn.
         let mut table = RouteTable::compile(&snap, &RouteTable::default(), 1);
@@ -767,8 +770,7 @@ mod tests {
                 r#"{{"routes":[{{"host":"a.lain","app":"a","proc":"web"{check}}}],
                 "endpoints":[{{"app":"a","proc":"web","instance":1,"address":"127.0.0.1","port":8001}}]}}"#
             );
-            let doc: StateDocument = serde_json::from_str(&text).unwrap();
-            Snapshot::from_document(&Keyspace::default(), &doc).0
+            snapshot_of(&text)
         };
         let checked = with(r#","healthcheck":{"path":"/health"}"#);
         let t1 = RouteTable::compile(&checked, &RouteTable::default(), 1);

@@ -194,6 +194,30 @@ impl Cluster {
             .unwrap();
     }
 
+    /// A TCP stream route on a free port to a `worker` proc whose one instance is `addr`;
+    /// returns the port.
+    async fn put_stream(&mut self, app: &str, proc_name: &str, addr: SocketAddr) -> u16 {
+        let e: EndpointRecord = serde_json::from_value(serde_json::json!({
+            "app": app, "proc": proc_name, "proc_type": "worker", "instance": 1,
+            "address": addr.ip().to_string(), "port": addr.port(),
+        }))
+        .unwrap();
+        self.client
+            .put(self.ks.endpoint(app, proc_name, 1), encode(&e), None)
+            .await
+            .unwrap();
+        let port = free_port();
+        let record: lain_state::StreamRecord = serde_json::from_value(serde_json::json!({
+            "listen_port": port, "app": app, "proc": proc_name,
+        }))
+        .unwrap();
+        self.client
+            .put(self.ks.stream(port), encode(&record), None)
+            .await
+            .unwrap();
+        port
+    }
+
     async fn delete_endpoint(&mut self, app: &str, instance: u32) {
         self.client
             .delete(self.ks.endpoint(app, "web", instance), None)
@@ -2250,26 +2274,7 @@ async fn binary_upgrade_under_load_refuses_no_connection() {
     cluster.put_route(&route("up.lain.local", "/", "up")).await;
     // A TCP stream port too: its listener is handed over like the HTTP ones.
     let (echo, _echo_task) = echo_upstream("echo").await;
-    let e: EndpointRecord = serde_json::from_value(serde_json::json!({
-        "app": "kv", "proc": "kv", "proc_type": "worker", "instance": 1,
-        "address": echo.ip().to_string(), "port": echo.port(),
-    }))
-    .unwrap();
-    cluster
-        .client
-        .put(cluster.ks.endpoint("kv", "kv", 1), encode(&e), None)
-        .await
-        .unwrap();
-    let stream_port = free_port();
-    let record: lain_state::StreamRecord = serde_json::from_value(serde_json::json!({
-        "listen_port": stream_port, "app": "kv", "proc": "kv",
-    }))
-    .unwrap();
-    cluster
-        .client
-        .put(cluster.ks.stream(stream_port), encode(&record), None)
-        .await
-        .unwrap();
+    let stream_port = cluster.put_stream("kv", "kv", echo).await;
     let stream_addr: SocketAddr = ([127, 0, 0, 1], stream_port).into();
 
     let sock_dir = lain_test_support::temp_dir();
@@ -4821,26 +4826,7 @@ async fn a_stream_connection_idle_past_its_timeout_is_closed_and_a_busy_one_is_n
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut cluster = Cluster::new("proxy-stream-idle").await;
     let (echo, _task) = echo_upstream("e").await;
-    let e: EndpointRecord = serde_json::from_value(serde_json::json!({
-        "app": "idle", "proc": "tcp", "proc_type": "worker", "instance": 1,
-        "address": echo.ip().to_string(), "port": echo.port(),
-    }))
-    .unwrap();
-    cluster
-        .client
-        .put(cluster.ks.endpoint("idle", "tcp", 1), encode(&e), None)
-        .await
-        .unwrap();
-    let port = free_port();
-    let record: lain_state::StreamRecord = serde_json::from_value(serde_json::json!({
-        "listen_port": port, "app": "idle", "proc": "tcp",
-    }))
-    .unwrap();
-    cluster
-        .client
-        .put(cluster.ks.stream(port), encode(&record), None)
-        .await
-        .unwrap();
+    let port = cluster.put_stream("idle", "tcp", echo).await;
     let _proxy = Proxy::start(
         &cluster,
         "[stream]\nlisten_ip = \"127.0.0.1\"\nport_min = 1024\nport_max = 65535\nidle_timeout_secs = 1",

@@ -60,7 +60,16 @@ spawn() {
     mkdir -p "$(dirname "$pidfile")" "$(dirname "$logfile")"
     printf '\n===== %s starting: %s\n' "$(date '+%F %T')" "$*" >> "$logfile"
     setsid "$@" >> "$logfile" 2>&1 < /dev/null &
-    echo $! > "$pidfile"
+    local pid=$! i
+    # Until the forked shell has executed the command, /proc shows the shell's own
+    # command line, which a liveness check that matches the command takes for a service
+    # that already exited; on a busy machine that window lasts long enough to be seen.
+    for ((i = 0; i < 200; i++)); do
+        [ -r "/proc/$pid/cmdline" ] || break
+        tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$*" && break
+        sleep 0.05
+    done
+    echo "$pid" > "$pidfile"
 }
 
 # Sends SIGTERM to the pid in a pid file (only if it is ours), waits up to

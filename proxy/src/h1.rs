@@ -1018,7 +1018,7 @@ impl H1 {
         } = *a;
         // Interim responses (103 Early Hints and the like) go to the client as they are.
         let mut interim = 0u32;
-        let (head, resp_status, framing, upstream_keep) = loop {
+        let (head, resp_status, framing, upstream_keep, close) = loop {
             let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
             let mut more = Vec::new();
             let mut resp = httparse::Response::new(&mut []);
@@ -1094,7 +1094,7 @@ impl H1 {
                 shape.nominates,
                 Some(id),
             );
-            break (head, code, shape.framing, shape.keep_alive);
+            break (head, code, shape.framing, shape.keep_alive, close);
         };
         record.status = resp_status;
         if (500..600).contains(&resp_status) {
@@ -1102,7 +1102,6 @@ impl H1 {
         } else {
             stats.stats.record_success();
         }
-        let close = a.close || body_pending.load(Ordering::Relaxed) || framing == Framing::Close;
 
         // The first part of the body came with the header; it leaves with the header.
         let mut chunks = Chunks::default();

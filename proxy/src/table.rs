@@ -96,7 +96,10 @@ pub struct RouteTable {
     pub version: u64,
     /// The etcd revision of the snapshot it was compiled from.
     pub revision: i64,
-    hosts: HashMap<Box<str>, HostRoutes>,
+    /// Probed once or twice per request with the request's host, so hashed with foldhash
+    /// rather than SipHash: SipHash's resistance to flooding protects maps whose keys an
+    /// attacker can insert, and these keys come only from the cluster state.
+    hosts: foldhash::HashMap<Box<str>, HostRoutes>,
     routes: usize,
     rejected: Vec<RejectedClaim>,
     groups: HashMap<(Box<str>, Box<str>), Arc<UpstreamGroup>>,
@@ -245,7 +248,7 @@ impl RouteTable {
         claims.sort_by(|a, b| (a.create_revision, &a.key).cmp(&(b.create_revision, &b.key)));
 
         let mut groups: HashMap<(Box<str>, Box<str>), Arc<UpstreamGroup>> = HashMap::new();
-        let mut hosts: HashMap<Box<str>, HostRoutes> = HashMap::new();
+        let mut hosts: foldhash::HashMap<Box<str>, HostRoutes> = foldhash::HashMap::default();
         let mut owners: HashMap<(Box<str>, Box<str>), Box<str>> = HashMap::new();
         let mut rejected = Vec::new();
         let mut count = 0;

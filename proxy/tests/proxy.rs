@@ -1309,6 +1309,18 @@ async fn tcp_round_trip(addr: SocketAddr, text: &str) -> std::io::Result<String>
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// The configuration that opens TCP stream routes on loopback, on any port a record names.
+const STREAM_CONFIG: &str =
+    "[stream]\nlisten_ip = \"127.0.0.1\"\nport_min = 1024\nport_max = 65535";
+
+/// Waits until the stream port at `addr` forwards a round trip.
+async fn wait_stream(addr: SocketAddr) {
+    eventually(Duration::from_secs(10), "stream port answers", || async {
+        tcp_round_trip(addr, "ping").await.ok()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_stream_route_forwards_round_robin_and_closes_on_removal() {
     let mut cluster = Cluster::new("proxy-stream").await;
@@ -1338,15 +1350,9 @@ async fn tcp_stream_route_forwards_round_robin_and_closes_on_removal() {
         .put(key.clone(), encode(&record), None)
         .await
         .unwrap();
-    let proxy = Proxy::start(
-        &cluster,
-        "[stream]\nlisten_ip = \"127.0.0.1\"\nport_min = 1024\nport_max = 65535",
-    );
+    let proxy = Proxy::start(&cluster, STREAM_CONFIG);
     let stream_addr = SocketAddr::from(([127, 0, 0, 1], port));
-    eventually(Duration::from_secs(10), "stream port answers", || async {
-        tcp_round_trip(stream_addr, "ping").await.ok()
-    })
-    .await;
+    wait_stream(stream_addr).await;
     let mut seen = HashMap::new();
     for i in 0..10 {
         let answer = tcp_round_trip(stream_addr, &format!("m{i}")).await.unwrap();
@@ -2281,15 +2287,12 @@ async fn binary_upgrade_under_load_refuses_no_connection() {
     let sock = sock_dir.path().join("upgrade.sock");
     let mut old = Proxy::start_listen(
         &cluster,
-        "[stream]\nlisten_ip = \"127.0.0.1\"\nport_min = 1024\nport_max = 65535",
+        STREAM_CONFIG,
         &format!("upgrade_socket_path = {:?}", sock.display().to_string()),
     );
     let c = client();
     wait_status(&c, &old, "up.lain.local", "/", 200).await;
-    eventually(Duration::from_secs(10), "stream port open", || async {
-        tcp_round_trip(stream_addr, "ping").await.ok()
-    })
-    .await;
+    wait_stream(stream_addr).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let addr = old.http;
@@ -4827,15 +4830,9 @@ async fn a_stream_connection_idle_past_its_timeout_is_closed_and_a_busy_one_is_n
     let mut cluster = Cluster::new("proxy-stream-idle").await;
     let (echo, _task) = echo_upstream("e").await;
     let port = cluster.put_stream("idle", "tcp", echo).await;
-    let _proxy = Proxy::start(
-        &cluster,
-        "[stream]\nlisten_ip = \"127.0.0.1\"\nport_min = 1024\nport_max = 65535\nidle_timeout_secs = 1",
-    );
+    let _proxy = Proxy::start(&cluster, &format!("{STREAM_CONFIG}\nidle_timeout_secs = 1"));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    eventually(Duration::from_secs(10), "stream port answers", || async {
-        tcp_round_trip(addr, "ping").await.ok()
-    })
-    .await;
+    wait_stream(addr).await;
     let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut buf = [0u8; 64];

@@ -48,9 +48,9 @@ pub struct Config {
     /// How long a shutdown waits for requests in flight.
     #[serde(default = "default_drain_secs")]
     pub drain_secs: u64,
-    /// Whether plain HTTP/1.1 requests on the http listener are served by lain's own
-    /// HTTP/1.1 path (`h1`), which costs less CPU per request than pingora's; everything
-    /// else (and every request when this is off) goes through pingora.
+    /// Whether HTTP/1.1 requests, plain or over TLS, are served by lain's own HTTP/1.1
+    /// path (`h1`), which costs less CPU per request than pingora's; everything else (and
+    /// every request when this is off) goes through pingora.
     #[serde(default = "default_true")]
     pub h1_fast_path: bool,
     /// How many tasks (one step of one connection each) a worker runs before it looks for

@@ -1,4 +1,5 @@
-//! lain's own HTTP/1.1 path: plain kept-alive requests proxied without pingora's pipeline.
+//! lain's own HTTP/1.1 path: kept-alive requests, plain or over TLS, proxied without
+//! pingora's pipeline.
 //!
 //! pingora's HTTP/1 proxy path costs about twice nginx's CPU per request on the benchmark
 //! machine (a future per request phase, a channel between the two halves of a request,
@@ -13,8 +14,10 @@
 //! still arriving from the client is sent upstream while the response is relayed, so an app
 //! that answers an upload as it reads it never waits on the proxy.
 //!
+//! It serves plain connections on the bare socket, and TLS connections whose handshake chose
+//! HTTP/1.1 on pingora's TLS stream; HTTP/2 over TLS goes to pingora from the handshake.
 //! Anything else is handed to pingora, with the bytes already read handed back to the
-//! stream, and pingora then serves the connection to its end: TLS, HTTP/2 (h2c), upgrades,
+//! stream, and pingora then serves the connection to its end: HTTP/2 (h2c), upgrades,
 //! `Expect`, chunked request bodies, HTTP/1.0, absolute-form targets, `Connection` options
 //! other than `close` and `keep-alive`, and every request lain answers itself (no route,
 //! the redirect to HTTPS, 413, no healthy endpoint), so that those answers have one
@@ -39,13 +42,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::header_guard::{CLOSE_FLUSH, GuardedStream, LINGER, LINGER_BYTES};
+use crate::header_guard::{CLOSE_FLUSH, GuardedStream, LINGER, LINGER_BYTES, Transport};
 use crate::service::{Finished, LainProxy, forwarded, hash_key_in, request_id};
 use crate::table::Route;
 use crate::upstream::EndpointStats;
 
-/// A client connection on this path: the guarded bare socket.
-type ClientConn = GuardedStream<TcpStream>;
+/// A client connection on this path: the guarded bare socket, or the guarded TLS stream.
+type ClientConn<S> = GuardedStream<S>;
 
 /// The most request or response headers parsed at first; a request with more goes to
 /// pingora, a response with more is parsed again (see [`MAX_RESPONSE_HEADERS`]). The
@@ -68,12 +71,12 @@ pub(crate) const MAX_INTERIM_RESPONSES: u32 = 16;
 const CHUNK: usize = 16 << 10;
 
 /// How a connection left this path.
-pub enum Served {
+pub enum Served<S> {
     /// The connection is finished: closed by either side, or failed.
     Closed,
     /// A request this path does not serve arrived. Its bytes were handed back to the
     /// stream, which goes to pingora.
-    Pingora(ClientConn),
+    Pingora(ClientConn<S>),
 }
 
 /// The lain HTTP/1.1 path of one worker.
@@ -421,7 +424,7 @@ pub fn sweep_pool(max_idle: Duration) {
 /// closes (RFC 9112, section 9.6). Closing a socket with unread input makes the kernel
 /// reset the connection, which can destroy the answer before the client has read it: a
 /// 413 or 502 to an upload whose body is still arriving.
-async fn linger(stream: &mut ClientConn) {
+async fn linger<S: Transport>(stream: &mut ClientConn<S>) {
     let until = Instant::now() + LINGER;
     let mut scratch = [0u8; 8192];
     let mut discarded = 0;
@@ -559,24 +562,28 @@ struct Client {
     peer: Option<IpAddr>,
     peer_text: String,
     trusted: bool,
+    /// The connection came over TLS.
+    tls: bool,
 }
 
 impl H1 {
     /// Serves requests on a plain HTTP/1 connection until it closes or a request for
     /// pingora arrives. `peer` is the client's address as the listener accepted it;
     /// `next_request` is the guard's flag announcing each new request.
-    pub async fn serve(
+    pub async fn serve<S: Transport>(
         &self,
-        mut stream: ClientConn,
+        mut stream: ClientConn<S>,
         peer: SocketAddr,
+        tls: bool,
         next_request: &AtomicBool,
         shutdown: &watch::Receiver<bool>,
-    ) -> Served {
+    ) -> Served<S> {
         let peer = Some(peer.ip());
         let client = Client {
             peer,
             peer_text: peer.map(|ip| ip.to_string()).unwrap_or_default(),
             trusted: peer.is_some_and(|ip| self.proxy.is_trusted(ip)),
+            tls,
         };
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let mut bufs = Buffers {
@@ -687,9 +694,9 @@ impl H1 {
     /// Proxies one request whose header ends at `head` in the read buffer, of which `after`
     /// is the rest.
     #[allow(clippy::too_many_arguments)]
-    async fn request(
+    async fn request<S: Transport>(
         &self,
-        stream: &mut ClientConn,
+        stream: &mut ClientConn<S>,
         client: &Client,
         req: &Req<'_>,
         headers: &[httparse::Header<'_>],
@@ -709,7 +716,7 @@ impl H1 {
             return Outcome::Pingora;
         };
         let route = m.route.clone();
-        if route.https_only
+        if (route.https_only && !client.tls)
             || route.max_body_bytes.is_some_and(|max| req.length > max)
             || !route.upstream.any_admitted()
         {
@@ -722,7 +729,14 @@ impl H1 {
 
         let id = request_id(req.request_id);
         let client_ip = proxy.real_client(client.peer, client.trusted, req.xff);
-        let fwd = forwarded(client.trusted, false, req.host, req.xff, req.xfp, req.xfh);
+        let fwd = forwarded(
+            client.trusted,
+            client.tls,
+            req.host,
+            req.xff,
+            req.xfp,
+            req.xfh,
+        );
         let out = &mut bufs.out;
         out.clear();
         out.extend_from_slice(req.method.as_bytes());
@@ -839,9 +853,9 @@ impl H1 {
     /// Sends the request (its header and the body in `bufs.out`, `rest` more body bytes to
     /// come from the client) to an endpoint and relays the response. Returns whether the
     /// client connection stays open.
-    async fn exchange(
+    async fn exchange<S: Transport>(
         &self,
-        stream: &mut ClientConn,
+        stream: &mut ClientConn<S>,
         x: Exchange<'_>,
         bufs: &mut Buffers,
         record: &mut Record,
@@ -1168,9 +1182,9 @@ impl H1 {
     /// transcoding service) reads on only as fast as its answer is taken, so sending the
     /// whole body before reading any of the answer would stall both until a timeout; and
     /// an app that answers early (a 413, a refused login) is answered at once.
-    async fn duplex(
+    async fn duplex<S: Transport>(
         &self,
-        stream: &mut ClientConn,
+        stream: &mut ClientConn<S>,
         up: &mut TcpStream,
         rest: u64,
         a: &Answer<'_>,
@@ -1371,8 +1385,8 @@ const MAX_EARLY: usize = 64 << 10;
 /// for its next request; `ahead` bytes of it were already read. Watching costs no system
 /// call while the client is quiet: the runtime's readiness for its socket is clear after the
 /// request was read.
-async fn first_bytes(
-    client: &mut ClientConn,
+async fn first_bytes<S: Transport>(
+    client: &mut ClientConn<S>,
     up: &mut TcpStream,
     buf: &mut Vec<u8>,
     early: &mut Vec<u8>,

@@ -326,20 +326,23 @@ fn scan(bytes: &[u8], state: &mut Scan) -> Option<usize> {
     None
 }
 
-impl GuardedStream<tokio::net::TcpStream> {
-    /// Borrowed read and write halves of the socket, for sending a request's body upstream
-    /// while its response comes back. Reads and writes bypass the guard, which is right
-    /// only while a body passes: lain's HTTP/1 path calls this after reading a complete
-    /// header, it flushes every write, so nothing is left buffered, and bytes are handed
-    /// back only when pingora takes the connection over.
-    pub fn split_passing(
-        &mut self,
-    ) -> (
-        tokio::net::tcp::ReadHalf<'_>,
-        tokio::net::tcp::WriteHalf<'_>,
-    ) {
+/// A client transport lain's HTTP/1.1 path serves: the bare socket of a plain connection,
+/// or pingora's stream of a TLS one.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
+impl<S: Transport> GuardedStream<S> {
+    /// Read and write halves of the transport, for sending a request's body upstream while
+    /// its response comes back. Reads and writes bypass the guard, which is right only
+    /// while a body passes: lain's HTTP/1 path calls this after reading a complete header,
+    /// it flushes every write, so nothing is left buffered, and bytes are handed back only
+    /// when pingora takes the connection over. The halves share the transport through
+    /// tokio's split lock (a TLS session is one state machine for both directions); both
+    /// are polled by one task, so it is never contended.
+    pub fn split_passing(&mut self) -> (tokio::io::ReadHalf<&mut S>, tokio::io::WriteHalf<&mut S>) {
         debug_assert!(self.wbuf.is_empty() && self.rpos >= self.rbuf.len());
-        self.inner.split()
+        tokio::io::split(&mut self.inner)
     }
 }
 

@@ -26,7 +26,7 @@ use pingora_core::apps::{HttpServerOptions, ServerApp};
 use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::Stream;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest};
+use pingora_core::protocols::{ALPN, GetSocketDigest, SocketDigest, Ssl};
 use pingora_core::server::configuration::ServerConf;
 use pingora_rustls::ServerConfig;
 use prometheus::{IntGauge, Registry};
@@ -682,7 +682,7 @@ impl Conns {
                 (None, Some(h1)) => {
                     let (guarded, next_request) = GuardedStream::new(sock, conns.header_limits);
                     match h1
-                        .serve(guarded, peer, &next_request, &conns.shutdown_rx)
+                        .serve(guarded, peer, false, &next_request, &conns.shutdown_rx)
                         .await
                     {
                         Served::Closed => None,
@@ -701,10 +701,32 @@ impl Conns {
                     match tokio::time::timeout(tls.timeout, tls.acceptor.tls_handshake(stream))
                         .await
                     {
-                        Ok(Ok(s)) => Some(GuardedStream::new(
-                            Box::new(s) as Stream,
-                            conns.header_limits,
-                        )),
+                        Ok(Ok(s)) => {
+                            // HTTP/1.1 over TLS is served by lain's path as a plain
+                            // connection is; HTTP/2, chosen by ALPN, goes to pingora.
+                            let h2 = matches!(s.selected_alpn_proto(), Some(ALPN::H2));
+                            let stream = Box::new(s) as Stream;
+                            match &conns.h1 {
+                                Some(h1) if !h2 => {
+                                    let (guarded, next_request) =
+                                        GuardedStream::new(stream, conns.header_limits);
+                                    match h1
+                                        .serve(
+                                            guarded,
+                                            peer,
+                                            true,
+                                            &next_request,
+                                            &conns.shutdown_rx,
+                                        )
+                                        .await
+                                    {
+                                        Served::Closed => None,
+                                        Served::Pingora(g) => Some((g, next_request)),
+                                    }
+                                }
+                                _ => Some(GuardedStream::new(stream, conns.header_limits)),
+                            }
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "TLS handshake failed");
                             None

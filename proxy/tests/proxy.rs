@@ -4507,79 +4507,193 @@ async fn an_upstream_that_answers_before_taking_the_whole_body_is_relayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_answered_as_it_arrives_flows_both_ways_at_once() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = "stream.lain.local";
     // lain's own path; pingora's stops reading the answer while a write of the body to the
     // upstream waits, so there the same exchange stalls (see proxy/README.md).
-    for (test, config, path) in [("proxy-duplex-h1", "", "h1")] {
-        let (cluster, _up, proxy) = scripted_route_with(test, host, config).await;
-        let before = settled_metrics(&proxy).await;
-        let s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
-        let (mut r, mut w) = s.into_split();
-        // The app sends each piece back as it reads it. 32 MiB is far more than the socket
-        // buffers between the proxy and the app hold, so a proxy that sent the whole body
-        // before reading any of the answer would wait on the app while the app waits on it.
-        let size = 32usize << 20;
-        let body: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-        let sent = body.clone();
-        let writer = tokio::spawn(async move {
-            let head = format!(
-                "POST /stream-echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\n\r\n"
-            );
-            w.write_all(head.as_bytes()).await?;
-            for piece in sent.chunks(64 << 10) {
-                w.write_all(piece).await?;
+    let (cluster, _up, proxy) = scripted_route_with("proxy-duplex-h1", host, "").await;
+    let before = settled_metrics(&proxy).await;
+    let s = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    let (r, w) = s.into_split();
+    stream_echo(r, w, host, "plain").await;
+    wait_served(&proxy, &before, "h1", 1.0).await;
+    cluster.cleanup().await;
+}
+
+/// Sends 32 MiB to the scripted app's `/stream-echo` at `host` through `w` while reading
+/// the answer from `r`, and checks that the whole body came back, in a response that ends
+/// the connection. The app sends each piece back as it reads it; 32 MiB is far more than
+/// the socket buffers between the proxy and the app hold, so a proxy that sent the whole
+/// body before reading any of the answer would wait on the app while the app waits on it.
+async fn stream_echo<R, W>(mut r: R, mut w: W, host: &str, label: &str)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let size = 32usize << 20;
+    let body: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    let sent = body.clone();
+    let head =
+        format!("POST /stream-echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\n\r\n");
+    let writer = tokio::spawn(async move {
+        w.write_all(head.as_bytes()).await?;
+        for piece in sent.chunks(64 << 10) {
+            w.write_all(piece).await?;
+        }
+        w.flush().await?;
+        // The write side stays open: the proxy ends the exchange, not the client.
+        Ok::<_, std::io::Error>(w)
+    });
+    // Read until the last chunk, or the end of the connection.
+    let mut got = Vec::with_capacity(size + (1 << 20));
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut piece = vec![0u8; 1 << 16];
+        loop {
+            match r.read(&mut piece).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&piece[..n]),
             }
-            // The write side stays open: the proxy ends the exchange, not the client.
-            Ok::<_, std::io::Error>(w)
-        });
-        // Read until the last chunk, or the end of the connection.
-        let mut got = Vec::with_capacity(size + (1 << 20));
-        let read = tokio::time::timeout(Duration::from_secs(20), async {
-            let mut piece = vec![0u8; 1 << 16];
-            loop {
-                match r.read(&mut piece).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => got.extend_from_slice(&piece[..n]),
-                }
-                if got.ends_with(b"\r\n0\r\n\r\n") {
-                    return;
-                }
+            if got.ends_with(b"\r\n0\r\n\r\n") {
+                return;
             }
-        })
-        .await;
-        assert!(
-            read.is_ok(),
-            "{path}: no whole answer in 20 s, {} bytes",
-            got.len()
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "{label}: no whole answer in 20 s, {} bytes",
+        got.len()
+    );
+    let writer = writer.await.unwrap();
+    assert!(writer.is_ok(), "{label}: {:?}", writer.err());
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head = match resp.parse(&got) {
+        Ok(httparse::Status::Complete(n)) => n,
+        other => panic!(
+            "{label}: {other:?}: {}",
+            String::from_utf8_lossy(&got[..got.len().min(300)])
+        ),
+    };
+    assert_eq!(resp.code, Some(200), "{label}");
+    let (echoed, used) = dechunk(&got[head..]).expect("a whole chunked body");
+    assert_eq!(
+        used,
+        got.len() - head,
+        "{label}: bytes after the last chunk"
+    );
+    assert!(
+        echoed == body,
+        "{label}: the echo differs from what was sent"
+    );
+    // The answer began before the body had all gone upstream, so the connection ends
+    // after it, and says so.
+    let close = resp.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
+    });
+    assert!(close, "{label}: no Connection: close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_1_over_tls_takes_lains_path_with_https_forwarding_and_duplex_uploads() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (stream_host, app_host) = ("stream.tls.lain", "app.tls.lain");
+    let (mut cluster, _scripted) = scripted_cluster("proxy-tls-h1", stream_host).await;
+    let up = Upstream::start("tls-app").await;
+    cluster.put_endpoint("tls-app", 1, up.addr).await;
+    let mut secure = route(app_host, "/", "tls-app");
+    secure.https_only = true;
+    cluster.put_route(&secure).await;
+    let cert = self_signed(&[stream_host, app_host]);
+    put_cert(&mut cluster, "tls-h1", &[stream_host, app_host], &cert).await;
+    let (process, _dir) = tls_proxy(&cluster);
+    let (https, admin) = (process.addr("https"), process.addr("admin"));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(&cert.0).into()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // What a browser without HTTP/2 offers; a client offering nothing gets HTTP/1.1 too.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connect = |name: &'static str| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+            let server = rustls::pki_types::ServerName::try_from(name).unwrap();
+            connector.connect(server, tcp).await.unwrap()
+        }
+    };
+    let h1_served = |m: &str| served_by(m, "h1");
+
+    // An https_only route is served over TLS, not redirected, with the forwarding headers of
+    // an HTTPS request; a client's own X-Forwarded-Proto is not trusted.
+    let answer = eventually(Duration::from_secs(10), "the route served over TLS", || async {
+        let mut s = connect(app_host).await;
+        let request = format!(
+            "GET /p?q=1 HTTP/1.1\r\nHost: {app_host}\r\nX-Forwarded-Proto: http\r\nConnection: close\r\n\r\n"
         );
-        let writer = writer.await.unwrap();
-        assert!(writer.is_ok(), "{path}: {:?}", writer.err());
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        let head = match resp.parse(&got) {
-            Ok(httparse::Status::Complete(n)) => n,
-            other => panic!(
-                "{path}: {other:?}: {}",
-                String::from_utf8_lossy(&got[..got.len().min(300)])
-            ),
-        };
-        assert_eq!(resp.code, Some(200), "{path}");
-        let (echoed, used) = dechunk(&got[head..]).expect("a whole chunked body");
-        assert_eq!(used, got.len() - head, "{path}: bytes after the last chunk");
-        assert!(
-            echoed == body,
-            "{path}: the echo differs from what was sent"
-        );
-        // The answer began before the body had all gone upstream, so the connection ends
-        // after it, and says so.
-        let close = resp.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
-        });
-        assert!(close, "{path}: no Connection: close");
-        wait_served(&proxy, &before, path, 1.0).await;
-        cluster.cleanup().await;
+        s.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .ok()?
+            .ok()?;
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        text.starts_with("HTTP/1.1 200").then_some(text)
+    })
+    .await;
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    let h = &seen["headers"];
+    assert_eq!(seen["uri"], "/p?q=1", "{seen}");
+    assert_eq!(h["x-forwarded-proto"], "https", "{seen}");
+    assert_eq!(h["x-forwarded-host"], app_host, "{seen}");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{seen}");
+    assert_eq!(h["x-real-ip"], "127.0.0.1", "{seen}");
+    assert!(
+        h["x-request-id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{seen}"
+    );
+
+    // Two requests on one kept-alive TLS connection, both on lain's path.
+    let before = metrics_page(admin).await;
+    let mut s = connect(app_host).await;
+    for i in 0..2 {
+        let close = if i == 1 { "Connection: close\r\n" } else { "" };
+        let request = format!("GET /k{i} HTTP/1.1\r\nHost: {app_host}\r\n{close}\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
     }
+    let mut answers = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answers))
+        .await
+        .unwrap()
+        .unwrap();
+    let answers = String::from_utf8_lossy(&answers);
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
+    assert!(
+        answers.contains("/k0") && answers.contains("/k1"),
+        "{answers}"
+    );
+    let after = eventually(Duration::from_secs(5), "both counted", || async {
+        let now = metrics_page(admin).await;
+        (h1_served(&now) - h1_served(&before) >= 2.0).then_some(now)
+    })
+    .await;
+    assert_eq!(
+        served_by(&after, "pingora"),
+        served_by(&before, "pingora"),
+        "an HTTP/1.1 request over TLS went to pingora's path"
+    );
+
+    // An app streaming its answer to an upload, over TLS: pingora's path would stall here.
+    let (r, w) = tokio::io::split(connect(stream_host).await);
+    stream_echo(r, w, stream_host, "tls").await;
+    cluster.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,12 @@
 # through pingora) shows what that path saves. Also route churn and propagation latency against real etcd, and
 # criterion's route lookup times. Prints a markdown table and writes target/bench/proxy.json.
 #
+# Then the same load over TLS (HTTPS, TLS 1.3, one handshake per kept-alive connection): lain,
+# lain without its HTTP/1.1 path, nginx and HAProxy terminating TLS with one ECDSA P-256
+# certificate.
+#
 # Knobs: BENCH_DURATION (s per wrk run, default 10), BENCH_ROUNDS (default 5),
+# BENCH_TLS_ROUNDS (rounds of the TLS part, default 3),
 # BENCH_CONNECTIONS (default 64), BENCH_CHURN_SECS (default 10), BENCH_UPDATES_PER_SEC
 # (default 200), BENCH_LAIN_CONFIG (top-level lines added to both lain targets' config, for
 # example "event_interval = 1").
@@ -20,6 +25,7 @@ mkdir -p "$out"
 duration=${BENCH_DURATION:-10}
 rounds=${BENCH_ROUNDS:-5}
 conns=${BENCH_CONNECTIONS:-64}
+tls_rounds=${BENCH_TLS_ROUNDS:-3}
 work=$(mktemp -d /tmp/lain-bench-proxy.XXXXXX)
 pids=()
 
@@ -38,7 +44,7 @@ log() { echo "bench: $*" >&2; }
 # Peers come from Debian, installed the way every other dependency is (without starting
 # the packages' own services).
 missing=()
-for tool in nginx haproxy wrk jq python3; do
+for tool in nginx haproxy wrk jq python3 openssl; do
   command -v "$tool" >/dev/null || PATH="$PATH:/usr/sbin" command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -131,14 +137,14 @@ to_ms() { # wrk latency like 1.23ms, 456.00us, 1.02s
 
 # run_wrk NAME ADDR PID THREADS -> sets globals rps p50 p99 cpu rss
 run_wrk() {
-  local name=$1 addr=$2 pid=$3 threads=$4
+  local name=$1 addr=$2 pid=$3 threads=$4 scheme=${5:-http}
   # Warm keep-alive pools before measuring.
-  wrk -t "$threads" -c "$conns" -d 2 -H "Host: $host" "http://$addr/" >/dev/null 2>&1 || true
+  wrk -t "$threads" -c "$conns" -d 2 -H "Host: $host" "$scheme://$addr/" >/dev/null 2>&1 || true
   local c0=0
   [ "$pid" != 0 ] && c0=$(cpu_ticks "$pid")
   local txt
   txt=$(wrk -t "$threads" -c "$conns" -d "$duration" --latency -s "$root/benches/proxy/percentiles.lua" \
-    -H "Host: $host" "http://$addr/")
+    -H "Host: $host" "$scheme://$addr/")
   local c1=0
   [ "$pid" != 0 ] && c1=$(cpu_ticks "$pid")
   local reqs
@@ -159,33 +165,41 @@ run_wrk() {
   # Figures of a run that did not answer 200 measure something else; stop instead.
   if echo "$txt" | grep -q "Non-2xx"; then
     log "$name answered errors under load; no figures are reported. One request now:"
-    curl -s -i -H "Host: $host" "http://$addr/" | head -5 >&2
+    curl -s -k -i -H "Host: $host" "$scheme://$addr/" | head -5 >&2
     exit 1
   fi
 }
 
-# start_lain THREADS NAME [EXTRA]: a lain proxy with EXTRA top-level config; sets lain_addr
-# and lain_pid.
+# start_lain THREADS NAME [EXTRA] [LISTENER]: a lain proxy with EXTRA top-level config; sets
+# lain_addr (of LISTENER, http or https) and lain_pid.
 start_lain() {
-  local threads=$1 name=$2 extra=${3:-}
+  local threads=$1 name=$2 extra=${3:-} listener=${4:-http}
+  local https="" tls=""
+  if [ "$listener" = https ]; then
+    https='https = "127.0.0.1:0"'
+    tls=$(printf '[[tls.certs]]\nnames = ["%s"]\ncert_path = "%s"\nkey_path = "%s"' \
+      "$host" "$work/tls/cert.pem" "$work/tls/key.pem")
+  fi
   cat >"$work/$name.toml" <<EOF
 threads = $threads
 $extra
 ${BENCH_LAIN_CONFIG:-}
 [listen]
 http = "127.0.0.1:0"
+$https
 admin = "127.0.0.1:0"
 [state]
 etcd_endpoints = ["${LAIN_ETCD%%,*}"]
 prefix = "$prefix"
 [access_log]
 path = ""
+$tls
 EOF
   LAIN_LOG=warn "$lain" proxy --config "$work/$name.toml" >"$work/$name.out" 2>"$work/$name.err" &
   lain_pid=$!
   pids+=($lain_pid)
   for _ in $(seq 1 100); do
-    lain_addr=$(jq -r 'select(.listening.name == "http") | .listening.addr' "$work/$name.out" 2>/dev/null | head -1)
+    lain_addr=$(jq -r --arg l "$listener" 'select(.listening.name == $l) | .listening.addr' "$work/$name.out" 2>/dev/null | head -1)
     [ -n "$lain_addr" ] && break
     sleep 0.1
   done
@@ -193,8 +207,12 @@ EOF
 }
 
 start_nginx() {
-  local threads=$1
+  local threads=$1 ssl=${2:-}
   ng_port=$(free_port)
+  local listen="listen 127.0.0.1:$ng_port;"
+  if [ -n "$ssl" ]; then
+    listen="listen 127.0.0.1:$ng_port ssl; ssl_certificate $work/tls/cert.pem; ssl_certificate_key $work/tls/key.pem; ssl_protocols TLSv1.3;"
+  fi
   mkdir -p "$work/ng"
   cat >"$work/ng/nginx.conf" <<EOF
 worker_processes $threads;
@@ -207,7 +225,7 @@ http {
   keepalive_requests 1000000;
   upstream up { server 127.0.0.1:$up_port; keepalive 256; }
   server {
-    listen 127.0.0.1:$ng_port;
+    $listen
     location / {
       proxy_pass http://up;
       proxy_http_version 1.1;
@@ -225,8 +243,10 @@ EOF
 }
 
 start_haproxy() {
-  local threads=$1
+  local threads=$1 ssl=${2:-}
   hp_port=$(free_port)
+  local bind="bind 127.0.0.1:$hp_port"
+  [ -z "$ssl" ] || bind="$bind ssl crt $work/tls/combined.pem ssl-min-ver TLSv1.3"
   cat >"$work/haproxy.cfg" <<EOF
 global
   nbthread $threads
@@ -240,7 +260,7 @@ defaults
   option forwardfor
   http-reuse always
 frontend fe
-  bind 127.0.0.1:$hp_port
+  $bind
   default_backend be
 backend be
   server up 127.0.0.1:$up_port
@@ -308,6 +328,38 @@ for threads in 1 2; do
   stop_pid "$lain_pid"; stop_pid "$lp_pid"; stop_pid "$pg_pid"; stop_pid "$ng_pid"; stop_pid "$hp_pid"
 done
 
+# HTTPS: the same load over TLS 1.3, each proxy terminating it with the same certificate
+# (wrk sends no ALPN, so every proxy speaks HTTP/1.1 to it).
+mkdir -p "$work/tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj "/CN=$host" -addext "subjectAltName=DNS:$host" \
+  -keyout "$work/tls/key.pem" -out "$work/tls/cert.pem" 2>/dev/null
+cat "$work/tls/cert.pem" "$work/tls/key.pem" >"$work/tls/combined.pem"
+tls_targets="lain lain-pingora nginx haproxy"
+for threads in 1 2; do
+  start_lain "$threads" lain-pingora-tls "h1_fast_path = false" https
+  lp_addr=$lain_addr lp_pid=$lain_pid
+  start_lain "$threads" lain-tls "" https
+  start_nginx "$threads" ssl
+  start_haproxy "$threads" ssl
+  for round in $(seq 1 "$tls_rounds"); do
+    log "TLS threads=$threads round $round of $tls_rounds"
+    for target in $tls_targets; do
+      case $target in
+        lain) run_wrk lain-tls "$lain_addr" "$lain_pid" "$threads" https ;;
+        lain-pingora) run_wrk lain-pingora-tls "$lp_addr" "$lp_pid" "$threads" https ;;
+        nginx) run_wrk nginx-tls "127.0.0.1:$ng_port" "$ng_pid" "$threads" https ;;
+        haproxy) run_wrk haproxy-tls "127.0.0.1:$hp_port" "$hp_pid" "$threads" https ;;
+      esac
+      for k in rps p50 p99 cpu rss; do add "tls,$threads,$target,$k" "${!k}"; done
+    done
+  done
+  for target in $tls_targets; do
+    for k in rps p50 p99 cpu rss; do R[tls,$threads,$target,$k]=$(med "tls,$threads,$target,$k"); done
+  done
+  stop_pid "$lain_pid"; stop_pid "$lp_pid"; stop_pid "$ng_pid"; stop_pid "$hp_pid"
+done
+
 log "route lookup (criterion)"
 cargo bench -p lain-proxy --bench lookup -- --warm-up-time 1 --measurement-time 3 >&2
 crit="$target_dir/criterion"
@@ -322,7 +374,16 @@ group() {
   printf '"rps":%s,"p50_ms":%s,"p99_ms":%s,"cpu_us_per_req":%s,"rss_mib":%s' \
     "$(obj "$1" rps)" "$(obj "$1" p50)" "$(obj "$1" p99)" "$(obj "$1" cpu)" "$(obj "$1" rss)"
 }
-json="{$(group 1),\"threads2\":{$(group 2)},\"churn\":$(echo "$churn_json" | jq -c .churn),\"propagation_ms\":$(echo "$churn_json" | jq -c .propagation_ms),\"lookup_ns\":{\"10\":$(lookup_ns 10),\"1000\":$(lookup_ns 1000),\"100000\":$(lookup_ns 100000)}}"
+tls_obj() { # tls_obj THREADS KEY -> {"lain":..,"lain_pingora":..,"nginx":..,"haproxy":..}
+  printf '{"lain":%s,"lain_pingora":%s,"nginx":%s,"haproxy":%s}' \
+    "${R[tls,$1,lain,$2]:-0}" "${R[tls,$1,lain-pingora,$2]:-0}" "${R[tls,$1,nginx,$2]:-0}" \
+    "${R[tls,$1,haproxy,$2]:-0}"
+}
+tls_group() {
+  printf '"rps":%s,"p50_ms":%s,"p99_ms":%s,"cpu_us_per_req":%s,"rss_mib":%s' \
+    "$(tls_obj "$1" rps)" "$(tls_obj "$1" p50)" "$(tls_obj "$1" p99)" "$(tls_obj "$1" cpu)" "$(tls_obj "$1" rss)"
+}
+json="{$(group 1),\"threads2\":{$(group 2)},\"tls\":{$(tls_group 1),\"threads2\":{$(tls_group 2)}},\"churn\":$(echo "$churn_json" | jq -c .churn),\"propagation_ms\":$(echo "$churn_json" | jq -c .propagation_ms),\"lookup_ns\":{\"10\":$(lookup_ns 10),\"1000\":$(lookup_ns 1000),\"100000\":$(lookup_ns 100000)}}"
 echo "$json" | jq . >"$out/proxy.json"
 
 {
@@ -335,6 +396,17 @@ echo "$json" | jq . >"$out/proxy.json"
     for target in $targets; do
       ratio=$(awk -v l="${R[$threads,lain,cpu]}" -v t="${R[$threads,$target,cpu]}" 'BEGIN { if (t > 0) printf "%.2f", l / t; else print "–" }')
       echo "| $threads | $target | ${R[$threads,$target,rps]} | ${R[$threads,$target,p50]} | ${R[$threads,$target,p99]} | ${R[$threads,$target,cpu]} | $ratio | ${R[$threads,$target,rss]} |"
+    done
+  done
+  echo
+  echo "HTTPS (TLS 1.3, ECDSA P-256), medians of $tls_rounds rounds:"
+  echo
+  echo "| threads | target | req/s | p50 ms | p99 ms | CPU µs/req | lain ÷ target (CPU) | RSS MiB |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  for threads in 1 2; do
+    for target in $tls_targets; do
+      ratio=$(awk -v l="${R[tls,$threads,lain,cpu]}" -v t="${R[tls,$threads,$target,cpu]}" 'BEGIN { if (t > 0) printf "%.2f", l / t; else print "–" }')
+      echo "| $threads | $target | ${R[tls,$threads,$target,rps]} | ${R[tls,$threads,$target,p50]} | ${R[tls,$threads,$target,p99]} | ${R[tls,$threads,$target,cpu]} | $ratio | ${R[tls,$threads,$target,rss]} |"
     done
   done
   echo

@@ -33,8 +33,8 @@ use async_trait::async_trait;
 use pingora_core::protocols::Ssl;
 use pingora_core::protocols::tls::{SslDigest, TlsRef};
 use pingora_core::protocols::{
-    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Stream,
-    TimingDigest, UniqueID, UniqueIDType, raw_connect::ProxyDigest,
+    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, IO, Peek, Shutdown, SocketDigest,
+    Stream, TimingDigest, UniqueID, UniqueIDType, raw_connect::ProxyDigest,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -328,21 +328,95 @@ fn scan(bytes: &[u8], state: &mut Scan) -> Option<usize> {
 
 /// A client transport lain's HTTP/1.1 path serves: the bare socket of a plain connection,
 /// or pingora's stream of a TLS one.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sized {
+    /// Borrowed read and write halves, used at the same time by one task.
+    fn halves(&mut self) -> (ReadPart<'_, Self>, WritePart<'_, Self>);
+}
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+impl Transport for tokio::net::TcpStream {
+    /// A socket reads and writes independently, so its halves need no lock.
+    fn halves(&mut self) -> (ReadPart<'_, Self>, WritePart<'_, Self>) {
+        let (r, w) = self.split();
+        (ReadPart::Socket(r), WritePart::Socket(w))
+    }
+}
+
+// Written for every lifetime of the trait object, not only `Stream`'s 'static: the check
+// that a connection's future is `Send` asks for the impl at every lifetime.
+impl<'s> Transport for Box<dyn IO + 's> {
+    /// A TLS session is one state machine for both directions, so its halves share it
+    /// through tokio's split, whose lock only this connection's one task ever takes.
+    fn halves(&mut self) -> (ReadPart<'_, Self>, WritePart<'_, Self>) {
+        let (r, w) = tokio::io::split(self);
+        (ReadPart::Shared(r), WritePart::Shared(w))
+    }
+}
+
+/// The read half of a [`Transport`].
+pub enum ReadPart<'a, S> {
+    /// A socket's own read half.
+    Socket(tokio::net::tcp::ReadHalf<'a>),
+    /// The read half of a stream both directions share.
+    Shared(tokio::io::ReadHalf<&'a mut S>),
+}
+
+/// The write half of a [`Transport`].
+pub enum WritePart<'a, S> {
+    /// A socket's own write half.
+    Socket(tokio::net::tcp::WriteHalf<'a>),
+    /// The write half of a stream both directions share.
+    Shared(tokio::io::WriteHalf<&'a mut S>),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ReadPart<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadPart::Socket(r) => Pin::new(r).poll_read(cx, buf),
+            ReadPart::Shared(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WritePart<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WritePart::Socket(w) => Pin::new(w).poll_write(cx, buf),
+            WritePart::Shared(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WritePart::Socket(w) => Pin::new(w).poll_flush(cx),
+            WritePart::Shared(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WritePart::Socket(w) => Pin::new(w).poll_shutdown(cx),
+            WritePart::Shared(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
 
 impl<S: Transport> GuardedStream<S> {
     /// Read and write halves of the transport, for sending a request's body upstream while
     /// its response comes back. Reads and writes bypass the guard, which is right only
     /// while a body passes: lain's HTTP/1 path calls this after reading a complete header,
     /// it flushes every write, so nothing is left buffered, and bytes are handed back only
-    /// when pingora takes the connection over. The halves share the transport through
-    /// tokio's split lock (a TLS session is one state machine for both directions); both
-    /// are polled by one task, so it is never contended.
-    pub fn split_passing(&mut self) -> (tokio::io::ReadHalf<&mut S>, tokio::io::WriteHalf<&mut S>) {
+    /// when pingora takes the connection over.
+    pub fn split_passing(&mut self) -> (ReadPart<'_, S>, WritePart<'_, S>) {
         debug_assert!(self.wbuf.is_empty() && self.rpos >= self.rbuf.len());
-        tokio::io::split(&mut self.inner)
+        self.inner.halves()
     }
 }
 

@@ -386,29 +386,29 @@ tls_group() {
 json="{$(group 1),\"threads2\":{$(group 2)},\"tls\":{$(tls_group 1),\"threads2\":{$(tls_group 2)}},\"churn\":$(echo "$churn_json" | jq -c .churn),\"propagation_ms\":$(echo "$churn_json" | jq -c .propagation_ms),\"lookup_ns\":{\"10\":$(lookup_ns 10),\"1000\":$(lookup_ns 1000),\"100000\":$(lookup_ns 100000)}}"
 echo "$json" | jq . >"$out/proxy.json"
 
+# table PREFIX TARGETS: the markdown table of the medians kept under R[PREFIX<threads>,...].
+table() {
+  local prefix=$1 targets=$2 threads target k ratio
+  echo "| threads | target | req/s | p50 ms | p99 ms | CPU µs/req | lain ÷ target (CPU) | RSS MiB |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  for threads in 1 2; do
+    k=$prefix$threads
+    for target in $targets; do
+      ratio=$(awk -v l="${R[$k,lain,cpu]}" -v t="${R[$k,$target,cpu]}" 'BEGIN { if (t > 0) printf "%.2f", l / t; else print "–" }')
+      echo "| $threads | $target | ${R[$k,$target,rps]} | ${R[$k,$target,p50]} | ${R[$k,$target,p99]} | ${R[$k,$target,cpu]} | $ratio | ${R[$k,$target,rss]} |"
+    done
+  done
+}
+
 {
   echo "Medians of $rounds rounds of ${duration} s, $conns connections."
   [ -z "${BENCH_LAIN_CONFIG:-}" ] || echo "lain's extra config: ${BENCH_LAIN_CONFIG//$'\n'/; }"
   echo
-  echo "| threads | target | req/s | p50 ms | p99 ms | CPU µs/req | lain ÷ target (CPU) | RSS MiB |"
-  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-  for threads in 1 2; do
-    for target in $targets; do
-      ratio=$(awk -v l="${R[$threads,lain,cpu]}" -v t="${R[$threads,$target,cpu]}" 'BEGIN { if (t > 0) printf "%.2f", l / t; else print "–" }')
-      echo "| $threads | $target | ${R[$threads,$target,rps]} | ${R[$threads,$target,p50]} | ${R[$threads,$target,p99]} | ${R[$threads,$target,cpu]} | $ratio | ${R[$threads,$target,rss]} |"
-    done
-  done
+  table "" "$targets"
   echo
   echo "HTTPS (TLS 1.3, ECDSA P-256), medians of $tls_rounds rounds:"
   echo
-  echo "| threads | target | req/s | p50 ms | p99 ms | CPU µs/req | lain ÷ target (CPU) | RSS MiB |"
-  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-  for threads in 1 2; do
-    for target in $tls_targets; do
-      ratio=$(awk -v l="${R[tls,$threads,lain,cpu]}" -v t="${R[tls,$threads,$target,cpu]}" 'BEGIN { if (t > 0) printf "%.2f", l / t; else print "–" }')
-      echo "| $threads | $target | ${R[tls,$threads,$target,rps]} | ${R[tls,$threads,$target,p50]} | ${R[tls,$threads,$target,p99]} | ${R[tls,$threads,$target,cpu]} | $ratio | ${R[tls,$threads,$target,rss]} |"
-    done
-  done
+  table tls, "$tls_targets"
   echo
   echo "Route churn: $(echo "$churn_json" | jq -r '.churn | "\(.updates) updates, \(.requests) requests, \(.failed) failed"')"
   echo "Propagation: $(echo "$churn_json" | jq -r '.propagation_ms | "p50 \(.p50) ms, p99 \(.p99) ms"')"

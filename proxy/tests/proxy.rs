@@ -1753,6 +1753,17 @@ fn tls_proxy(cluster: &Cluster) -> (LainProcess, tempfile::TempDir) {
     (process, dir)
 }
 
+/// Everything `s` sends until it closes, within 10 s; `None` when it failed or took longer.
+async fn read_all(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
+        .await
+        .ok()?
+        .ok()?;
+    Some(all)
+}
+
 /// One TLS connection to `addr` for `name` with `config`, carrying one request so that
 /// tickets the server sends after the handshake are read; how the handshake went, or `None`
 /// when it failed.
@@ -1761,7 +1772,7 @@ async fn tls_exchange(
     addr: SocketAddr,
     name: &str,
 ) -> Option<rustls::HandshakeKind> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
     let server = rustls::pki_types::ServerName::try_from(name.to_string()).ok()?;
     let mut s = tokio_rustls::TlsConnector::from(config)
@@ -1770,11 +1781,7 @@ async fn tls_exchange(
         .ok()?;
     let request = format!("GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
     s.write_all(request.as_bytes()).await.ok()?;
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
-        .await
-        .ok()?
-        .ok()?;
+    let answer = read_all(&mut s).await?;
     assert!(answer.starts_with(b"HTTP/1.1 "), "{answer:?}");
     s.get_ref().1.handshake_kind()
 }
@@ -4596,7 +4603,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_1_1_over_tls_takes_lains_path_with_https_forwarding_and_duplex_uploads() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (stream_host, app_host) = ("stream.tls.lain", "app.tls.lain");
     let (mut cluster, _scripted) = scripted_cluster("proxy-tls-h1", stream_host).await;
     let up = Upstream::start("tls-app").await;
@@ -4638,11 +4645,7 @@ async fn http_1_1_over_tls_takes_lains_path_with_https_forwarding_and_duplex_upl
             "GET /p?q=1 HTTP/1.1\r\nHost: {app_host}\r\nX-Forwarded-Proto: http\r\nConnection: close\r\n\r\n"
         );
         s.write_all(request.as_bytes()).await.ok()?;
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
-            .await
-            .ok()?
-            .ok()?;
+        let answer = read_all(&mut s).await?;
         let text = String::from_utf8_lossy(&answer).into_owned();
         text.starts_with("HTTP/1.1 200").then_some(text)
     })
@@ -4668,11 +4671,7 @@ async fn http_1_1_over_tls_takes_lains_path_with_https_forwarding_and_duplex_upl
         let request = format!("GET /k{i} HTTP/1.1\r\nHost: {app_host}\r\n{close}\r\n");
         s.write_all(request.as_bytes()).await.unwrap();
     }
-    let mut answers = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answers))
-        .await
-        .unwrap()
-        .unwrap();
+    let answers = read_all(&mut s).await.expect("both answers, then the end");
     let answers = String::from_utf8_lossy(&answers);
     assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
     assert!(

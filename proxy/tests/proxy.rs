@@ -30,6 +30,8 @@ struct Upstream {
     accept: JoinHandle<()>,
     healthy: Arc<AtomicBool>,
     hits: Arc<AtomicU64>,
+    /// Set to answer the `/hold` requests, which wait for it (30 s at most).
+    released: Arc<AtomicBool>,
 }
 
 impl Upstream {
@@ -39,11 +41,13 @@ impl Upstream {
         let tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let healthy = Arc::new(AtomicBool::new(true));
         let hits = Arc::new(AtomicU64::new(0));
+        let released = Arc::new(AtomicBool::new(false));
         let name = name.to_string();
         let accept = tokio::spawn({
             let tasks = tasks.clone();
             let healthy = healthy.clone();
             let hits = hits.clone();
+            let released = released.clone();
             async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
@@ -52,10 +56,12 @@ impl Upstream {
                     let name = name.clone();
                     let healthy = healthy.clone();
                     let hits = hits.clone();
+                    let released = released.clone();
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let name = name.clone();
                         let healthy = healthy.clone();
                         let hits = hits.clone();
+                        let released = released.clone();
                         async move {
                             if req.uri().path() == "/healthz" {
                                 // As an app that checks the host it serves (Django's
@@ -85,9 +91,13 @@ impl Upstream {
                             if req.uri().path() == "/slow" {
                                 tokio::time::sleep(Duration::from_millis(300)).await;
                             }
-                            // Long enough for a test to send other requests meanwhile.
+                            // Held until the test has sent its other requests, however
+                            // long a busy machine makes them take.
                             if req.uri().path() == "/hold" {
-                                tokio::time::sleep(Duration::from_millis(2_000)).await;
+                                let until = Instant::now() + Duration::from_secs(30);
+                                while !released.load(Ordering::Relaxed) && Instant::now() < until {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
                             }
                             let headers: HashMap<String, String> = req
                                 .headers()
@@ -137,6 +147,7 @@ impl Upstream {
             accept,
             healthy,
             hits,
+            released,
         }
     }
 
@@ -637,6 +648,9 @@ async fn balance_policies_written_with_a_route_choose_its_endpoints() {
         Some(&12),
         "{fast:?}"
     );
+    for u in &ups {
+        u.released.store(true, Ordering::Relaxed);
+    }
     for h in held {
         assert_eq!(h.await.unwrap(), 200);
     }

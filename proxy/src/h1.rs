@@ -567,8 +567,8 @@ struct Client {
 }
 
 impl H1 {
-    /// Serves requests on a plain HTTP/1 connection until it closes or a request for
-    /// pingora arrives. `peer` is the client's address as the listener accepted it;
+    /// Serves requests on an HTTP/1 connection, plain or TLS (`tls`), until it closes or a
+    /// request for pingora arrives. `peer` is the client's address as the listener accepted it;
     /// `next_request` is the guard's flag announcing each new request.
     pub async fn serve<S: Transport>(
         &self,

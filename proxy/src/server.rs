@@ -16,6 +16,7 @@
 use std::collections::HashSet;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -35,7 +36,7 @@ use std::net::SocketAddr;
 use crate::access_log::AccessLog;
 use crate::config::{Cidr, Config};
 use crate::h1::{H1, Served};
-use crate::header_guard::{GuardedStream, HeaderLimits};
+use crate::header_guard::{GuardedStream, HeaderLimits, Transport};
 use crate::health;
 use crate::metrics::ProxyMetrics;
 use crate::service::LainProxy;
@@ -668,6 +669,27 @@ impl Conns {
         }
     }
 
+    /// Serves a connection on lain's HTTP/1.1 path until it closes or a request for pingora
+    /// arrives; then the guarded stream for pingora (the transport made pingora's stream by
+    /// `into_stream`) and the guard's next-request flag.
+    async fn on_h1<S: Transport>(
+        &self,
+        h1: &H1,
+        transport: S,
+        peer: SocketAddr,
+        tls: bool,
+        into_stream: impl FnOnce(S) -> Stream,
+    ) -> Option<(GuardedStream<Stream>, Arc<AtomicBool>)> {
+        let (guarded, next_request) = GuardedStream::new(transport, self.header_limits);
+        match h1
+            .serve(guarded, peer, tls, &next_request, &self.shutdown_rx)
+            .await
+        {
+            Served::Closed => None,
+            Served::Pingora(g) => Some((g.map_inner(into_stream), next_request)),
+        }
+    }
+
     /// Serves one client connection on this worker, for its whole life.
     fn serve(self, sock: tokio::net::TcpStream, peer: SocketAddr, tls: Option<Arc<TlsAcceptor>>) {
         let conns = self;
@@ -680,17 +702,8 @@ impl Conns {
                 // Plain connections start on lain's HTTP/1.1 path, on the bare socket, and
                 // go to pingora at the first request that path does not serve.
                 (None, Some(h1)) => {
-                    let (guarded, next_request) = GuardedStream::new(sock, conns.header_limits);
-                    match h1
-                        .serve(guarded, peer, false, &next_request, &conns.shutdown_rx)
-                        .await
-                    {
-                        Served::Closed => None,
-                        Served::Pingora(g) => Some((
-                            g.map_inner(|sock| Box::new(pingora_stream(sock, peer)) as Stream),
-                            next_request,
-                        )),
-                    }
+                    let wrap = |sock| Box::new(pingora_stream(sock, peer)) as Stream;
+                    conns.on_h1(h1, sock, peer, false, wrap).await
                 }
                 (None, None) => Some(GuardedStream::new(
                     Box::new(pingora_stream(sock, peer)) as Stream,
@@ -707,23 +720,7 @@ impl Conns {
                             let h2 = matches!(s.selected_alpn_proto(), Some(ALPN::H2));
                             let stream = Box::new(s) as Stream;
                             match &conns.h1 {
-                                Some(h1) if !h2 => {
-                                    let (guarded, next_request) =
-                                        GuardedStream::new(stream, conns.header_limits);
-                                    match h1
-                                        .serve(
-                                            guarded,
-                                            peer,
-                                            true,
-                                            &next_request,
-                                            &conns.shutdown_rx,
-                                        )
-                                        .await
-                                    {
-                                        Served::Closed => None,
-                                        Served::Pingora(g) => Some((g, next_request)),
-                                    }
-                                }
+                                Some(h1) if !h2 => conns.on_h1(h1, stream, peer, true, |s| s).await,
                                 _ => Some(GuardedStream::new(stream, conns.header_limits)),
                             }
                         }
